@@ -1,0 +1,1 @@
+"""Correlate memslot generations with MMIO fault latency (no root, no bcc)."""

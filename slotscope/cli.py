@@ -1,0 +1,68 @@
+"""The ``slotscope`` command: subcommands registered by each layer's cli module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from analysis.schema import RecordingError
+from tracer import TracerError
+from vmrig import RigError
+
+from . import __version__
+
+# Each module has register(subparsers); its parsers set ``func(args) -> int``.
+# Handlers import their heavy dependencies (bcc, pandas) lazily so that,
+# e.g., ``slotscope analyze`` works on a laptop without bcc.
+COMMAND_MODULES = (
+    "slotscope.doctor",
+    "tracer.cli",
+    "vmrig.cli",
+    "vmrig.labvm_cli",
+    "analysis.cli",
+    "slotscope.lab",
+)
+USER_ERRORS: tuple[type[Exception], ...] = (RecordingError, TracerError, RigError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slotscope", description="Trace what KVM memslot updates cost guest MMIO.")
+    parser.add_argument("--version", action="version", version=f"slotscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real import error inside the module
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    # SIGTERM takes the same clean path as Ctrl-C: finalize, detach, exit.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"slotscope {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"slotscope {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())
