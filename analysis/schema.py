@@ -44,7 +44,8 @@ class RecordingError(Exception):
     """A run directory that cannot be read or written as asked."""
 
 
-u8, u16, u32, u64, i32, i64 = pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64(), pa.int32(), pa.int64()
+u8, u16, u32, u64 = pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()
+i32, i64 = pa.int32(), pa.int64()
 b, s = pa.bool_(), pa.string()
 cat = pa.dictionary(pa.int8(), pa.string())  # enums: categoricals in pandas
 
