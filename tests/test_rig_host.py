@@ -1,0 +1,38 @@
+"""vmrig.host: the QEMU rows of ``slotscope doctor`` against the real QEMU."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+from conftest import HAS_KVM, needs_qemu
+
+from vmrig import host
+
+
+@needs_qemu
+def test_qemu_checks_real_qemu() -> None:
+    rows = host.qemu_checks(timeout=20)
+    by_name = {r[0]: r for r in rows}
+    assert all(len(r) == 4 and r[1] in ("OK", "WARN", "FAIL") for r in rows)
+    assert by_name["qemu binary"][1] == "OK"
+    assert by_name["qemu version"][1] == "OK"
+    assert by_name["qemu -accel tcg"][1] == "OK", by_name["qemu -accel tcg"]
+    if HAS_KVM:
+        # kvm may WARN (kvm_pvm) but must say it starts, or say why not.
+        assert "qemu -accel kvm" in by_name
+    # No probe QEMU is left running (other users' QEMUs are not ours to count).
+    assert not psutil.Process().children(recursive=True)
+
+
+def test_qemu_checks_missing_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOTSCOPE_QEMU", "/nonexistent/qemu-system-x86_64")
+    rows = host.qemu_checks()
+    assert rows[0][:2] == ("qemu binary", "FAIL")
+    assert rows[0][3]  # a fix is offered
+
+
+@needs_qemu
+def test_probe_rejects_unknown_cpu() -> None:
+    p = host.probe_accel(host.qemu_binary() or "", "tcg", cpu="no-such-cpu", timeout=20)
+    assert not p.ok
+    assert "no-such-cpu" in p.detail or "unable" in p.detail.lower()
