@@ -1,0 +1,432 @@
+"""A micro-VMM on /dev/kvm: exact memslot changes while a vCPU touches MMIO.
+
+No QEMU: this process does the KVM ioctls itself, so it knows exactly what
+it asked of KVM.  One vCPU runs a few bytes of real-mode code that loops
+over ``pages`` distinct unbacked guest pages (at least 2: KVM's per-vCPU
+MMIO cache hides a loop on one address), reading and/or writing one byte of
+each, and after each round signals the VMM with ``out 0x10``.  Every access
+exits to user space (KVM_EXIT_MMIO); after every ``every`` MMIO exits the
+VMM applies the next memslot change of the schedule (CREATE, DELETE, MOVE,
+FLAGS_ONLY on extra slots) through KVM_SET_USER_MEMORY_REGION.
+
+Its counters are ground truth for the tracer tests and benchmark:
+memslot ioctls with slot/gpa/size/flags/ret and MMIO exits by page and type.
+The same module runs as the L2 workload inside the nested lab VM::
+
+    python -m vmrig.microvm --mmio-accesses 20000 --pages 2 \\
+        --schedule create:1,flags:1,flags:1,move:1,delete:1
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import mmap
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import RigError
+
+# <linux/kvm.h> ioctl numbers (x86-64).
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_SET_TSS_ADDR = 0xAE47
+KVM_RUN = 0xAE80
+KVM_GET_REGS = 0x8090AE81
+KVM_SET_REGS = 0x4090AE82
+KVM_GET_SREGS = 0x8138AE83
+KVM_SET_SREGS = 0x4138AE84
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTERNAL_ERROR = 17
+
+# struct kvm_run offsets: exit_reason, then the io / mmio union at 32.
+RUN_EXIT_REASON = 8
+RUN_MMIO_PHYS, RUN_MMIO_DATA, RUN_MMIO_LEN, RUN_MMIO_IS_WRITE = 32, 40, 48, 52
+
+PAGE = 0x1000
+RAM_SIZE = 0x10000          # slot 0: guest RAM with the code at CODE_GPA
+CODE_GPA = 0x1000
+MMIO_GPA = 0x20000          # unbacked: no slot covers it, so every access is MMIO
+MAX_PAGES = 16              # one 64 KiB real-mode segment (ES)
+SIGNAL_PORT = 0x10
+SLOT_HOME = 0x10000000      # extra slot k lives at SLOT_HOME + k * SLOT_STRIDE
+SLOT_STRIDE = 0x1000000
+SLOT_MOVE_OFFSET = 0x800000  # MOVE alternates between home and home + this
+CHANGES = ("create", "delete", "move", "flags")
+
+
+def _asm(pages: int, access: str) -> bytes:
+    """Real-mode loop: for each page, read and/or write one byte at ES:BX."""
+    body = b""
+    if access in ("read", "rw"):
+        body += b"\x26\x8a\x07"          # mov al, [es:bx]
+    if access in ("write", "rw"):
+        body += b"\x26\x88\x07"          # mov [es:bx], al
+    body += b"\x81\xc3\x00\x10"          # add bx, 0x1000
+    code = b"\x31\xdb"                   # start: xor bx, bx
+    code += b"\xb9" + struct.pack("<H", pages)  # mov cx, pages
+    loop = len(code)
+    code += body
+    code += b"\xe2" + struct.pack("<b", loop - (len(code) + 2))  # loop body
+    code += b"\xe6" + bytes([SIGNAL_PORT])                       # out 0x10, al
+    code += b"\xeb" + struct.pack("<b", 0 - (len(code) + 2))     # jmp start
+    return code
+
+
+@dataclass
+class MemslotChange:
+    """One KVM_SET_USER_MEMORY_REGION ioctl as this VMM issued it."""
+
+    change: str            # create | delete | move | flags_only (schema names)
+    slot: int              # as_id << 16 | id (as_id is always 0 here)
+    gpa: int
+    size: int              # memory_size passed (0 for delete)
+    flags: int
+    userspace_addr: int
+    ret: int               # 0 or -errno
+    begin_ns: int
+    end_ns: int
+    after_mmio: int        # MMIO exits handled before this change
+    phase: str             # setup | schedule
+
+
+@dataclass
+class Result:
+    pid: int
+    tid: int
+    vm_fd: int
+    pages: int
+    access: str
+    mmio_exits: int = 0
+    mmio_reads: int = 0
+    mmio_writes: int = 0
+    reads_completed: int = 0  # reads KVM finished on re-entry (kvm_mmio 'read')
+    mmio_by_page: dict[str, dict[str, int]] = field(default_factory=dict)
+    pio_exits: int = 0
+    other_exits: dict[str, int] = field(default_factory=dict)
+    memslot_changes: list[MemslotChange] = field(default_factory=list)
+    memslot_counts: dict[str, int] = field(default_factory=dict)
+    start_ns: int = 0
+    stop_ns: int = 0
+    run_seconds: float = 0.0
+    mmio_exits_per_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_schedule(text: str) -> list[tuple[str, int]]:
+    """'create:1,flags:1,move:1,delete:1' -> [(change, slot id), ...]."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        change, _, slot = item.partition(":")
+        if change not in CHANGES:
+            raise RigError(f"schedule item {item!r}: change must be one of {', '.join(CHANGES)}")
+        try:
+            sid = int(slot) if slot else 1
+        except ValueError:
+            raise RigError(f"schedule item {item!r}: slot must be an integer") from None
+        if not 1 <= sid <= 64:
+            raise RigError(f"schedule item {item!r}: extra slot ids are 1..64 (0 is RAM)")
+        out.append((change, sid))
+    return out
+
+
+class _Slot:
+    def __init__(self, sid: int, size: int) -> None:
+        self.sid = sid
+        self.size = size
+        self.mem = mmap.mmap(-1, size)
+        self.addr = _buffer_addr(self.mem)
+        self.gpa = SLOT_HOME + sid * SLOT_STRIDE
+        self.flags = 0
+        self.live = False
+
+
+def _buffer_addr(mem: mmap.mmap) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(mem))
+
+
+class MicroVM:
+    """One VM with one vCPU; use as a context manager to release its fds."""
+
+    def __init__(self, pages: int = 2, access: str = "rw", slot_size: int = 0x100000) -> None:
+        if not 2 <= pages <= MAX_PAGES:
+            raise RigError(f"pages must be 2..{MAX_PAGES} (one MMIO page hides in KVM's cache)")
+        if access not in ("read", "write", "rw"):
+            raise RigError("access must be read, write or rw")
+        if slot_size <= 0 or slot_size % PAGE:
+            raise RigError("slot size must be a positive multiple of 4096")
+        self.pages, self.access, self.slot_size = pages, access, slot_size
+        self.slots: dict[int, _Slot] = {}
+        try:
+            self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise RigError(f"cannot open /dev/kvm: {e.strerror}") from None
+        self.vm = self.vcpu = -1
+        self.run_map: mmap.mmap | None = None
+        self.result = Result(pid=os.getpid(), tid=0, vm_fd=-1, pages=pages, access=access)
+
+    # -- setup -----------------------------------------------------------
+    def start(self) -> None:
+        if fcntl.ioctl(self.kvm, KVM_GET_API_VERSION) != 12:
+            raise RigError("unexpected KVM API version")
+        self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+        self.result.vm_fd = self.vm
+        self.result.tid = _gettid()
+        with _ignore(errno.EINVAL, errno.ENOTTY):  # VMX needs it for real mode
+            fcntl.ioctl(self.vm, KVM_SET_TSS_ADDR, 0x7FFFD000)  # < 2 GiB: a C int
+        self.ram = mmap.mmap(-1, RAM_SIZE)
+        code = _asm(self.pages, self.access)
+        self.ram[CODE_GPA:CODE_GPA + len(code)] = code
+        self._set_region(0, 0, RAM_SIZE, 0, _buffer_addr(self.ram), "create", "setup")
+        self.vcpu = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, 0)
+        size = fcntl.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
+        self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        sregs = bytearray(312)
+        fcntl.ioctl(self.vcpu, KVM_GET_SREGS, sregs)
+        # struct kvm_sregs starts cs, ds, es (struct kvm_segment, 24 bytes
+        # each: base u64, limit u32, selector u16, ...); real mode, ES on MMIO.
+        for off, base in ((0, 0), (24, 0), (48, MMIO_GPA)):
+            struct.pack_into("<QIH", sregs, off, base, 0xFFFF, base >> 4)
+        fcntl.ioctl(self.vcpu, KVM_SET_SREGS, sregs)
+        regs = bytearray(144)
+        fcntl.ioctl(self.vcpu, KVM_GET_REGS, regs)
+        struct.pack_into("<QQ", regs, 128, CODE_GPA, 2)      # rip, rflags
+        fcntl.ioctl(self.vcpu, KVM_SET_REGS, regs)
+
+    def _set_region(self, slot: int, gpa: int, size: int, flags: int, addr: int,
+                    change: str, phase: str) -> int:
+        arg = struct.pack("<IIQQQ", slot, flags, gpa, size, addr)
+        begin = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, arg)
+            ret = 0
+        except OSError as e:
+            ret = -e.errno
+        end = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.result.memslot_changes.append(MemslotChange(
+            change, slot, gpa, size, flags, addr, ret, begin, end,
+            self.result.mmio_exits, phase))
+        key = change if ret == 0 else f"{change}_failed"
+        self.result.memslot_counts[key] = self.result.memslot_counts.get(key, 0) + 1
+        return ret
+
+    def apply(self, change: str, sid: int) -> int:
+        """One scheduled memslot change on extra slot ``sid``; returns 0 or -errno."""
+        s = self.slots.get(sid)
+        if s is None:
+            s = self.slots[sid] = _Slot(sid, self.slot_size)
+        if change == "create":
+            if s.live:
+                raise RigError(f"schedule: create of slot {sid}, which exists")
+            ret = self._set_region(sid, s.gpa, s.size, s.flags, s.addr, "create", "schedule")
+            s.live = ret == 0
+            return ret
+        if not s.live:
+            raise RigError(f"schedule: {change} of slot {sid}, which does not exist")
+        if change == "delete":
+            ret = self._set_region(sid, s.gpa, 0, s.flags, s.addr, "delete", "schedule")
+            if ret == 0:
+                s.live, s.flags = False, 0
+        elif change == "move":
+            home = SLOT_HOME + sid * SLOT_STRIDE
+            gpa = home + SLOT_MOVE_OFFSET if s.gpa == home else home
+            ret = self._set_region(sid, gpa, s.size, s.flags, s.addr, "move", "schedule")
+            if ret == 0:
+                s.gpa = gpa
+        else:
+            flags = s.flags ^ KVM_MEM_LOG_DIRTY_PAGES
+            ret = self._set_region(sid, s.gpa, s.size, flags, s.addr, "flags_only", "schedule")
+            if ret == 0:
+                s.flags = flags
+        return ret
+
+    # -- run ---------------------------------------------------------------
+    def run(self, mmio_accesses: int = 0, schedule: Sequence[tuple[str, int]] = (),
+            every: int = 0, duration: float = 0.0) -> Result:
+        """Run until ``mmio_accesses`` MMIO exits (or ``duration`` seconds).
+
+        The schedule's i-th change is applied after (i + 1) * ``every`` MMIO
+        exits (default: spread evenly); changes left when the run ends are
+        applied then, so every scheduled change always happens.
+        """
+        if self.run_map is None:
+            self.start()
+        if mmio_accesses <= 0 and duration <= 0:
+            raise RigError("give a number of MMIO accesses or a duration")
+        if not every and schedule:
+            every = max(1, mmio_accesses // (len(schedule) + 1)) if mmio_accesses else 1000
+        r = self.result
+        run_map, vcpu = self.run_map, self.vcpu
+        assert run_map is not None
+        unpack = struct.unpack_from
+        pending = list(schedule)
+        next_change = every if pending else -1
+        by_page = [[0, 0] for _ in range(self.pages)]
+        reads = writes = pio = 0
+        limit = mmio_accesses if mmio_accesses > 0 else 1 << 62
+        deadline = time.monotonic() + duration if duration > 0 else float("inf")
+        last_was_read = False
+        n = 0
+        r.start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        t0 = time.perf_counter()
+        ioctl = fcntl.ioctl
+        while n < limit:
+            ioctl(vcpu, KVM_RUN, 0)
+            reason = unpack("<I", run_map, RUN_EXIT_REASON)[0]
+            if reason == KVM_EXIT_MMIO:
+                if last_was_read:
+                    r.reads_completed += 1
+                phys, length, is_write = unpack("<Q8xIB", run_map, RUN_MMIO_PHYS)
+                page = (phys - MMIO_GPA) >> 12
+                if not 0 <= page < self.pages:
+                    raise RigError(f"guest touched unexpected gpa {phys:#x}")
+                by_page[page][is_write] += 1
+                if is_write:
+                    writes += 1
+                    last_was_read = False
+                else:
+                    reads += 1
+                    last_was_read = True
+                n += 1
+                if n == next_change:
+                    r.mmio_exits = n
+                    self.apply(*pending.pop(0))
+                    next_change = n + every if pending else -1
+                if n & 0x3FF == 0 and time.monotonic() >= deadline:
+                    break
+            elif reason == KVM_EXIT_IO:
+                if last_was_read:
+                    r.reads_completed += 1
+                last_was_read = False
+                pio += 1
+            else:
+                name = {KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
+                        KVM_EXIT_FAIL_ENTRY: "fail_entry",
+                        KVM_EXIT_INTERNAL_ERROR: "internal_error"}.get(reason, str(reason))
+                r.other_exits[name] = r.other_exits.get(name, 0) + 1
+                raise RigError(f"guest stopped unexpectedly: KVM exit {name} after {n} "
+                               "MMIO exits")
+        elapsed = time.perf_counter() - t0
+        r.stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        r.mmio_exits = n
+        for change in pending:
+            self.apply(*change)
+        r.mmio_reads, r.mmio_writes, r.pio_exits = reads, writes, pio
+        r.mmio_by_page = {f"{MMIO_GPA + i * PAGE:#x}": {"read": rd, "write": wr}
+                          for i, (rd, wr) in enumerate(by_page)}
+        r.run_seconds = elapsed
+        r.mmio_exits_per_s = n / elapsed if elapsed > 0 else 0.0
+        return r
+
+    def close(self) -> None:
+        if self.run_map is not None:
+            self.run_map.close()
+            self.run_map = None
+        for fd in (self.vcpu, self.vm, self.kvm):
+            if fd >= 0:
+                os.close(fd)
+        self.vcpu = self.vm = self.kvm = -1
+
+    def __enter__(self) -> MicroVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ignore:
+    def __init__(self, *errnos: int) -> None:
+        self.errnos = errnos
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, e: BaseException | None, tb: object) -> bool:
+        return isinstance(e, OSError) and e.errno in self.errnos
+
+
+def _gettid() -> int:
+    return threading.get_native_id()
+
+
+def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),
+        every: int = 0, access: str = "rw", duration: float = 0.0,
+        slot_size: int = 0x100000) -> Result:
+    """Create a VM, run the workload, close it; returns the ground truth."""
+    sched = parse_schedule(schedule) if isinstance(schedule, str) else list(schedule)
+    with MicroVM(pages, access, slot_size) as vm:
+        vm.start()
+        return vm.run(mmio_accesses, sched, every, duration)
+
+
+def expected_mmio_events(r: Result) -> dict[str, int]:
+    """kvm:kvm_mmio events this run makes: a read exits as 'unsatisfied-read'
+    and traces 'read' again when KVM completes it on the next KVM_RUN."""
+    return {"unsatisfied-read": r.mmio_reads, "read": r.reads_completed,
+            "write": r.mmio_writes}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vmrig.microvm", description=__doc__.split("\n")[0])
+    p.add_argument("--mmio-accesses", "-n", type=int, default=0, metavar="M",
+                   help="stop after M MMIO exits")
+    p.add_argument("--duration", "-d", type=float, default=0.0, help="or stop after S seconds")
+    p.add_argument("--pages", type=int, default=2, help="distinct MMIO pages (2..16)")
+    p.add_argument("--access", choices=("read", "write", "rw"), default="rw")
+    p.add_argument("--schedule", default="", help="e.g. create:1,flags:1,move:1,delete:1")
+    p.add_argument("--every", type=int, default=0, help="MMIO exits between changes")
+    p.add_argument("--slot-size", type=int, default=0x100000, help="bytes per extra slot")
+    p.add_argument("--wait", action="store_true",
+                   help="print 'ready PID' and wait for a line on stdin before starting")
+    p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sched = parse_schedule(args.schedule)
+        if args.mmio_accesses <= 0 and args.duration <= 0:
+            raise RigError("give --mmio-accesses M or --duration S")
+        if args.wait:
+            print(f"ready {os.getpid()}", flush=True)
+            sys.stdin.readline()
+        r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
+                args.duration, args.slot_size)
+    except RigError as e:
+        print(f"microvm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    text = json.dumps(r.as_dict(), indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
