@@ -1,0 +1,268 @@
+"""What this host lets the tracer see, found by trying rather than by version.
+
+``probe()`` reads the system (tracefs, BTF, /sys/module, /dev/kvm) and tries
+to compile and load tiny BPF programs; ``choose_backend()`` turns the answer
+into the attach backend the tracer will use and the data it will lack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import TracerError
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+BACKENDS = ("kprobe", "kfunc", "tracepoint")
+
+# The tracepoints slotscope uses; syscalls:* carry the tracepoint-only
+# backend's memslot updates.
+TRACEPOINTS = (
+    "kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_mmio",
+    "kvmmmu:check_mmio_spte", "kvmmmu:mark_mmio_spte",
+    "kvmmmu:handle_mmio_page_fault", "kvmmmu:kvm_mmu_zap_all_fast",
+    "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+)
+# Functions the kprobe/kfunc backends attach to.
+KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")
+KVM_VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+KVM_PARAMS = {
+    "kvm": ("mmio_caching", "tdp_mmu"),
+    "kvm_intel": ("nested", "ept"),
+    "kvm_amd": ("nested", "npt"),
+}
+
+
+@dataclass
+class Capabilities:
+    kernel: str
+    tracefs: Path | None
+    btf: bool
+    kvm_btf: bool  # struct kvm's BTF: in vmlinux (kvm built in) or /sys/kernel/btf/kvm
+    kprobes: bool
+    kprobes_why: str
+    kfunc: bool
+    kfunc_why: str
+    tracepoints: dict[str, bool]
+    bcc_ok: bool
+    bcc_why: str
+    header_tree: str
+    header_matches: bool
+    kvm_module: str | None
+    kvm_params: dict[str, str]
+    functions: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def mmio_caching(self) -> bool:
+        return self.kvm_params.get("kvm.mmio_caching", "Y").upper().startswith("Y")
+
+
+@dataclass
+class BackendChoice:
+    name: str
+    reason: str
+    missing: list[str]
+
+
+def _is_dir(p: Path) -> bool:
+    # tracefs is root-only: EACCES means "cannot see", not a traceback.
+    try:
+        return p.is_dir()
+    except OSError:
+        return False
+
+
+def find_tracefs() -> Path | None:
+    for p in TRACEFS_CANDIDATES:
+        if _is_dir(p / "events"):
+            return p
+    return None
+
+
+def _kprobes(tracefs: Path | None) -> tuple[bool, str]:
+    if tracefs is None:
+        return False, "tracefs not mounted or not readable (run as root)"
+    if (tracefs / "kprobe_events").exists():
+        return True, "kprobe_events present"
+    return False, "no kprobe_events in tracefs (kernel built without CONFIG_KPROBES)"
+
+
+def _kallsyms() -> set[str]:
+    names: set[str] = set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in KERNEL_FUNCTIONS:
+                    names.add(parts[2])
+    except OSError:
+        pass
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """libbpf prints load failures on fd 2; the caller reports them itself."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _try_bpf(text: str, load: str | None = None) -> tuple[bool, str]:
+    """Compile ``text`` with bcc and load it (kfunc probes load by themselves;
+    ``load`` names a function to load as a tracepoint program)."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        return False, "bcc not importable (apt install python3-bpfcc; venv with system site pkgs)"
+    try:
+        with _quiet_stderr():
+            b = BPF(text=text)
+            if load:
+                b.load_func(load, BPF.TRACEPOINT)
+            b.cleanup()
+    except Exception as e:  # bcc raises bare Exception
+        msg = str(e).strip().splitlines()
+        return False, msg[-1] if msg else type(e).__name__
+    return True, "compiled and loaded"
+
+
+def _header_tree() -> tuple[str, bool]:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not build.exists():
+        return "none", False
+    real = build.resolve()
+    # Debian names header dirs linux-headers-<release>; a stand-in tree for
+    # another release compiles but its struct layouts must not be trusted.
+    return str(real), platform.release() in real.name
+
+
+def _kvm_module() -> str | None:
+    for name in KVM_VENDOR_MODULES:
+        if Path("/sys/module", name).exists():
+            return name
+    return None
+
+
+def _kvm_params() -> dict[str, str]:
+    out = {}
+    for module, names in KVM_PARAMS.items():
+        for n in names:
+            p = Path("/sys/module", module, "parameters", n)
+            try:
+                out[f"{module}.{n}"] = p.read_text().strip()
+            except OSError:
+                continue
+    return out
+
+
+def _kfunc(bcc_ok: bool, target: str) -> tuple[bool, str]:
+    if not bcc_ok:
+        return False, "bcc unusable"
+    if not BTF_VMLINUX.exists():
+        return False, "no /sys/kernel/btf/vmlinux"
+    ok, why = _try_bpf(f"KFUNC_PROBE({target}) {{ return 0; }}")
+    if not ok and "super-user" in why:
+        why = "kernel refused to load a BPF tracing (fentry) program (EPERM)"
+    return ok, why
+
+
+def probe(try_kfunc: bool = True) -> Capabilities:
+    tracefs = find_tracefs()
+    kprobes, kprobes_why = _kprobes(tracefs)
+    events = tracefs / "events" if tracefs else None
+    tps = {tp: bool(events and _is_dir(events / tp.replace(":", "/"))) for tp in TRACEPOINTS}
+    bcc_ok, bcc_why = _try_bpf("int slotscope_probe(void *ctx) { return 0; }", "slotscope_probe")
+    if not bcc_ok and "super-user" in bcc_why:
+        bcc_why = "the kernel refused to load a BPF program: run as root"
+    funcs = _kallsyms()
+    target = "kvm_set_memslot" if "kvm_set_memslot" in funcs else "do_sys_openat2"
+    kfunc, kfunc_why = _kfunc(bcc_ok, target) if try_kfunc else (False, "not tried")
+    header, matches = _header_tree()
+    return Capabilities(
+        kernel=platform.release(), tracefs=tracefs, btf=BTF_VMLINUX.exists(),
+        # A loadable kvm has its own BTF object; a built-in one is in vmlinux.
+        kvm_btf=Path("/sys/kernel/btf/kvm").exists()
+        or (BTF_VMLINUX.exists() and not Path("/sys/module/kvm/initstate").exists()),
+        kprobes=kprobes, kprobes_why=kprobes_why, kfunc=kfunc, kfunc_why=kfunc_why,
+        tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
+        header_matches=matches, kvm_module=_kvm_module(), kvm_params=_kvm_params(),
+        functions={f: f in funcs for f in KERNEL_FUNCTIONS},
+    )
+
+
+def _unavailable(caps: Capabilities, name: str) -> str | None:
+    """Why backend ``name`` cannot run here, or None when it can."""
+    if not caps.bcc_ok:
+        return f"bcc cannot load programs: {caps.bcc_why}"
+    if name == "kprobe":
+        if not caps.kprobes:
+            return caps.kprobes_why
+    elif name == "kfunc":
+        if not caps.kfunc:
+            return caps.kfunc_why
+        if not caps.kvm_btf:
+            return "no BTF for the kvm module"
+    elif name == "tracepoint":
+        if caps.tracefs is None:
+            return "tracefs not mounted or not readable"
+        if not (caps.tracepoints["syscalls:sys_enter_ioctl"]
+                and caps.tracepoints["syscalls:sys_exit_ioctl"]):
+            return "syscalls:sys_{enter,exit}_ioctl tracepoints missing (CONFIG_FTRACE_SYSCALLS)"
+        return None
+    else:
+        return f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})"
+    missing = [f for f, ok in caps.functions.items() if not ok]
+    if missing:
+        return f"{', '.join(missing)} not in /proc/kallsyms (kvm not loaded?)"
+    return None
+
+
+def missing_data(caps: Capabilities, backend: str) -> list[str]:
+    """What a recording made here will lack, one short phrase each."""
+    out = []
+    if backend == "tracepoint":
+        out.append("full memslot generations and in-progress windows (only the masked "
+                   "MMIO gen from check/mark_mmio_spte)")
+        out.append("KVM-internal memslots (not set through the ioctl)")
+    if caps.kvm_module is None:
+        out.append("everything KVM: no KVM module loaded")
+    if not caps.mmio_caching:
+        out.append("MMIO SPTE events (kvm.mmio_caching=N: check/mark/handle_mmio never fire)")
+    for tp in TRACEPOINTS:
+        if not caps.tracepoints[tp] and not tp.startswith("syscalls"):
+            out.append(f"{tp} (tracepoint absent)")
+    if caps.kvm_module == "kvm_pvm":
+        out.append("kvm_exit/kvm_entry latencies (kvm_pvm emulates guests; they do not fire)")
+    return out
+
+
+def choose_backend(caps: Capabilities, requested: str | None = None) -> BackendChoice:
+    if requested is not None:
+        why = _unavailable(caps, requested)
+        if why:
+            raise TracerError(f"backend {requested} unavailable: {why}")
+        return BackendChoice(requested, "requested with --backend",
+                             missing_data(caps, requested))
+    refused = []
+    for name in BACKENDS:
+        why = _unavailable(caps, name)
+        if why is None:
+            reason = "preferred backend" if not refused else "; ".join(refused)
+            return BackendChoice(name, reason, missing_data(caps, name))
+        refused.append(f"{name}: {why}")
+    raise TracerError("no tracer backend can run here: " + "; ".join(refused))
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
