@@ -1,0 +1,121 @@
+"""The recording format round-trips through real Parquet files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import schema
+from analysis.schema import RecordingError, RunWriter, read_run
+
+
+def _update(i: int) -> dict:
+    return {"begin_ns": 1000 + i, "end_ns": 2000 + i, "pid": 7, "tid": 8, "vm": 7 << 32 | 5,
+            "as_id": i % 2, "slot_id": 10 + i, "change": schema.CHANGE_TYPES[i % 4],
+            "base_gfn": 0x100000 + i, "npages": 256, "flags": 1, "userspace_addr": 0x7F00,
+            "gen_before": None, "gen_after": None, "ret": 0}
+
+
+def test_round_trip_and_compaction(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with RunWriter(run, {"backend": "tracepoint"}) as w:
+        for i in range(3):
+            w["memslot_update"].append(_update(i))
+        w.flush()
+        w["memslot_update"].append(_update(3))
+        w["lost"].append({"ns": 5, "event": "mmio_fault", "count": 0})
+        # Live: the first flush is readable before the writer closes.
+        live = read_run(run)
+        assert live.tables["memslot_update"].num_rows == 3
+        assert not live.complete
+    done = read_run(run)
+    assert done.complete and done.manifest["backend"] == "tracepoint"
+    assert done.manifest["rows"]["memslot_update"] == 4
+    t = done.tables["memslot_update"].to_pandas()
+    assert list(t["slot_id"]) == [10, 11, 12, 13]
+    assert list(t["change"].astype(str)) == ["create", "delete", "move", "flags_only"]
+    assert t["gen_before"].isna().all()
+    # One Parquet file per event type after a clean stop, no segment dirs.
+    for event in schema.TRACE_EVENTS:
+        assert pq.read_schema(run / f"{event}.parquet").equals(
+            schema.SCHEMAS[event], check_metadata=False)
+        assert not (run / f"{event}.parts").exists()
+
+
+def test_refuses_unknown_schema_version(tmp_path: Path) -> None:
+    RunWriter(tmp_path / "r", {}).close()
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    m["schema_version"] = 999
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RecordingError, match="schema version 999"):
+        read_run(tmp_path / "r")
+
+
+def test_not_a_run_dir(tmp_path: Path) -> None:
+    with pytest.raises(RecordingError, match="no manifest.json"):
+        read_run(tmp_path)
+
+
+def test_wrong_columns_are_refused(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path / "r", {})
+    w["lost"].append({"ns": 1, "event": "x", "count": 1, "bogus": 1})  # extra key ignored
+    w["lost"].flush()
+    with pytest.raises(RecordingError, match="missing"):
+        schema.write_table(tmp_path / "r", "workload", {"action": ["x"]})
+
+
+def test_workload_table_and_config_survive_tracer_close(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    w = RunWriter(run, {"backend": "tracepoint"})
+    schema.write_table(run, "workload", {
+        "begin_ns": [1], "end_ns": [2], "action": ["device_add"], "target": ["dimm0"],
+        "size": [128 << 20], "ok": [True], "error": [None], "detail": ["{}"]})
+    schema.write_workload_config(run, {"workload": "hotplug", "cycles": 1})
+    w.close()
+    r = read_run(run)
+    assert r.tables["workload"].num_rows == 1
+    assert r.manifest["workload"] == {"workload": "hotplug", "cycles": 1}
+
+
+def test_sigkilled_writer_is_readable_to_last_flush(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    code = textwrap.dedent(f"""
+        import time
+        from analysis.schema import RunWriter
+        w = RunWriter({str(run)!r}, {{}})
+        for i in range(5):
+            w["lost"].append({{"ns": i, "event": "e", "count": i}})
+        w.flush()
+        w["lost"].append({{"ns": 99, "event": "unflushed", "count": 0}})
+        print("flushed", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "flushed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    r = read_run(run)
+    assert not r.complete
+    assert r.tables["lost"].column("ns").to_pylist() == [0, 1, 2, 3, 4]
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(RecordingError, match="cannot write run directory"):
+        RunWriter(target / "run", {})
+
+
+def test_monotonic_clock_is_the_bpf_clock() -> None:
+    a = schema.monotonic_ns()
+    time.sleep(0.001)
+    assert schema.monotonic_ns() - a >= 1_000_000
