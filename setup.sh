@@ -15,6 +15,7 @@ APT_PKGS=(
   qemu-system-x86 qemu-utils busybox-static cpio kmod udev  # rig and lab VM
   build-essential                                           # guests, headers
   linux-perf trace-cmd                                      # comparison tools
+  sudo                                                      # README's commands
 )
 missing=()
 for p in "${APT_PKGS[@]}"; do
