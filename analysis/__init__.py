@@ -1,1 +1,28 @@
-"""Correlate memslot generations with MMIO fault latency (no root, no bcc)."""
+"""Correlate memslot generations with MMIO fault latency (no root, no bcc).
+
+Notebook API (imported lazily, so ``analysis.schema`` stays light)::
+
+    import analysis
+    rec = analysis.load("runs/a")              # typed DataFrames
+    corr = analysis.correlate(rec)             # epochs, classes, per-update cost
+    analysis.summarize("runs/a")               # one dict per run
+    analysis.report.write_report(["runs/a", "runs/b"], "report.html")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "load": "load", "Recording": "load",
+    "correlate": "correlate", "Correlation": "correlate",
+    "generation_timeline": "correlate", "wrap_forecast": "correlate", "CLASSES": "correlate",
+    "summarize": "summary", "summary_tables": "summary", "compare": "summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

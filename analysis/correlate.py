@@ -1,0 +1,432 @@
+"""Memslot generations x MMIO faults: epochs, fault classes, per-update cost.
+
+The kernel invalidates MMIO SPTEs lazily: a memslot update bumps the
+generation and the next MMIO fault per page finds its SPTE stale and takes
+the slow page-fault path.  So each fault is joined (as-of, per run and VM) to
+the *epoch* it fell in: the last completed memslot update before it, which is
+the update that made it slow.  Back-to-back updates with no MMIO in between
+charge their faults to the last of them: removing the earlier ones would not
+have saved a single fault, so that is their marginal cost.
+
+Updates of one VM are serialized by the kernel (slots_lock), so their
+[begin, end] windows do not overlap within a VM; the joins rely on that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import schema
+from .load import Recording
+
+CLASSES = ("fast", "stale", "first_touch", "during_update", "after_zap", "unknown")
+# Faults charged to a memslot update (the rest would have happened anyway).
+CAUSED = ("stale", "during_update", "after_zap")
+SLOW = tuple(c for c in CLASSES if c != "fast")
+SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}
+ADDRESS_SPACES_DEFAULT = 2  # x86 with SMM: generation += 2 per swap
+
+
+def _np(s: pd.Series, dtype: Any = np.int64, na: Any = -1) -> np.ndarray:
+    """A column as a plain numpy array (nulls -> ``na``)."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.codes.to_numpy()
+    return s.to_numpy(dtype=dtype, na_value=na)
+
+
+def _groups(*keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense group ids for rows keyed by several integer columns (hashing,
+    O(n): np.unique(axis=0) sorts and is far slower on 10M rows)."""
+    n = len(keys[0])
+    gid = np.zeros(n, np.int64)
+    ng = 1
+    for k in keys:
+        codes, uniq = pd.factorize(k)
+        gid, u = pd.factorize(gid * len(uniq) + codes)
+        ng = len(u)
+    return gid.astype(np.int64, copy=False), (ng if n else 0)
+
+
+def _key_ids(left: list[np.ndarray], right: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Shared group ids for (run, vm)-style keys on two tables."""
+    n = len(left[0])
+    both = [np.concatenate([a, b]) for a, b in zip(left, right, strict=True)]
+    gid, _ = _groups(*both) if len(both[0]) else (np.zeros(0, np.int64), 0)
+    return gid[:n], gid[n:]
+
+
+def _group_key(df: pd.DataFrame) -> list[np.ndarray]:
+    return [_np(df["run"]), _np(df["vm"], np.uint64, 0).view(np.int64)]
+
+
+def asof_index(keys: np.ndarray, t: np.ndarray, ref_keys: np.ndarray, ref_t: np.ndarray,
+               strict: bool = False) -> np.ndarray:
+    """For each (key, t): the row of ref with the same key and the greatest
+    ref_t <= t (< t when ``strict``), or -1.  A per-key as-of join (what
+    pandas.merge_asof does with ``by``), vectorised with searchsorted."""
+    out = np.full(len(t), -1, dtype=np.int64)
+    if not len(t) or not len(ref_t):
+        return out
+    order = np.lexsort((ref_t, ref_keys))
+    rk, rt = ref_keys[order], ref_t[order]
+    bounds = np.searchsorted(rk, np.arange(int(max(rk.max(), keys.max())) + 2))
+    side = "left" if strict else "right"
+    present = np.unique(keys)
+    for k in present:
+        lo, hi = bounds[k], bounds[k + 1]
+        if lo == hi:
+            continue
+        sel = np.flatnonzero(keys == k) if len(present) > 1 else slice(None)
+        pos = np.searchsorted(rt[lo:hi], t[sel], side=side) - 1
+        out[sel] = np.where(pos >= 0, order[lo + np.maximum(pos, 0)], -1)
+    return out
+
+
+@dataclass
+class Correlation:
+    """Everything derived from one Recording."""
+
+    updates: pd.DataFrame   # memslot_update + epoch, cost and workload columns
+    faults: pd.DataFrame    # mmio_fault + epoch, class and extra latency
+    timeline: pd.DataFrame  # generation step function per run and VM
+    zaps: pd.DataFrame      # zap_all + cause and cost
+    recording: Recording
+
+
+def _valid_updates(upd: pd.DataFrame) -> np.ndarray:
+    return _np(upd["ret"], np.int64, 0) == 0
+
+
+def update_frame(rec: Recording) -> pd.DataFrame:
+    """memslot_update plus ordinal ``epoch`` per VM and the workload action."""
+    upd = rec.memslot_update.copy()
+    upd.index.name = "update"
+    ok = _valid_updates(upd)
+    upd["ok"] = ok
+    # Order within each (run, vm) by end time: the epoch number of the update.
+    gid, _ = _groups(*_group_key(upd))
+    order = np.lexsort((_np(upd["end_ns"]), gid))
+    epoch = np.zeros(len(upd), np.int64)
+    epoch[order] = pd.Series(ok[order].astype(np.int64)).groupby(gid[order]).cumsum()
+    upd["epoch"] = pd.array(np.where(ok, epoch, 0), dtype="Int64")
+    upd.loc[~ok, "epoch"] = pd.NA
+    upd["duration_ns"] = _np(upd["end_ns"]) - _np(upd["begin_ns"])
+    upd["action"] = _workload_action(rec, upd)
+    return upd
+
+
+def _workload_action(rec: Recording, upd: pd.DataFrame) -> pd.Categorical:
+    """The rig action whose [begin, end] holds the update's begin, if any."""
+    wl = rec.workload
+    actions = ["(none)"] + sorted(set(wl["action"].dropna().astype(str)))
+    codes = np.zeros(len(upd), np.int8)
+    if len(wl) and len(upd):
+        wl_ok = wl.dropna(subset=["begin_ns"])
+        j = asof_index(_np(upd["run"]), _np(upd["begin_ns"]),
+                       _np(wl_ok["run"]), _np(wl_ok["begin_ns"]))
+        hit = j >= 0
+        wl_end = _np(wl_ok["end_ns"], np.int64, np.iinfo(np.int64).max)
+        hit[hit] &= _np(upd["begin_ns"])[hit] <= wl_end[j[hit]]
+        names = wl_ok["action"].astype(str).to_numpy()
+        codes[hit] = [actions.index(a) for a in names[j[hit]]] if hit.any() else []
+    return pd.Categorical.from_codes(codes, categories=actions)
+
+
+def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The generation of each VM as a step function of time.
+
+    One row per step: update begin (generation flagged in progress), each
+    kvm_mmu_invalidate_mmio_sptes call (DELETE/MOVE make two) and update end.
+    ``gen`` is NA where the backend could not read it (tracepoint-only);
+    ``epoch`` counts completed updates, so the steps are plottable anyway.
+    """
+    upd = update_frame(rec) if updates is None else updates
+    u = upd[upd["ok"]]
+    parts = []
+    if len(u):
+        idx = u.index.to_numpy()
+        for kind, ns, gen, inprog in (("begin", "begin_ns", "gen_before", True),
+                                      ("end", "end_ns", "gen_after", False)):
+            parts.append(pd.DataFrame({
+                "run": u["run"].to_numpy(), "vm": u["vm"].to_numpy(),
+                "ns": _np(u[ns]), "gen": u[gen].astype("UInt64").to_numpy(),
+                "in_progress": inprog, "kind": kind, "update": idx,
+                "change": u["change"].to_numpy(), "zap_all": False}))
+    g = rec.generation
+    g = g[g["source"] == "invalidate"]
+    if len(g):
+        parts.append(pd.DataFrame({
+            "run": g["run"].to_numpy(), "vm": g["vm"].to_numpy(), "ns": _np(g["ns"]),
+            "gen": g["gen"].astype("UInt64").to_numpy(),
+            "in_progress": g["in_progress"].fillna(False).to_numpy(dtype=bool),
+            "kind": "invalidate", "update": -1, "change": pd.NA,
+            "zap_all": g["zap_all"].fillna(False).to_numpy(dtype=bool)}))
+    cols = ["run", "vm", "ns", "gen", "in_progress", "kind", "update", "change", "zap_all"]
+    tl = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in cols})
+    tl["run"] = pd.Categorical(tl["run"], categories=rec.runs)
+    tl["vm"] = tl["vm"].astype("UInt64")
+    tl["gen"] = tl["gen"].astype("UInt64")
+    tl["kind"] = pd.Categorical(tl["kind"], categories=["begin", "invalidate", "end"])
+    tl["change"] = pd.Categorical(tl["change"], categories=list(schema.CHANGE_TYPES))
+    tl["update"] = tl["update"].astype("Int64")
+    tl.loc[tl["update"] < 0, "update"] = pd.NA
+    kind_order = tl["kind"].cat.codes.to_numpy()
+    tl = tl.iloc[np.lexsort((kind_order, _np(tl["ns"]), _np(tl["vm"], np.uint64, 0),
+                             _np(tl["run"])))].reset_index(drop=True)
+    # Invalidate rows belong to the update whose window holds them.
+    if len(tl) and len(u):
+        inv = (tl["kind"] == "invalidate").to_numpy()
+        if inv.any():
+            lk, rk = _key_ids(_group_key(tl[inv]), _group_key(u))
+            j = asof_index(lk, _np(tl.loc[inv, "ns"]), rk, _np(u["begin_ns"]))
+            inside = j >= 0
+            inside[inside] &= _np(tl.loc[inv, "ns"])[inside] <= _np(u["end_ns"])[j[inside]]
+            upd_idx = np.where(inside, u.index.to_numpy()[np.maximum(j, 0)], -1)
+            tl.loc[inv, "update"] = pd.array(upd_idx, dtype="Int64")
+            tl.loc[tl["update"] < 0, "update"] = pd.NA
+    # Epoch: completed updates so far in this (run, vm).
+    ends = (tl["kind"] == "end").to_numpy().astype(np.int64)
+    gid, _ = _groups(*_group_key(tl)) if len(tl) else (np.zeros(0, np.int64), 0)
+    tl["epoch"] = pd.Series(ends).groupby(gid).cumsum().to_numpy() if len(tl) else []
+    return tl
+
+
+def _fault_baseline(df: pd.DataFrame, fast: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """Median fast-hit latency of each fault's (run, vm, vCPU); else (run, vm)."""
+    base = np.full(len(df), np.nan)
+    if not fast.any():
+        return base
+    run, vm = _group_key(df)
+    vcpu = _np(df["vcpu"], np.int64, -1)
+    for keys in ((run, vm, vcpu), (run, vm)):
+        gid, n = _groups(*keys)
+        med = pd.Series(lat[fast]).groupby(gid[fast]).median()
+        table = np.full(n, np.nan)
+        table[med.index.to_numpy()] = med.to_numpy()
+        fill = np.isnan(base)
+        base[fill] = table[gid[fill]]
+    return base
+
+
+def correlate(rec: Recording) -> Correlation:
+    """Join every MMIO fault to its generation epoch, classify it, and charge
+    the slow ones to the memslot update (or zap-all) that caused them."""
+    upd = update_frame(rec)
+    tl = generation_timeline(rec, upd)
+    f = rec.mmio_fault
+    n = len(f)
+    ok = upd["ok"].to_numpy()
+    u = upd[ok]
+    uidx = u.index.to_numpy()
+    fk, uk = _key_ids(_group_key(f), _group_key(u))
+    t = _np(f["exit_ns"])
+    u_begin, u_end = _np(u["begin_ns"]), _np(u["end_ns"])
+
+    # Epoch opener: the last update ended at or before the fault.
+    j = asof_index(fk, t, uk, u_end)
+    opener = np.where(j >= 0, uidx[np.maximum(j, 0)], -1)
+    since = np.where(j >= 0, t - u_end[np.maximum(j, 0)], -1)
+    # An update in progress: the last one begun at or before, not yet ended.
+    jb = asof_index(fk, t, uk, u_begin)
+    inprog = jb >= 0
+    inprog[inprog] &= t[inprog] < u_end[jb[inprog]]
+    inprog_upd = np.where(inprog, uidx[np.maximum(jb, 0)], -1)
+
+    fast = _np(f["fast_hit"], bool, False)
+    stale = _np(f["stale"], bool, False)
+    remarked = _np(f["remarked"], bool, False)
+    # After a zap-all: the page was seen before the last zap of its VM.
+    zap = rec.zap_all
+    zk_f, zk = _key_ids(_group_key(f), _group_key(zap))
+    zj = asof_index(zk_f, t, zk, _np(zap["ns"]))
+    after_zap = np.zeros(n, bool)
+    cand = ~fast & ~stale & ~inprog & (zj >= 0)
+    if cand.any():
+        run, vm = _group_key(f)
+        gid, ng = _groups(run, vm, _np(f["gfn"], np.uint64, 0).view(np.int64))
+        first_seen = np.full(ng, np.iinfo(np.int64).max)
+        np.minimum.at(first_seen, gid, t)
+        zap_ns = _np(zap["ns"])
+        after_zap[cand] = first_seen[gid[cand]] < zap_ns[zj[cand]]
+
+    klass = np.full(n, CLASSES.index("unknown"), np.int8)
+    klass[remarked] = CLASSES.index("first_touch")
+    klass[after_zap] = CLASSES.index("after_zap")
+    klass[stale] = CLASSES.index("stale")
+    klass[inprog & ~fast] = CLASSES.index("during_update")
+    klass[fast] = CLASSES.index("fast")
+
+    lat = _np(f["latency_ns"]).astype(np.float64)
+    base = _fault_baseline(f, fast, lat)
+    caused = np.isin(klass, [CLASSES.index(c) for c in CAUSED])
+    cause = np.where(klass == CLASSES.index("during_update"), inprog_upd, opener)
+    cause = np.where(caused, cause, -1)
+
+    out = f.copy(deep=False)
+    out["klass"] = pd.Categorical.from_codes(klass, categories=list(CLASSES))
+    out["epoch_update"] = pd.array(np.where(opener >= 0, opener, 0), dtype="Int64")
+    out.loc[opener < 0, "epoch_update"] = pd.NA
+    out["since_update_ns"] = pd.array(np.where(since >= 0, since, 0), dtype="Int64")
+    out.loc[since < 0, "since_update_ns"] = pd.NA
+    out["cause"] = pd.array(np.maximum(cause, 0), dtype="Int64")
+    out.loc[cause < 0, "cause"] = pd.NA
+    out["zap"] = pd.array(np.maximum(zj, 0), dtype="Int64")
+    out.loc[~after_zap | (klass != CLASSES.index("after_zap")), "zap"] = pd.NA
+    out["baseline_ns"] = base
+    out["extra_ns"] = lat - base
+
+    upd = _charge_updates(upd, out, cause, caused, klass, opener, rec)
+    zaps = _zap_costs(rec, u, uk, out, klass, zj)
+    return Correlation(upd, out, tl, zaps, rec)
+
+
+def _charge_updates(upd: pd.DataFrame, faults: pd.DataFrame, cause: np.ndarray,
+                    caused: np.ndarray, klass: np.ndarray, opener: np.ndarray,
+                    rec: Recording) -> pd.DataFrame:
+    nu = len(upd)
+    pos = np.full(int(upd.index.max()) + 1 if nu else 0, -1)
+    pos[upd.index.to_numpy()] = np.arange(nu)
+    c = pos[cause[caused]] if nu else np.zeros(0, np.int64)
+    extra = faults["extra_ns"].to_numpy()[caused]
+    lat = _np(faults["latency_ns"])[caused].astype(np.float64)
+    upd["n_slow"] = np.bincount(c, minlength=nu) if nu else []
+    for name in CAUSED:
+        sel = klass[caused] == CLASSES.index(name)
+        upd[f"n_{name}"] = np.bincount(c[sel], minlength=nu) if nu else []
+    upd["slow_latency_ns"] = np.bincount(c, lat, minlength=nu) if nu else []
+    has_extra = ~np.isnan(extra)
+    upd["cost_ns"] = np.bincount(c[has_extra], extra[has_extra], minlength=nu) if nu else []
+    op = pos[opener[opener >= 0]] if nu else np.zeros(0, np.int64)
+    upd["epoch_faults"] = np.bincount(op, minlength=nu) if nu else []
+    # Without fault events (e.g. MMIO caching off) costs are unknown, not 0.
+    has_faults = faults.groupby("run", observed=False).size().reindex(rec.runs).fillna(0) > 0
+    known = has_faults.reindex(upd["run"].astype(str)).to_numpy(dtype=bool) if nu else []
+    upd["cost_ns"] = upd["cost_ns"].where(known)
+    upd["cost_ns"] = upd["cost_ns"].where(upd["ok"])
+    upd["mmio_accesses"] = _accesses_per_epoch(rec, upd)
+    return upd
+
+
+def _accesses_per_epoch(rec: Recording, upd: pd.DataFrame) -> np.ndarray:
+    """kvm_mmio accesses in each update's epoch (all a host without MMIO
+    caching can say about MMIO after an update)."""
+    acc = rec.mmio_access
+    nu = len(upd)
+    if not nu or not len(acc):
+        return np.zeros(nu, np.int64)
+    u = upd[upd["ok"]]
+    ak, uk = _key_ids(_group_key(acc), _group_key(u))
+    j = asof_index(ak, _np(acc["ns"]), uk, _np(u["end_ns"]))
+    pos = np.searchsorted(upd.index.to_numpy(), u.index.to_numpy())
+    counts = np.zeros(nu, np.int64)
+    np.add.at(counts, pos[j[j >= 0]], 1)
+    return counts
+
+
+def _zap_costs(rec: Recording, u: pd.DataFrame, uk: np.ndarray, faults: pd.DataFrame,
+               klass: np.ndarray, zj: np.ndarray) -> pd.DataFrame:
+    """Recorded zap-alls, whether each was a generation wrap, and the faults
+    (page rebuilt after the zap) it cost."""
+    zap = rec.zap_all.copy()
+    nz = len(zap)
+    sel = (klass == CLASSES.index("after_zap")) & (zj >= 0)
+    zap["n_faults"] = np.bincount(zj[sel], minlength=nz) if nz else []
+    extra = faults["extra_ns"].to_numpy()[sel]
+    ok = ~np.isnan(extra)
+    zap["cost_ns"] = np.bincount(zj[sel][ok], extra[ok], minlength=nz) if nz else []
+    if nz:
+        zk, uk2 = _key_ids(_group_key(zap), _group_key(u))
+        j = asof_index(zk, _np(zap["ns"]), uk2, _np(u["begin_ns"]))
+        cause = np.where(j >= 0, u.index.to_numpy()[np.maximum(j, 0)], -1)
+        zap["update"] = pd.array(np.maximum(cause, 0), dtype="Int64")
+        zap.loc[cause < 0, "update"] = pd.NA
+        bits = np.array([gen_bits(rec.manifests[str(r)]) for r in zap["run"]])
+        asn = np.array([address_spaces(rec.manifests[str(r)]) for r in zap["run"]])
+        g = _np(zap["gen"], np.uint64, 0)
+        masked = (g & ((np.uint64(1) << bits.astype(np.uint64)) - np.uint64(1))) \
+            & ~(asn.astype(np.uint64) - np.uint64(1))
+        zap["wrap"] = masked == 0
+    else:
+        zap["update"] = pd.array([], dtype="Int64")
+        zap["wrap"] = np.zeros(0, bool)
+    return zap
+
+
+def _manifest_get(manifest: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        for scope in (manifest, manifest.get("kernel") or {}, manifest.get("kvm") or {}):
+            if isinstance(scope, dict) and scope.get(k) is not None:
+                return scope[k]
+    return None
+
+
+def gen_bits(manifest: dict[str, Any], default: int = schema.MMIO_GEN_BITS_DEFAULT) -> int:
+    """The kernel's MMIO generation width: from the manifest, else 19 (5.5+)."""
+    v = _manifest_get(manifest, "mmio_gen_bits", "gen_bits")
+    return int(v) if v is not None else default
+
+
+def address_spaces(manifest: dict[str, Any]) -> int:
+    v = _manifest_get(manifest, "address_spaces", "as_count", "nr_address_spaces")
+    return int(v) if v is not None else ADDRESS_SPACES_DEFAULT
+
+
+def run_span_ns(rec: Recording, run: str) -> int:
+    """Recording length: manifest start/stop, else first to last event."""
+    m = rec.manifests[run]
+    lo, hi = m.get("start_ns"), m.get("stop_ns")
+    if lo is None or hi is None:
+        ts = []
+        for name, col in (("memslot_update", "begin_ns"), ("memslot_update", "end_ns"),
+                          ("mmio_fault", "exit_ns"), ("mmio_access", "ns"),
+                          ("generation", "ns")):
+            df = rec.frames[name]
+            v = _np(df.loc[df["run"] == run, col])
+            if len(v):
+                ts += [v.min(), v.max()]
+        if not ts:
+            return 0
+        lo = lo if lo is not None else min(ts)
+        hi = hi if hi is not None else max(ts)
+    return max(int(hi) - int(lo), 0)
+
+
+def wrap_forecast(corr: Correlation, bits: int | None = None) -> pd.DataFrame:
+    """Per run and VM: update rate, generation units per second, swaps per
+    wrap, and when the masked MMIO generation wraps (zap-all) next."""
+    rec = corr.recording
+    upd = corr.updates[corr.updates["ok"]]
+    rows = []
+    for (run, vm), g in upd.groupby(["run", "vm"], observed=True):
+        m = rec.manifests[str(run)]
+        w = bits or gen_bits(m)
+        asn = address_spaces(m)
+        span_s = run_span_ns(rec, str(run)) / 1e9
+        period = 1 << w
+        changes = g["change"].astype(str)
+        units_est = float(sum(SWAPS.get(c, 1) for c in changes) * asn)
+        gens = g["gen_after"].dropna()
+        first = g["gen_before"].dropna()
+        known = len(gens) > 0 and len(first) > 0 and int(gens.max()) > 0
+        units = float(int(gens.max()) - int(first.min())) if known else units_est
+        rate_upd = len(g) / span_s if span_s > 0 else float("nan")
+        rate_units = units / span_s if span_s > 0 else float("nan")
+        cur = int(gens.iloc[np.argmax(_np(g.loc[gens.index, "end_ns"]))]) if known else None
+        if cur is not None:
+            pos = (cur & (period - 1)) & ~(asn - 1)
+            remaining = period - pos
+        else:
+            remaining = None
+        eta = remaining / rate_units if remaining is not None and rate_units > 0 else None
+        rows.append({
+            "run": str(run), "vm": int(vm), "gen_bits": w, "address_spaces": asn,
+            "updates": len(g), "span_s": span_s, "updates_per_s": rate_upd,
+            "gen_units_per_s": rate_units, "gen_from": "recorded" if known else "estimated",
+            "current_gen": cur, "wrap_period_s": period / rate_units if rate_units > 0 else None,
+            "next_zap_all_s": eta, "swaps_per_wrap": period // asn,
+        })
+    return pd.DataFrame(rows)

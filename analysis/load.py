@@ -1,0 +1,177 @@
+"""Run directories -> typed pandas DataFrames, one per event type.
+
+Every frame gains a categorical ``run`` column so that several runs load into
+one set of frames and every group-by can include the run.  Integer columns
+become pandas nullable integers (a tracepoint-only backend leaves, e.g., the
+generations of a memslot update unknown), enums categoricals, and each
+timestamp column ``X_ns`` stays exact int64 ns on CLOCK_MONOTONIC.
+
+A damaged table never sinks the whole run: it loads empty and the reason is
+kept in ``Recording.problems`` so that reports say what is missing and why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema
+from .schema import RecordingError
+
+PathLike = str | os.PathLike[str]
+
+# pyarrow -> pandas nullable integer dtypes.
+_INT_DTYPES = {
+    pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype(),
+}
+# Hot columns of the high-volume tables are never null in practice; they stay
+# plain numpy (much faster joins) unless the file does hold nulls.
+_ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
+                    ("mmio_access", "type"): schema.ACCESS_TYPES,
+                    ("generation", "source"): ("invalidate", "check", "mark")}
+
+
+@dataclass
+class Recording:
+    """One or more runs as DataFrames (all runs concatenated, ``run`` column)."""
+
+    frames: dict[str, pd.DataFrame]
+    manifests: dict[str, dict[str, Any]]
+    paths: dict[str, Path]
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        frames = self.__dict__.get("frames", {})
+        if name in frames:
+            return frames[name]
+        raise AttributeError(name)
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.manifests)
+
+    def select(self, run: str) -> Recording:
+        """The frames of one run only."""
+        frames = {}
+        for k, df in self.frames.items():
+            sub = df[df["run"] == run].reset_index(drop=True)
+            sub["run"] = sub["run"].cat.set_categories([run])
+            frames[k] = sub
+        return Recording(frames, {run: self.manifests[run]}, {run: self.paths[run]},
+                         {run: self.problems.get(run, [])})
+
+
+def _read_tolerant(run_dir: Path, event: str, problems: list[str]) -> pa.Table:
+    """schema.read_table, else every segment that still reads; never raises."""
+    try:
+        return schema.read_table(run_dir, event)
+    except RecordingError:
+        pass
+    sch = schema.SCHEMAS[event]
+    files = [run_dir / f"{event}.parquet"]
+    parts = run_dir / f"{event}.parts"
+    if parts.is_dir():
+        files += sorted(parts.glob("*.parquet"))
+    good, bad = [], []
+    for f in files:
+        if not f.exists():
+            continue
+        try:
+            good.append(pq.read_table(f, schema=sch))
+        except (pa.ArrowInvalid, OSError):
+            bad.append(f.name)
+    problems.append(f"{event}: unreadable file(s) {', '.join(bad)} (truncated or corrupt); "
+                    f"{'kept the readable segments' if good else 'table loaded empty'}")
+    return pa.concat_tables(good) if good else sch.empty_table()
+
+
+def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
+    cols: dict[str, Any] = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        typ = col.type
+        if pa.types.is_dictionary(typ):
+            cats = _ENUM_CATEGORIES.get((event, name))
+            values = col.cast(pa.string()).to_pandas() if len(col) else pd.Series([], dtype=str)
+            if cats is None:
+                cats = sorted(set(values.dropna()))
+            else:
+                cats = list(cats) + sorted(set(values.dropna()) - set(cats))
+            cols[name] = pd.Categorical(values.to_numpy(dtype=object), categories=cats)
+        elif typ in _INT_DTYPES:
+            if col.null_count == 0 and (name.endswith("_ns") or len(col) > 100_000):
+                # Exact timestamps and big tables: plain numpy, zero nulls.
+                cols[name] = col.to_numpy()
+            else:
+                cols[name] = col.to_pandas(types_mapper=_INT_DTYPES.get)
+        elif pa.types.is_string(typ):
+            cols[name] = col.to_pandas().astype("string")
+        else:
+            cols[name] = col.to_pandas()
+    return pd.DataFrame(cols, copy=False)
+
+
+def _run_names(paths: Sequence[Path]) -> list[str]:
+    """Short unique names: the directory name, widened with parents on clashes."""
+    names = [p.name or str(p) for p in paths]
+    depth = 1
+    while len(set(names)) < len(names) and depth < 6:
+        depth += 1
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def load(run_dirs: PathLike | Iterable[PathLike]) -> Recording:
+    """Load one run directory or several into typed frames.
+
+    Raises RecordingError (one line) for a directory that is not a run or has
+    an unknown schema version; damaged tables load empty with a problem noted.
+    """
+    if isinstance(run_dirs, str | os.PathLike):
+        run_dirs = [run_dirs]
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise RecordingError("no run directory given")
+    for p in paths:
+        if not p.is_dir():
+            raise RecordingError(f"{p}: no such run directory")
+    names = _run_names(paths)
+    manifests: dict[str, dict[str, Any]] = {}
+    problems: dict[str, list[str]] = {}
+    per_event: dict[str, list[pd.DataFrame]] = {e: [] for e in schema.EVENT_TYPES}
+    for name, path in zip(names, paths, strict=True):
+        manifests[name] = schema.read_manifest(path)
+        probs = problems.setdefault(name, [])
+        code = names.index(name)
+        for event in schema.EVENT_TYPES:
+            df = _to_pandas(_read_tolerant(path, event, probs), event)
+            df.insert(0, "run", pd.Categorical.from_codes(
+                np.full(len(df), code, dtype=np.int8), categories=names))
+            per_event[event].append(df)
+    frames = {}
+    for event, dfs in per_event.items():
+        if len(dfs) > 1:
+            # Same categories everywhere, or concat falls back to object.
+            for c in dfs[0].columns:
+                if isinstance(dfs[0][c].dtype, pd.CategoricalDtype):
+                    cats = list(dict.fromkeys(x for d in dfs for x in d[c].cat.categories))
+                    for d in dfs:
+                        d[c] = d[c].cat.set_categories(cats)
+            frames[event] = pd.concat(dfs, ignore_index=True)
+        else:
+            frames[event] = dfs[0]
+    return Recording(frames, manifests, dict(zip(names, paths, strict=True)), problems)
