@@ -1,0 +1,312 @@
+"""The nested lab VM: a stock Debian 6.1 L1 hypervisor on the host's own filesystem.
+
+The L1 is booted with virtme-ng (``vng``) on a read-only 9p view of the
+host's root with tmpfs overlays, so it has the host's Python, bcc, the
+project and its venv without building an image.  Its kernel comes from
+vmrig.kernel (kprobes on, MMIO caching on, exact headers for bcc).  Inside,
+udev loads kvm + kvm_amd/kvm_intel (nested) so /dev/kvm exists for L2s.
+
+The output directory is shared read-write (``--rwdir``): what the command
+writes there is on the host at once, so a hung or killed L1 leaves whatever
+it already wrote readable.  Large scratch files belong in
+``$SLOTSCOPE_LABVM_SCRATCH`` (a tmpfs inside the L1); copy results out.
+
+Accelerator: KVM with ``-cpu host`` where the host's KVM is kvm_intel or
+kvm_amd with nested virtualization on (checked by inspecting the module and
+by starting QEMU with it); TCG with ``-cpu max`` (emulated SVM with NPT)
+everywhere else, e.g. on hosts whose /dev/kvm is kvm_pvm.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from vmrig import RigError
+from vmrig.kernel import LabKernel, lab_kernel
+
+ACCELS = ("auto", "kvm", "tcg")
+DEFAULT_TIMEOUT = 900.0
+DEFAULT_MEMORY = "2G"
+CONSOLE_TAIL = 30
+STATE_DIR = "labvm"  # inside the output directory: script, logs, result
+# The project's venv: its bin/ holds vng, virtme-run and slotscope.
+VENV_BIN = Path(sys.prefix) / "bin"
+NESTED_PARAMS = ("/sys/module/kvm_amd/parameters/nested",
+                 "/sys/module/kvm_intel/parameters/nested")
+
+
+class LabVMHang(RigError):
+    """The L1 did not finish before its deadline."""
+
+
+@dataclass
+class LabResult:
+    returncode: int | None   # COMMAND's exit status; None if the L1 hung
+    accel: str
+    elapsed_s: float         # launch to exit, host wall clock
+    timed_out: bool
+    outdir: Path
+    console_tail: list[str] = field(default_factory=list)
+    # L1 uptime when COMMAND started: the boot cost of this run.
+    boot_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def _tool(name: str) -> str | None:
+    p = VENV_BIN / name
+    return str(p) if p.exists() else shutil.which(name)
+
+
+def _nested_enabled() -> str | None:
+    """The host vendor KVM module with nested virtualization on, if any."""
+    for path in NESTED_PARAMS:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value in ("1", "Y", "y"):
+            return path.split("/")[3]
+    return None
+
+
+def _kvm_module() -> str:
+    mods = [m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path("/sys/module", m).exists()]
+    return mods[0] if mods else "no vendor module"
+
+
+def _qemu_kvm_host_starts(qemu: str) -> str | None:
+    """Run QEMU -accel kvm -cpu host (SeaBIOS, no disks) for 3 s; None if it stays up."""
+    cmd = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
+           "-display", "none", "-m", "64M"]
+    try:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        return str(e)
+    try:
+        _, err = p.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return None  # still running after 3 s: vCPU setup and firmware passed
+    lines = err.strip().splitlines()
+    return lines[-1] if lines else f"exit status {p.returncode}"
+
+
+def choose_accel(requested: str = "auto") -> tuple[str, str]:
+    """(accel, why): kvm only where the host can really run a nested L1."""
+    if requested not in ACCELS:
+        raise RigError(f"unknown accelerator {requested!r} (choose from {', '.join(ACCELS)})")
+    if requested == "tcg":
+        return "tcg", "TCG as requested"
+    why = ""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        why = "no read/write /dev/kvm"
+    elif (vendor := _nested_enabled()) is None:
+        why = f"host {_kvm_module()} has no nested virt"
+    else:
+        qemu = shutil.which("qemu-system-x86_64")
+        failed = _qemu_kvm_host_starts(qemu) if qemu else "qemu-system-x86_64 not found"
+        if failed is None:
+            return "kvm", f"KVM -cpu host, nested {vendor}"
+        why = f"qemu -cpu host fails: {failed}"
+    if requested == "kvm":
+        raise RigError(f"--accel kvm unavailable: {why}")
+    return "tcg", f"TCG: {why}"
+
+
+def _missing_parts() -> tuple[str, str] | None:
+    """(what is missing, fix) for the pieces a lab VM needs, or None."""
+    if _tool("vng") is None:
+        return "virtme-ng (vng) not installed", "pip install -e '.[lab]' (./setup.sh)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not found", "apt-get install qemu-system-x86 (./setup.sh)"
+    if shutil.which("busybox") is None:
+        return "busybox not found", "apt-get install busybox-static (./setup.sh)"
+    if not any(Path(p).exists() for p in ("/lib/systemd/systemd-udevd", "/sbin/udevd")):
+        return ("udev not installed (the L1 needs udevd for /dev/virtio-ports)",
+                "apt-get install udev (./setup.sh)")
+    return None
+
+
+def labvm_check() -> tuple[str, str, str, str]:
+    """doctor's row: (name, OK|WARN|FAIL, detail, fix)."""
+    name = "nested lab VM"
+    missing = _missing_parts()
+    if missing:
+        return name, "FAIL", missing[0], missing[1]
+    try:
+        k = lab_kernel()
+    except RigError as e:
+        return name, "FAIL", str(e), "sudo .venv/bin/python -m vmrig.kernel fetch"
+    accel, why = choose_accel("auto")
+    return name, "OK", f"{k.release}, {why}", ""
+
+
+def _script(command: Sequence[str], outdir: Path, state: Path, cwd: Path) -> str:
+    """The L1's side: set up, run COMMAND as root, record its status."""
+    q = shlex.quote
+    return f"""#!/bin/sh
+# Generated by vmrig.labvm; runs inside the L1.
+cat /proc/uptime > {q(str(state / 'guest-start'))}
+export PATH={q(str(VENV_BIN))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export SLOTSCOPE_LABVM=1 SLOTSCOPE_LABVM_OUT={q(str(outdir))}
+export SLOTSCOPE_LABVM_SCRATCH=/run/labvm-scratch PYTHONDONTWRITEBYTECODE=1
+mkdir -p "$SLOTSCOPE_LABVM_SCRATCH"
+[ -e /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing
+# udev normally loads the vendor module; do it by hand if it did not.
+[ -e /dev/kvm ] || modprobe kvm_amd nested=1 2>/dev/null || modprobe kvm_intel nested=1
+cd {q(str(cwd))} || exit 125
+{shlex.join(command)}
+rc=$?
+echo $rc > {q(str(state / 'rc'))}
+exit $rc
+"""
+
+
+def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path,
+                 memory: str, cpus: int | None) -> list[str]:
+    vng = _tool("vng")
+    busybox = shutil.which("busybox")
+    if vng is None or busybox is None:
+        missing = _missing_parts() or ("vng or busybox missing", "./setup.sh")
+        raise RigError(f"{missing[0]}; fix: {missing[1]}")
+    cmd = [vng, "--verbose", "--busybox", busybox, "--run", str(kernel), "--force-9p",
+           "--user", "root", "--memory", memory, "--rwdir", str(outdir), "--cwd", str(cwd),
+           "--exec", f"sh {shlex.quote(str(script))}"]
+    if accel == "tcg":
+        cmd.insert(1, "--disable-kvm")
+    if cpus:
+        cmd += ["--cpus", str(cpus)]
+    return cmd
+
+
+def _pump(stream: TextIO, sinks: list[TextIO], tail: collections.deque[str] | None) -> None:
+    for line in stream:
+        for s in sinks:
+            s.write(line)
+            s.flush()
+        if tail is not None:
+            tail.append(line.rstrip("\n"))
+
+
+def _kill_group(p: subprocess.Popen[str]) -> None:
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
+                 kernel: str | os.PathLike[str] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT,
+                 outdir: str | os.PathLike[str] | None = None,
+                 cwd: str | os.PathLike[str] | None = None,
+                 memory: str = DEFAULT_MEMORY, cpus: int | None = None,
+                 echo: bool = True) -> LabResult:
+    """Boot the L1, run ``command`` as root inside, return its status.
+
+    ``outdir`` (created; default ./labvm-out) is writable from inside at the
+    same path and exported as $SLOTSCOPE_LABVM_OUT; ``cwd`` (default: outdir)
+    is where the command starts.  ``outdir/labvm/`` keeps the generated
+    script, ``stdout.log``, ``console.log`` (kernel console and the
+    command's stderr) and ``result.json``.  After ``timeout`` seconds the VM
+    is killed and the result says ``timed_out`` with the last console lines.
+    ``echo`` copies the command's stdout (and stderr) to ours as it runs.
+    """
+    if not command:
+        raise RigError("no command given to run in the lab VM")
+    if timeout <= 0:
+        raise RigError(f"timeout must be positive, not {timeout}")
+    accel, _why = choose_accel(accel)
+    if kernel is None:
+        k: LabKernel = lab_kernel()
+        kernel_path = k.vmlinux
+    else:
+        kernel_path = Path(kernel)
+        if not kernel_path.is_file():
+            raise RigError(f"kernel image {kernel_path} not found")
+    out = Path(outdir or "labvm-out").absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        state = out / STATE_DIR
+        state.mkdir(exist_ok=True)
+        for stale in ("rc", "guest-start", "result.json"):
+            (state / stale).unlink(missing_ok=True)
+        script = state / "run.sh"
+        work = Path(cwd).absolute() if cwd else out
+        script.write_text(_script(command, out, state, work))
+    except OSError as e:
+        raise RigError(f"cannot prepare output directory {out}: {e.strerror}") from None
+    cmd = _vng_command(kernel_path, accel, script, out, work, memory, cpus)
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL)
+    t0 = time.monotonic()
+    with open(state / "stdout.log", "w") as so, open(state / "console.log", "w") as co:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                             cwd=work if work.is_dir() else out, start_new_session=True)
+        assert p.stdout is not None and p.stderr is not None
+        pumps = [
+            threading.Thread(target=_pump, args=(p.stdout, [so] + ([sys.stdout] if echo
+                                                                    else []), None)),
+            threading.Thread(target=_pump, args=(p.stderr, [co], tail)),
+        ]
+        for t in pumps:
+            t.daemon = True
+            t.start()
+        timed_out = False
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(p)
+        except BaseException:
+            _kill_group(p)
+            raise
+        for t in pumps:
+            t.join(timeout=5)
+    elapsed = time.monotonic() - t0
+    rc_file = state / "rc"
+    rc: int | None = None
+    if rc_file.exists():
+        try:
+            rc = int(rc_file.read_text().strip())
+        except ValueError:
+            rc = None
+    elif not timed_out:
+        rc = p.returncode if p.returncode != 0 else 255  # L1 died before COMMAND ended
+    boot_s = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        boot_s = float((state / "guest-start").read_text().split()[0])
+    result = LabResult(returncode=None if timed_out else rc, accel=accel,
+                       elapsed_s=round(elapsed, 3), timed_out=timed_out, outdir=out,
+                       console_tail=list(tail), boot_s=boot_s)
+    (state / "result.json").write_text(json.dumps(
+        {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
+         "timed_out": timed_out, "boot_s": boot_s, "kernel": str(kernel_path),
+         "command": list(command)}, indent=2) + "\n")
+    return result

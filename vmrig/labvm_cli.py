@@ -1,0 +1,56 @@
+"""``slotscope labvm run``: a command as root inside the nested lab VM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vmrig import RigError
+
+HANG_EXIT = 124  # like timeout(1)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("labvm", help="run a command inside the nested lab VM (L1)",
+                       description="Boot a stock Debian 6.1 L1 hypervisor on this host's "
+                       "filesystem (virtme-ng) and run a command in it as root.")
+    lsub = p.add_subparsers(dest="labvm_command", metavar="ACTION", required=True)
+    r = lsub.add_parser("run", help="boot the L1, run COMMAND, power off",
+                        usage="slotscope labvm run [options] -- COMMAND...")
+    r.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="auto: KVM where the host has nested virt, else TCG")
+    r.add_argument("--kernel", metavar="PATH",
+                   help="L1 kernel image (default: the fetched Debian 6.1 vmlinux)")
+    r.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                   help="kill the L1 after S seconds (default 900)")
+    r.add_argument("-o", "--outdir", default="labvm-out", metavar="OUTDIR",
+                   help="directory shared read-write with the L1 (default ./labvm-out)")
+    r.add_argument("--memory", default="2G", help="L1 memory (default 2G)")
+    r.add_argument("--cpus", type=int, help="L1 vCPUs (default: host CPUs)")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
+    r.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vmrig.labvm import run_in_labvm
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise RigError("no COMMAND given (slotscope labvm run -- COMMAND...)")
+    res = run_in_labvm(command, accel=args.accel, kernel=args.kernel, timeout=args.timeout,
+                       outdir=args.outdir, memory=args.memory, cpus=args.cpus)
+    boot = f", command started at L1 uptime {res.boot_s:.1f} s" if res.boot_s else ""
+    if res.timed_out:
+        for line in res.console_tail[-15:]:
+            print(f"  | {line}", file=sys.stderr)
+        print(f"slotscope labvm: error: L1 hung: no exit within {args.timeout:g} s "
+              f"({res.accel}{boot}); VM killed; last console lines above, "
+              f"full log {res.outdir}/labvm/console.log", file=sys.stderr)
+        return HANG_EXIT
+    print(f"slotscope labvm: exit {res.returncode} after {res.elapsed_s:.1f} s "
+          f"({res.accel}{boot}); output in {res.outdir}", file=sys.stderr)
+    if res.returncode is None:
+        return 1
+    return res.returncode
