@@ -1,6 +1,8 @@
 """Correlate memslot generations with MMIO fault latency (no root, no bcc).
 
-Notebook API (imported lazily, so ``analysis.schema`` stays light)::
+Notebook API (imported lazily, so ``analysis.schema`` stays light; no
+submodule shares a name with a function, so ``analysis.load`` is always the
+function)::
 
     import analysis
     rec = analysis.load("runs/a")              # typed DataFrames
@@ -14,10 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "load": "load", "Recording": "load",
-    "correlate": "correlate", "Correlation": "correlate",
-    "generation_timeline": "correlate", "wrap_forecast": "correlate", "CLASSES": "correlate",
-    "summarize": "summary", "summary_tables": "summary", "compare": "summary",
+    "load": "recording", "Recording": "recording",
+    "correlate": "epochs", "Correlation": "epochs",
+    "generation_timeline": "epochs", "wrap_forecast": "epochs", "CLASSES": "epochs",
+    "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
+    "compare": "summary",
 }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import schema
-from .load import Recording
+from .recording import Recording
 
 CLASSES = ("fast", "stale", "first_touch", "during_update", "after_zap", "unknown")
 # Faults charged to a memslot update (the rest would have happened anyway).

@@ -1,0 +1,294 @@
+"""Summary figures and tables: per run, per fault class, per change type and
+workload action, and run-to-run comparisons with bootstrap CIs."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .epochs import CAUSED, CLASSES, Correlation, correlate, run_span_ns, wrap_forecast
+from .recording import Recording, load
+from .schema import RecordingError
+
+BOOT_SAMPLES = 1000
+BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
+
+
+def quantile(x: np.ndarray, q: float) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(np.quantile(x, q)) if len(x) else None
+
+
+def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile-bootstrap CI of the q-quantile of x (vectorised)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    if len(x) > BOOT_CAP:
+        x = rng.choice(x, BOOT_CAP, replace=False)
+    stats = np.empty(samples)
+    chunk = max(1, 4_000_000 // len(x))
+    for lo in range(0, samples, chunk):
+        n = min(chunk, samples - lo)
+        stats[lo:lo + n] = np.quantile(x[rng.integers(0, len(x), (n, len(x)))], q, axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
+
+
+def bootstrap_diff_ci(x: np.ndarray, y: np.ndarray, q: float = 0.5, *,
+                      samples: int = BOOT_SAMPLES, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float] | None:
+    """CI of quantile(y) - quantile(x) from independent resamples."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in (x, y):
+        v = np.asarray(v, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        if len(v) < 2:
+            return None
+        if len(v) > BOOT_CAP:
+            v = rng.choice(v, BOOT_CAP, replace=False)
+        stats = np.empty(samples)
+        chunk = max(1, 4_000_000 // len(v))
+        for lo in range(0, samples, chunk):
+            n = min(chunk, samples - lo)
+            stats[lo:lo + n] = np.quantile(v[rng.integers(0, len(v), (n, len(v)))], q, axis=1)
+        out.append(stats)
+    d = out[1] - out[0]
+    a = (1 - level) / 2
+    return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: numpy scalars -> Python, NaN -> None."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if v is pd.NA or v is None:
+        return None
+    if isinstance(v, np.bool_ | bool):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, float | np.floating):
+        return None if math.isnan(v) else float(v)
+    return v
+
+
+def lost_events(rec: Recording, run: str) -> dict[str, int]:
+    """Lost events per event type: the larger of the lost table and the manifest."""
+    lost = rec.lost[rec.lost["run"] == run]
+    table = lost.groupby(lost["event"].astype(str))["count"].sum() if len(lost) else {}
+    out = {str(k): int(v) for k, v in dict(table).items()}
+    man = rec.manifests[run].get("lost") or {}
+    if isinstance(man, dict):
+        for k, v in man.items():
+            try:
+                out[str(k)] = max(out.get(str(k), 0), int(v))
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def missing(rec: Recording, run: str) -> list[str]:
+    """What the run lacks and why, one line each (for reports and the CLI)."""
+    m = rec.manifests[run]
+    backend = m.get("backend") or "unknown backend"
+    n = {e: int((df["run"] == run).sum()) for e, df in rec.frames.items()}
+    out: list[str] = []
+    if not m.get("complete"):
+        out.append("recording not finalized (live, crashed or killed): "
+                   "read up to its last flush")
+    if not any(n[e] for e in n if e != "workload"):
+        out.append("empty run: no trace events recorded")
+        return out + list(rec.problems.get(run, []))
+    if not n["memslot_update"]:
+        out.append("no memslot_update events: nothing to attribute MMIO costs to")
+    if not n["mmio_fault"]:
+        why = ("the host's KVM has MMIO caching off or lacks the MMIO SPTE tracepoints"
+               if "tracepoint" in str(backend) or m.get("mmio_caching") in (False, "N")
+               else "no MMIO fault was traced")
+        what = "; kvm_mmio accesses counted instead" if n["mmio_access"] else ""
+        out.append(f"no mmio_fault events ({backend}: {why}): fault classes, MMIO latency "
+                   f"and per-update cost unavailable{what}")
+    else:
+        f = rec.mmio_fault
+        if not bool(f.loc[f["run"] == run, "fast_hit"].fillna(False).any()):
+            out.append("no fast-path MMIO hits: no per-vCPU baseline, extra latency unknown")
+    if not n["generation"]:
+        u = rec.memslot_update[rec.memslot_update["run"] == run]
+        known = u["gen_after"].notna().any() and (u["gen_after"].fillna(0) > 0).any()
+        out.append("no generation events: generations " +
+                   ("taken from memslot updates" if known else
+                    "unknown (steps show the update count)"))
+    if not n["workload"]:
+        out.append("no workload table: updates not matched to rig actions")
+    for item in m.get("missing") or []:
+        text = item if isinstance(item, str) else ", ".join(f"{k}: {v}" for k, v in
+                                                             dict(item).items())
+        if not any(text in o for o in out):
+            out.append(f"tracer reports missing: {text}")
+    out += list(rec.problems.get(run, []))
+    return out
+
+
+def _us(v: float | None) -> float | None:
+    return None if v is None else v / 1000
+
+
+def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
+    """The figures of one run (flat keys for the lab job, nested details)."""
+    rec = corr.recording
+    m = rec.manifests[run]
+    upd = corr.updates[corr.updates["run"] == run]
+    f = corr.faults[corr.faults["run"] == run]
+    klass = f["klass"].value_counts().reindex(list(CLASSES), fill_value=0)
+    nf = len(f)
+    n_slow = int(nf - klass["fast"])
+    n_caused = int(klass[list(CAUSED)].sum())
+    lat = f["latency_ns"].to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = upd[upd["ok"]]
+    cost = ok["cost_ns"].to_numpy(dtype=np.float64, na_value=np.nan)
+    lost = lost_events(rec, run)
+    zaps = corr.zaps[corr.zaps["run"] == run]
+    fc = wrap_forecast(corr)
+    fc = fc[fc["run"] == run] if len(fc) else fc
+    by_class = {}
+    for c in CLASSES:
+        sel = (f["klass"] == c).to_numpy()
+        if sel.any():
+            by_class[c] = {"n": int(sel.sum()), "share": sel.sum() / nf,
+                           "latency_p50_ns": quantile(lat[sel], .5),
+                           "latency_p99_ns": quantile(lat[sel], .99)}
+    host = m.get("host") or {}
+    out = {
+        "run": run, "path": str(rec.paths[run]), "backend": m.get("backend"),
+        "hostname": host.get("hostname"), "kernel": host.get("kernel"),
+        "complete": bool(m.get("complete")), "duration_s": run_span_ns(rec, run) / 1e9,
+        "memslot_updates": len(upd), "failed_updates": int((~upd["ok"]).sum()),
+        "updates_by_change": {str(k): int(v) for k, v in
+                              upd["change"].value_counts().items() if v},
+        "mmio_faults": nf, "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
+        "slow_faults": n_slow, "caused_faults": n_caused,
+        "slow_share": n_slow / nf if nf else None,
+        "caused_share": n_caused / nf if nf else None,
+        "classes": by_class,
+        "update_cost_p50_ns": quantile(cost, .5), "update_cost_p99_ns": quantile(cost, .99),
+        "update_cost_mean_ns": float(np.nanmean(cost)) if np.isfinite(cost).any() else None,
+        "mmio_latency_p50_ns": quantile(lat, .5), "mmio_latency_p99_ns": quantile(lat, .99),
+        "lost_events": sum(lost.values()), "lost": lost,
+        "zap_alls": len(zaps), "zap_all_wraps": int(zaps["wrap"].sum()) if len(zaps) else 0,
+        "zap_all_cost_ns": float(zaps["cost_ns"].sum()) if len(zaps) else 0.0,
+        "forecast": fc.drop(columns=["run"]).to_dict("records") if len(fc) else [],
+        "missing": missing(rec, run),
+    }
+    return _clean(out)
+
+
+def _as_correlation(src: Any) -> Correlation:
+    if isinstance(src, Correlation):
+        return src
+    if isinstance(src, Recording):
+        return correlate(src)
+    return correlate(load(src))
+
+
+def summarize(src: str | os.PathLike[str] | Recording | Correlation) -> dict[str, Any]:
+    """One run's summary dict (JSON-safe).  ``src``: a run dir, or a loaded
+    Recording/Correlation of a single run."""
+    corr = _as_correlation(src)
+    runs = corr.recording.runs
+    if len(runs) != 1:
+        raise RecordingError(f"summarize takes one run, got {len(runs)}; use summarize_all")
+    return run_summary(corr, runs[0])
+
+
+def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlation
+                  ) -> list[dict[str, Any]]:
+    corr = _as_correlation(src if isinstance(src, Recording | Correlation) else list(src))
+    return [run_summary(corr, r) for r in corr.recording.runs]
+
+
+def class_table(corr: Correlation) -> pd.DataFrame:
+    """Per run and fault class: count, share, latency p50/p99 and extra p50 (us)."""
+    f = corr.faults
+    if not len(f):
+        return pd.DataFrame(columns=["run", "class", "n", "share", "p50_us", "p99_us",
+                                     "extra_p50_us"])
+    g = f.groupby(["run", "klass"], observed=True)
+    lat = g["latency_ns"].quantile([.5, .99]).unstack()
+    t = pd.DataFrame({"n": g.size(), "p50_us": lat[.5] / 1000, "p99_us": lat[.99] / 1000,
+                      "extra_p50_us": g["extra_ns"].median() / 1000})
+    t["share"] = t["n"] / t.groupby(level=0)["n"].transform("sum")
+    t = t.reset_index().rename(columns={"klass": "class"})
+    return t[["run", "class", "n", "share", "p50_us", "p99_us", "extra_p50_us"]]
+
+
+def cost_table(corr: Correlation, by: str = "change") -> pd.DataFrame:
+    """Per run and change type (or workload ``action``): updates, faults
+    charged, and the per-update extra MMIO latency p50/p99 (us)."""
+    u = corr.updates[corr.updates["ok"]]
+    cols = ["run", by, "updates", "slow_faults", "faults_per_update", "cost_p50_us",
+            "cost_p99_us", "cost_total_us"]
+    if not len(u):
+        return pd.DataFrame(columns=cols)
+    g = u.groupby(["run", by], observed=True)
+    t = pd.DataFrame({"updates": g.size(), "slow_faults": g["n_slow"].sum()})
+    t["faults_per_update"] = t["slow_faults"] / t["updates"]
+    q = g["cost_ns"].quantile([.5, .99]).unstack()
+    t["cost_p50_us"] = q[.5] / 1000
+    t["cost_p99_us"] = q[.99] / 1000
+    t["cost_total_us"] = g["cost_ns"].sum(min_count=1) / 1000
+    return t.reset_index()[cols]
+
+
+def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
+            *, samples: int = BOOT_SAMPLES) -> pd.DataFrame:
+    """Runs side by side: per-update cost and MMIO latency medians and p99
+    with 95% bootstrap CIs, and the median's change vs the first run."""
+    corr = _as_correlation(src)
+    runs = corr.recording.runs
+    rows = []
+    ref: dict[str, np.ndarray] = {}
+    for i, run in enumerate(runs):
+        u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+        f = corr.faults[corr.faults["run"] == run]
+        data = {"update_cost": u["cost_ns"].to_numpy(np.float64, na_value=np.nan),
+                "mmio_latency": f["latency_ns"].to_numpy(np.float64, na_value=np.nan),
+                "slow_latency": f.loc[f["klass"] != "fast", "latency_ns"]
+                .to_numpy(np.float64, na_value=np.nan)}
+        for metric, x in data.items():
+            x = x[~np.isnan(x)]
+            row: dict[str, Any] = {"run": run, "metric": metric, "n": len(x)}
+            for q, name in ((.5, "p50"), (.99, "p99")):
+                row[f"{name}_us"] = _us(quantile(x, q))
+                ci = bootstrap_ci(x, q, samples=samples, seed=i)
+                row[f"{name}_ci_us"] = None if ci is None else (ci[0] / 1e3, ci[1] / 1e3)
+            if i == 0:
+                ref[metric] = x
+                row["p50_delta_us"] = row["p50_delta_ci_us"] = None
+            else:
+                base = quantile(ref[metric], .5)
+                row["p50_delta_us"] = (None if base is None or row["p50_us"] is None
+                                       else row["p50_us"] - base / 1000)
+                ci = bootstrap_diff_ci(ref[metric], x, .5, samples=samples, seed=i)
+                row["p50_delta_ci_us"] = None if ci is None else (ci[0] / 1e3, ci[1] / 1e3)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_tables(corr: Correlation) -> dict[str, pd.DataFrame]:
+    """Every table the report shows, by name."""
+    return {"classes": class_table(corr), "cost_by_change": cost_table(corr, "change"),
+            "cost_by_action": cost_table(corr, "action"), "forecast": wrap_forecast(corr),
+            "zap_alls": corr.zaps}
