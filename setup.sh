@@ -15,6 +15,7 @@ APT_PKGS=(
   qemu-system-x86 qemu-utils busybox-static cpio kmod udev  # rig and lab VM
   build-essential                                           # guests, headers
   linux-perf trace-cmd                                      # comparison tools
+  linux-headers-amd64 vagrant vagrant-libvirt               # lab VM, Vagrantfile
   sudo                                                      # README's commands
 )
 missing=()
@@ -55,11 +56,6 @@ if [ ! -e /sys/kernel/debug/tracing ] && [ -d /sys/kernel/debug ]; then
   mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
 fi
 
-# The lab VM's kernel, modules and exact headers (see vmrig/labvm docs).
-if [ -x scripts/labvm-kernel.sh ]; then
-  scripts/labvm-kernel.sh
-fi
-
 # .venv on the distro Python so the distro's bcc is importable.
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
@@ -67,4 +63,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,lab]'
 .venv/bin/python -c 'import bcc, slotscope' || { echo "setup: bcc not importable from .venv" >&2; exit 1; }
+# The nested lab VM's kernel: Debian's linux-image matching the installed
+# linux-headers-amd64, unpacked (not installed) into a cache, its modules in
+# /lib/modules/<release>; skipped when already there (vmrig/kernel.py).
+.venv/bin/python -m vmrig.kernel fetch | sed 's/^/setup: lab kernel: /'
 log "done: run the tests with  sudo .venv/bin/pytest"
