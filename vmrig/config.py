@@ -1,0 +1,235 @@
+"""Typed rig configuration and the QEMU argument list it stands for.
+
+``qemu_argv`` returns a list for ``subprocess`` (never a shell string).  The
+machine is ``pc`` (i440fx + PIIX4): its ACPI memory-hotplug registers sit at
+I/O port 0x0a00, which the bare guest drives to finish pc-dimm unplugs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vmrig import RigError
+
+Accel = Literal["auto", "kvm", "tcg"]
+GuestKind = Literal["bare", "linux"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'128M', '2G', '4096' -> bytes (binary units, as QEMU reads them)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise RigError(f"size must not be negative: {text}")
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not m:
+        raise RigError(f"bad size {text!r} (expected e.g. 128M, 2G)")
+    return int(m[1]) * _UNITS[m[2].upper()]
+
+
+def fmt_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Boot RAM plus the hotplug area: ``-m base,slots=N,maxmem=M``."""
+
+    base: int = 256 * MiB
+    slots: int = 4
+    maxmem: int = 2 * GiB
+
+    def validate(self) -> None:
+        if self.base < 16 * MiB or self.base % MiB:
+            raise RigError(f"memory base {fmt_size(self.base)}: need a whole number of MiB "
+                           ">= 16M")
+        if not 0 <= self.slots <= 256:
+            raise RigError(f"memory slots {self.slots}: QEMU allows 0..256")
+        if self.slots and self.maxmem <= self.base:
+            raise RigError(f"maxmem {fmt_size(self.maxmem)} must exceed base memory "
+                           f"{fmt_size(self.base)} when slots > 0")
+
+    @property
+    def hotplug_bytes(self) -> int:
+        return max(0, self.maxmem - self.base) if self.slots else 0
+
+    def argv(self) -> list[str]:
+        if not self.slots:
+            return ["-m", f"{self.base // MiB}M"]
+        return ["-m", f"{self.base // MiB}M,slots={self.slots},maxmem={self.maxmem // MiB}M"]
+
+
+@dataclass(frozen=True)
+class VirtioMemConfig:
+    """A virtio-mem-pci device; resizes need a guest driver (the Linux guest).
+
+    ``dynamic_memslots``: None = on when this QEMU has the property (>= 8.2).
+    Without it the whole device region is one memslot and a resize changes no
+    memslot, which the workload records.
+    """
+
+    size: int = 512 * MiB
+    requested: int = 0
+    block_size: int = 2 * MiB
+    dynamic_memslots: bool | None = None
+    id: str = "vmem0"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """virtio-net on a TAP the rig creates (pyroute2) and removes at exit."""
+
+    tap: str = "sstap0"
+    mac: str = "52:54:00:51:07:01"
+
+
+@dataclass(frozen=True)
+class BareGuestConfig:
+    """The MMIO loop of the bare guest: npages pages from mmio_base."""
+
+    mmio_base: int = 0xC000_0000  # in the PCI hole, unbacked: every access is MMIO
+    npages: int = 4
+    stride: int = 4096
+
+    def validate(self) -> None:
+        if self.npages < 2:
+            raise RigError("the MMIO loop needs >= 2 pages (KVM's per-vCPU MMIO cache "
+                           "hides a single-address loop)")
+        if self.stride < 4096 or self.stride % 4096:
+            raise RigError(f"MMIO stride {self.stride}: need a multiple of 4096")
+        end = self.mmio_base + self.npages * self.stride
+        if self.mmio_base < 0x10_0000 or end > 0xFEC0_0000:
+            raise RigError(f"MMIO range {self.mmio_base:#x}..{end:#x} must lie below "
+                           "0xfec00000 (IOAPIC) and above 1 MiB")
+
+
+@dataclass(frozen=True)
+class RigConfig:
+    guest: GuestKind = "bare"
+    accel: Accel = "auto"
+    cpu: str | None = None  # None: a model that starts under the chosen accel
+    nested: bool = False     # expose vmx/svm to the guest
+    vcpus: int = 1
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mmio_devices: tuple[str, ...] = ("pci-testdev", "edu")
+    virtio_mem: VirtioMemConfig | None = None
+    net: NetConfig | None = None
+    bare: BareGuestConfig = field(default_factory=BareGuestConfig)
+    kernel_cmdline: str = ""   # extra Linux guest arguments
+    boot_timeout: float = 30.0
+    qmp_timeout: float = 10.0
+
+    def validate(self) -> None:
+        self.memory.validate()
+        self.bare.validate()
+        if self.guest not in ("bare", "linux"):
+            raise RigError(f"unknown guest {self.guest!r} (bare or linux)")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise RigError(f"unknown accelerator {self.accel!r} (auto, kvm or tcg)")
+        if not 1 <= self.vcpus <= 64:
+            raise RigError(f"vcpus {self.vcpus}: need 1..64")
+        for dev in self.mmio_devices:
+            if dev not in ("pci-testdev", "edu"):
+                raise RigError(f"unknown MMIO device {dev!r} (pci-testdev or edu)")
+        vm = self.virtio_mem
+        if vm is not None:
+            if vm.requested > vm.size:
+                raise RigError(f"virtio-mem requested {fmt_size(vm.requested)} exceeds its "
+                               f"size {fmt_size(vm.size)}")
+            if vm.size > self.memory.hotplug_bytes:
+                raise RigError(f"virtio-mem size {fmt_size(vm.size)} does not fit the "
+                               f"hotplug area ({fmt_size(self.memory.hotplug_bytes)} = maxmem "
+                               "- base)")
+            if vm.size % vm.block_size or vm.requested % vm.block_size:
+                raise RigError(f"virtio-mem sizes must be multiples of the block size "
+                               f"{fmt_size(vm.block_size)}")
+
+
+def cpu_model(config: RigConfig, accel: str, host_vendor: str) -> str:
+    """The -cpu value: explicit, else one known to start under ``accel``."""
+    if config.cpu:
+        model = config.cpu
+    elif accel == "kvm":
+        # -cpu host/max abort on some kvm_pvm hosts (MSR 0x10a); this starts.
+        model = "qemu64,-cx16,-xsave"
+    else:
+        model = "max" if config.nested else "qemu64"
+    if config.nested and accel == "kvm":
+        model += ",+svm" if host_vendor == "AuthenticAMD" else ",+vmx"
+    return model
+
+
+def host_cpu_vendor() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    return m[1] if m else ""
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    """Paths inside the rig's private directory that the argv refers to."""
+
+    qmp_socket: Path
+    serial_log: Path
+    pidfile: Path
+    bios: Path | None = None       # bare guest image
+    kernel: Path | None = None     # linux guest
+    initrd: Path | None = None
+
+
+def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
+              dynamic_memslots_supported: bool = False, host_vendor: str = "") -> list[str]:
+    """The full QEMU command line for ``config`` under ``accel`` (kvm or tcg)."""
+    config.validate()
+    argv = [binary,
+            "-name", "slotscope-rig,debug-threads=on",  # vCPU threads named "CPU n/KVM"
+            "-machine", "pc", "-accel", accel,
+            "-cpu", cpu_model(config, accel, host_vendor),
+            "-smp", str(config.vcpus),
+            *config.memory.argv(),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{files.serial_log}",
+            "-qmp", f"unix:{files.qmp_socket},server=on,wait=off",
+            "-pidfile", str(files.pidfile)]
+    if config.guest == "bare":
+        if files.bios is None:
+            raise RigError("bare guest: no firmware image")
+        argv += ["-bios", str(files.bios)]
+    else:
+        if files.kernel is None or files.initrd is None:
+            raise RigError("linux guest: no kernel/initramfs")
+        cmdline = "console=ttyS0 panic=-1 memhp_default_state=online_movable quiet"
+        if config.kernel_cmdline:
+            cmdline += " " + config.kernel_cmdline
+        argv += ["-kernel", str(files.kernel), "-initrd", str(files.initrd),
+                 "-append", cmdline]
+    for dev in config.mmio_devices:
+        argv += ["-device", dev]
+    vm = config.virtio_mem
+    if vm is not None:
+        argv += ["-object", f"memory-backend-ram,id={vm.id}-mem,size={vm.size}"]
+        dev = (f"virtio-mem-pci,id={vm.id},memdev={vm.id}-mem,"
+               f"requested-size={vm.requested},block-size={vm.block_size}")
+        if vm.dynamic_memslots or (vm.dynamic_memslots is None and dynamic_memslots_supported):
+            if not dynamic_memslots_supported:
+                raise RigError("this QEMU's virtio-mem has no dynamic-memslots property "
+                               "(needs QEMU >= 8.2)")
+            dev += ",dynamic-memslots=on"
+        argv += ["-device", dev]
+    if config.net is not None:
+        argv += ["-netdev", f"tap,id=net0,ifname={config.net.tap},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net0,mac={config.net.mac}"]
+    return argv

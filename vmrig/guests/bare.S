@@ -1,0 +1,177 @@
+/*
+ * slotscope bare-metal guest: a 64 KiB firmware image loaded with -bios.
+ *
+ * No OS, no SeaBIOS: from the reset vector it enters 32-bit flat protected
+ * mode and loops forever over
+ *   - a read and a write on each of NPAGES distinct pages starting at
+ *     MMIO_BASE (an unbacked GPA range or a device BAR: every access is an
+ *     MMIO exit under KVM; >= 2 pages so KVM's per-vCPU MMIO cache does not
+ *     hide the slow path),
+ *   - a 64-bit loop counter at COUNTER_GPA in RAM (read it over QMP),
+ *   - the PIIX4 ACPI memory-hotplug handshake: when GPE0 status (0xafe0)
+ *     bit 3 is set, scan slots 0..NSLOTS-1 through the selector (0x0a00)
+ *     and status/command (0x0a14) registers; a slot with "remove requested"
+ *     (bit 2) is ejected (write 8) and its event cleared (write 4), a slot
+ *     with "insert" (bit 1) is acknowledged (write 2).  That is all QEMU
+ *     needs to finish device_del of a pc-dimm.
+ * Serial (COM1, 0x3f8) gets "slotscope-bare ready", then "+N" per plug
+ * acknowledged and "-N" per eject.
+ *
+ * The launcher patches the parameter block (magic "SLOTSCOP") per run.
+ */
+	.set	IMAGE_BASE, 0xffff0000
+	.set	COM1, 0x3f8
+	.set	GPE0_STS, 0xafe0
+	.set	GPE_MEM_HOTPLUG, 8
+	.set	MHP_SEL, 0x0a00
+	.set	MHP_STS, 0x0a14
+	.set	MHP_INSERT, 2
+	.set	MHP_REMOVE, 4
+	.set	MHP_EJECT, 8
+
+	.text
+	.globl	_start
+_start:
+
+/* Parameter block at image offset 0x10. */
+	.org	0x10
+params:
+	.ascii	"SLOTSCOP"
+p_version:	.long	1
+p_mmio_base:	.long	0xc0000000
+p_npages:	.long	4
+p_stride:	.long	4096
+p_nslots:	.long	32
+p_counter:	.long	0x7000
+
+	.org	0x100
+gdt:
+	.quad	0
+	/* Accessed bits preset: the GDT is in ROM, so the CPU must not need
+	 * to write them (kvm_pvm's emulator
+	 * retries that write forever). */
+	.quad	0x00cf9b000000ffff	/* 0x08: code, flat 4 GiB, 32-bit */
+	.quad	0x00cf93000000ffff	/* 0x10: data, flat 4 GiB */
+gdt_end:
+gdtr:
+	.word	gdt_end - gdt - 1
+	.long	gdt
+
+banner:	.asciz	"slotscope-bare ready\n"
+
+	.code16
+start16:
+	cli
+	cld
+	lgdtl	%cs:(gdtr - _start)
+	movl	%cr0, %eax
+	orl	$1, %eax
+	movl	%eax, %cr0
+	ljmpl	$0x08, $start32
+
+	.code32
+start32:
+	movw	$0x10, %ax
+	movw	%ax, %ds
+	movw	%ax, %es
+	movw	%ax, %ss
+	movw	%ax, %fs
+	movw	%ax, %gs
+	movl	$0x9000, %esp
+	movl	p_counter, %edi
+	movl	$0, (%edi)
+	movl	$0, 4(%edi)
+	movl	$banner, %esi
+	call	puts
+
+main_loop:
+	movl	p_mmio_base, %ebx
+	movl	p_npages, %ecx
+1:	movl	(%ebx), %eax		/* MMIO read */
+	movl	%ecx, 8(%ebx)		/* MMIO write */
+	addl	p_stride, %ebx
+	loop	1b
+	movl	p_counter, %edi
+	addl	$1, (%edi)
+	adcl	$0, 4(%edi)
+
+	movw	$GPE0_STS, %dx
+	inb	%dx, %al
+	testb	$GPE_MEM_HOTPLUG, %al
+	jz	main_loop
+	movb	$GPE_MEM_HOTPLUG, %al	/* write-1-to-clear before the scan */
+	outb	%al, %dx
+
+	xorl	%esi, %esi
+scan:
+	movw	$MHP_SEL, %dx
+	movl	%esi, %eax
+	outl	%eax, %dx
+	movw	$MHP_STS, %dx
+	inb	%dx, %al
+	movb	%al, %bl
+	testb	$MHP_REMOVE, %bl
+	jz	2f
+	movb	$MHP_EJECT, %al
+	outb	%al, %dx
+	movb	$MHP_REMOVE, %al
+	outb	%al, %dx
+	movb	$'-', %al
+	call	put_slot
+2:	testb	$MHP_INSERT, %bl
+	jz	3f
+	movb	$MHP_INSERT, %al
+	movw	$MHP_STS, %dx
+	outb	%al, %dx
+	movb	$'+', %al
+	call	put_slot
+3:	incl	%esi
+	cmpl	p_nslots, %esi
+	jb	scan
+	jmp	main_loop
+
+/* "<al><slot in decimal>\n" for slot %esi < 1000; keeps %esi and %ebx. */
+put_slot:
+	call	putc
+	movl	%esi, %eax
+	cmpl	$100, %eax
+	jb	4f
+	xorl	%edx, %edx
+	movl	$100, %ecx
+	divl	%ecx
+	addb	$'0', %al
+	call	putc
+	movl	%edx, %eax
+4:	cmpl	$10, %esi
+	jb	5f
+	xorl	%edx, %edx
+	movl	$10, %ecx
+	divl	%ecx
+	addb	$'0', %al
+	call	putc
+	movl	%edx, %eax
+5:	addb	$'0', %al
+	call	putc
+	movb	$'\n', %al
+	jmp	putc
+
+puts:
+	lodsb
+	testb	%al, %al
+	jz	6f
+	call	putc
+	jmp	puts
+6:	ret
+
+putc:
+	pushl	%edx
+	movw	$COM1, %dx
+	outb	%al, %dx
+	popl	%edx
+	ret
+
+/* Reset vector: the CPU starts at 0xfffffff0 in real mode, CS base 0xffff0000. */
+	.code16
+	.org	0xfff0
+	jmp	start16
+	.org	0x10000

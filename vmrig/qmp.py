@@ -1,0 +1,108 @@
+"""QMP over qemu.qmp's asyncio ``QMPClient``, with every failure a RigError.
+
+Timeouts, QEMU going away, and error replies all surface as one-line
+``RigError``s naming the command, so CLI handlers can print them as-is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    Runstate,
+    StateError,
+)
+
+from vmrig import RigError
+
+
+class QemuGone(RigError):
+    """QEMU exited or closed the QMP connection."""
+
+
+class Qmp:
+    """A connected QMP session to one QEMU."""
+
+    def __init__(self, name: str = "slotscope-rig", timeout: float = 10.0) -> None:
+        self.client = QMPClient(name)
+        self.timeout = timeout
+        self.version: dict[str, Any] = {}
+
+    async def connect(self, socket_path: str, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self.client.connect(socket_path),
+                                   timeout if timeout is not None else self.timeout)
+        except TimeoutError:
+            raise RigError(f"QMP connect to {socket_path}: timed out") from None
+        except (ConnectError, OSError) as e:
+            raise RigError(f"QMP connect to {socket_path}: {e}") from None
+        greeting = self.client.greeting
+        self.version = dict(greeting.QMP.version["qemu"]) if greeting else {}
+
+    @property
+    def connected(self) -> bool:
+        return self.client.runstate == Runstate.RUNNING
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Run ``cmd``; its reply's ``return`` value, or RigError."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(self.client.execute(cmd, args), limit)
+        except ExecuteError as e:
+            raise RigError(f"{cmd}: {e.error.desc}") from None
+        except TimeoutError:
+            raise RigError(f"{cmd}: no reply within {limit:g} s") from None
+        except (StateError, ExecInterruptedError, EOFError, ConnectionError) as e:
+            raise QemuGone(f"{cmd}: QEMU closed the QMP connection ({type(e).__name__})") \
+                from None
+
+    def listener(self, *names: str) -> contextlib.AbstractContextManager[EventListener]:
+        """``with qmp.listener('DEVICE_DELETED') as l: ... await qmp.wait(l, ...)``."""
+        return self.client.listener(names)
+
+    async def wait(self, listener: EventListener, what: str, timeout: float,
+                   match: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The next event on ``listener`` whose data contains ``match``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RigError(f"{what}: no event within {timeout:g} s")
+            get = asyncio.ensure_future(listener.get())
+            # A disconnect does not wake listeners: watch the runstate too.
+            done, _ = await asyncio.wait({get}, timeout=min(left, 0.2))
+            if not done:
+                get.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await get
+                if not self.connected:
+                    raise QemuGone(f"{what}: QEMU closed the QMP connection")
+                continue
+            event = get.result()
+            data = event.get("data", {})
+            if match is None or all(data.get(k) == v for k, v in match.items()):
+                return dict(event)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), 5)
+
+
+@contextlib.asynccontextmanager
+async def session(socket_path: str, timeout: float = 10.0) -> AsyncIterator[Qmp]:
+    qmp = Qmp(timeout=timeout)
+    await qmp.connect(socket_path)
+    try:
+        yield qmp
+    finally:
+        await qmp.close()

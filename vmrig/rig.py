@@ -1,0 +1,458 @@
+"""A running QEMU: launch, supervision, QMP, and cleanup on every exit path.
+
+    async with Rig(RigConfig(guest="bare", accel="auto"), record_dir=run) as rig:
+        await hotplug_cycles(rig, WorkloadLog(run), cycles=5, size=128 * MiB)
+
+The rig's private directory (0700) holds the QMP socket (0600), serial log,
+guest image and pidfile.  QEMU runs in its own session (a terminal's Ctrl-C
+reaches only us; we shut it down in order) and, unless detached for
+``rig up``, with PR_SET_PDEATHSIG so it dies even if we are SIGKILLed.
+Stopping removes the process, socket, TAP and private directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from analysis.schema import monotonic_ns
+from vmrig import RigError, bareguest, host
+from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
+from vmrig.qmp import Qmp
+
+STATE_FILE = "state.json"
+SAMPLES_FILE = "qemu-samples.csv"
+RIG_FILE = "rig.json"
+_VCPU_COMM = re.compile(r"CPU (\d+)/(\w+)")
+_PR_SET_PDEATHSIG = 1
+
+
+def default_state_dir() -> Path:
+    """Where ``rig up`` keeps a running rig for later commands."""
+    env = os.environ.get("SLOTSCOPE_RIG_DIR")
+    if env:
+        return Path(env)
+    base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    return base / "slotscope" / "rig"
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def vcpu_threads(pid: int) -> dict[int, int]:
+    """vCPU index -> thread id, from QEMU's thread names (debug-threads=on)."""
+    out: dict[int, int] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        m = _VCPU_COMM.fullmatch(comm)
+        if m:
+            out[int(m[1])] = int(tid)
+    return out
+
+
+@dataclass
+class RigState:
+    """What ``rig up`` leaves behind so ``hotplug``/``down`` can find QEMU."""
+
+    pid: int
+    create_time: float
+    accel: str
+    guest: str
+    qmp_socket: str
+    private_dir: str
+    tap: str | None
+    argv: list[str]
+    boot_s: float
+    vcpu_tids: dict[int, int]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class Rig:
+    """One QEMU guest driven over QMP.  Use ``async with``."""
+
+    def __init__(self, config: RigConfig, record_dir: str | os.PathLike[str] | None = None,
+                 private_dir: str | os.PathLike[str] | None = None,
+                 binary: str | None = None, detach: bool = False,
+                 sample_interval: float = 0.5) -> None:
+        config.validate()
+        self.config = config
+        self.record_dir = Path(record_dir) if record_dir is not None else None
+        self._private_arg = Path(private_dir) if private_dir is not None else None
+        self.binary_arg = binary
+        self.detach = detach
+        self.sample_interval = sample_interval
+        self.private_dir: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.qmp: Qmp | None = None
+        self.accel: str = ""
+        self.argv: list[str] = []
+        self.boot_s: float = 0.0
+        self.spawn_ns: int = 0
+        self.vcpu_tids: dict[int, int] = {}
+        self.tap_created: str | None = None
+        self.dynamic_memslots = False
+        self._sampler: asyncio.Task[None] | None = None
+        self._samples: list[tuple[Any, ...]] = []
+        self._attached = False
+
+    # -- paths ---------------------------------------------------------------
+    def _files(self) -> LaunchFiles:
+        assert self.private_dir is not None
+        d = self.private_dir
+        return LaunchFiles(qmp_socket=d / "qmp.sock", serial_log=d / "serial.log",
+                           pidfile=d / "qemu.pid",
+                           bios=d / "bare.bin" if self.config.guest == "bare" else None,
+                           kernel=d / "kernel" if self.config.guest == "linux" else None,
+                           initrd=d / "initrd" if self.config.guest == "linux" else None)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self._files().qmp_socket
+
+    @property
+    def serial_log(self) -> Path:
+        return self._files().serial_log
+
+    def serial(self) -> str:
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- lifecycle -----------------------------------------------------------
+    async def __aenter__(self) -> Rig:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.detach and exc[0] is None:
+            await self._detach()
+        else:
+            await self.stop()
+
+    def _make_private_dir(self) -> Path:
+        if self._private_arg is None:
+            return Path(tempfile.mkdtemp(prefix="slotscope-rig-"))
+        d = self._private_arg
+        if (d / STATE_FILE).exists():
+            raise RigError(f"a rig is already up ({d}); run: slotscope rig down")
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        return d
+
+    def _accel_candidates(self) -> list[str]:
+        kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
+        if self.config.accel == "kvm":
+            if not kvm_ok:
+                raise RigError("-accel kvm: /dev/kvm is missing or not read/writable")
+            return ["kvm"]
+        if self.config.accel == "tcg":
+            return ["tcg"]
+        # auto: KVM only where this guest can run under it; kvm_pvm emulates
+        # every instruction and cannot boot Linux (its emulator lacks
+        # cmpxchg16b/xrstor), but runs the bare guest.
+        if kvm_ok and not (self.config.guest == "linux" and host.kvm_flavour() == "kvm_pvm"):
+            return ["kvm", "tcg"]
+        return ["tcg"]
+
+    async def start(self) -> None:
+        binary = host.qemu_binary(self.binary_arg)
+        if binary is None:
+            raise RigError(f"{self.binary_arg or host.QEMU_BINARY} not found "
+                           "(install qemu-system-x86: ./setup.sh)")
+        if self.record_dir is not None:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+        self.private_dir = self._make_private_dir()
+        files = self._files()
+        if self.config.virtio_mem is not None:
+            self.dynamic_memslots = ("dynamic-memslots"
+                                     in host.device_properties(binary, "virtio-mem-pci"))
+        if self.config.guest == "bare":
+            assert files.bios is not None
+            bareguest.image_for(self.config.bare, self.config.memory.slots, files.bios)
+        else:
+            from vmrig import linuxguest  # needs the kernel cache; imported on demand
+            await asyncio.to_thread(linuxguest.prepare, self.config, files)
+        if self.config.net is not None:
+            from vmrig import tap
+            # pyroute2's sync API runs its own event loop: keep it off ours.
+            await asyncio.to_thread(tap.create, self.config.net.tap)
+            self.tap_created = self.config.net.tap
+        errors: list[str] = []
+        for accel in self._accel_candidates():
+            try:
+                await self._launch(binary, accel, files)
+                break
+            except RigError as e:
+                errors.append(f"{accel}: {e}")
+                await self._kill()
+        else:
+            raise RigError("QEMU did not boot the guest: " + "; ".join(errors))
+        self._write_rig_json()
+        if not self.detach:
+            self._sampler = asyncio.create_task(self._sample_loop())
+
+    async def _launch(self, binary: str, accel: str, files: LaunchFiles) -> None:
+        for f in (files.qmp_socket, files.serial_log, files.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        self.accel = accel
+        self.argv = qemu_argv(binary, self.config, accel, files,
+                              dynamic_memslots_supported=self.dynamic_memslots,
+                              host_vendor=host_cpu_vendor())
+        self.spawn_ns = monotonic_ns()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.private_dir / "qemu.stderr", "wb"),  # noqa: SIM115
+                start_new_session=True, umask=0o077,
+                preexec_fn=None if self.detach else _die_with_parent)
+        except OSError as e:
+            raise RigError(f"cannot run {binary}: {e.strerror}") from None
+        self.pid = self.proc.pid
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.boot_timeout
+        # QMP first (QEMU creates the socket before the guest runs), then
+        # the guest's ready line on the serial log.
+        while not files.qmp_socket.exists():
+            self._check_alive("starting")
+            if loop.time() > deadline:
+                raise RigError(f"no QMP socket after {self.config.boot_timeout:g} s")
+            await asyncio.sleep(0.01)
+        self.qmp = Qmp(timeout=self.config.qmp_timeout)
+        await self.qmp.connect(str(files.qmp_socket))
+        os.chmod(files.qmp_socket, 0o600)
+        ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
+        while ready not in self.serial():
+            self._check_alive("booting")
+            if loop.time() > deadline:
+                raise RigError(f"guest not ready after {self.config.boot_timeout:g} s "
+                               f"under {accel}")
+            await asyncio.sleep(0.01)
+        self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
+        self.vcpu_tids = vcpu_threads(self.pid)
+
+    def _stderr_tail(self) -> str:
+        assert self.private_dir is not None
+        try:
+            lines = (self.private_dir / "qemu.stderr").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        lines = [ln for ln in lines if "warning:" not in ln]
+        return lines[-1].strip() if lines else ""
+
+    def _check_alive(self, phase: str) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self._stderr_tail()
+            raise RigError(f"QEMU exited while {phase} (status {self.proc.returncode})"
+                           + (f": {tail}" if tail else ""))
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and psutil.pid_exists(self.pid)
+
+    # -- supervision ---------------------------------------------------------
+    def sample(self) -> tuple[Any, ...] | None:
+        """(ns, cpu_user_s, cpu_system_s, rss_bytes, threads, vcpu_cpu_s...)."""
+        if self.pid is None:
+            return None
+        try:
+            p = psutil.Process(self.pid)
+            with p.oneshot():
+                t = p.cpu_times()
+                rss = p.memory_info().rss
+                threads = {th.id: th.user_time + th.system_time for th in p.threads()}
+        except psutil.Error:
+            return None
+        vcpu = [round(threads.get(tid, 0.0), 3) for _, tid in sorted(self.vcpu_tids.items())]
+        return (monotonic_ns(), t.user, t.system, rss, len(threads), *vcpu)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            s = self.sample()
+            if s is not None:
+                self._samples.append(s)
+            await asyncio.sleep(self.sample_interval)
+
+    def _samples_path(self) -> Path | None:
+        return (self.record_dir or self.private_dir or Path()) / SAMPLES_FILE \
+            if (self.record_dir or self.private_dir) else None
+
+    def _write_samples(self) -> None:
+        path = self._samples_path()
+        if path is None or not self._samples:
+            return
+        head = ["ns", "cpu_user_s", "cpu_system_s", "rss_bytes", "threads"]
+        head += [f"vcpu{i}_cpu_s" for i in sorted(self.vcpu_tids)]
+        lines = [",".join(head)] + [",".join(map(str, s)) for s in self._samples]
+        path.write_text("\n".join(lines) + "\n")
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": self.pid, "accel": self.accel, "guest": self.config.guest,
+                "argv": self.argv, "boot_s": round(self.boot_s, 4), "spawn_ns": self.spawn_ns,
+                "vcpu_tids": self.vcpu_tids, "qemu_version": self.qmp.version if self.qmp else {},
+                "dynamic_memslots": self.dynamic_memslots,
+                "config": asdict(self.config)}
+
+    def _write_rig_json(self) -> None:
+        target = self.record_dir or self.private_dir
+        if target is not None:
+            (target / RIG_FILE).write_text(json.dumps(self.info(), indent=2, default=str))
+
+    # -- QMP helpers ---------------------------------------------------------
+    def require_qmp(self) -> Qmp:
+        if self.qmp is None or not self.qmp.connected:
+            raise RigError("the rig is not running")
+        return self.qmp
+
+    async def memory_devices(self) -> list[dict[str, Any]]:
+        return list(await self.require_qmp().execute("query-memory-devices"))
+
+    async def read_counter(self) -> int:
+        """The bare guest's MMIO loop count (from guest RAM, over HMP xp)."""
+        out = await self.require_qmp().execute(
+            "human-monitor-command", {"command-line": f"xp /1gx {bareguest.COUNTER_GPA:#x}"})
+        return int(str(out).split(":")[1].split()[0], 16)
+
+    # -- stopping ------------------------------------------------------------
+    async def _kill(self) -> None:
+        """Make sure the QEMU we launched is gone (quit, then SIGTERM, SIGKILL)."""
+        if self.qmp is not None:
+            if self.qmp.connected and self.alive():
+                with contextlib.suppress(RigError):
+                    await self.qmp.execute("quit", timeout=3)
+            await self.qmp.close()
+            self.qmp = None
+        if self.pid is None:
+            return
+        for sig, wait in ((None, 3.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+            if await self._wait_exit(wait):
+                break
+        self.proc = None
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc is not None:
+                if self.proc.poll() is not None:
+                    return True
+            else:
+                try:
+                    if psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE:
+                        return True
+                except psutil.NoSuchProcess:
+                    return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def stop(self) -> None:
+        """Remove everything the rig made; safe to call more than once."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
+        last = self.sample()
+        if last is not None:
+            self._samples.append(last)
+        await self._kill()
+        with contextlib.suppress(OSError):
+            self._write_samples()
+        if self.tap_created:
+            from vmrig import tap
+            await asyncio.to_thread(tap.delete, self.tap_created)
+            self.tap_created = None
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
+
+    # -- rig up / attach -----------------------------------------------------
+    async def _detach(self) -> None:
+        assert self.private_dir is not None and self.pid is not None
+        state = RigState(pid=self.pid, create_time=psutil.Process(self.pid).create_time(),
+                         accel=self.accel, guest=self.config.guest,
+                         qmp_socket=str(self.qmp_socket), private_dir=str(self.private_dir),
+                         tap=self.tap_created, argv=self.argv, boot_s=self.boot_s,
+                         vcpu_tids=self.vcpu_tids, config=asdict(self.config))
+        tmp = self.private_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2))
+        os.replace(tmp, self.private_dir / STATE_FILE)
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        self.proc = None  # it outlives us now
+
+    @classmethod
+    async def attach(cls, private_dir: str | os.PathLike[str] | None = None) -> Rig:
+        """The rig a ``rig up`` left running, with QMP connected."""
+        d = Path(private_dir) if private_dir is not None else default_state_dir()
+        try:
+            raw = json.loads((d / STATE_FILE).read_text())
+        except FileNotFoundError:
+            raise RigError(f"no rig is up ({d}); run: slotscope rig up") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise RigError(f"{d / STATE_FILE}: unreadable ({e})") from None
+        state = RigState(**raw)
+        config = config_from_dict(state.config)
+        rig = cls(config, private_dir=d)
+        rig.private_dir, rig.pid, rig.accel, rig.argv = d, state.pid, state.accel, state.argv
+        rig.boot_s, rig.tap_created = state.boot_s, state.tap
+        rig.vcpu_tids = {int(k): v for k, v in state.vcpu_tids.items()}
+        rig._attached = True
+        try:
+            same = psutil.Process(state.pid).create_time() == state.create_time
+        except psutil.NoSuchProcess:
+            same = False
+        if not same:
+            rig.pid = None  # never signal a recycled pid
+            return rig
+        rig.qmp = Qmp(timeout=config.qmp_timeout)
+        try:
+            await rig.qmp.connect(state.qmp_socket)
+        except RigError:
+            rig.qmp = None
+        return rig
+
+
+def config_from_dict(d: dict[str, Any]) -> RigConfig:
+    from vmrig.config import BareGuestConfig, MemoryConfig, NetConfig, VirtioMemConfig
+    d = dict(d)
+    d["memory"] = MemoryConfig(**d["memory"])
+    d["bare"] = BareGuestConfig(**d["bare"])
+    d["mmio_devices"] = tuple(d["mmio_devices"])
+    d["virtio_mem"] = VirtioMemConfig(**d["virtio_mem"]) if d.get("virtio_mem") else None
+    d["net"] = NetConfig(**d["net"]) if d.get("net") else None
+    return RigConfig(**d)

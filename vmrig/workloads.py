@@ -1,0 +1,307 @@
+"""QMP workloads whose every action is timestamped on CLOCK_MONOTONIC.
+
+Each action becomes a row of the ``workload`` table (analysis/schema.py):
+``begin_ns`` when the command was sent, ``end_ns`` when its reply (or the
+awaited event) arrived.  Events get their own rows (``action`` =
+``event:NAME``, begin = end = arrival).  The table is rewritten atomically
+after each step, so an interrupted run keeps every finished action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_config
+from vmrig import RigError
+from vmrig.config import MiB, fmt_size
+from vmrig.rig import Rig
+
+T = TypeVar("T")
+DIMM_ALIGN = 2 * MiB  # QEMU: "backend memory size must be multiple of 0x200000"
+
+
+class WorkloadLog:
+    """Rows of the ``workload`` table, kept on disk in ``run_dir`` if given."""
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None,
+                 config: dict[str, Any] | None = None, flush_interval: float = 0.5) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.rows: list[dict[str, Any]] = []
+        self.config: dict[str, Any] = dict(config or {})
+        self.flush_interval = flush_interval
+        self._last_flush = 0.0
+        self._ids = 0
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}{os.getpid()}x{self._ids}"
+
+    def add(self, action: str, target: str, begin_ns: int, end_ns: int, size: int = 0,
+            ok: bool = True, error: str = "", detail: dict[str, Any] | None = None) -> None:
+        self.rows.append({"begin_ns": begin_ns, "end_ns": end_ns, "action": action,
+                          "target": target, "size": size, "ok": ok, "error": error,
+                          "detail": json.dumps(detail or {}, sort_keys=True)})
+        now = monotonic_ns() / 1e9
+        if now - self._last_flush >= self.flush_interval:
+            self.flush()
+
+    def event(self, name: str, target: str, ns: int, size: int = 0,
+              detail: dict[str, Any] | None = None) -> None:
+        self.add(f"event:{name}", target, ns, ns, size, detail=detail)
+
+    async def step(self, action: str, target: str, call: Awaitable[T], size: int = 0,
+                   detail: Callable[[T], dict[str, Any]] | None = None) -> T:
+        """Await ``call`` and record it; a RigError is recorded, then re-raised."""
+        begin = monotonic_ns()
+        try:
+            result = await call
+        except RigError as e:
+            self.add(action, target, begin, monotonic_ns(), size, ok=False, error=str(e))
+            raise
+        self.add(action, target, begin, monotonic_ns(), size,
+                 detail=detail(result) if detail else None)
+        return result
+
+    def columns(self) -> dict[str, list[Any]]:
+        return {name: [r[name] for r in self.rows] for name in SCHEMAS["workload"].names}
+
+    def flush(self) -> None:
+        self._last_flush = monotonic_ns() / 1e9
+        if self.run_dir is None:
+            return
+        write_table(self.run_dir, "workload", self.columns())
+        write_workload_config(self.run_dir, self.config)
+
+    def actions(self, action: str, ok: bool | None = True) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["action"] == action and (ok is None or r["ok"] == ok)]
+
+
+@dataclass
+class HotplugStats:
+    cycles: int = 0
+    plug_s: list[float] = field(default_factory=list)      # object-add .. device_add reply
+    unplug_s: list[float] = field(default_factory=list)    # device_del .. DEVICE_DELETED
+    cycle_s: list[float] = field(default_factory=list)
+
+
+def _dimms(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["data"] for d in devices if d.get("type") == "dimm"]
+
+
+async def check_dimm_fits(rig: Rig, size: int) -> list[dict[str, Any]]:
+    """RigError unless one more ``size`` pc-dimm fits slots and maxmem."""
+    mem = rig.config.memory
+    if size <= 0 or size % DIMM_ALIGN:
+        raise RigError(f"pc-dimm size {fmt_size(size)}: need a positive multiple of 2M")
+    devices = await rig.memory_devices()
+    dimms = _dimms(devices)
+    if len(dimms) >= mem.slots:
+        raise RigError(f"all {mem.slots} memory slots are in use")
+    used = sum(int(d["data"].get("size", 0)) for d in devices)
+    if used + size > mem.hotplug_bytes:
+        raise RigError(f"a {fmt_size(size)} pc-dimm does not fit: {fmt_size(used)} of "
+                       f"{fmt_size(mem.hotplug_bytes)} hotplug memory (maxmem - base) in use")
+    return dimms
+
+
+async def plug_dimm(rig: Rig, log: WorkloadLog, size: int) -> str:
+    """object-add + device_add one pc-dimm; returns its device id."""
+    qmp = rig.require_qmp()
+    await check_dimm_fits(rig, size)
+    mem_id, dev_id = log.new_id("ssmem"), log.new_id("ssdimm")
+    await log.step("object-add", mem_id, qmp.execute(
+        "object-add", {"qom-type": "memory-backend-ram", "id": mem_id, "size": size}), size)
+    try:
+        await log.step("device_add", dev_id, qmp.execute(
+            "device_add", {"driver": "pc-dimm", "id": dev_id, "memdev": mem_id}), size)
+    except RigError:
+        # Leave no orphan backend; a failure here is recorded too.
+        await log.step("object-del", mem_id, qmp.execute("object-del", {"id": mem_id}), size)
+        raise
+    for d in _dimms(await rig.memory_devices()):
+        if d.get("id") == dev_id:
+            log.rows[-1]["detail"] = json.dumps({"addr": d["addr"], "slot": d["slot"],
+                                                 "memdev": mem_id}, sort_keys=True)
+    return dev_id
+
+
+async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 5.0) -> float:
+    """device_del, wait for DEVICE_DELETED, object-del; returns the event latency (s)."""
+    qmp = rig.require_qmp()
+    dimm = next((d for d in _dimms(await rig.memory_devices()) if d.get("id") == dev_id), None)
+    if dimm is None:
+        raise RigError(f"no pc-dimm {dev_id!r} is plugged")
+    size, mem_id = int(dimm["size"]), str(dimm["memdev"]).rsplit("/", 1)[-1]
+    with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR") as listener:
+        begin = monotonic_ns()
+        await log.step("device_del", dev_id, qmp.execute("device_del", {"id": dev_id}), size)
+        try:
+            ev = await qmp.wait(listener, f"device_del {dev_id}", timeout,
+                                match={"device": dev_id})
+        except RigError as e:
+            msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
+                   if "no event" in str(e) else str(e))
+            log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
+                    error=msg)
+            log.flush()
+            raise RigError(msg) from None
+        end = monotonic_ns()
+        if ev["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
+            msg = f"device_del {dev_id}: the guest refused the unplug"
+            log.add("event:DEVICE_UNPLUG_GUEST_ERROR", dev_id, end, end, size, ok=False,
+                    error=msg)
+            log.flush()
+            raise RigError(msg)
+        log.event("DEVICE_DELETED", dev_id, end, size,
+                  detail={"latency_ns": end - begin, "path": ev["data"].get("path")})
+    await log.step("object-del", mem_id, qmp.execute("object-del", {"id": mem_id}), size)
+    return (end - begin) / 1e9
+
+
+async def _pace(start: float, index: int, rate: float | None) -> None:
+    if rate:
+        loop = asyncio.get_running_loop()
+        delay = start + index / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def hotplug_cycles(rig: Rig, log: WorkloadLog, cycles: int | None = 5,
+                         size: int = 128 * MiB, rate: float | None = None,
+                         duration: float | None = None, hold: float = 0.0,
+                         unplug_timeout: float = 5.0) -> HotplugStats:
+    """pc-dimm plug/unplug cycles: ``cycles`` of them or for ``duration`` s,
+    at most ``rate`` cycles/s, holding each dimm ``hold`` s."""
+    if cycles is None and duration is None:
+        raise RigError("hotplug: give a cycle count or a duration")
+    if cycles is not None and cycles < 0:
+        raise RigError(f"hotplug: cycles must be >= 0, not {cycles}")
+    log.config.setdefault("workload", "hotplug")
+    log.config.setdefault("params", {"cycles": cycles, "size": size, "rate": rate,
+                                     "duration": duration, "hold": hold,
+                                     "unplug_timeout": unplug_timeout})
+    stats = HotplugStats()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        while (cycles is None or stats.cycles < cycles) and \
+                (duration is None or loop.time() - start < duration):
+            await _pace(start, stats.cycles, rate)
+            t0 = loop.time()
+            dev = await plug_dimm(rig, log, size)
+            t1 = loop.time()
+            if hold:
+                await asyncio.sleep(hold)
+            latency = await unplug_dimm(rig, log, dev, unplug_timeout)
+            stats.plug_s.append(t1 - t0)
+            stats.unplug_s.append(latency)
+            stats.cycle_s.append(loop.time() - t0)
+            stats.cycles += 1
+    finally:
+        log.config["result"] = {"cycles": stats.cycles}
+        log.flush()
+    return stats
+
+
+async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
+                           timeout: float = 10.0, duration: float | None = None) -> int:
+    """Set the virtio-mem device's requested-size through ``sizes`` (cycled for
+    ``duration`` s if given); each step waits until MEMORY_DEVICE_SIZE_CHANGE
+    reports the new size (the guest driver plugged/unplugged the blocks)."""
+    vm = rig.config.virtio_mem
+    if vm is None:
+        raise RigError("virtio-mem workload: the rig has no virtio-mem device")
+    for s in sizes:
+        if s > vm.size or s % vm.block_size:
+            raise RigError(f"virtio-mem size {fmt_size(s)}: need a multiple of "
+                           f"{fmt_size(vm.block_size)} up to {fmt_size(vm.size)}")
+    qmp = rig.require_qmp()
+    path = f"/machine/peripheral/{vm.id}"
+    log.config.setdefault("workload", "virtio-mem")
+    log.config.setdefault("params", {"sizes": sizes, "timeout": timeout, "duration": duration,
+                                     "dynamic_memslots": rig.dynamic_memslots})
+    loop = asyncio.get_running_loop()
+    start, steps = loop.time(), 0
+    try:
+        while True:
+            for size in sizes:
+                if duration is not None and loop.time() - start >= duration and steps:
+                    return steps
+                current = int(await qmp.execute("qom-get", {"path": path, "property": "size"}))
+                with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
+                    begin = monotonic_ns()
+                    await log.step("qom-set", vm.id, qmp.execute(
+                        "qom-set", {"path": path, "property": "requested-size", "value": size}),
+                        size)
+                    while current != size:
+                        try:
+                            ev = await qmp.wait(listener, f"virtio-mem resize to "
+                                                f"{fmt_size(size)}", timeout, match={"id": vm.id})
+                        except RigError as e:
+                            log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin,
+                                    monotonic_ns(), size, ok=False, error=str(e))
+                            raise
+                        current = int(ev["data"]["size"])
+                        log.event("MEMORY_DEVICE_SIZE_CHANGE", vm.id, monotonic_ns(), current,
+                                  detail={"latency_ns": monotonic_ns() - begin,
+                                          "requested": size})
+                steps += 1
+            if duration is None:
+                return steps
+    finally:
+        log.config["result"] = {"steps": steps}
+        log.flush()
+
+
+async def dirty_log_toggles(rig: Rig, log: WorkloadLog, count: int | None = 1,
+                            calc_time: int = 1, duration: float | None = None,
+                            timeout: float = 30.0) -> int:
+    """calc-dirty-rate in dirty-bitmap mode: QEMU turns dirty logging on for
+    every memslot, then off after ``calc_time`` s: two FLAGS_ONLY memslot
+    updates each, with no hotplug."""
+    if calc_time < 1:
+        raise RigError("dirty-log: calc-time must be >= 1 s")
+    if rig.accel != "kvm":
+        # TCG has no memslots to flag, and QEMU 7.2 segfaults on a
+        # dirty-bitmap calc-dirty-rate under TCG (measured here).
+        raise RigError("dirty-log: needs -accel kvm (under TCG there is no memslot to flag)")
+    qmp = rig.require_qmp()
+    log.config.setdefault("workload", "dirty-log")
+    log.config.setdefault("params", {"count": count, "calc_time": calc_time,
+                                     "duration": duration, "mode": "dirty-bitmap"})
+    loop = asyncio.get_running_loop()
+    start, done = loop.time(), 0
+    try:
+        while (count is None or done < count) and \
+                (duration is None or loop.time() - start < duration or not done):
+            begin = monotonic_ns()
+            try:
+                await qmp.execute("calc-dirty-rate",
+                                  {"calc-time": calc_time, "mode": "dirty-bitmap"})
+                deadline = loop.time() + timeout
+                while True:
+                    info = await qmp.execute("query-dirty-rate")
+                    if info.get("status") == "measured":
+                        break
+                    if loop.time() > deadline:
+                        raise RigError(f"calc-dirty-rate: not measured within {timeout:g} s")
+                    await asyncio.sleep(0.05)
+            except RigError as e:
+                log.add("calc-dirty-rate", "all", begin, monotonic_ns(), ok=False, error=str(e))
+                raise
+            log.add("calc-dirty-rate", "all", begin, monotonic_ns(),
+                    detail={"dirty_rate_mb_s": info.get("dirty-rate"),
+                            "calc_time": calc_time, "mode": info.get("mode")})
+            done += 1
+    finally:
+        log.config["result"] = {"toggles": done}
+        log.flush()
+    return done
