@@ -1,0 +1,189 @@
+/* Shared by every slotscope backend: the event record, maps, pid filter,
+ * per-thread MMIO exit state and the in-kernel exit histograms.
+ *
+ * Python defines before this file: FILTER_PIDS (0/1), USE_RINGBUF (0/1),
+ * RINGBUF_PAGES, HAVE_<TRACEPOINT> for each optional tracepoint.
+ */
+
+typedef u64 gfn_t;  /* kvmmmu formats name it; bcc has no kvm headers */
+
+enum ev_type {
+	EV_MEMSLOT = 1,   /* ns=begin ns2=end a=gpa b=size c=uaddr d=vm e=slot f=flags x=ret */
+	EV_MMIO = 2,      /* ns a=gpa b=val d=vm e=type f=len x=vcpu */
+	EV_FAULT = 3,     /* ns=exit ns2=entry a=gpa b=gens c=bits d=vm e=reason f=len x=vcpu */
+	EV_GEN = 4,       /* ns a=gen d=vm e=source f=zap */
+	EV_ZAP = 5,       /* ns a=mmu_valid_gen d=vm */
+	EV_VM = 6,        /* ns d=vm (pid<<32|fd) : KVM_CREATE_VM seen */
+	EV_SETMEM = 7,    /* ns=begin ns2=end a=base_gfn b=npages c=uaddr d=vm(kvm)
+	                   * e=slot f=flags g=gen before h=gen after x=ret;
+	                   * the change type (enum kvm_mr_change) is in f >> 24 */
+};
+
+/* Lost-event kinds: index into the per-cpu `lost` array. */
+enum lost_kind { LOST_MEMSLOT, LOST_MMIO, LOST_FAULT, LOST_GEN, LOST_ZAP, LOST_VM, LOST_MAX };
+
+struct event {
+	u32 type;
+	u32 pid;
+	u32 tid;
+	s32 x;
+	u64 ns;
+	u64 ns2;
+	u64 a, b, c, d;
+	u32 e, f;
+	u64 g, h;
+};
+
+/* mmio_fault bits (event c) */
+#define F_CHECKED   (1 << 0)
+#define F_STALE     (1 << 1)
+#define F_REMARKED  (1 << 2)
+#define F_FAST_HIT  (1 << 3)
+#define F_WRITE     (1 << 4)
+#define F_TO_USER   (1 << 5)
+#define F_ACCESS    (1 << 6)   /* kvm_mmio seen */
+#define F_SYNTH     (1 << 7)   /* no kvm_exit: interval kvm_mmio -> next KVM_RUN */
+#define F_MMIO (F_CHECKED | F_REMARKED | F_FAST_HIT | F_ACCESS)
+
+#define EXIT_REASON_NONE 0xffffffff
+
+#if USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+BPF_PERCPU_ARRAY(lost, u64, LOST_MAX);
+BPF_HASH(pids, u32, u8, 256);
+
+/* vCPU identity per thread, learnt from KVM_CREATE_VCPU + KVM_RUN or kvm_entry. */
+struct vcpu_key { u32 pid; u32 fd; };
+struct vcpu_info { u64 vm; s32 vcpu; u32 pad; };
+BPF_HASH(vcpu_fds, struct vcpu_key, struct vcpu_info, 4096);
+BPF_HASH(tid_vcpu, u32, struct vcpu_info, 4096);
+
+/* One vCPU exit being handled: kvm_exit (or kvm_mmio) -> kvm_entry (or KVM_RUN). */
+struct exit_state {
+	u64 exit_ns;
+	u64 gpa;
+	u32 reason;
+	u32 bits;
+	u32 kvm_gen;
+	u32 spte_gen;
+	u32 len;
+	s32 vcpu;
+};
+BPF_HASH(exits, u32, struct exit_state, 4096);
+
+/* Non-MMIO exits: count and total ns per (pid, reason, log2 latency). */
+struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };
+struct hist_val { u64 count; u64 sum_ns; };
+BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
+
+static __always_inline int traced(u32 pid)
+{
+#if FILTER_PIDS
+	return pids.lookup(&pid) != NULL;
+#else
+	return 1;
+#endif
+}
+
+static __always_inline void count_lost(int kind)
+{
+	u64 *v = lost.lookup(&kind);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline struct event *ev_reserve(void *ctx, struct event *buf, int kind)
+{
+#if USE_RINGBUF
+	struct event *e = events.ringbuf_reserve(sizeof(struct event));
+	if (!e)
+		count_lost(kind);
+	return e;
+#else
+	return buf;
+#endif
+}
+
+static __always_inline void ev_submit(void *ctx, struct event *e)
+{
+#if USE_RINGBUF
+	events.ringbuf_submit(e, 0);
+#else
+	events.perf_submit(ctx, e, sizeof(*e));
+#endif
+}
+
+/* Fill the common header; the caller sets the rest and submits. */
+static __always_inline void ev_init(struct event *e, u32 type, u64 id, u64 ns)
+{
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = type;
+	e->pid = id >> 32;
+	e->tid = (u32)id;
+	e->ns = ns;
+}
+
+static __always_inline u64 vm_of_tid(u32 tid, u32 pid, s32 *vcpu)
+{
+	struct vcpu_info *vi = tid_vcpu.lookup(&tid);
+	if (vi) {
+		*vcpu = vi->vcpu;
+		return vi->vm;
+	}
+	*vcpu = -1;
+	return (u64)pid << 32;
+}
+
+static __always_inline u32 log2_u64(u64 v)
+{
+	u32 r = 0;
+#pragma unroll
+	for (int i = 32; i > 0; i >>= 1) {
+		if (v >> i) {
+			v >>= i;
+			r += i;
+		}
+	}
+	return r;
+}
+
+/* Close the open exit of `tid` at `ns`: an MMIO interval becomes an event,
+ * anything else goes into the exit histogram. */
+static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st, u64 ns)
+{
+	u32 tid = (u32)id;
+	if (st->bits & F_MMIO) {
+		struct event buf;
+		struct event *e = ev_reserve(ctx, &buf, LOST_FAULT);
+		if (e) {
+			ev_init(e, EV_FAULT, id, st->exit_ns);
+			e->ns2 = ns;
+			e->a = st->gpa;
+			e->b = ((u64)st->kvm_gen << 32) | st->spte_gen;
+			e->c = st->bits;
+			s32 vcpu = st->vcpu;
+			e->d = vm_of_tid(tid, id >> 32, &vcpu);
+			if (st->vcpu >= 0)
+				vcpu = st->vcpu;
+			e->x = vcpu;
+			e->e = st->reason;
+			e->f = st->len;
+			ev_submit(ctx, e);
+		}
+	} else if (st->reason != EXIT_REASON_NONE) {
+		struct hist_key k = {};
+		k.pid = id >> 32;
+		k.reason = st->reason;
+		k.slot = log2_u64(ns - st->exit_ns);
+		struct hist_val zero = {};
+		struct hist_val *v = exit_hist.lookup_or_try_init(&k, &zero);
+		if (v) {
+			__sync_fetch_and_add(&v->count, 1);
+			__sync_fetch_and_add(&v->sum_ns, ns - st->exit_ns);
+		}
+	}
+	exits.delete(&tid);
+}

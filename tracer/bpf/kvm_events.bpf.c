@@ -1,0 +1,292 @@
+/* Tracepoints every backend uses: KVM ioctls (vCPU identity, returns to user
+ * space and, for the tracepoint-only backend, memslot updates), kvm_mmio,
+ * the kvm_exit -> kvm_entry interval with its kvmmmu MMIO SPTE state, and
+ * zap-all.  Python prepends the defines and common.bpf.h.
+ */
+
+#define KVM_CREATE_VM 0xae01
+#define KVM_CREATE_VCPU 0xae41
+#define KVM_RUN 0xae80
+#define KVM_SET_USER_MEMORY_REGION 0x4020ae46
+#define KVM_SET_USER_MEMORY_REGION2 0x40a0ae49
+
+#define GEN_SRC_CHECK 1
+#define GEN_SRC_MARK 2
+
+/* First 32 bytes of kvm_userspace_memory_region and ...region2 (UAPI). */
+struct region {
+	u32 slot;
+	u32 flags;
+	u64 gpa;
+	u64 size;
+	u64 uaddr;
+};
+
+struct pending_ioctl {
+	u64 begin_ns;
+	u32 cmd;
+	u32 fd;
+	u64 arg;
+	struct region r;
+};
+BPF_HASH(pending, u32, struct pending_ioctl, 4096);
+
+/* Last masked MMIO generation seen per VM, so generation rows are emitted
+ * only when it changes (check_mmio_spte fires on every MMIO fault). */
+BPF_HASH(last_gen, u64, u32, 1024);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	if (!traced(pid))
+		return 0;
+	u32 cmd = (u32)args->cmd;
+	u32 fd = (u32)args->fd;
+	if (cmd == KVM_RUN) {
+		u64 ns = bpf_ktime_get_ns();
+		struct exit_state *st = exits.lookup(&tid);
+		if (st && (st->bits & F_SYNTH))
+			close_exit(args, id, st, ns);
+		if (!tid_vcpu.lookup(&tid)) {
+			struct vcpu_key k = {.pid = pid, .fd = fd};
+			struct vcpu_info *vi = vcpu_fds.lookup(&k);
+			if (vi)
+				tid_vcpu.update(&tid, vi);
+		}
+		return 0;
+	}
+	if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
+	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
+		return 0;
+	struct pending_ioctl p = {};
+	p.begin_ns = bpf_ktime_get_ns();
+	p.cmd = cmd;
+	p.fd = fd;
+	p.arg = args->arg;
+	if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
+		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)args->arg);
+	pending.update(&tid, &p);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	if (!traced(pid))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (st)
+		st->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
+	struct pending_ioctl *p = pending.lookup(&tid);
+	if (!p)
+		return 0;
+	long ret = args->ret;
+	u64 ns = bpf_ktime_get_ns();
+	if (p->cmd == KVM_CREATE_VCPU) {
+		if (ret >= 0) {
+			struct vcpu_key k = {.pid = pid, .fd = (u32)ret};
+			struct vcpu_info vi = {};
+			vi.vm = ((u64)pid << 32) | p->fd;
+			vi.vcpu = (s32)p->arg;
+			vcpu_fds.update(&k, &vi);
+		}
+	} else if (p->cmd == KVM_CREATE_VM) {
+		if (ret >= 0) {
+			struct event buf;
+			struct event *e = ev_reserve(args, &buf, LOST_VM);
+			if (e) {
+				ev_init(e, EV_VM, id, ns);
+				e->d = ((u64)pid << 32) | (u32)ret;
+				ev_submit(args, e);
+			}
+		}
+	} else if (MEMSLOT_FROM_IOCTL) {
+		struct event buf;
+		struct event *e = ev_reserve(args, &buf, LOST_MEMSLOT);
+		if (e) {
+			ev_init(e, EV_MEMSLOT, id, p->begin_ns);
+			e->ns2 = ns;
+			e->a = p->r.gpa;
+			e->b = p->r.size;
+			e->c = p->r.uaddr;
+			e->d = ((u64)pid << 32) | p->fd;
+			e->e = p->r.slot;
+			e->f = p->r.flags;
+			e->x = (s32)ret;
+			ev_submit(args, e);
+		}
+	}
+	pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_mmio)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32, tid = (u32)id;
+	if (!traced(pid))
+		return 0;
+	u64 ns = bpf_ktime_get_ns();
+	u32 type = args->type;
+	s32 vcpu;
+	u64 vm = vm_of_tid(tid, pid, &vcpu);
+#if EMIT_MMIO
+	struct event buf;
+	struct event *e = ev_reserve(args, &buf, LOST_MMIO);
+	if (e) {
+		ev_init(e, EV_MMIO, id, ns);
+		e->a = args->gpa;
+		e->b = args->val;
+		e->d = vm;
+		e->e = type;
+		e->f = args->len;
+		e->x = vcpu;
+		ev_submit(args, e);
+	}
+#endif
+	struct exit_state *st = exits.lookup(&tid);
+	if (st) {
+		st->bits |= F_ACCESS | (type == 2 ? F_WRITE : 0);
+		st->gpa = args->gpa;
+		st->len = args->len;
+	} else if (type != 1) {
+		/* No kvm_exit on this kernel (e.g. kvm_pvm): the MMIO interval runs
+		 * from the emulated access to the vCPU's next KVM_RUN. */
+		struct exit_state n = {};
+		n.exit_ns = ns;
+		n.gpa = args->gpa;
+		n.reason = EXIT_REASON_NONE;
+		n.bits = F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0);
+		n.len = args->len;
+		n.vcpu = vcpu;
+		exits.update(&tid, &n);
+	}
+	return 0;
+}
+
+#ifdef HAVE_KVM_EXIT
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state n = {};
+	n.exit_ns = bpf_ktime_get_ns();
+	n.reason = args->exit_reason;
+	n.vcpu = args->vcpu_id;
+	/* SVM's nested page fault carries the faulting GPA in exit_info_2. */
+	if (args->isa == 2 && n.reason == 0x400)
+		n.gpa = args->info2;
+	exits.update(&tid, &n);
+	return 0;
+}
+#endif
+
+#ifdef HAVE_KVM_ENTRY
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (st)
+		close_exit(args, id, st, bpf_ktime_get_ns());
+	return 0;
+}
+#endif
+
+static __always_inline void gen_seen(void *ctx, u64 id, u32 gen, u32 source)
+{
+	s32 vcpu;
+	u64 vm = vm_of_tid((u32)id, id >> 32, &vcpu);
+	u32 *last = last_gen.lookup(&vm);
+	if (last && *last == gen)
+		return;
+	last_gen.update(&vm, &gen);
+	struct event buf;
+	struct event *e = ev_reserve(ctx, &buf, LOST_GEN);
+	if (e) {
+		ev_init(e, EV_GEN, id, bpf_ktime_get_ns());
+		e->a = gen;
+		e->d = vm;
+		e->e = source;
+		ev_submit(ctx, e);
+	}
+}
+
+#ifdef HAVE_CHECK_MMIO_SPTE
+TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (st) {
+		st->bits |= F_CHECKED;
+		st->kvm_gen = args->kvm_gen;
+		st->spte_gen = args->spte_gen;
+		if (args->kvm_gen != args->spte_gen)
+			st->bits |= F_STALE;
+	}
+	gen_seen(args, id, args->kvm_gen, GEN_SRC_CHECK);
+	return 0;
+}
+#endif
+
+#ifdef HAVE_MARK_MMIO_SPTE
+TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (st) {
+		st->bits |= F_REMARKED;
+		if (!st->gpa)
+			st->gpa = args->gfn << 12;
+	}
+	gen_seen(args, id, args->gen, GEN_SRC_MARK);
+	return 0;
+}
+#endif
+
+#ifdef HAVE_HANDLE_MMIO_PAGE_FAULT
+TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (st) {
+		st->bits |= F_FAST_HIT;
+		st->gpa = args->addr;
+	}
+	return 0;
+}
+#endif
+
+#ifdef HAVE_KVM_MMU_ZAP_ALL_FAST
+TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32;
+	if (!traced(pid))
+		return 0;
+	struct event buf;
+	struct event *e = ev_reserve(args, &buf, LOST_ZAP);
+	if (e) {
+		ev_init(e, EV_ZAP, id, bpf_ktime_get_ns());
+		e->a = args->mmu_valid_gen;
+		e->d = (u64)pid << 32;
+		ev_submit(args, e);
+	}
+	return 0;
+}
+#endif

@@ -1,0 +1,167 @@
+/* kprobe/kfunc backends: kvm_set_memslot(kvm, old, new, change) and
+ * kvm_mmu_invalidate_mmio_sptes(kvm, gen).  Struct field offsets come from
+ * the running kernel's BTF (resolved in Python, passed as OFF_* defines);
+ * nothing here relies on the header tree bcc compiles against.
+ *
+ * OFF_SLOT_{BASE_GFN,NPAGES,FLAGS,ID,AS_ID,UADDR}: struct kvm_memory_slot
+ * OFF_KVM_MEMSLOTS: struct kvm.memslots[] (pointer array, per as_id)
+ * OFF_MEMSLOTS_GEN: struct kvm_memslots.generation
+ * USE_KFUNC: attach with fentry/fexit instead of kprobe/kretprobe.
+ */
+
+#define GEN_SRC_INVALIDATE 3
+
+struct setmem_state {
+	u64 begin_ns;
+	u64 kvm;
+	u64 base_gfn;
+	u64 npages;
+	u64 uaddr;
+	u64 gen_before;
+	u32 slot;
+	u32 flags;
+	u32 change;
+};
+BPF_HASH(setmem, u32, struct setmem_state, 1024);
+/* struct kvm * -> slotscope vm id (pid << 32 | vm fd), learnt when
+ * kvm_set_memslot runs inside a memslot ioctl on the VM's fd. */
+BPF_HASH(kvm_vm, u64, u64, 1024);
+
+static __always_inline u64 vm_of_kvm(u64 kvm, u32 pid)
+{
+	u64 *vm = kvm_vm.lookup(&kvm);
+	return vm ? *vm : (u64)pid << 32;
+}
+
+static __always_inline u64 rd64(u64 base, int off)
+{
+	u64 v = 0;
+	if (base && off >= 0)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline u32 rd32(u64 base, int off)
+{
+	u32 v = 0;
+	if (base && off >= 0)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline u16 rd16(u64 base, int off)
+{
+	u16 v = 0;
+	if (base && off >= 0)
+		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+	return v;
+}
+
+static __always_inline u64 kvm_gen(u64 kvm, u32 as_id)
+{
+	u64 slots = rd64(kvm, OFF_KVM_MEMSLOTS + 8 * (as_id & 1));
+	return rd64(slots, OFF_MEMSLOTS_GEN);
+}
+
+static __always_inline int setmem_enter(u64 kvm, u64 old, u64 new, u32 change)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct pending_ioctl *p = pending.lookup(&tid);
+	if (p && (p->cmd == KVM_SET_USER_MEMORY_REGION || p->cmd == KVM_SET_USER_MEMORY_REGION2)) {
+		u64 vm = ((id >> 32) << 32) | p->fd;
+		kvm_vm.update(&kvm, &vm);
+	}
+	u64 s = new ? new : old;  /* DELETE has no new slot, CREATE no old */
+	struct setmem_state st = {};
+	st.begin_ns = bpf_ktime_get_ns();
+	st.kvm = kvm;
+	st.change = change;
+	st.base_gfn = rd64(s, OFF_SLOT_BASE_GFN);
+	st.npages = rd64(s, OFF_SLOT_NPAGES);
+	st.uaddr = rd64(s, OFF_SLOT_UADDR);
+	st.flags = rd32(s, OFF_SLOT_FLAGS);
+	u32 as_id = rd16(s, OFF_SLOT_AS_ID);
+	st.slot = (as_id << 16) | rd16(s, OFF_SLOT_ID);
+	st.gen_before = kvm_gen(kvm, as_id);
+	setmem.update(&tid, &st);
+	return 0;
+}
+
+static __always_inline int setmem_exit(void *ctx, long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	struct setmem_state *st = setmem.lookup(&tid);
+	if (!st)
+		return 0;
+	struct event buf;
+	struct event *e = ev_reserve(ctx, &buf, LOST_MEMSLOT);
+	if (e) {
+		ev_init(e, EV_SETMEM, id, st->begin_ns);
+		e->ns2 = bpf_ktime_get_ns();
+		e->a = st->base_gfn;
+		e->b = st->npages;
+		e->c = st->uaddr;
+		e->d = vm_of_kvm(st->kvm, id >> 32);
+		e->e = st->slot;
+		e->f = (st->flags & 0xffffff) | (st->change << 24);
+		e->g = st->gen_before;
+		e->h = kvm_gen(st->kvm, st->slot >> 16);
+		e->x = (s32)ret;
+		ev_submit(ctx, e);
+	}
+	setmem.delete(&tid);
+	return 0;
+}
+
+static __always_inline int invalidate(void *ctx, u64 kvm, u64 gen)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if (!traced(id >> 32))
+		return 0;
+	struct event buf;
+	struct event *e = ev_reserve(ctx, &buf, LOST_GEN);
+	if (e) {
+		ev_init(e, EV_GEN, id, bpf_ktime_get_ns());
+		e->a = gen;
+		e->d = vm_of_kvm(kvm, id >> 32);
+		e->e = GEN_SRC_INVALIDATE;
+		ev_submit(ctx, e);
+	}
+	return 0;
+}
+
+#if USE_KFUNC
+KFUNC_PROBE(kvm_set_memslot, void *kvm, void *old, void *new, int change)
+{
+	return setmem_enter((u64)kvm, (u64)old, (u64)new, change);
+}
+
+KRETFUNC_PROBE(kvm_set_memslot, void *kvm, void *old, void *new, int change, int ret)
+{
+	return setmem_exit(ctx, ret);
+}
+
+KFUNC_PROBE(kvm_mmu_invalidate_mmio_sptes, void *kvm, u64 gen)
+{
+	return invalidate(ctx, (u64)kvm, gen);
+}
+#else
+int kprobe__kvm_set_memslot(struct pt_regs *ctx, void *kvm, void *old, void *new, int change)
+{
+	return setmem_enter((u64)kvm, (u64)old, (u64)new, change);
+}
+
+int kretprobe__kvm_set_memslot(struct pt_regs *ctx)
+{
+	return setmem_exit(ctx, PT_REGS_RC(ctx));
+}
+
+int kprobe__kvm_mmu_invalidate_mmio_sptes(struct pt_regs *ctx, void *kvm, u64 gen)
+{
+	return invalidate(ctx, (u64)kvm, gen);
+}
+#endif

@@ -1,0 +1,148 @@
+"""Struct member offsets from the running kernel's BTF (/sys/kernel/btf/*).
+
+The kprobe/kfunc backends read kernel structs with offsets found here at
+load time, never from the (possibly mismatched) header tree bcc compiles
+against.  A small reader of the BTF format: enough to find a named struct's
+members, including members of anonymous nested structs/unions, in vmlinux
+and in split module BTF (/sys/kernel/btf/kvm).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import TracerError
+
+BTF_DIR = Path("/sys/kernel/btf")
+MAGIC = 0xEB9F
+KIND_STRUCT, KIND_UNION = 4, 5
+# Bytes after the 12-byte btf_type header: fixed, and per vlen entry.
+_EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
+          14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
+
+
+@dataclass
+class _Type:
+    kind: int
+    name_off: int
+    size: int
+    members: list[tuple[int, int, int]]  # (name_off, type id, bit offset)
+
+
+class BTF:
+    """One BTF blob; ``base`` is vmlinux for split (module) BTF."""
+
+    def __init__(self, data: bytes, base: BTF | None = None) -> None:
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data)
+        if magic != MAGIC:
+            raise TracerError("not a BTF blob (bad magic)")
+        self.base = base
+        self.first_id = (base.first_id + len(base.types)) if base else 1
+        self.str_base = (base.str_base + len(base.strings)) if base else 0
+        self.strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+        self.types: list[_Type] = []
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size = struct.unpack_from("<III", data, pos)
+            pos += 12
+            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+            fixed, per = _EXTRA.get(kind, (0, 0))
+            members = []
+            if kind in (KIND_STRUCT, KIND_UNION):
+                for i in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
+                    members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
+            pos += fixed + per * vlen
+            self.types.append(_Type(kind, name_off, size, members))
+
+    def name(self, off: int) -> str:
+        if off < self.str_base:
+            assert self.base is not None
+            return self.base.name(off)
+        s = self.strings
+        start = off - self.str_base
+        return s[start:s.index(b"\0", start)].decode()
+
+    def type(self, tid: int) -> _Type:
+        if tid < self.first_id:
+            assert self.base is not None
+            return self.base.type(tid)
+        return self.types[tid - self.first_id]
+
+    def find_struct(self, name: str) -> _Type | None:
+        for t in self.types:
+            if t.kind == KIND_STRUCT and t.size and self.name(t.name_off) == name:
+                return t
+        return self.base.find_struct(name) if self.base else None
+
+    def member_offset(self, t: _Type, member: str) -> int | None:
+        """Byte offset of ``member``, looking into anonymous structs/unions."""
+        for m_name, m_type, bit_off in t.members:
+            n = self.name(m_name)
+            if n == member:
+                return bit_off // 8
+            if not n:
+                inner = self._resolve(m_type)
+                if inner and inner.kind in (KIND_STRUCT, KIND_UNION):
+                    off = self.member_offset(inner, member)
+                    if off is not None:
+                        return bit_off // 8 + off
+        return None
+
+    def _resolve(self, tid: int) -> _Type | None:
+        for _ in range(16):  # skip typedef/const/volatile chains
+            if tid == 0:
+                return None
+            t = self.type(tid)
+            if t.kind in (8, 9, 10, 11, 18):
+                tid = t.size  # 'type' shares the size slot
+                continue
+            return t
+        return None
+
+
+def load(module: str | None = None) -> BTF:
+    """vmlinux BTF, or ``module``'s split BTF on top of it when it has one."""
+    try:
+        base = BTF((BTF_DIR / "vmlinux").read_bytes())
+    except FileNotFoundError:
+        raise TracerError("no /sys/kernel/btf/vmlinux (kernel built without "
+                          "CONFIG_DEBUG_INFO_BTF): cannot resolve struct offsets") from None
+    if module and (BTF_DIR / module).exists():
+        return BTF((BTF_DIR / module).read_bytes(), base)
+    return base
+
+
+# What the kprobe/kfunc backends read: define name -> (struct, member).
+NEEDED = {
+    "OFF_SLOT_BASE_GFN": ("kvm_memory_slot", "base_gfn"),
+    "OFF_SLOT_NPAGES": ("kvm_memory_slot", "npages"),
+    "OFF_SLOT_FLAGS": ("kvm_memory_slot", "flags"),
+    "OFF_SLOT_ID": ("kvm_memory_slot", "id"),
+    "OFF_SLOT_AS_ID": ("kvm_memory_slot", "as_id"),
+    "OFF_SLOT_UADDR": ("kvm_memory_slot", "userspace_addr"),
+    "OFF_KVM_MEMSLOTS": ("kvm", "memslots"),
+    "OFF_MEMSLOTS_GEN": ("kvm_memslots", "generation"),
+}
+OPTIONAL = {"OFF_SLOT_AS_ID"}  # older kernels: as_id absent -> address space 0
+
+
+def kvm_offsets(btf: BTF | None = None) -> dict[str, int]:
+    """The OFF_* defines for memslot_fn.bpf.c; TracerError naming what is missing."""
+    btf = btf or load("kvm")
+    out: dict[str, int] = {}
+    for define, (sname, member) in NEEDED.items():
+        t = btf.find_struct(sname)
+        if t is None:
+            raise TracerError(f"BTF has no struct {sname} (kvm module BTF missing?)")
+        off = btf.member_offset(t, member)
+        if off is None:
+            if define in OPTIONAL:
+                off = -1
+            else:
+                raise TracerError(f"BTF struct {sname} has no member {member}")
+        out[define] = off
+    return out

@@ -1,0 +1,224 @@
+"""Build, load and drain the BPF programs of one backend (bcc).
+
+The C lives in tracer/bpf/*.bpf.c; this module only chooses defines (pid
+filter, ring vs perf buffer, which optional tracepoints exist, BTF struct
+offsets) and hands raw event records to the caller in batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import TracerError
+from .capabilities import Capabilities, _quiet_stderr
+
+BPF_DIR = Path(__file__).parent / "bpf"
+RINGBUF_PAGES = 2048  # 8 MiB: ~95k records, seconds of headroom at 30k/s
+
+# Tracepoints a backend can do without (absent on some kernels): define name.
+OPTIONAL_TPS = {
+    "kvm:kvm_exit": "HAVE_KVM_EXIT",
+    "kvm:kvm_entry": "HAVE_KVM_ENTRY",
+    "kvmmmu:check_mmio_spte": "HAVE_CHECK_MMIO_SPTE",
+    "kvmmmu:mark_mmio_spte": "HAVE_MARK_MMIO_SPTE",
+    "kvmmmu:handle_mmio_page_fault": "HAVE_HANDLE_MMIO_PAGE_FAULT",
+    "kvmmmu:kvm_mmu_zap_all_fast": "HAVE_KVM_MMU_ZAP_ALL_FAST",
+}
+REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio")
+
+# struct event in common.bpf.h
+EVENT_DTYPE = np.dtype([
+    ("type", "<u4"), ("pid", "<u4"), ("tid", "<u4"), ("x", "<i4"),
+    ("ns", "<u8"), ("ns2", "<u8"), ("a", "<u8"), ("b", "<u8"), ("c", "<u8"), ("d", "<u8"),
+    ("e", "<u4"), ("f", "<u4"), ("g", "<u8"), ("h", "<u8"),
+])
+EV_MEMSLOT, EV_MMIO, EV_FAULT, EV_GEN, EV_ZAP, EV_VM, EV_SETMEM = range(1, 8)
+LOST_KINDS = ("memslot_update", "mmio_access", "mmio_fault", "generation", "zap_all", "vm")
+
+
+@dataclass
+class Probes:
+    """A loaded, attached program set; ``close()`` detaches everything."""
+
+    bpf: Any
+    backend: str
+    buffer: str                       # ringbuf | perf
+    attached: list[str]
+    missing: list[str]
+    offsets: dict[str, int] = field(default_factory=dict)
+    perf_lost: int = 0
+    _chunks: list[bytes] = field(default_factory=list)
+
+    def _on_event(self, ctx: Any, data: Any, size: int) -> None:
+        self._chunks.append(ctypes.string_at(data, size))
+
+    def _on_lost(self, count: int) -> None:
+        self.perf_lost += count
+
+    def open(self) -> None:
+        if self.buffer == "ringbuf":
+            self.bpf["events"].open_ring_buffer(self._on_event)
+        else:
+            self.bpf["events"].open_perf_buffer(self._on_event, page_cnt=256,
+                                                lost_cb=self._on_lost)
+
+    def poll(self, timeout_ms: int) -> np.ndarray:
+        """Wait up to ``timeout_ms`` for events; return everything ready."""
+        if self.buffer == "ringbuf":
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout_ms)
+        return self.take()
+
+    def take(self) -> np.ndarray:
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return np.empty(0, EVENT_DTYPE)
+        return np.frombuffer(b"".join(chunks), dtype=EVENT_DTYPE)
+
+    def drain(self) -> np.ndarray:
+        """Everything already in the buffers, without waiting."""
+        if self.buffer == "ringbuf":
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_poll(0)
+        return self.take()
+
+    def lost_counts(self) -> dict[str, int]:
+        """Cumulative reserve failures per event kind (+ perf buffer losses)."""
+        table = self.bpf["lost"]
+        out = {}
+        for i, kind in enumerate(LOST_KINDS):
+            out[kind] = int(sum(table[ctypes.c_int(i)]))
+        if self.buffer == "perf":
+            out["perf_buffer"] = self.perf_lost
+        return out
+
+    def exit_hist(self) -> dict[tuple[int, int, int], tuple[int, int]]:
+        """Cumulative (pid, reason, log2 ns) -> (count, sum ns)."""
+        return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
+                for k, v in self.bpf["exit_hist"].items()}
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def _source() -> str:
+    return "\n".join((BPF_DIR / name).read_text()
+                     for name in ("common.bpf.h", "kvm_events.bpf.c"))
+
+
+def _defines(flags: dict[str, int | str]) -> str:
+    return "".join(f"#define {k} {v}\n" for k, v in flags.items())
+
+
+def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+         emit_mmio: bool = True, offsets: dict[str, int] | None = None) -> Probes:
+    """Compile, load and attach ``backend``'s programs, filtered to ``pids``."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
+                          "with system site packages)") from None
+    for tp in REQUIRED_TPS:
+        if not caps.tracepoints.get(tp):
+            raise TracerError(f"tracepoint {tp} is missing on this kernel")
+    flags: dict[str, int | str] = {
+        "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
+        "EMIT_MMIO": int(emit_mmio), "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
+    }
+    attached = [tp for tp in REQUIRED_TPS]
+    missing = []
+    for tp, define in OPTIONAL_TPS.items():
+        if caps.tracepoints.get(tp):
+            flags[define] = 1
+            attached.append(tp)
+        else:
+            missing.append(tp)
+    text = _source()
+    if backend in ("kprobe", "kfunc"):
+        from .btf import kvm_offsets
+        offsets = offsets or kvm_offsets()
+        flags.update(offsets)
+        flags["USE_KFUNC"] = int(backend == "kfunc")
+        text += "\n" + (BPF_DIR / "memslot_fn.bpf.c").read_text()
+        kind = "kfunc" if backend == "kfunc" else "kprobe"
+        attached += [f"{kind}:kvm_set_memslot", f"{kind}ret:kvm_set_memslot",
+                     f"{kind}:kvm_mmu_invalidate_mmio_sptes"]
+    elif backend != "tracepoint":
+        raise TracerError(f"unknown backend {backend!r}")
+    errors = []
+    for buffer in ("ringbuf", "perf"):  # try the ring buffer, fall back by trying
+        flags["USE_RINGBUF"] = int(buffer == "ringbuf")
+        try:
+            with _quiet_stderr():
+                bpf = BPF(text=_defines(flags) + text)
+        except Exception as e:  # bcc raises bare Exception
+            lines = str(e).strip().splitlines()
+            errors.append(f"{buffer}: {lines[-1] if lines else type(e).__name__}")
+            continue
+        break
+    else:
+        raise TracerError(f"cannot load the {backend} programs: {'; '.join(errors)}")
+    if pids:
+        table = bpf["pids"]
+        for pid in pids:
+            table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
+    probes = Probes(bpf, backend, buffer, attached, missing, offsets or {})
+    probes.open()
+    return probes
+
+
+def resolve_pids(pids: Sequence[int]) -> list[int]:
+    """Process ids to filter on: a thread id maps to its process; TracerError if gone."""
+    out = []
+    for pid in pids:
+        if pid <= 0:
+            raise TracerError(f"bad pid {pid}")
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            raise TracerError(f"no process with pid {pid}") from None
+        except PermissionError:
+            raise TracerError(f"pid {pid}: permission denied reading /proc/{pid}") from None
+        tgid = next((int(ln.split()[1]) for ln in status.splitlines()
+                     if ln.startswith("Tgid:")), pid)
+        if tgid not in out:
+            out.append(tgid)
+    return out
+
+
+def vcpu_from_comm(pid: int, tid: int) -> int:
+    """QEMU names vCPU threads 'CPU n/KVM'; -1 when the name says nothing."""
+    try:
+        comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return -1
+    if comm.startswith("CPU ") and comm.endswith("/KVM"):
+        try:
+            return int(comm[4:-4])
+        except ValueError:
+            return -1
+    return -1
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+Callback = Callable[[np.ndarray], None]

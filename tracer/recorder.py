@@ -1,0 +1,243 @@
+"""Recorder: probes attached, events drained in batches, rows to sinks.
+
+The in-process API (the lab job and tests use it)::
+
+    with Recorder("runs/x", pids=[qemu_pid]) as rec:   # attaches, starts a thread
+        ...workload...
+    # detached; run directory compacted and complete
+
+or drive it yourself: ``rec.start(); rec.run(duration=5); rec.close()``.
+Sinks receive ``write(event, columns)`` for every decoded batch; a run
+directory (analysis.schema.RunWriter) is flushed every ``flush_interval``
+seconds with the manifest (backend, probes, filters, lost counts) current.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from analysis.schema import RecordingError, RunWriter, monotonic_ns
+
+from . import TracerError
+from .decode import Columns, Decoder
+
+
+class Sink(Protocol):
+    def write(self, event: str, cols: Columns) -> None: ...
+
+
+class Recorder:
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None,
+                 pids: Sequence[int] = (), backend: str | None = None, *,
+                 emit_mmio: bool = True, flush_interval: float = 1.0,
+                 sinks: Sequence[Sink] = (), caps: Any = None,
+                 stop_when_pids_exit: bool = False) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.requested_pids = list(pids)
+        self.requested_backend = backend
+        self.emit_mmio = emit_mmio
+        self.flush_interval = flush_interval
+        self.sinks = list(sinks)
+        self.caps = caps
+        self.stop_when_pids_exit = stop_when_pids_exit
+        self.writer: RunWriter | None = None
+        self.probes: Any = None
+        self.decoder = Decoder()
+        self.counts: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
+        self._hist: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._next_flush = 0.0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._cpu0 = 0.0
+        self.manifest: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> Recorder:
+        from .capabilities import choose_backend, probe
+        from .probes import load, resolve_pids
+        pids = resolve_pids(self.requested_pids)
+        self.pids = pids
+        caps = self.caps or probe(try_kfunc=self.requested_backend == "kfunc")
+        choice = choose_backend(caps, self.requested_backend)
+        self.manifest = {
+            "backend": choice.name, "backend_reason": choice.reason,
+            "missing_data": choice.missing, "filters": {"pids": pids},
+            "kernel": caps.kernel, "kvm_module": caps.kvm_module,
+            "kvm_params": caps.kvm_params, "emit_mmio_access": self.emit_mmio,
+        }
+        if self.run_dir is not None:  # fail on bad output before attaching anything
+            try:
+                self.writer = RunWriter(self.run_dir, self.manifest)
+            except RecordingError as e:
+                raise TracerError(str(e)) from None
+        try:
+            self.probes = load(choice.name, caps, pids, self.emit_mmio)
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close(error="probes failed to load")
+            raise
+        self._cpu0 = _cpu_seconds()
+        self.manifest.update({
+            "buffer": self.probes.buffer, "probes_attached": self.probes.attached,
+            "probes_missing": self.probes.missing, "btf_offsets": self.probes.offsets,
+            "bpf_prog_ids": self._prog_ids(), "tracer_pid": os.getpid(),
+            "attach_ns": monotonic_ns(),
+        })
+        self.lost = {k: 0 for k in self.probes.lost_counts()}
+        self.manifest["lost"] = dict(self.lost)
+        if self.writer is not None:
+            self.writer.manifest.update(self.manifest)
+            self.writer.write_manifest()
+        self._next_flush = time.monotonic() + self.flush_interval
+        return self
+
+    def _prog_ids(self) -> list[int]:
+        from .bpfsys import prog_info
+        ids = []
+        for fn in getattr(self.probes.bpf, "funcs", {}).values():
+            try:
+                ids.append(prog_info(fn.fd)[0])
+            except OSError:
+                continue
+        return sorted(ids)
+
+    def poll(self, timeout_ms: int = 100) -> int:
+        """One round: wait for events, decode, hand to sinks; flush when due."""
+        n = self._dispatch(self.probes.poll(timeout_ms))
+        if time.monotonic() >= self._next_flush:
+            self.flush()
+        return n
+
+    def _dispatch(self, raw: Any) -> int:
+        if not len(raw):
+            return 0
+        for event, cols in self.decoder.decode(raw).items():
+            rows = len(next(iter(cols.values())))
+            self.counts[event] = self.counts.get(event, 0) + rows
+            if self.writer is not None:
+                self.writer[event].extend(cols)
+            for sink in self.sinks:
+                sink.write(event, cols)
+        return len(raw)
+
+    def _intervals(self) -> None:
+        """Per-interval lost counts and exit histogram deltas."""
+        now = monotonic_ns()
+        lost = self.probes.lost_counts()
+        delta = {k: v - self.lost.get(k, 0) for k, v in lost.items()}
+        self.lost = lost
+        rows = {k: v for k, v in delta.items() if v}
+        if rows:
+            self._emit("lost", {"ns": [now] * len(rows), "event": list(rows),
+                                "count": list(rows.values())})
+        hist = self.probes.exit_hist()
+        cols: Columns = {k: [] for k in ("ns", "pid", "exit_reason", "log2_ns",
+                                         "count", "sum_ns")}
+        for (pid, reason, slot), (count, total) in hist.items():
+            c0, t0 = self._hist.get((pid, reason, slot), (0, 0))
+            if count > c0:
+                for k, v in (("ns", now), ("pid", pid), ("exit_reason", reason),
+                             ("log2_ns", slot), ("count", count - c0), ("sum_ns", total - t0)):
+                    cols[k].append(v)
+        self._hist = hist
+        if cols["ns"]:
+            self._emit("exit_hist", cols)
+
+    def _emit(self, event: str, cols: Columns) -> None:
+        self.counts[event] = self.counts.get(event, 0) + len(cols["ns"])
+        if self.writer is not None:
+            self.writer[event].extend(cols)
+        for sink in self.sinks:
+            sink.write(event, cols)
+
+    def flush(self) -> None:
+        self._intervals()
+        self.manifest["lost"] = dict(self.lost)
+        self.manifest["tracer_cpu_s"] = round(_cpu_seconds() - self._cpu0, 4)
+        self.manifest["events"] = dict(self.counts)
+        if self.writer is not None:
+            self.writer.manifest.update(self.manifest)
+            self.writer.flush()
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush:
+                flush()
+        self._next_flush = time.monotonic() + self.flush_interval
+
+    def targets_alive(self) -> bool:
+        from .probes import is_alive
+        return not self.pids or any(is_alive(p) for p in self.pids)
+
+    def run(self, duration: float | None = None,
+            until: Callable[[], bool] | None = None) -> None:
+        """Poll until ``duration`` s pass, ``until()`` is true, stop() or targets exit."""
+        end = time.monotonic() + duration if duration else float("inf")
+        while not self._stop.is_set() and time.monotonic() < end:
+            left = end - time.monotonic()
+            self.poll(100 if left > 0.1 else max(1, int(left * 1000)))
+            if until is not None and until():
+                break
+            if self.stop_when_pids_exit and not self.targets_alive():
+                break
+
+    def close(self, **final: Any) -> None:
+        """Drain what is left, detach every probe, finalize the run directory."""
+        if self.probes is not None:
+            try:
+                if self.pids:  # stop new events, then take what is buffered
+                    self.probes.bpf["pids"].clear()
+                self._dispatch(self.probes.drain())
+                self.flush()
+            finally:
+                self.probes.close()
+                self.probes = None
+        if self.writer is not None:
+            self.manifest["detach_ns"] = monotonic_ns()
+            self.writer.manifest.update(self.manifest)
+            self.writer.close(**final)
+            self.writer = None
+
+    # -- background thread (in-process use) ---------------------------------
+    def start_thread(self) -> Recorder:
+        if self.probes is None:
+            self.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._thread_main, name="slotscope-recorder",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _thread_main(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # surfaced by stop()
+            self._error = e
+
+    def stop(self) -> None:
+        """Stop the background thread (if any) and close."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.close()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> Recorder:
+        return self.start_thread()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
