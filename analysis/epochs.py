@@ -305,8 +305,10 @@ def _charge_updates(upd: pd.DataFrame, faults: pd.DataFrame, cause: np.ndarray,
     # Without fault events (e.g. MMIO caching off) costs are unknown, not 0.
     has_faults = faults.groupby("run", observed=False).size().reindex(rec.runs).fillna(0) > 0
     known = has_faults.reindex(upd["run"].astype(str)).to_numpy(dtype=bool) if nu else []
-    upd["cost_ns"] = upd["cost_ns"].where(known)
-    upd["cost_ns"] = upd["cost_ns"].where(upd["ok"])
+    upd["cost_ns"] = upd["cost_ns"].where(known & upd["ok"].to_numpy(dtype=bool))
+    for col in ["n_slow", "slow_latency_ns", "epoch_faults"] + [f"n_{c}" for c in CAUSED]:
+        upd[col] = upd[col].astype("Int64" if col != "slow_latency_ns" else "Float64")
+        upd.loc[~np.asarray(known, dtype=bool), col] = pd.NA
     upd["mmio_accesses"] = _accesses_per_epoch(rec, upd)
     return upd
 

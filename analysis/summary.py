@@ -239,23 +239,27 @@ def cost_table(corr: Correlation, by: str = "change") -> pd.DataFrame:
     charged, and the per-update extra MMIO latency p50/p99 (us)."""
     u = corr.updates[corr.updates["ok"]]
     cols = ["run", by, "updates", "slow_faults", "faults_per_update", "cost_p50_us",
-            "cost_p99_us", "cost_total_us"]
+            "cost_p99_us", "cost_total_us", "duration_p50_us", "duration_p99_us"]
     if not len(u):
         return pd.DataFrame(columns=cols)
     g = u.groupby(["run", by], observed=True)
-    t = pd.DataFrame({"updates": g.size(), "slow_faults": g["n_slow"].sum()})
+    t = pd.DataFrame({"updates": g.size(), "slow_faults": g["n_slow"].sum(min_count=1)})
     t["faults_per_update"] = t["slow_faults"] / t["updates"]
     q = g["cost_ns"].quantile([.5, .99]).unstack()
     t["cost_p50_us"] = q[.5] / 1000
     t["cost_p99_us"] = q[.99] / 1000
     t["cost_total_us"] = g["cost_ns"].sum(min_count=1) / 1000
+    d = g["duration_ns"].quantile([.5, .99]).unstack()
+    t["duration_p50_us"] = d[.5] / 1000
+    t["duration_p99_us"] = d[.99] / 1000
     return t.reset_index()[cols]
 
 
 def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
             *, samples: int = BOOT_SAMPLES) -> pd.DataFrame:
     """Runs side by side: per-update cost and MMIO latency medians and p99
-    with 95% bootstrap CIs, and the median's change vs the first run."""
+    with 95% bootstrap CIs, and the median's change vs the first run that
+    has the metric."""
     corr = _as_correlation(src)
     runs = corr.recording.runs
     rows = []
@@ -274,8 +278,9 @@ def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
                 row[f"{name}_us"] = _us(quantile(x, q))
                 ci = bootstrap_ci(x, q, samples=samples, seed=i)
                 row[f"{name}_ci_us"] = None if ci is None else (ci[0] / 1e3, ci[1] / 1e3)
-            if i == 0:
-                ref[metric] = x
+            if metric not in ref:  # the first run that has this metric is the reference
+                if len(x):
+                    ref[metric] = x
                 row["p50_delta_us"] = row["p50_delta_ci_us"] = None
             else:
                 base = quantile(ref[metric], .5)

@@ -1,0 +1,187 @@
+"""``slotscope analyze`` and ``slotscope report``.
+
+pandas and matplotlib are imported by the handlers only, so registering
+these commands costs nothing for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .schema import RecordingError
+
+WIDTH = 80
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="summarize run directories: what each memslot "
+                       "update cost MMIO",
+                       description="Correlate memslot generations with MMIO faults in "
+                       "one or more run directories and print the summary (< 80 columns).")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--plots", metavar="DIR", help="also write the plots (PNG and SVG) here")
+    p.set_defaults(func=cmd_analyze)
+    r = sub.add_parser("report", help="write a self-contained HTML report",
+                       description="One offline HTML file with the manifests, tables and "
+                       "plots of the runs, and a comparison when given several.")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("-o", "--output", required=True, metavar="REPORT_HTML")
+    r.add_argument("--title")
+    r.set_defaults(func=cmd_report)
+
+
+def _guard(fn: Any, *a: Any) -> Any:
+    """Analysis bugs become one-line errors too (SLOTSCOPE_DEBUG=1 re-raises)."""
+    try:
+        return fn(*a)
+    except (RecordingError, KeyboardInterrupt, BrokenPipeError):
+        raise
+    except MemoryError:
+        raise RecordingError("out of memory while analysing; try fewer runs at once") from None
+    except Exception as e:
+        if os.environ.get("SLOTSCOPE_DEBUG"):
+            raise
+        raise RecordingError(f"analysis failed: {type(e).__name__}: {e} "
+                             "(SLOTSCOPE_DEBUG=1 shows the traceback)") from None
+
+
+def _load(runs: list[str]) -> Any:
+    from .epochs import correlate
+    from .recording import load
+    from .summary import missing
+    rec = load(runs)
+    for run in rec.runs:
+        if any("empty run" in m for m in missing(rec, run)):
+            raise RecordingError(f"{rec.paths[run]}: empty run: no trace events recorded")
+    return correlate(rec)
+
+
+def _num(v: Any, scale: float = 1.0, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    v = v / scale
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    import textwrap
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False)
+
+
+def format_summary(s: dict[str, Any]) -> list[str]:
+    """One run as terminal lines, none wider than 80 columns."""
+    lines = [f"run {s['run']}  backend {s.get('backend') or '?'}  "
+             f"kernel {s.get('kernel') or '?'}"[:WIDTH]]
+    state = "complete" if s["complete"] else "NOT finalized"
+    lines.append(f"  {state}, {s['duration_s']:.3g} s, lost events {s['lost_events']:,}")
+    by = ", ".join(f"{k} {v}" for k, v in s["updates_by_change"].items())
+    lines += _wrap(f"memslot updates {s['memslot_updates']:,}"
+                   + (f" ({by})" if by else "")
+                   + (f", {s['failed_updates']} failed" if s["failed_updates"] else ""))
+    lines.append(f"  MMIO faults {s['mmio_faults']:,}  kvm_mmio accesses "
+                 f"{s['mmio_accesses']:,}  slow {_num(s['slow_share'], pct=True)}  "
+                 f"charged to updates {_num(s['caused_share'], pct=True)}")
+    if s["classes"]:
+        lines.append(f"  {'class':<14}{'faults':>10}{'share':>8}{'p50 us':>10}{'p99 us':>10}")
+        for c, v in s["classes"].items():
+            lines.append(f"  {c:<14}{v['n']:>10,}{_num(v['share'], pct=True):>8}"
+                         f"{_num(v['latency_p50_ns'], 1e3):>10}"
+                         f"{_num(v['latency_p99_ns'], 1e3):>10}")
+        lines.append(f"  MMIO latency p50 {_num(s['mmio_latency_p50_ns'], 1e3)} us, "
+                     f"p99 {_num(s['mmio_latency_p99_ns'], 1e3)} us")
+    if s.get("cost_by_change"):
+        lines.append(f"  {'change':<12}{'updates':>9}{'slow':>8}{'cost p50 us':>13}"
+                     f"{'cost p99 us':>13}{'ioctl p50 us':>14}")
+        for r in s["cost_by_change"]:
+            lines.append(f"  {r['change']:<12}{r['updates']:>9,}{_num(r['slow_faults']):>8}"
+                         f"{_num(r['cost_p50_us']):>13}{_num(r['cost_p99_us']):>13}"
+                         f"{_num(r['duration_p50_us']):>14}")
+    if s["update_cost_p50_ns"] is not None:
+        lines.append(f"  per-update cost p50 {_num(s['update_cost_p50_ns'], 1e3)} us, "
+                     f"p99 {_num(s['update_cost_p99_ns'], 1e3)} us (extra MMIO latency)")
+    if s["zap_alls"]:
+        lines.append(f"  zap-alls {s['zap_alls']} ({s['zap_all_wraps']} wraps), cost "
+                     f"{_num(s['zap_all_cost_ns'], 1e3)} us of extra MMIO latency")
+    for f in s["forecast"]:
+        eta = f.get("next_zap_all_s")
+        per = f.get("wrap_period_s")
+        when = (f"next in {_num(eta)} s" if eta is not None
+                else f"every {_num(per)} s" if per is not None else "never at this rate")
+        lines += _wrap(f"wrap: VM {f['vm']:#x} {_num(f['updates_per_s'])} updates/s, "
+                       f"{f['gen_bits']}-bit MMIO gen ({f['gen_from']}): zap-all {when}")
+    for m in s["missing"]:
+        lines += _wrap("missing: " + m)
+    return lines
+
+
+def format_comparison(cmp: Any) -> list[str]:
+    lines = ["comparison (95% bootstrap CIs; delta vs the first run)",
+             f"  {'run':<16}{'metric':<13}{'p50 us':>9}{'CI':>17}{'delta':>8}{'CI':>17}"]
+
+    def ci(v: Any) -> str:
+        return "-" if v is None else f"[{_num(v[0])},{_num(v[1])}]"
+
+    for r in cmp.to_dict("records"):
+        if not r["n"]:
+            continue
+        lines.append(f"  {str(r['run'])[:15]:<16}{r['metric']:<13}{_num(r['p50_us']):>9}"
+                     f"{ci(r['p50_ci_us']):>17}{_num(r['p50_delta_us']):>8}"
+                     f"{ci(r['p50_delta_ci_us']):>17}")
+    return lines
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .summary import _clean, compare, cost_table, run_summary
+    corr = _load(args.runs)
+    runs = corr.recording.runs
+    costs = cost_table(corr, "change")
+    summaries = []
+    for run in runs:
+        s = run_summary(corr, run)
+        s["cost_by_change"] = _clean(costs[costs["run"] == run].drop(columns=["run"])
+                                     .to_dict("records"))
+        summaries.append(s)
+    cmp = compare(corr) if len(runs) > 1 else None
+    if args.plots:
+        from . import plots
+        os.makedirs(args.plots, exist_ok=True)
+        for run in runs:
+            for name, fig in plots.figures(corr, run).items():
+                plots.save(fig, os.path.join(args.plots, f"{run.replace('/', '_')}-{name}"))
+    if args.json:
+        doc: dict[str, Any] = {"runs": summaries}
+        if cmp is not None:
+            doc["comparison"] = _clean(cmp.to_dict("records"))
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return 0
+    out: list[str] = []
+    for s in summaries:
+        out += format_summary(s) + [""]
+    if cmp is not None:
+        out += format_comparison(cmp)
+    print("\n".join(out).rstrip())
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    return _guard(_analyze, args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    out = write_report(_load(args.runs), args.output, title=args.title)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return _guard(_report, args)

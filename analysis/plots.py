@@ -1,0 +1,275 @@
+"""matplotlib figures of a correlated run (Figure objects, no pyplot state,
+so they work headless, in reports and inline in notebooks)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from .epochs import CLASSES, Correlation
+
+COLORS = {"fast": "#4c72b0", "stale": "#dd8452", "first_touch": "#55a868",
+          "during_update": "#c44e52", "after_zap": "#8172b3", "unknown": "#937860"}
+CHANGE_COLORS = {"create": "#55a868", "delete": "#c44e52", "move": "#8172b3",
+                 "flags_only": "#dd8452", "unknown": "#937860"}
+SCATTER_MAX = 30_000  # above this many faults the latency panel is a density map
+
+
+def _t0(corr: Correlation, run: str) -> int:
+    """Time zero of a run: the manifest's start, else its first event."""
+    start = corr.recording.manifests[run].get("start_ns")
+    cands = [int(start)] if start is not None else []
+    for df, col in ((corr.updates, "begin_ns"), (corr.faults, "exit_ns"),
+                    (corr.recording.mmio_access, "ns")):
+        v = df.loc[df["run"] == run, col]
+        if len(v):
+            cands.append(int(v.min()))
+    return min(cands) if cands else 0
+
+
+def _sec(ns: np.ndarray, t0: int) -> np.ndarray:
+    return (np.asarray(ns, dtype=np.int64) - t0) / 1e9
+
+
+_PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _log_y(ax) -> None:
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PLAIN)
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes,
+            fontsize=9, color="#555555", wrap=True)
+
+
+def timeline(corr: Correlation, run: str) -> Figure:
+    """Generation steps (with in-progress windows), workload actions and MMIO
+    latency on one time axis."""
+    rec = corr.recording
+    t0 = _t0(corr, run)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    ax_gen, ax_wl, ax_lat = fig.subplots(3, 1, sharex=True,
+                                         gridspec_kw={"height_ratios": [2.2, 0.8, 3]})
+    fig.suptitle(f"{run}: memslot generations, workload and MMIO latency")
+
+    tl = corr.timeline[corr.timeline["run"] == run]
+    upd = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+    vms = list(pd.unique(tl["vm"])) if len(tl) else []
+    use_gen = len(tl) and bool(tl["gen"].notna().all()) and bool((tl["gen"] > 0).any())
+    for i, vm in enumerate(vms[:6]):
+        s = tl[tl["vm"] == vm]
+        x = _sec(s["ns"].to_numpy(), t0)
+        y = (s["gen"].to_numpy(dtype=np.float64) if use_gen
+             else s["epoch"].to_numpy(dtype=np.float64))
+        ax_gen.step(x, y, where="post", lw=1.2, label=f"VM {int(vm):#x}"[-14:] if
+                    len(vms) > 1 else None, color=f"C{i}")
+        z = s[s["zap_all"].to_numpy(dtype=bool)]
+        if len(z):
+            ax_gen.plot(_sec(z["ns"].to_numpy(), t0), z["gen"].to_numpy(dtype=np.float64),
+                        "x", color="black", ms=7, label="zap-all (wrap)")
+    if len(upd):
+        b = _sec(upd["begin_ns"].to_numpy(), t0)
+        w = np.maximum(_sec(upd["end_ns"].to_numpy(), t0) - b, 0)
+        ylo, yhi = ax_gen.get_ylim() if len(vms) else (0, 1)
+        ax_gen.broken_barh(list(zip(b, w, strict=True)), (ylo, yhi - ylo),
+                           facecolors="#c44e52", alpha=0.25, label="update in progress")
+    zaps = corr.zaps[corr.zaps["run"] == run]
+    if len(zaps):
+        for zx in _sec(zaps["ns"].to_numpy(), t0)[:2000]:
+            ax_gen.axvline(zx, color="#8172b3", lw=0.6, alpha=0.5)
+        ax_gen.plot([], [], color="#8172b3", lw=0.6, label="zap-all")
+    ax_gen.set_ylabel("generation" if use_gen else "updates done")
+    if not len(vms):
+        _note(ax_gen, "no memslot updates recorded")
+    else:
+        ax_gen.legend(loc="upper left", fontsize=8, ncol=3)
+
+    wl = rec.workload[rec.workload["run"] == run]
+    if len(wl):
+        acts = sorted(set(wl["action"].astype(str)))
+        for k, a in enumerate(acts):
+            s = wl[wl["action"].astype(str) == a]
+            b = _sec(s["begin_ns"].to_numpy(), t0)
+            w = np.maximum(_sec(s["end_ns"].to_numpy(np.int64, na_value=0), t0) - b, 1e-6)
+            ax_wl.broken_barh(list(zip(b, w, strict=True)), (k - 0.4, 0.8),
+                              facecolors=f"C{k % 10}")
+        ax_wl.set_yticks(range(len(acts)), acts, fontsize=8)
+    else:
+        _note(ax_wl, "no workload table")
+        ax_wl.set_yticks([])
+    ax_wl.set_ylabel("workload")
+
+    f = corr.faults[corr.faults["run"] == run]
+    if len(f):
+        x = _sec(f["exit_ns"].to_numpy(), t0)
+        y = f["latency_ns"].to_numpy(np.float64) / 1000
+        y = np.maximum(y, 1e-3)
+        if len(f) > SCATTER_MAX:
+            ybins = np.logspace(np.log10(y.min()), np.log10(y.max()) + 1e-9, 120)
+            h, xe, ye = np.histogram2d(x, y, bins=[400, ybins])
+            m = ax_lat.pcolormesh(xe, ye, h.T, norm=LogNorm(vmin=1), cmap="viridis")
+            fig.colorbar(m, ax=ax_lat, label="faults per bin", pad=0.01)
+            slow = np.flatnonzero((f["klass"] != "fast").to_numpy())
+            if len(slow) > 5000:
+                slow = np.random.default_rng(0).choice(slow, 5000, replace=False)
+            kl = f["klass"].to_numpy()
+            for c in CLASSES[1:]:
+                sel = slow[kl[slow] == c]
+                if len(sel):
+                    ax_lat.scatter(x[sel], y[sel], s=3, color=COLORS[c], label=c, alpha=0.6)
+        else:
+            kl = f["klass"].to_numpy()
+            for c in CLASSES:
+                sel = kl == c
+                if sel.any():
+                    ax_lat.scatter(x[sel], y[sel], s=4 if c != "fast" else 2,
+                                   color=COLORS[c], label=f"{c} ({sel.sum()})",
+                                   alpha=0.5 if c == "fast" else 0.8, lw=0)
+        _log_y(ax_lat)
+        ax_lat.set_ylabel("MMIO exit latency (us)")
+        ax_lat.legend(loc="upper right", fontsize=8, markerscale=3, ncol=3)
+    else:
+        acc = rec.mmio_access[rec.mmio_access["run"] == run]
+        if len(acc):
+            x = _sec(acc["ns"].to_numpy(), t0)
+            counts, edges = np.histogram(x, bins=min(400, max(10, len(acc) // 20)))
+            width = np.diff(edges)
+            ax_lat.step(edges[:-1], counts / width, where="post", color="#4c72b0")
+            ax_lat.set_ylabel("kvm_mmio accesses/s")
+            ax_lat.text(0.01, 0.95, "no MMIO fault events: access rate shown instead",
+                        transform=ax_lat.transAxes, fontsize=8, va="top", color="#555555")
+        else:
+            _note(ax_lat, "no MMIO events recorded")
+    ax_lat.set_xlabel("time since start (s)")
+    return fig
+
+
+def latency_cdf(corr: Correlation, run: str) -> Figure:
+    """MMIO exit latency CDF per fault class (log x)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    f = corr.faults[corr.faults["run"] == run]
+    kl = f["klass"].to_numpy()
+    lat = f["latency_ns"].to_numpy(np.float64) / 1000
+    p = np.linspace(0, 1, 513)
+    for c in CLASSES:
+        v = lat[kl == c]
+        if len(v):
+            ax.plot(np.quantile(v, p), p, color=COLORS[c], label=f"{c} (n={len(v)})", lw=1.6)
+    if not len(f):
+        _note(ax, "no MMIO fault events: no latency to plot")
+    else:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_PLAIN)
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("MMIO exit latency (us)")
+    ax.set_ylabel("fraction of faults")
+    ax.set_title(f"{run}: MMIO latency by fault class")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def update_cost(corr: Correlation, run: str) -> Figure:
+    """Per-update extra MMIO latency by change type, next to the updates'
+    own duration (the ioctl), which every backend records."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax_c, ax_d = fig.subplots(1, 2)
+    u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+    changes = [c for c in CHANGE_COLORS if (u["change"] == c).any()]
+    rng = np.random.default_rng(0)
+    for ax, col, label in ((ax_c, "cost_ns", "extra MMIO latency per update (us)"),
+                           (ax_d, "duration_ns", "update duration (us)")):
+        data, names = [], []
+        for c in changes:
+            v = u.loc[u["change"] == c, col].to_numpy(np.float64, na_value=np.nan) / 1000
+            v = v[~np.isnan(v)]
+            if len(v):
+                data.append(v)
+                names.append(f"{c}\n(n={len(v)})")
+        if not data:
+            _note(ax, "no MMIO fault events:\nper-update cost unavailable"
+                  if col == "cost_ns" else "no memslot updates")
+        else:
+            ax.boxplot(data, showfliers=False, widths=0.5)
+            ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
+            for i, v in enumerate(data, start=1):
+                pts = v if len(v) <= 1500 else rng.choice(v, 1500, replace=False)
+                ax.scatter(i + rng.uniform(-0.15, 0.15, len(pts)), pts, s=5, alpha=0.5,
+                           color=CHANGE_COLORS[changes[i - 1]], lw=0)
+            if all(x.min() > 0 for x in data) and \
+                    max(x.max() for x in data) > 50 * min(x.min() for x in data):
+                _log_y(ax)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    ax_c.set_title(f"{run}: what each memslot update cost MMIO")
+    ax_d.set_title("memslot update duration")
+    return fig
+
+
+def comparison(corr: Correlation) -> Figure:
+    """Several runs: MMIO latency CDFs and per-update cost side by side."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_l, ax_c = fig.subplots(1, 2)
+    p = np.linspace(0, 1, 513)
+    runs = corr.recording.runs
+    data, names = [], []
+    for i, run in enumerate(runs):
+        lat = corr.faults.loc[corr.faults["run"] == run, "latency_ns"].to_numpy(np.float64)
+        if len(lat):
+            ax_l.plot(np.quantile(lat / 1000, p), p, label=f"{run} (n={len(lat)})",
+                      color=f"C{i % 10}")
+        u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+        v = u["cost_ns"].to_numpy(np.float64, na_value=np.nan) / 1000
+        v = v[~np.isnan(v)]
+        if len(v):
+            data.append(v)
+            names.append(run)
+    if ax_l.lines:
+        ax_l.set_xscale("log")
+        ax_l.xaxis.set_major_formatter(_PLAIN)
+        ax_l.legend(fontsize=7)
+    else:
+        _note(ax_l, "no run has MMIO fault events")
+    ax_l.set_xlabel("MMIO exit latency (us)")
+    ax_l.set_ylabel("fraction of faults")
+    ax_l.grid(alpha=0.3)
+    ax_l.set_title("MMIO latency by run")
+    if data:
+        ax_c.boxplot(data, showfliers=False)
+        ax_c.set_xticks(range(1, len(names) + 1), names, fontsize=7, rotation=20)
+    else:
+        _note(ax_c, "no run has per-update costs")
+    ax_c.set_ylabel("extra MMIO latency per update (us)")
+    ax_c.set_title("per-update cost by run")
+    ax_c.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def figures(corr: Correlation, run: str) -> dict[str, Figure]:
+    return {"timeline": timeline(corr, run), "latency_cdf": latency_cdf(corr, run),
+            "update_cost": update_cost(corr, run)}
+
+
+def save(fig: Figure, base: str | Path, dpi: int = 110) -> list[Path]:
+    """``base``.png and ``base``.svg."""
+    base = Path(base)
+    out = []
+    for ext in ("png", "svg"):
+        p = base.with_suffix(f".{ext}")
+        fig.savefig(p, dpi=dpi)
+        out.append(p)
+    return out
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()

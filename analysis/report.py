@@ -1,0 +1,184 @@
+"""One self-contained HTML report (plots embedded as base64 PNG, inline CSS,
+no scripts or network), readable offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .epochs import Correlation, correlate
+from .recording import Recording, load
+from .schema import RecordingError
+from .summary import compare, run_summary, summary_tables
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.4em}table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.missing{background:#fff6e0;border-left:4px solid #e0a000;padding:.4em .8em}
+.ok{color:#2a7d2a}.bad{color:#b02020}img{max-width:100%;border:1px solid #eee}
+.kv td{text-align:left}small{color:#666}
+"""
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if isinstance(v, tuple) and len(v) == 2:
+        return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(df: pd.DataFrame, max_rows: int = 50) -> str:
+    if df is None or not len(df):
+        return "<p><small>(no rows)</small></p>"
+    extra = ""
+    if len(df) > max_rows:
+        extra = f"<p><small>first {max_rows} of {len(df):,} rows</small></p>"
+        df = df.head(max_rows)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>{extra}"
+
+
+def _kv(items: Iterable[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in items)
+    return f'<table class="kv">{rows}</table>'
+
+
+def _img(fig: Any, alt: str) -> str:
+    data = base64.b64encode(plots.png_bytes(fig)).decode()
+    return f'<p><img alt="{_esc(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _us(ns: Any) -> Any:
+    return None if ns is None else ns / 1000
+
+
+OVERVIEW = [("run", "run"), ("backend", "backend"), ("complete", "complete"),
+            ("memslot_updates", "updates"), ("mmio_faults", "MMIO faults"),
+            ("mmio_accesses", "kvm_mmio"), ("slow_share", "slow share"),
+            ("update_cost_p50_ns", "cost p50 us"), ("update_cost_p99_ns", "cost p99 us"),
+            ("mmio_latency_p50_ns", "lat p50 us"), ("mmio_latency_p99_ns", "lat p99 us"),
+            ("zap_alls", "zap-alls"), ("lost_events", "lost")]
+
+
+def overview(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for s in summaries:
+        row = {}
+        for key, label in OVERVIEW:
+            v = s.get(key)
+            row[label] = _us(v) if key.endswith("_ns") else v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _run_section(corr: Correlation, run: str, s: dict[str, Any],
+                 tables: dict[str, pd.DataFrame]) -> str:
+    m = corr.recording.manifests[run]
+    host = m.get("host") or {}
+    parts = [f'<h2 id="{_esc(run)}">Run {_esc(run)}</h2>']
+    started = m.get("start_wall")
+    parts.append(_kv([
+        ("path", s["path"]), ("host", host.get("hostname")), ("kernel", host.get("kernel")),
+        ("machine", host.get("machine")), ("backend", m.get("backend")),
+        ("started", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
+         if isinstance(started, int | float) else None),
+        ("duration s", s["duration_s"]), ("complete", s["complete"]),
+        ("rows", ", ".join(f"{k} {v:,}" for k, v in (m.get("rows") or {}).items())),
+        ("workload", (m.get("workload") or {}).get("workload")
+         if isinstance(m.get("workload"), dict) else None),
+        ("lost events", s["lost_events"]),
+    ]))
+    if s["missing"]:
+        items = "".join(f"<li>{_esc(x)}</li>" for x in s["missing"])
+        parts.append(f'<div class="missing"><b>Missing from this run</b><ul>{items}</ul></div>')
+    for name, title in (("classes", "MMIO faults by class"),
+                        ("cost_by_change", "Per-update cost by change type"),
+                        ("cost_by_action", "Per-update cost by workload action"),
+                        ("forecast", "Generation wrap forecast"),
+                        ("zap_alls", "Recorded zap-alls and their cost")):
+        t = tables[name]
+        t = t[t["run"] == run].drop(columns=["run"]) if len(t) else t
+        if name == "forecast" and len(t):
+            t = t.assign(vm=[f"{int(v):#x}" for v in t["vm"]])
+        if name == "zap_alls" and len(t):
+            t = t[["ns", "vm", "gen", "wrap", "update", "n_faults", "cost_ns"]].assign(
+                vm=[f"{int(v):#x}" for v in t["vm"]])
+        parts.append(f"<h3>{_esc(title)}</h3>" + _table(t))
+    figs = plots.figures(corr, run)
+    for name, fig in figs.items():
+        parts.append(_img(fig, f"{run} {name}"))
+    return "\n".join(parts)
+
+
+def render(corr: Correlation, title: str | None = None) -> str:
+    runs = corr.recording.runs
+    summaries = [run_summary(corr, r) for r in runs]
+    tables = summary_tables(corr)
+    title = title or ("slotscope report: " + ", ".join(runs[:4]) +
+                      (f" and {len(runs) - 4} more" if len(runs) > 4 else ""))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}"
+             f"</title><style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
+             f"<p><small>generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+             " by slotscope analysis. Latencies in microseconds; a fault's <i>extra</i> "
+             "latency is its latency minus the median fast-path hit of the same vCPU; an "
+             "update's cost is the extra latency of the slow faults charged to it (stale, "
+             "during the update, or after the zap-all it caused).</small></p>",
+             "<h2>Overview</h2>", _table(overview(summaries)),
+             "<p>" + " | ".join(f'<a href="#{_esc(r)}">{_esc(r)}</a>' for r in runs) + "</p>"]
+    if len(runs) > 1:
+        cmp = compare(corr)
+        parts.append("<h2>Comparison</h2><p><small>medians and p99 with 95% bootstrap "
+                     "CIs; delta = median minus the first run's, with its CI.</small></p>")
+        parts.append(_table(cmp, max_rows=300))
+        parts.append(_img(plots.comparison(corr), "comparison"))
+    for run, s in zip(runs, summaries, strict=True):
+        parts.append(_run_section(corr, run, s, tables))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Recording
+                 | Correlation, out_html: str | os.PathLike[str],
+                 title: str | None = None) -> Path:
+    """Analyse ``src`` (run dirs, a Recording or a Correlation) and write one
+    self-contained HTML file; returns its path."""
+    if isinstance(src, Correlation):
+        corr = src
+    elif isinstance(src, Recording):
+        corr = correlate(src)
+    else:
+        corr = correlate(load(src))
+    text = render(corr, title)
+    out = Path(out_html)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise RecordingError(f"cannot write {out}: {e.strerror}") from None
+    return out
