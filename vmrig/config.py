@@ -128,6 +128,7 @@ class RigConfig:
     kernel_cmdline: str = ""   # extra Linux guest arguments
     boot_timeout: float = 30.0
     qmp_timeout: float = 10.0
+    extra_args: tuple[str, ...] = ()  # appended verbatim (e.g. -trace patterns)
 
     def validate(self) -> None:
         self.memory.validate()
@@ -232,4 +233,4 @@ def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
     if config.net is not None:
         argv += ["-netdev", f"tap,id=net0,ifname={config.net.tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=net0,mac={config.net.mac}"]
-    return argv
+    return argv + list(config.extra_args)

@@ -453,6 +453,7 @@ def config_from_dict(d: dict[str, Any]) -> RigConfig:
     d["memory"] = MemoryConfig(**d["memory"])
     d["bare"] = BareGuestConfig(**d["bare"])
     d["mmio_devices"] = tuple(d["mmio_devices"])
+    d["extra_args"] = tuple(d.get("extra_args", ()))
     d["virtio_mem"] = VirtioMemConfig(**d["virtio_mem"]) if d.get("virtio_mem") else None
     d["net"] = NetConfig(**d["net"]) if d.get("net") else None
     return RigConfig(**d)

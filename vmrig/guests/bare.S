@@ -10,9 +10,9 @@
  *   - a 64-bit loop counter at COUNTER_GPA in RAM (read it over QMP),
  *   - the PIIX4 ACPI memory-hotplug handshake: when GPE0 status (0xafe0)
  *     bit 3 is set, scan slots 0..NSLOTS-1 through the selector (0x0a00)
- *     and status/command (0x0a14) registers; a slot with "remove requested"
- *     (bit 2) is ejected (write 8) and its event cleared (write 4), a slot
- *     with "insert" (bit 1) is acknowledged (write 2).  That is all QEMU
+ *     and status/command (0x0a14) registers; a slot with "insert" (bit 1)
+ *     is acknowledged (write 2), a slot with "remove requested" (bit 2)
+ *     has that event cleared (write 4) and is then ejected (write 8).  That is all QEMU
  *     needs to finish device_del of a pc-dimm.
  * Serial (COM1, 0x3f8) gets "slotscope-bare ready", then "+N" per plug
  * acknowledged and "-N" per eject.
@@ -110,20 +110,23 @@ scan:
 	movw	$MHP_STS, %dx
 	inb	%dx, %al
 	movb	%al, %bl
-	testb	$MHP_REMOVE, %bl
+	testb	$MHP_INSERT, %bl
 	jz	2f
-	movb	$MHP_EJECT, %al
-	outb	%al, %dx
-	movb	$MHP_REMOVE, %al
-	outb	%al, %dx
-	movb	$'-', %al
-	call	put_slot
-2:	testb	$MHP_INSERT, %bl
-	jz	3f
-	movb	$MHP_INSERT, %al
-	movw	$MHP_STS, %dx
+	movb	$MHP_INSERT, %al	/* acknowledge the insert */
 	outb	%al, %dx
 	movb	$'+', %al
+	call	put_slot
+2:	testb	$MHP_REMOVE, %bl
+	jz	3f
+	/* Clear the remove event BEFORE ejecting, as QEMU's own AML does:
+	 * eject leaves is_removing set, and a late clear could swallow the
+	 * remove request of the next dimm plugged into this slot. */
+	movw	$MHP_STS, %dx
+	movb	$MHP_REMOVE, %al
+	outb	%al, %dx
+	movb	$MHP_EJECT, %al
+	outb	%al, %dx
+	movb	$'-', %al
 	call	put_slot
 3:	incl	%esi
 	cmpl	p_nslots, %esi

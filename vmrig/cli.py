@@ -1,0 +1,249 @@
+"""``slotscope rig up|hotplug|down|run``: the QEMU rig from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from vmrig import RigError
+from vmrig.config import (
+    BareGuestConfig,
+    MemoryConfig,
+    NetConfig,
+    RigConfig,
+    VirtioMemConfig,
+    fmt_size,
+    parse_size,
+)
+
+WORKLOADS = ("hotplug", "virtio-mem", "dirty-log", "microvm")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except RigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_rig_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rig")
+    g.add_argument("--guest", choices=("bare", "linux"), default=None,
+                   help="bare-metal loop (default) or Linux + busybox")
+    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    g.add_argument("--cpu", help="QEMU -cpu model (default: one that starts)")
+    g.add_argument("--nested", action="store_true", help="expose vmx/svm to the guest")
+    g.add_argument("--vcpus", type=int, default=1)
+    g.add_argument("--memory", type=_size, default=256 << 20, metavar="SIZE",
+                   help="boot RAM (default 256M)")
+    g.add_argument("--slots", type=int, default=4, help="pc-dimm slots (default 4)")
+    g.add_argument("--maxmem", type=_size, default=2 << 30, metavar="SIZE",
+                   help="boot RAM + hotplug area (default 2G)")
+    g.add_argument("--pages", type=int, default=4, help="MMIO pages the guest loops over")
+    g.add_argument("--virtio-mem", type=_size, metavar="SIZE",
+                   help="add a virtio-mem device of SIZE (Linux guest resizes it)")
+    g.add_argument("--tap", metavar="NAME", help="virtio-net on a new TAP NAME")
+    g.add_argument("--boot-timeout", type=float, default=60.0, metavar="S")
+
+
+def _config(args: argparse.Namespace, guest: str = "bare") -> RigConfig:
+    vm = VirtioMemConfig(size=args.virtio_mem) if args.virtio_mem else None
+    cfg = RigConfig(
+        guest=args.guest or guest, accel=args.accel, cpu=args.cpu, nested=args.nested,
+        vcpus=args.vcpus, memory=MemoryConfig(args.memory, args.slots, args.maxmem),
+        virtio_mem=vm, net=NetConfig(tap=args.tap) if args.tap else None,
+        bare=BareGuestConfig(npages=args.pages), boot_timeout=args.boot_timeout)
+    cfg.validate()
+    return cfg
+
+
+def _state_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.state_dir) if args.state_dir else None
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return (f"median {statistics.median(values) * 1e3:.1f} ms, "
+            f"max {max(values) * 1e3:.1f} ms")
+
+
+# -- up / down ---------------------------------------------------------------
+async def _up(args: argparse.Namespace) -> int:
+    from vmrig.rig import Rig, default_state_dir
+    d = _state_dir(args) or default_state_dir()
+    async with Rig(_config(args), private_dir=d, detach=True) as rig:
+        print(f"rig up: pid {rig.pid}, {rig.config.guest} guest, accel {rig.accel}, "
+              f"booted in {rig.boot_s:.2f} s")
+        print(f"  qmp {rig.qmp_socket}")
+        print(f"  vcpu threads {sorted(rig.vcpu_tids.values())}")
+    return 0
+
+
+async def _down(args: argparse.Namespace) -> int:
+    from vmrig.rig import Rig
+    rig = await Rig.attach(_state_dir(args))
+    pid, was_alive = rig.pid, rig.pid is not None
+    await rig.stop()
+    print(f"rig down: pid {pid} stopped" if was_alive
+          else "rig down: QEMU was already gone; cleaned up")
+    return 0
+
+
+# -- workloads ---------------------------------------------------------------
+def _prepare_run_dir(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    d = Path(path)
+    if (d / "workload.parquet").exists():
+        raise RigError(f"{d} already holds a workload table")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RigError(f"cannot create {d}: {e.strerror}") from None
+    return d
+
+
+async def _hotplug(args: argparse.Namespace) -> int:
+    from vmrig.rig import Rig
+    from vmrig.workloads import WorkloadLog, hotplug_cycles
+    run_dir = _prepare_run_dir(args.output)
+    rig = await Rig.attach(_state_dir(args))
+    if rig.qmp is None:
+        raise RigError("the rig's QEMU is not running; run: slotscope rig down")
+    log = WorkloadLog(run_dir, {"rig": {"pid": rig.pid, "accel": rig.accel,
+                                        "argv": rig.argv, "vcpu_tids": rig.vcpu_tids}})
+    try:
+        stats = await hotplug_cycles(rig, log, cycles=args.cycles, size=args.size,
+                                     rate=args.rate, hold=args.hold,
+                                     unplug_timeout=args.timeout)
+    finally:
+        assert rig.qmp is not None
+        await rig.qmp.close()
+    _print_hotplug(stats, args.size, run_dir)
+    return 0
+
+
+def _print_hotplug(stats: Any, size: int, run_dir: Path | None) -> None:
+    print(f"hotplug: {stats.cycles} cycles of {fmt_size(size)}")
+    print(f"  plug   {_ms(stats.plug_s)}")
+    print(f"  unplug {_ms(stats.unplug_s)} (device_del to DEVICE_DELETED)")
+    print(f"  cycle  {_ms(stats.cycle_s)}")
+    if run_dir is not None:
+        print(f"  workload table: {run_dir / 'workload.parquet'}")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.duration <= 0:
+        raise RigError("--duration must be > 0")
+    run_dir = _prepare_run_dir(args.output)
+    if args.workload == "microvm":
+        return _run_microvm(args, run_dir)
+    from vmrig import workloads as wl
+    from vmrig.rig import Rig
+    guest = "linux" if args.workload == "virtio-mem" else "bare"
+    if args.workload == "virtio-mem" and not args.virtio_mem:
+        args.virtio_mem = 512 << 20
+    cfg = _config(args, guest)
+    async with Rig(cfg, record_dir=run_dir) as rig:
+        log = wl.WorkloadLog(run_dir, {"rig": rig.info()})
+        print(f"rig: pid {rig.pid}, {cfg.guest} guest, accel {rig.accel}, "
+              f"booted in {rig.boot_s:.2f} s")
+        if args.workload == "hotplug":
+            stats = await wl.hotplug_cycles(rig, log, cycles=args.cycles, size=args.size,
+                                            rate=args.rate, duration=args.duration,
+                                            hold=args.hold, unplug_timeout=args.timeout)
+            _print_hotplug(stats, args.size, run_dir)
+        elif args.workload == "virtio-mem":
+            assert cfg.virtio_mem is not None
+            top = cfg.virtio_mem.size
+            steps = await wl.virtio_mem_steps(rig, log, [top // 2, top, 0],
+                                              timeout=args.timeout, duration=args.duration)
+            print(f"virtio-mem: {steps} resize steps")
+        else:
+            n = await wl.dirty_log_toggles(rig, log, count=None, duration=args.duration)
+            print(f"dirty-log: {n} calc-dirty-rate rounds (dirty logging on/off)")
+    return 0
+
+
+def _run_microvm(args: argparse.Namespace, run_dir: Path | None) -> int:
+    try:
+        from vmrig import microvm
+    except ImportError:
+        raise RigError("the micro-VMM (vmrig.microvm) is not available") from None
+    from analysis.schema import write_table, write_workload_config
+    r = microvm.run(duration=args.duration, pages=max(2, args.pages), schedule=args.schedule)
+    rows = [{"begin_ns": c.begin_ns, "end_ns": c.end_ns, "action": f"memslot:{c.change}",
+             "target": f"slot{c.slot}", "size": c.size, "ok": c.ret == 0,
+             "error": "" if c.ret == 0 else f"errno {-c.ret}",
+             "detail": json.dumps({"gpa": c.gpa, "flags": c.flags, "after_mmio": c.after_mmio,
+                                   "phase": c.phase})}
+            for c in r.memslot_changes]
+    if run_dir is not None:
+        cols = {k: [row[k] for row in rows] for k in
+                ("begin_ns", "end_ns", "action", "target", "size", "ok", "error", "detail")}
+        write_table(run_dir, "workload", cols)
+        write_workload_config(run_dir, {"workload": "microvm", "result": r.as_dict(),
+                                        "params": {"duration": args.duration,
+                                                   "schedule": args.schedule}})
+    print(f"microvm: {r.mmio_exits} MMIO exits ({r.mmio_exits_per_s:.0f}/s), "
+          f"{len(r.memslot_changes)} memslot changes")
+    return 0
+
+
+# -- registration ------------------------------------------------------------
+def _sync(coro_fn: Any) -> Any:
+    def handler(args: argparse.Namespace) -> int:
+        return int(asyncio.run(coro_fn(args)))
+    return handler
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    rig = subparsers.add_parser("rig", help="QEMU/KVM test rig: boot, hotplug, workloads",
+                                description="QEMU/KVM test rig driven over QMP.")
+    sub = rig.add_subparsers(dest="rig_command", metavar="ACTION", required=True)
+
+    def state_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", help="where a running rig is kept "
+                       "(default $SLOTSCOPE_RIG_DIR or /run/slotscope/rig)")
+
+    up = sub.add_parser("up", help="boot a guest and leave it running")
+    _add_rig_options(up)
+    state_opt(up)
+    up.set_defaults(func=_sync(_up))
+
+    hp = sub.add_parser("hotplug", help="pc-dimm plug/unplug cycles on the running rig")
+    hp.add_argument("--cycles", type=int, default=1)
+    hp.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE")
+    hp.add_argument("--rate", type=float, help="at most RATE cycles/s")
+    hp.add_argument("--hold", type=float, default=0.0, metavar="S",
+                    help="keep each dimm plugged S seconds")
+    hp.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                    help="wait this long for DEVICE_DELETED")
+    hp.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
+    state_opt(hp)
+    hp.set_defaults(func=_sync(_hotplug))
+
+    down = sub.add_parser("down", help="stop the running rig and remove what it made")
+    state_opt(down)
+    down.set_defaults(func=_sync(_down))
+
+    run = sub.add_parser("run", help="boot, run one workload, record it, tear down")
+    run.add_argument("--workload", choices=WORKLOADS, required=True)
+    run.add_argument("--duration", type=float, default=5.0, metavar="S")
+    run.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
+    run.add_argument("--cycles", type=int, help="hotplug: stop after N cycles")
+    run.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE",
+                     help="hotplug: pc-dimm size")
+    run.add_argument("--rate", type=float, help="hotplug: at most RATE cycles/s")
+    run.add_argument("--hold", type=float, default=0.0, metavar="S")
+    run.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                     help="wait this long for each awaited QMP event")
+    run.add_argument("--schedule", default="create:1,flags:1,flags:1,move:1,delete:1",
+                     help="microvm: memslot change schedule")
+    _add_rig_options(run)
+    run.set_defaults(func=_sync(_run))
