@@ -1,0 +1,374 @@
+"""The nested lab VM: its kernel, accelerator choice, CLI, Vagrantfile and a real L1.
+
+The L1 tests boot the Debian 6.1 L1 (TCG here, ~20-40 s a boot) and check
+the infrastructure with the kernel's own tracefs, independently of the
+tracer: kprobes on kvm_set_memslot / kvm_mmu_invalidate_mmio_sptes fire for
+an L2 micro-VMM exactly as its ground truth says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from vmrig import RigError, labvm
+from vmrig import kernel as vk
+
+REPO = Path(__file__).resolve().parents[1]
+SLOTSCOPE = [sys.executable, "-m", "slotscope"]
+
+
+def _lab_kernel() -> vk.LabKernel | None:
+    try:
+        return vk.lab_kernel()
+    except RigError:
+        return None
+
+
+LAB_KERNEL = _lab_kernel()
+needs_lab_kernel = pytest.mark.skipif(
+    LAB_KERNEL is None,
+    reason="lab kernel not fetched (sudo .venv/bin/python -m vmrig.kernel fetch)")
+_MISSING = labvm._missing_parts()
+needs_lab_parts = pytest.mark.skipif(
+    _MISSING is not None, reason=f"lab VM parts missing: {_MISSING and _MISSING[0]}")
+L1_TIMEOUT = 420.0  # a TCG boot takes 15-40 s on 2 shared cores; hangs happen
+
+
+# -- kernel ---------------------------------------------------------------
+
+@needs_lab_kernel
+def test_lab_kernel_matches_installed_headers() -> None:
+    k = LAB_KERNEL
+    assert k is not None
+    release, version = vk.headers_release()
+    assert (k.release, k.version) == (release, version)
+    # The headers bcc compiles against inside the L1 are this release's.
+    assert (k.modules_dir / "build").resolve() == k.headers_dir.resolve()
+    ver_h = (k.headers_dir / "include/generated/utsrelease.h").read_text()
+    assert f'"{release}"' in ver_h
+    dep = (k.modules_dir / "modules.dep").read_text()
+    assert re.search(r"kvm-amd\.ko[^:]*:.*kvm\.ko", dep), "kvm-amd must depend on kvm"
+    assert "CONFIG_KPROBES=y" in k.config.read_text().splitlines()
+
+
+@needs_lab_kernel
+def test_vmlinux_is_the_bzimage_payload_with_pvh_note(tmp_path: Path) -> None:
+    k = LAB_KERNEL
+    assert k is not None
+    assert vk.has_pvh_note(k.vmlinux)
+    assert not vk.has_pvh_note(k.vmlinuz)  # a bzImage is not an ELF
+    out = tmp_path / "vmlinux"
+    vk.extract_vmlinux(k.vmlinuz, out)
+    assert out.read_bytes() == k.vmlinux.read_bytes()
+    # The release string is in the kernel's banner.
+    assert k.release.encode() in out.read_bytes()
+
+
+def test_extract_rejects_non_kernel(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"MZ" + os.urandom(4096).replace(b"\xfd7zXZ", b"xxxxxx"))
+    with pytest.raises(RigError, match="no xz payload"):
+        vk.extract_vmlinux(junk, tmp_path / "out")
+
+
+@needs_lab_kernel
+def test_fetch_is_idempotent() -> None:
+    k = LAB_KERNEL
+    assert k is not None
+    before = k.vmlinux.stat().st_mtime_ns
+    t0 = time.monotonic()
+    again = vk.fetch_lab_kernel()
+    assert again == k
+    assert k.vmlinux.stat().st_mtime_ns == before
+    assert time.monotonic() - t0 < 5  # no download or unpack the second time
+
+
+def test_kernel_cli_show() -> None:
+    p = subprocess.run([sys.executable, "-m", "vmrig.kernel", "show"], capture_output=True,
+                       text=True, cwd=REPO)
+    if LAB_KERNEL is None:
+        assert p.returncode == 1 and "not fetched" in p.stderr
+        assert "Traceback" not in p.stderr
+    else:
+        assert p.returncode == 0, p.stderr
+        assert f"release      {LAB_KERNEL.release}" in p.stdout
+
+
+# -- accelerator and doctor -----------------------------------------------
+
+def test_accel_choice_follows_host_nested_support() -> None:
+    accel, why = labvm.choose_accel("auto")
+    nested = labvm._nested_enabled()
+    if nested is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert accel == "tcg" and why.startswith("TCG")
+        with pytest.raises(RigError, match="--accel kvm unavailable"):
+            labvm.choose_accel("kvm")
+    else:
+        assert accel in ("kvm", "tcg")
+    assert labvm.choose_accel("tcg")[0] == "tcg"
+    with pytest.raises(RigError, match="unknown accelerator"):
+        labvm.choose_accel("hvf")
+
+
+def test_labvm_check_row() -> None:
+    name, status, detail, fix = labvm.labvm_check()
+    assert name == "nested lab VM"
+    assert status in ("OK", "WARN", "FAIL")
+    if status == "FAIL":
+        assert fix
+    else:
+        assert LAB_KERNEL is not None and LAB_KERNEL.release in detail
+        assert labvm.choose_accel("auto")[0].upper() in detail
+    assert len(f"{name}  {status}  {detail}") < 80
+
+
+# -- CLI errors (no boot) -------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["labvm", "run"], "no COMMAND given"),
+    (["labvm", "run", "--"], "no COMMAND given"),
+    (["labvm", "run", "--kernel", "/nonexistent/vmlinuz", "--", "true"], "not found"),
+    (["labvm", "run", "--timeout", "0", "--", "true"], "timeout must be positive"),
+])
+def test_labvm_cli_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    p = subprocess.run(SLOTSCOPE + args, capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert p.returncode == 1
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+# -- Vagrantfile ----------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("vagrant") is None,
+                    reason="vagrant not installed (apt-get install vagrant; ./setup.sh)")
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    def validate(text: str) -> subprocess.CompletedProcess[str]:
+        d = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "Vagrantfile").write_text(text)
+        env = dict(os.environ, VAGRANT_DEFAULT_PROVIDER="libvirt", VAGRANT_HOME=str(tmp_path),
+                   VAGRANT_CHECKPOINT_DISABLE="1")
+        # Without the vagrant-libvirt plugin, provider options cannot be checked.
+        have_libvirt = subprocess.run(["vagrant", "plugin", "list"], capture_output=True,
+                                      text=True, env=env, cwd=d).stdout
+        cmd = ["vagrant", "validate"]
+        if "vagrant-libvirt" not in have_libvirt:
+            cmd.append("--ignore-provider")
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=d, timeout=120)
+
+    text = (REPO / "Vagrantfile").read_text()
+    ok = validate(text)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "validated successfully" in ok.stdout
+    for key in ("lv.nested = true", 'lv.cpu_mode = "host-passthrough"', "--nested-hw-virt",
+                "./setup.sh"):
+        assert key in text
+    # The check has teeth: a misspelt libvirt option fails it (when the
+    # plugin is there to know the options).
+    bad = validate(text.replace("lv.nested = true", "lv.nestedd = true"))
+    if "--ignore-provider" not in " ".join(bad.args):
+        assert bad.returncode != 0 and "nestedd" in bad.stdout + bad.stderr
+
+
+# -- a real L1 ------------------------------------------------------------
+
+def _parse_trace(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """(event, fields) per tracefs line; kprobes print k=v, kvmmmu 'key value'."""
+    events = []
+    for line in path.read_text().splitlines():
+        m = re.search(r"\s[\d.]+: (\w+): (.*)$", line)
+        if not m or line.startswith("#"):
+            continue
+        name, rest = m.groups()
+        if name == "check_mmio_spte":
+            f = re.search(r"spte (\w+) kvm_gen (\w+) spte-gen (\w+) valid (\d)", rest)
+            assert f, line
+            fields = dict(zip(("spte", "kvm_gen", "spte_gen", "valid"), f.groups(),
+                              strict=True))
+        elif name == "mark_mmio_spte":
+            f = re.search(r"gfn (\w+) access (\w+) gen (\w+)", rest)
+            assert f, line
+            fields = dict(zip(("gfn", "access", "gen"), f.groups(), strict=True))
+        else:
+            fields = dict(re.findall(r"(\w+)=(\S+)", rest))
+        events.append((name, fields))
+    return events
+
+
+TRACEFS_CHECK = r"""
+set -e
+T=/sys/kernel/tracing
+echo 0 > $T/tracing_on
+echo > $T/trace
+echo 'p:ss_memslot kvm_set_memslot change=%cx:u32' >> $T/kprobe_events
+echo 'p:ss_invmmio kvm_mmu_invalidate_mmio_sptes gen=%si:u64' >> $T/kprobe_events
+echo 'p:ss_zapfast kvm_mmu_zap_all_fast' >> $T/kprobe_events
+echo 1 > $T/events/kprobes/enable
+echo 1 > $T/events/kvmmmu/check_mmio_spte/enable
+echo 1 > $T/events/kvmmmu/mark_mmio_spte/enable
+echo 8192 > $T/buffer_size_kb
+echo 1 > $T/tracing_on
+python -m vmrig.microvm -n 2000 --pages 2 --every 400 \
+    --schedule create:1,flags:1,move:1,delete:1 -o "$SLOTSCOPE_LABVM_OUT/truth.json"
+echo 0 > $T/tracing_on
+cat $T/trace > "$SLOTSCOPE_LABVM_OUT/trace.txt"
+echo 0 > $T/events/kprobes/enable
+echo > $T/kprobe_events
+{ uname -r; cat /sys/module/kvm/parameters/mmio_caching;
+  cat /sys/module/kvm_amd/parameters/nested /sys/module/kvm_amd/parameters/npt \
+      2>/dev/null || cat /sys/module/kvm_intel/parameters/nested;
+  readlink -f /lib/modules/$(uname -r)/build; } > "$SLOTSCOPE_LABVM_OUT/facts.txt"
+echo written > "$SLOTSCOPE_LABVM_OUT/marker"
+exit 7
+"""
+
+
+def _address_spaces(k: vk.LabKernel) -> int:
+    """KVM_ADDRESS_SPACE_NUM from the L1 kernel's own headers (x86: 2 with SMM)."""
+    src = (k.modules_dir / "source").resolve()
+    for rel in ("arch/x86/include/asm/kvm_host.h", "include/linux/kvm_host.h"):
+        m = re.search(r"#define KVM_ADDRESS_SPACE_NUM\s+(\d+)", (src / rel).read_text())
+        if m:
+            return int(m.group(1))
+    raise AssertionError("KVM_ADDRESS_SPACE_NUM not found in the headers")
+
+
+SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}  # kvm_set_memslot
+CHANGE_CODES = {"create": 0, "delete": 1, "move": 2, "flags_only": 3}  # enum kvm_mr_change
+
+
+@pytest.mark.labvm
+@needs_root
+@needs_lab_kernel
+@needs_lab_parts
+def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "before.txt").write_text("host file\n")
+    script = out / "check.sh"
+    script.write_text(TRACEFS_CHECK)
+    res = labvm.run_in_labvm(["sh", str(script)], timeout=L1_TIMEOUT,
+                             outdir=out, cwd=REPO, echo=False)
+    print(f"L1 {res.accel}: exit {res.returncode} in {res.elapsed_s:.1f} s, "
+          f"command at uptime {res.boot_s} s")
+    assert not res.timed_out, "L1 hung:\n" + "\n".join(res.console_tail)
+    assert res.returncode == 7, (out / "labvm/console.log").read_text()[-3000:]
+    assert (out / "marker").read_text() == "written\n"  # written inside, seen on host
+    assert (out / "before.txt").read_text() == "host file\n"
+    assert res.boot_s is not None and 0 < res.boot_s < res.elapsed_s
+    assert json.loads((out / "labvm/result.json").read_text())["returncode"] == 7
+
+    k = LAB_KERNEL
+    assert k is not None
+    release, caching, nested, *rest = (out / "facts.txt").read_text().split()
+    assert release == k.release
+    assert caching == "Y"
+    assert nested in ("1", "Y")
+    assert rest[-1] == str(k.headers_dir.resolve())
+
+    truth = json.loads((out / "truth.json").read_text())
+    events = _parse_trace(out / "trace.txt")
+    memslot = [f for e, f in events if e == "ss_memslot"]
+    changes = [c["change"] for c in truth["memslot_changes"]]
+    assert len(changes) == 5 and changes[0] == "create"
+    assert [int(f["change"]) for f in memslot] == [CHANGE_CODES[c] for c in changes]
+    # Generation rule: each swap adds the address-space count.
+    gens = [int(f["gen"]) for e, f in events if e == "ss_invmmio"]
+    assert len(gens) == sum(SWAPS[c] for c in changes)
+    step = _address_spaces(k)
+    assert all(b - a == step for a, b in zip(gens, gens[1:], strict=False)), gens
+    # MMIO SPTE rules, as the L1 kernel's own tracepoints show them.
+    pages = truth["pages"]
+    after = spte_rule_violations(events, step, pages)
+    assert after["violations"] == [], after
+    later = changes[1:]  # the setup CREATE comes before any MMIO SPTE exists
+    assert after["stale"] == pages * sum(c in ("create", "flags_only") for c in later)
+    assert after["zaps"] == sum(c in ("delete", "move") for c in changes)
+
+
+def spte_rule_violations(events: list[tuple[str, dict[str, str]]], step: int,
+                         pages: int) -> dict[str, object]:
+    """Check the kernel's lazy MMIO invalidation against a tracefs event stream.
+
+    After CREATE/FLAGS_ONLY (one swap, no zap) each page's next MMIO fault
+    meets a stale SPTE (kvm_gen = spte_gen + step) and is re-marked with
+    the new generation; after DELETE/MOVE (two swaps, zap_all_fast in
+    between) the SPTEs are gone: no stale check, new SPTEs marked with the
+    new generation.  Returns the stale/zap counts and any violations.
+    """
+    violations: list[str] = []
+    gen = None
+    last_change = None
+    stale = zaps = 0
+    need_stale: set[str] = set()  # gfns whose next check must be stale
+    marked: dict[str, int] = {}
+    for name, f in events:
+        if name == "ss_memslot":
+            last_change = int(f["change"])
+        elif name == "ss_invmmio":
+            gen = int(f["gen"])
+            if last_change in (0, 3) and marked:
+                need_stale = set(marked)
+        elif name == "ss_zapfast":
+            zaps += 1
+            need_stale = set()
+            marked = {}
+        elif name == "check_mmio_spte":
+            kvm_gen, spte_gen = int(f["kvm_gen"], 16), int(f["spte_gen"], 16)
+            valid = f["valid"] == "1"
+            # An MMIO SPTE holds the gfn from bit 12 (low gfns: below bit 32).
+            gfn = f"{int(f['spte'], 16) >> 12 & 0xfffff:x}"
+            if valid:
+                if gfn in need_stale:
+                    violations.append(f"fresh check on {gfn} after a memslot swap")
+                continue
+            stale += 1
+            if kvm_gen - spte_gen != step:
+                violations.append(f"stale by {kvm_gen - spte_gen}, expected {step}")
+            if gfn not in need_stale:
+                violations.append(f"unexpected stale check on {gfn}")
+            need_stale.discard(gfn)
+        elif name == "mark_mmio_spte":
+            m = int(f["gen"], 16)
+            if gen is not None and m != gen & ((1 << 19) - 1):
+                violations.append(f"marked gen {m} != current {gen}")
+            marked[f["gfn"]] = m
+    del pages
+    return {"violations": violations, "stale": stale, "zaps": zaps}
+
+
+@pytest.mark.labvm
+@needs_root
+@needs_lab_kernel
+@needs_lab_parts
+def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.txt").write_text("still here\n")
+    timeout = 75.0
+    t0 = time.monotonic()
+    res = labvm.run_in_labvm(["sh", "-c", "echo started > started; sleep 3600"],
+                             timeout=timeout, outdir=out, echo=False)
+    wall = time.monotonic() - t0
+    assert res.timed_out and res.returncode is None
+    assert timeout <= wall < timeout + 20
+    assert res.console_tail, "the hang report needs the last console lines"
+    assert (out / "kept.txt").read_text() == "still here\n"
+    if (out / "started").exists():  # the command got going before the deadline
+        assert (out / "started").read_text() == "started\n"
+    assert json.loads((out / "labvm/result.json").read_text())["timed_out"] is True
+    # No QEMU of ours survives the kill.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in ps
