@@ -11,20 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from analysis.schema import ACCESS_TYPES, CHANGE_TYPES, MMIO_GEN_BITS_DEFAULT
+from analysis.schema import ACCESS_TYPES, CHANGE_TYPES, MMIO_GEN_BITS_DEFAULT, SCHEMAS
 
 from .probes import EV_FAULT, EV_GEN, EV_MEMSLOT, EV_MMIO, EV_SETMEM, EV_VM, EV_ZAP, vcpu_from_comm
 
 PAGE_SHIFT = 12
-GEN_SOURCES = {1: "check", 2: "mark", 3: "invalidate"}
 IN_PROGRESS = 1 << 63
 MMIO_GEN_MASK = (1 << MMIO_GEN_BITS_DEFAULT) - 1
 # mmio_fault bits (common.bpf.h)
 F_CHECKED, F_STALE, F_REMARKED, F_FAST_HIT, F_WRITE, F_TO_USER = (1 << i for i in range(6))
 EXIT_REASON_NONE = 0xFFFFFFFF
 
-Columns = dict[str, list[Any]]
 
 
 @dataclass
@@ -71,122 +70,130 @@ class SlotTracker:
         return change
 
 
+def _col(field: pa.Field, v: Any) -> pa.Array:
+    """numpy / list / (values, null mask) / (codes, labels) -> an Arrow column."""
+    if pa.types.is_dictionary(field.type):
+        codes, labels = v
+        return pa.DictionaryArray.from_arrays(
+            pa.array(np.asarray(codes, dtype=np.int8)), pa.array(list(labels), pa.string()))
+    if isinstance(v, tuple):
+        values, mask = v
+        return pa.array(values, type=field.type, mask=mask)
+    return pa.array(v, type=field.type)
+
+
+def table(event: str, cols: dict[str, Any]) -> pa.Table:
+    schema = SCHEMAS[event]
+    return pa.Table.from_arrays([_col(f, cols[f.name]) for f in schema], schema=schema)
+
+
 class Decoder:
     def __init__(self) -> None:
         self.slots = SlotTracker()
         self._comm: dict[tuple[int, int], int] = {}
 
-    def _vcpus(self, ev: np.ndarray) -> list[int]:
-        out = ev["x"].tolist()
-        for i, v in enumerate(out):
-            if v < 0:
-                key = (int(ev["pid"][i]), int(ev["tid"][i]))
-                if key not in self._comm:
-                    self._comm[key] = vcpu_from_comm(*key)
-                out[i] = self._comm[key]
+    def _vcpus(self, ev: np.ndarray) -> np.ndarray:
+        out = ev["x"].astype(np.int32)
+        for i in np.flatnonzero(out < 0):
+            key = (int(ev["pid"][i]), int(ev["tid"][i]))
+            if key not in self._comm:
+                self._comm[key] = vcpu_from_comm(*key)
+            out[i] = self._comm[key]
         return out
 
-    def decode(self, ev: np.ndarray) -> dict[str, Columns]:
-        """One batch of records -> {event type: columns}; empty types omitted."""
-        out: dict[str, Columns] = {}
+    def decode(self, ev: np.ndarray) -> dict[str, pa.Table]:
+        """One batch of records -> {event type: table}; empty types omitted."""
+        out: dict[str, pa.Table] = {}
         types = ev["type"]
         # VM creations first: a batch may hold a VM's creation and its slots.
         for d in ev["d"][types == EV_VM].tolist():
             self.slots.vm_created(d)
-        sel = ev[types == EV_MEMSLOT]
-        if len(sel):
-            out["memslot_update"] = self._memslot_ioctl(sel)
-        sel = ev[types == EV_SETMEM]
-        if len(sel):
-            out["memslot_update"] = self._setmem(sel)
-        sel = ev[types == EV_MMIO]
-        if len(sel):
-            out["mmio_access"] = {
-                "ns": sel["ns"].tolist(), "pid": sel["pid"].tolist(),
-                "tid": sel["tid"].tolist(), "vm": sel["d"].tolist(),
-                "vcpu": self._vcpus(sel),
-                "type": np.array(ACCESS_TYPES, dtype=object)[np.minimum(sel["e"], 2)].tolist(),
-                "len": sel["f"].tolist(), "gpa": sel["a"].tolist(), "val": sel["b"].tolist(),
-            }
-        sel = ev[types == EV_FAULT]
-        if len(sel):
-            out["mmio_fault"] = self._faults(sel)
-        sel = ev[types == EV_GEN]
-        if len(sel):
-            out["generation"] = self._gens(sel)
-        sel = ev[types == EV_ZAP]
-        if len(sel):
-            out["zap_all"] = {"ns": sel["ns"].tolist(), "pid": sel["pid"].tolist(),
-                              "tid": sel["tid"].tolist(), "vm": sel["d"].tolist(),
-                              "gen": sel["a"].tolist()}
+        for kind, fn in ((EV_MEMSLOT, self._memslot_ioctl), (EV_SETMEM, self._setmem),
+                         (EV_MMIO, self._mmio), (EV_FAULT, self._faults),
+                         (EV_GEN, self._gens), (EV_ZAP, self._zaps)):
+            sel = ev[types == kind]
+            if len(sel):
+                name, cols = fn(sel)
+                out[name] = table(name, cols)
         return out
 
-    def _memslot_ioctl(self, sel: np.ndarray) -> Columns:
-        cols: Columns = {k: [] for k in (
-            "begin_ns", "end_ns", "pid", "tid", "vm", "as_id", "slot_id", "change",
-            "base_gfn", "npages", "flags", "userspace_addr", "gen_before", "gen_after", "ret")}
-        for r in sel.tolist():
-            (_t, pid, tid, ret, ns, ns2, gpa, size, uaddr, vm, slot, flags, _g, _h) = r
-            change = self.slots.update(vm, slot, gpa, size, flags, ret)
-            for k, v in (("begin_ns", ns), ("end_ns", ns2), ("pid", pid), ("tid", tid),
-                         ("vm", vm), ("as_id", slot >> 16), ("slot_id", slot & 0xFFFF),
-                         ("change", change), ("base_gfn", gpa >> PAGE_SHIFT),
-                         ("npages", size >> PAGE_SHIFT), ("flags", flags),
-                         ("userspace_addr", uaddr), ("gen_before", None),
-                         ("gen_after", None), ("ret", ret)):
-                cols[k].append(v)
-        return cols
-
     @staticmethod
-    def _setmem(sel: np.ndarray) -> Columns:
-        change = np.minimum(sel["f"] >> 24, len(CHANGE_TYPES) - 1)
-        return {
-            "begin_ns": sel["ns"].tolist(), "end_ns": sel["ns2"].tolist(),
-            "pid": sel["pid"].tolist(), "tid": sel["tid"].tolist(), "vm": sel["d"].tolist(),
-            "as_id": (sel["e"] >> 16).tolist(), "slot_id": (sel["e"] & 0xFFFF).tolist(),
-            "change": np.array(CHANGE_TYPES, dtype=object)[change].tolist(),
-            "base_gfn": sel["a"].tolist(), "npages": sel["b"].tolist(),
-            "flags": (sel["f"] & 0xFFFFFF).tolist(), "userspace_addr": sel["c"].tolist(),
-            "gen_before": sel["g"].tolist(), "gen_after": sel["h"].tolist(),
-            "ret": sel["x"].tolist(),
+    def _ids(sel: np.ndarray) -> dict[str, Any]:
+        return {"pid": sel["pid"], "tid": sel["tid"], "vm": sel["d"]}
+
+    def _mmio(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        return "mmio_access", {
+            "ns": sel["ns"].astype(np.int64), **self._ids(sel), "vcpu": self._vcpus(sel),
+            "type": (np.minimum(sel["e"], 2), ACCESS_TYPES),
+            "len": sel["f"].astype(np.uint8), "gpa": sel["a"], "val": sel["b"],
         }
 
-    def _faults(self, sel: np.ndarray) -> Columns:
+    @staticmethod
+    def _zaps(sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        return "zap_all", {"ns": sel["ns"].astype(np.int64), **Decoder._ids(sel),
+                           "gen": sel["a"]}
+
+    def _memslot_ioctl(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        changes = [CHANGE_TYPES.index(self.slots.update(vm, slot, gpa, size, flags, ret))
+                   for vm, slot, gpa, size, flags, ret in zip(
+                       sel["d"].tolist(), sel["e"].tolist(), sel["a"].tolist(),
+                       sel["b"].tolist(), sel["f"].tolist(), sel["x"].tolist(), strict=True)]
+        unknown = np.ones(len(sel), dtype=bool)
+        return "memslot_update", {
+            "begin_ns": sel["ns"].astype(np.int64), "end_ns": sel["ns2"].astype(np.int64),
+            **self._ids(sel), "as_id": (sel["e"] >> 16).astype(np.uint16),
+            "slot_id": (sel["e"] & 0xFFFF).astype(np.uint16), "change": (changes, CHANGE_TYPES),
+            "base_gfn": sel["a"] >> PAGE_SHIFT, "npages": sel["b"] >> PAGE_SHIFT,
+            "flags": sel["f"], "userspace_addr": sel["c"],
+            # the ioctl does not show KVM's generation
+            "gen_before": (np.zeros(len(sel), np.uint64), unknown),
+            "gen_after": (np.zeros(len(sel), np.uint64), unknown),
+            "ret": sel["x"],
+        }
+
+    def _setmem(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        return "memslot_update", {
+            "begin_ns": sel["ns"].astype(np.int64), "end_ns": sel["ns2"].astype(np.int64),
+            **self._ids(sel), "as_id": (sel["e"] >> 16).astype(np.uint16),
+            "slot_id": (sel["e"] & 0xFFFF).astype(np.uint16),
+            "change": (np.minimum(sel["f"] >> 24, len(CHANGE_TYPES) - 1), CHANGE_TYPES),
+            "base_gfn": sel["a"], "npages": sel["b"], "flags": sel["f"] & 0xFFFFFF,
+            "userspace_addr": sel["c"], "gen_before": sel["g"], "gen_after": sel["h"],
+            "ret": sel["x"],
+        }
+
+    def _faults(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
         bits = sel["c"]
-        checked = (bits & F_CHECKED) != 0
-        kvm_gen = (sel["b"] >> 32).tolist()
-        spte_gen = (sel["b"] & 0xFFFFFFFF).tolist()
-        chk = checked.tolist()
-        return {
-            "exit_ns": sel["ns"].tolist(),
-            "latency_ns": (sel["ns2"].astype(np.int64) - sel["ns"].astype(np.int64)).tolist(),
-            "pid": sel["pid"].tolist(), "tid": sel["tid"].tolist(), "vm": sel["d"].tolist(),
-            "vcpu": self._vcpus(sel),
-            "exit_reason": [None if r == EXIT_REASON_NONE else r for r in sel["e"].tolist()],
-            "gpa": sel["a"].tolist(), "gfn": (sel["a"] >> PAGE_SHIFT).tolist(),
-            "kvm_gen": [g if c else None for g, c in zip(kvm_gen, chk, strict=True)],
-            "spte_gen": [g if c else None for g, c in zip(spte_gen, chk, strict=True)],
-            "stale": ((bits & F_STALE) != 0).tolist(),
-            "remarked": ((bits & F_REMARKED) != 0).tolist(),
-            "fast_hit": ((bits & F_FAST_HIT) != 0).tolist(),
-            "is_write": ((bits & F_WRITE) != 0).tolist(),
-            "len": sel["f"].tolist(),
-            "to_user": ((bits & F_TO_USER) != 0).tolist(),
+        unchecked = (bits & F_CHECKED) == 0
+        reason = sel["e"]
+        return "mmio_fault", {
+            "exit_ns": sel["ns"].astype(np.int64),
+            "latency_ns": sel["ns2"].astype(np.int64) - sel["ns"].astype(np.int64),
+            **self._ids(sel), "vcpu": self._vcpus(sel),
+            "exit_reason": (reason, reason == EXIT_REASON_NONE),
+            "gpa": sel["a"], "gfn": sel["a"] >> PAGE_SHIFT,
+            "kvm_gen": ((sel["b"] >> 32).astype(np.uint32), unchecked),
+            "spte_gen": ((sel["b"] & 0xFFFFFFFF).astype(np.uint32), unchecked),
+            "stale": (bits & F_STALE) != 0, "remarked": (bits & F_REMARKED) != 0,
+            "fast_hit": (bits & F_FAST_HIT) != 0, "is_write": (bits & F_WRITE) != 0,
+            "len": sel["f"].astype(np.uint8), "to_user": (bits & F_TO_USER) != 0,
         }
 
     @staticmethod
-    def _gens(sel: np.ndarray) -> Columns:
-        src = sel["e"].tolist()
-        val = sel["a"].tolist()
-        full = [v & ~IN_PROGRESS if s == 3 else None for v, s in zip(val, src, strict=True)]
-        masked = [v & MMIO_GEN_MASK for v in val]
-        return {
-            "ns": sel["ns"].tolist(), "pid": sel["pid"].tolist(), "tid": sel["tid"].tolist(),
-            "vm": sel["d"].tolist(), "gen": full,
-            "in_progress": [bool(v & IN_PROGRESS) for v in val],
+    def _gens(sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        src = sel["e"]
+        val = sel["a"]
+        inval = src == 3
+        masked = (val & MMIO_GEN_MASK).astype(np.uint32)
+        sources = ("unknown", "check", "mark", "invalidate")
+        return "generation", {
+            "ns": sel["ns"].astype(np.int64), **Decoder._ids(sel),
+            # check/mark carry only the masked MMIO generation
+            "gen": (val & np.uint64(~IN_PROGRESS & (2**64 - 1)), ~inval),
+            "in_progress": (val & np.uint64(IN_PROGRESS)) != 0,
             "mmio_gen": masked,
             # kvm_mmu_invalidate_mmio_sptes zaps all when the masked generation,
             # address-space bit cleared, wraps to 0.
-            "zap_all": [s == 3 and (m & ~1) == 0 for m, s in zip(masked, src, strict=True)],
-            "source": [GEN_SOURCES.get(s, "unknown") for s in src],
+            "zap_all": inval & ((masked & ~np.uint32(1)) == 0),
+            "source": (np.where(src <= 3, src, 0), sources),
         }

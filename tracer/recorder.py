@@ -22,14 +22,48 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from analysis.schema import RecordingError, RunWriter, monotonic_ns
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.schema import SCHEMAS, EventWriter, RecordingError, RunWriter, monotonic_ns
 
 from . import TracerError
-from .decode import Columns, Decoder
+from .decode import Decoder, table
 
 
 class Sink(Protocol):
-    def write(self, event: str, cols: Columns) -> None: ...
+    def write(self, event: str, rows: pa.Table) -> None: ...
+
+
+class TableWriter(EventWriter):
+    """EventWriter fed whole Arrow tables (no per-row Python objects): the
+    same segment files and compaction, an order of magnitude cheaper at
+    tens of thousands of rows a second."""
+
+    def __init__(self, run_dir: Path, event: str) -> None:
+        super().__init__(run_dir, event)
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, rows: pa.Table) -> None:
+        self._tables.append(rows)
+        self._rows += rows.num_rows
+
+    def flush(self) -> int:
+        n = self._rows
+        if not n:
+            return 0
+        self.parts.mkdir(exist_ok=True)
+        tmp = self.parts / f".{self._segment:06d}.tmp"
+        pq.write_table(pa.concat_tables(self._tables).combine_chunks(), tmp)
+        os.replace(tmp, self.parts / f"{self._segment:06d}.parquet")
+        self._segment += 1
+        self.rows_written += n
+        self._tables, self._rows = [], 0
+        return n
 
 
 class Recorder:
@@ -63,6 +97,7 @@ class Recorder:
     def start(self) -> Recorder:
         from .capabilities import choose_backend, probe
         from .probes import load, resolve_pids
+        _warm_up()
         pids = resolve_pids(self.requested_pids)
         self.pids = pids
         caps = self.caps or probe(try_kfunc=self.requested_backend == "kfunc")
@@ -78,6 +113,8 @@ class Recorder:
                 self.writer = RunWriter(self.run_dir, self.manifest)
             except RecordingError as e:
                 raise TracerError(str(e)) from None
+            for event in self.writer.writers:
+                self.writer.writers[event] = TableWriter(self.writer.dir, event)
         try:
             self.probes = load(choice.name, caps, pids, self.emit_mmio)
         except BaseException:
@@ -109,7 +146,7 @@ class Recorder:
                 continue
         return sorted(ids)
 
-    def poll(self, timeout_ms: int = 100) -> int:
+    def poll(self, timeout_ms: int = 50) -> int:
         """One round: wait for events, decode, hand to sinks; flush when due."""
         n = self._dispatch(self.probes.poll(timeout_ms))
         if time.monotonic() >= self._next_flush:
@@ -119,13 +156,8 @@ class Recorder:
     def _dispatch(self, raw: Any) -> int:
         if not len(raw):
             return 0
-        for event, cols in self.decoder.decode(raw).items():
-            rows = len(next(iter(cols.values())))
-            self.counts[event] = self.counts.get(event, 0) + rows
-            if self.writer is not None:
-                self.writer[event].extend(cols)
-            for sink in self.sinks:
-                sink.write(event, cols)
+        for event, rows in self.decoder.decode(raw).items():
+            self._emit(event, rows)
         return len(raw)
 
     def _intervals(self) -> None:
@@ -136,10 +168,11 @@ class Recorder:
         self.lost = lost
         rows = {k: v for k, v in delta.items() if v}
         if rows:
-            self._emit("lost", {"ns": [now] * len(rows), "event": list(rows),
-                                "count": list(rows.values())})
+            self._emit("lost", pa.table({"ns": [now] * len(rows), "event": list(rows),
+                                         "count": list(rows.values())},
+                                        schema=SCHEMAS["lost"]))
         hist = self.probes.exit_hist()
-        cols: Columns = {k: [] for k in ("ns", "pid", "exit_reason", "log2_ns",
+        cols: dict[str, list[int]] = {k: [] for k in ("ns", "pid", "exit_reason", "log2_ns",
                                          "count", "sum_ns")}
         for (pid, reason, slot), (count, total) in hist.items():
             c0, t0 = self._hist.get((pid, reason, slot), (0, 0))
@@ -149,20 +182,21 @@ class Recorder:
                     cols[k].append(v)
         self._hist = hist
         if cols["ns"]:
-            self._emit("exit_hist", cols)
+            self._emit("exit_hist", table("exit_hist", cols))
 
-    def _emit(self, event: str, cols: Columns) -> None:
-        self.counts[event] = self.counts.get(event, 0) + len(cols["ns"])
+    def _emit(self, event: str, rows: pa.Table) -> None:
+        self.counts[event] = self.counts.get(event, 0) + rows.num_rows
         if self.writer is not None:
-            self.writer[event].extend(cols)
+            self.writer[event].add(rows)  # type: ignore[attr-defined]
         for sink in self.sinks:
-            sink.write(event, cols)
+            sink.write(event, rows)
 
     def flush(self) -> None:
         self._intervals()
         self.manifest["lost"] = dict(self.lost)
         self.manifest["tracer_cpu_s"] = round(_cpu_seconds() - self._cpu0, 4)
         self.manifest["events"] = dict(self.counts)
+        self.manifest["drain"] = self.probes.drain_stats()
         if self.writer is not None:
             self.writer.manifest.update(self.manifest)
             self.writer.flush()
@@ -182,7 +216,7 @@ class Recorder:
         end = time.monotonic() + duration if duration else float("inf")
         while not self._stop.is_set() and time.monotonic() < end:
             left = end - time.monotonic()
-            self.poll(100 if left > 0.1 else max(1, int(left * 1000)))
+            self.poll(50 if left > 0.05 else max(1, int(left * 1000)))
             if until is not None and until():
                 break
             if self.stop_when_pids_exit and not self.targets_alive():
@@ -241,3 +275,11 @@ class Recorder:
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+def _warm_up() -> None:
+    """pyarrow imports pandas on its first numpy conversion (~1.5 s here): pay
+    that before attaching, not while the ring buffer fills."""
+    import numpy as np
+    z = np.zeros(1, np.uint64)
+    table("zap_all", {"ns": z.astype(np.int64), "pid": z, "tid": z, "vm": z, "gen": (z, z > 0)})

@@ -1,0 +1,148 @@
+"""``slotscope record | stream | live``: the tracer's commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from . import TracerError
+
+EVENTS = ("memslot_update", "generation", "mmio_fault", "mmio_access", "zap_all",
+          "exit_hist", "lost")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--pid", type=int, action="append", default=[], metavar="PID",
+                   help="trace only this VMM process (all its threads); repeatable")
+    p.add_argument("--backend", choices=("kprobe", "kfunc", "tracepoint"),
+                   help="attach backend (default: the best this host supports)")
+    p.add_argument("--no-mmio-access", dest="emit_mmio", action="store_false",
+                   help="do not stream kvm_mmio rows (high volume)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("record", help="record KVM memslot/MMIO events to a run directory",
+                       description="Record until Ctrl-C/SIGTERM, -d SECONDS, or all -p "
+                       "processes exit.")
+    _common(p)
+    p.add_argument("-d", "--duration", type=float, help="stop after SECONDS")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR")
+    p.add_argument("--flush-interval", type=float, default=1.0, metavar="S")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("stream", help="stream events as JSON lines on stdout")
+    _common(p)
+    p.add_argument("-d", "--duration", type=float, help="stop after SECONDS")
+    p.add_argument("-e", "--event", action="append", choices=EVENTS,
+                   help="only these event types; repeatable")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("live", help="top-like view per VM and vCPU")
+    _common(p)
+    p.add_argument("interval", nargs="?", type=float, default=1.0)
+    p.add_argument("count", nargs="?", type=int, default=0, help="number of updates (0: forever)")
+    p.set_defaults(func=cmd_live)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if os.geteuid() != 0:
+        raise TracerError("needs root (loading BPF programs needs CAP_BPF and CAP_PERFMON)")
+    if getattr(args, "duration", None) is not None and args.duration <= 0:
+        raise TracerError("duration must be positive")
+
+
+def _recorder(args: argparse.Namespace, run_dir: str | None, sinks: list[Any],
+              flush: float = 1.0) -> Any:
+    from .recorder import Recorder
+    return Recorder(run_dir, pids=args.pid, backend=args.backend, emit_mmio=args.emit_mmio,
+                    flush_interval=flush, sinks=sinks, stop_when_pids_exit=bool(args.pid))
+
+
+def _finish(rec: Any, **final: Any) -> None:
+    # A second Ctrl-C/SIGTERM must not cut finalization short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    rec.close(**final)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.flush_interval <= 0 or args.flush_interval > 1:
+        raise TracerError("flush interval must be in (0, 1] seconds")
+    rec = _recorder(args, args.output, [], args.flush_interval)
+    rec.start()
+    m = rec.manifest
+    print(f"slotscope record: {m['backend']} backend ({m['buffer']}), "
+          f"{len(m['probes_attached'])} probes, pids {m['filters']['pids'] or 'all'} "
+          f"-> {args.output}; Ctrl-C to stop", file=sys.stderr)
+    how = "duration"
+    try:
+        rec.run(args.duration)
+        if args.pid and not rec.targets_alive():
+            how = "targets exited"
+    except KeyboardInterrupt:
+        how = "interrupted"
+    finally:
+        _finish(rec, stop_reason=how)
+    total = sum(v for k, v in rec.counts.items() if k not in ("lost", "exit_hist"))
+    lost = sum(rec.lost.values())
+    print(f"slotscope record: {how}; {total} events, {lost} lost", file=sys.stderr)
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    _check(args)
+    from .sinks import JsonLines
+    sink = JsonLines(sys.stdout, set(args.event) if args.event else None)
+    rec = _recorder(args, None, [sink])
+    rec.start()
+    try:
+        rec.run(args.duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _finish(rec)
+    return 0
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.interval <= 0 or args.count < 0:
+        raise TracerError("interval must be positive and count >= 0")
+    from .sinks import LiveStats
+    stats = LiveStats()
+    rec = _recorder(args, None, [stats], min(1.0, args.interval))
+    rec.start()
+    tty = sys.stdout.isatty()
+    shown = 0
+    try:
+        if tty:
+            from rich.live import Live
+            from rich.text import Text
+            with Live(Text("waiting..."), auto_refresh=False, transient=False) as live:
+                while not args.count or shown < args.count:
+                    t0 = time.monotonic()
+                    rec.run(args.interval)
+                    lines = stats.take(time.monotonic() - t0)
+                    live.update(Text("\n".join(lines)), refresh=True)
+                    shown += 1
+                    if args.pid and not rec.targets_alive():
+                        break
+        else:
+            while not args.count or shown < args.count:
+                t0 = time.monotonic()
+                rec.run(args.interval)
+                print(time.strftime("%H:%M:%S"), flush=False)
+                print("\n".join(stats.take(time.monotonic() - t0)), flush=True)
+                shown += 1
+                if args.pid and not rec.targets_alive():
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _finish(rec)
+    return 0
