@@ -13,6 +13,8 @@ from tracer import TracerError
 from vmrig import RigError
 
 from . import __version__
+from .lab import LabError
+from .labconfig import ConfigError
 
 # Each module has register(subparsers); its parsers set ``func(args) -> int``.
 # Handlers import their heavy dependencies (bcc, pandas) lazily so that,
@@ -25,7 +27,8 @@ COMMAND_MODULES = (
     "analysis.cli",
     "slotscope.lab",
 )
-USER_ERRORS: tuple[type[Exception], ...] = (RecordingError, TracerError, RigError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    RecordingError, TracerError, RigError, LabError, ConfigError)
 
 
 def build_parser() -> argparse.ArgumentParser:

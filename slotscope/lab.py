@@ -1,0 +1,322 @@
+"""``slotscope lab``: the nightly lab run over a scenario matrix.
+
+For every scenario and repetition: rig up, record, workload, rig down, in a
+child process with a deadline (``slotscope lab-run``), on the host (direct
+mode) or inside the nested lab VM (nested mode); then analyse.  Every run
+lands in ``OUT/runs/<scenario>/<n>/`` in the recording format, with a
+``lab-run.json`` status beside the data; then ``OUT/summary.json`` and
+``OUT/index.html``.  The only module that composes tracer, vmrig and analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from analysis.schema import RecordingError
+
+from . import labverdict
+from .labconfig import ConfigError, LabConfig, Scenario, load
+
+STATUS = "lab-run.json"
+DEFAULT_LOCK = Path("/run/lock/slotscope-lab.lock")
+VENV_BIN = Path(sys.executable).parent
+
+
+class LabError(Exception):
+    """The lab job cannot start or finish; one line for the user."""
+
+
+# -- mode ---------------------------------------------------------------------
+def choose_mode(requested: str) -> tuple[str, str]:
+    """(mode, why): direct only where the host's KVM shows MMIO SPTEs and a
+    backend sees kvm_set_memslot; the nested lab VM otherwise."""
+    from tracer import TracerError
+    from tracer.capabilities import choose_backend, probe
+
+    caps = probe()
+    why_not = ""
+    try:
+        backend: str | None = choose_backend(caps).name
+    except TracerError as e:
+        backend, why_not = None, str(e)
+    reasons = []
+    if caps.kvm_module in (None, "kvm_pvm"):
+        reasons.append(f"host KVM is {caps.kvm_module or 'absent'}")
+    if not caps.mmio_caching:
+        reasons.append("kvm.mmio_caching=N")
+    if backend not in ("kprobe", "kfunc"):
+        reasons.append(f"backend {backend or 'none'} does not see kvm_set_memslot"
+                       if backend else why_not)
+    direct_ok = not reasons
+    if requested == "direct":
+        if backend is None:
+            raise LabError(f"direct mode: the tracer cannot run here: {why_not}")
+        # Allowed, but say what the data will lack (memslot updates still show).
+        return "direct", "requested" + ("; but " + "; ".join(reasons) if reasons else "")
+    if requested == "nested" or not direct_ok:
+        from vmrig.labvm import labvm_check
+        name, status, detail, fix = labvm_check()
+        if status == "FAIL":
+            raise LabError(f"nested lab VM unavailable: {detail} ({fix})")
+        why = "requested" if requested == "nested" else "; ".join(reasons)
+        return "nested", f"{why}; {detail}"
+    return "direct", f"host KVM {caps.kvm_module} caches MMIO, backend {backend}"
+
+
+# -- one run ------------------------------------------------------------------
+@dataclass
+class RunStatus:
+    scenario: str
+    rep: int
+    ok: bool
+    mode: str
+    elapsed_s: float
+    error: str | None = None
+    accel: str | None = None
+
+
+def _read_status(run_dir: Path) -> RunStatus | None:
+    try:
+        return RunStatus(**json.loads((run_dir / STATUS).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_status(run_dir: Path, st: RunStatus) -> None:
+    tmp = run_dir / f".{STATUS}.tmp"
+    tmp.write_text(json.dumps(asdict(st), indent=1) + "\n")
+    os.replace(tmp, run_dir / STATUS)
+
+
+def _inner_argv(s: Scenario, run_dir: Path) -> list[str]:
+    return [str(VENV_BIN / "slotscope"), "lab-run", "--scenario", json.dumps(asdict(s)),
+            "-o", str(run_dir)]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> RunStatus:
+    if run_dir.exists():  # an unfinished earlier attempt: start clean
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    accel = None
+    if mode == "nested":
+        from vmrig.labvm import run_in_labvm
+        res = run_in_labvm(_inner_argv(s, run_dir), timeout=timeout, outdir=run_dir,
+                           echo=False)
+        accel = res.accel
+        if res.timed_out:
+            last = _last_line("\n".join(res.console_tail))
+            err = f"lab VM hung: killed after {timeout:.0f} s; last console: {last}"
+        elif res.returncode != 0:
+            log = run_dir / "labvm" / "console.log"
+            tail = _last_line(log.read_text(errors="replace")) if log.exists() else ""
+            err = f"exit {res.returncode}: {tail}"
+        else:
+            err = None
+    else:
+        err = _run_child(_inner_argv(s, run_dir), timeout)
+    st = RunStatus(s.name, rep, err is None, mode, time.monotonic() - t0, err, accel)
+    _write_status(run_dir, st)
+    return st
+
+
+def _run_child(argv: list[str], timeout: float) -> str | None:
+    """Run the inner command in its own process group; None, or why it failed."""
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, stderr = p.communicate(timeout=timeout)
+    except BaseException as e:  # timeout, Ctrl-C, SIGTERM: take the group down
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            return f"run hung: killed after {timeout:.0f} s"
+        raise
+    return None if p.returncode == 0 else f"exit {p.returncode}: {_last_line(stderr)}"
+
+
+# -- the inner run (host or L1) ------------------------------------------------
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    from . import labrun
+    try:
+        scenario = Scenario(**json.loads(args.scenario))
+    except (ValueError, TypeError) as e:
+        raise LabError(f"bad --scenario: {e}") from None
+    labrun.run_direct(scenario, Path(args.output))
+    return 0
+
+
+# -- the job --------------------------------------------------------------------
+class Progress:
+    """Rich progress on a terminal; plain timestamped lines otherwise (cron)."""
+
+    def __init__(self, total: int) -> None:
+        self.tty = sys.stdout.isatty()
+        self.total = total
+        self.done = 0
+        self._rich: Any = None
+        if self.tty:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            self._rich = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("{task.completed}/{task.total}"),
+                                  TimeElapsedColumn())
+            self._task = self._rich.add_task("lab", total=total)
+            self._rich.start()
+
+    def log(self, msg: str) -> None:
+        if self._rich is not None:
+            self._rich.console.print(msg)
+        else:
+            print(f"{time.strftime('%H:%M:%S')} lab: {msg}", flush=True)
+
+    def step(self, desc: str) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, description=desc)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+
+@contextlib.contextmanager
+def job_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise LabError(f"another lab run holds {path} (pid {holder})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _summarize(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    from analysis.summary import summarize
+    out = []
+    for d in run_dirs:
+        try:
+            out.append(summarize(d))
+        except RecordingError as e:
+            out.append({"path": str(d), "error": str(e)})
+    return out
+
+
+def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
+            baseline: dict[str, Any] | None, progress: Progress) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    mode, why = choose_mode(mode)
+    progress.log(f"mode: {mode} ({why})")
+    progress.log(f"config: {cfg.source}; {len(cfg.scenarios)} scenarios; output {out}")
+    statuses: dict[str, list[RunStatus]] = {}
+    for s in cfg.scenarios:
+        statuses[s.name] = []
+        for rep in range(1, s.repetitions + 1):
+            run_dir = out / "runs" / s.name / str(rep)
+            prev = _read_status(run_dir) if resume else None
+            if prev is not None and prev.ok:
+                progress.log(f"{s.name}/{rep}: done earlier, skipped (--resume)")
+                statuses[s.name].append(prev)
+                progress.advance()
+                continue
+            progress.step(f"{s.name} {rep}/{s.repetitions}")
+            progress.log(f"{s.name}/{rep}: {s.workload} ...")
+            st = run_one(s, rep, run_dir, mode, cfg.run_timeout)
+            statuses[s.name].append(st)
+            state = "ok" if st.ok else f"FAILED: {st.error}"
+            progress.log(f"{s.name}/{rep}: {state} ({st.elapsed_s:.0f} s)")
+            progress.advance()
+    progress.step("analysis")
+    summary: dict[str, Any] = {"mode": mode, "mode_reason": why, "config": cfg.source,
+                               "finished_wall": time.time(), "scenarios": {}}
+    ok_dirs: list[Path] = []
+    for name, sts in statuses.items():
+        dirs = [out / "runs" / name / str(st.rep) for st in sts if st.ok]
+        per_run = _summarize(dirs)
+        good = [r for r in per_run if "error" not in r]
+        failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
+        failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
+        summary["scenarios"][name] = labverdict.scenario_summary(good, failed)
+        ok_dirs += [Path(r["path"]) for r in good]
+    regressions = []
+    if baseline is not None:
+        regressions = labverdict.compare(summary, baseline, cfg.thresholds)
+        summary["regressions"] = [str(r) for r in regressions]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if ok_dirs:
+        from analysis.report import write_report
+        write_report(ok_dirs, out / "index.html", title=f"slotscope lab: {out.name}")
+    progress.close()
+    for r in regressions:
+        print(f"regression: {r}")
+    for name, s in summary["scenarios"].items():
+        if not s["ok"]:
+            print(f"failed: {name}: {'; '.join(s['failed_runs'])}")
+    print(f"summary: {out / 'summary.json'}; report: {out / 'index.html'}")
+    return labverdict.exit_code(summary, regressions)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+        baseline = labverdict.load_baseline(args.baseline) if args.baseline else None
+    except ConfigError as e:
+        raise LabError(str(e)) from None
+    mode = args.mode or cfg.mode
+    with job_lock(Path(args.lock)):
+        progress = Progress(sum(s.repetitions for s in cfg.scenarios))
+        try:
+            return run_lab(cfg, Path(args.output), mode=mode, resume=args.resume,
+                           baseline=baseline, progress=progress)
+        finally:
+            progress.close()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lab", help="the nightly lab run: scenario matrix, report, verdict")
+    p.add_argument("--config", help="scenario matrix (TOML; default: the shipped lab.toml)")
+    p.add_argument("-o", "--output", default="slotscope-lab", help="output directory")
+    p.add_argument("--baseline", metavar="SUMMARY_JSON",
+                   help="compare with an earlier summary.json: exit 3 on regression")
+    p.add_argument("--resume", action="store_true", help="skip runs that completed before")
+    p.add_argument("--mode", choices=("auto", "direct", "nested"),
+                   help="override the config's mode")
+    p.add_argument("--lock", default=str(DEFAULT_LOCK), help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_lab)
+    r = sub.add_parser("lab-run")  # internal: one run, in a child or the lab VM
+    r.add_argument("--scenario", required=True)
+    r.add_argument("-o", "--output", required=True)
+    r.set_defaults(func=cmd_lab_run)

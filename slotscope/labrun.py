@@ -1,0 +1,98 @@
+"""One lab run in direct mode: workload up, record it, workload down.
+
+Runs as ``slotscope lab-run`` on the host, or inside the nested lab VM,
+writing the run directory in the recording format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from tracer.recorder import Recorder
+from vmrig import RigError
+
+from .labconfig import Scenario
+
+SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
+
+
+def run_direct(s: Scenario, run_dir: Path) -> None:
+    if s.workload == "microvm":
+        _microvm(s, run_dir)
+    else:
+        asyncio.run(_qemu(s, run_dir))
+
+
+def _microvm(s: Scenario, run_dir: Path) -> None:
+    truth = run_dir / "microvm.json"
+    argv = [sys.executable, "-m", "vmrig.microvm", "--wait", "--mmio-accesses",
+            str(s.mmio_accesses), "--pages", str(s.mmio_pages), "--schedule", s.schedule,
+            "-o", str(truth)]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    try:
+        ready = p.stdout.readline().split()
+        if ready[:1] != ["ready"]:
+            raise RigError(f"micro-VMM did not start: {p.stderr.read().strip()[-200:]}")
+        # Attach before the VMM creates its memslots, so every one is seen.
+        rec = Recorder(run_dir, pids=[p.pid]).start()
+        try:
+            p.stdin.write("go\n")
+            p.stdin.close()
+            rec.run(until=lambda: p.poll() is not None)  # reaped: no zombie to wait on
+        finally:
+            rec.close(scenario=asdict(s))
+        if p.wait(timeout=60):
+            raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    _microvm_workload(run_dir, truth, {"schedule": s.schedule,
+                                       "mmio_accesses": s.mmio_accesses,
+                                       "pages": s.mmio_pages})
+
+
+def _microvm_workload(run_dir: Path, truth: Path, params: dict) -> None:
+    import json
+
+    from analysis.schema import SCHEMAS, write_table, write_workload_config
+    r = json.loads(truth.read_text())
+    rows = [{"begin_ns": c["begin_ns"], "end_ns": c["end_ns"],
+             "action": f"memslot:{c['change']}", "target": f"slot{c['slot']}",
+             "size": c["size"], "ok": c["ret"] == 0,
+             "error": "" if c["ret"] == 0 else f"errno {-c['ret']}",
+             "detail": json.dumps({k: c[k] for k in ("gpa", "flags", "after_mmio", "phase")})}
+            for c in r["memslot_changes"]]
+    write_table(run_dir, "workload", {k: [row[k] for row in rows]
+                                      for k in SCHEMAS["workload"].names})
+    write_workload_config(run_dir, {"workload": "microvm", "result": r, "params": params})
+
+
+async def _qemu(s: Scenario, run_dir: Path) -> None:
+    from vmrig import workloads as wl
+    from vmrig.config import BareGuestConfig, RigConfig
+    from vmrig.rig import Rig
+
+    cfg = RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
+                    bare=BareGuestConfig(npages=s.mmio_pages))
+    async with Rig(cfg, record_dir=run_dir) as rig:
+        assert rig.pid is not None
+        rec = Recorder(run_dir, pids=[rig.pid]).start_thread()
+        try:
+            log = wl.WorkloadLog(run_dir, {"rig": rig.info(), "scenario": asdict(s)})
+            if s.workload == "hotplug":
+                await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
+                                        rate=s.rate)
+            elif s.workload == "dirty-log":
+                await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
+            else:
+                raise RigError(f"workload {s.workload} is not supported by the lab job yet")
+            await asyncio.sleep(SETTLE_S)
+        finally:
+            rec.stop()

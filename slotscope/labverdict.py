@@ -1,0 +1,88 @@
+"""summary.json across scenarios and the regression verdict against a baseline."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .labconfig import ConfigError, Thresholds
+
+EXIT_OK, EXIT_FAILED, EXIT_REGRESSION = 0, 1, 3
+
+# The per-run figures a scenario summary aggregates (medians over repetitions;
+# counts are summed).
+FIGURES = ("slow_share", "update_cost_p50_ns", "update_cost_p99_ns",
+           "mmio_latency_p50_ns", "mmio_latency_p99_ns")
+COUNTS = ("memslot_updates", "mmio_faults", "slow_faults", "lost_events")
+
+
+def scenario_summary(runs: list[dict[str, Any]], failed: list[str]) -> dict[str, Any]:
+    """Combine the per-run summaries of one scenario's repetitions."""
+    out: dict[str, Any] = {"runs": len(runs), "failed_runs": failed, "ok": not failed}
+    for key in COUNTS:
+        out[key] = sum(int(r.get(key) or 0) for r in runs)
+    for key in FIGURES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    backends = sorted({str(r.get("backend")) for r in runs if r.get("backend")})
+    out["backend"] = ",".join(backends) or None
+    out["missing"] = sorted({m for r in runs for m in r.get("missing", [])})
+    return out
+
+
+@dataclass
+class Regression:
+    scenario: str
+    figure: str
+    baseline: float
+    current: float
+    limit: float
+
+    def __str__(self) -> str:
+        return (f"{self.scenario}: {self.figure} {self.current:g} vs baseline "
+                f"{self.baseline:g} (limit {self.limit:g})")
+
+
+def load_baseline(path: str | Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"baseline {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"baseline {path}: not JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), dict):
+        raise ConfigError(f"baseline {path}: no 'scenarios' object; not a lab summary.json")
+    return doc
+
+
+def compare(summary: dict[str, Any], baseline: dict[str, Any],
+            t: Thresholds) -> list[Regression]:
+    """Regressions of ``summary`` against ``baseline``; only scenarios both ran."""
+    limits = (  # figure, limit from the baseline value
+        ("slow_share", lambda b: b + t.slow_share_increase),
+        ("update_cost_p50_ns", lambda b: b * t.update_cost_p50_ratio),
+        ("mmio_latency_p99_ns", lambda b: b * t.mmio_latency_p99_ratio),
+        ("lost_events", lambda b: t.lost_events),
+    )
+    out = []
+    for name, cur in summary["scenarios"].items():
+        base = baseline["scenarios"].get(name)
+        if base is None or not cur.get("ok"):
+            continue
+        for figure, limit_of in limits:
+            b, c = base.get(figure), cur.get(figure)
+            if b is None or c is None:
+                continue
+            limit = limit_of(b)
+            if c > limit:
+                out.append(Regression(name, figure, float(b), float(c), float(limit)))
+    return out
+
+
+def exit_code(summary: dict[str, Any], regressions: list[Regression]) -> int:
+    if any(not s.get("ok") for s in summary["scenarios"].values()):
+        return EXIT_FAILED
+    return EXIT_REGRESSION if regressions else EXIT_OK

@@ -1,0 +1,197 @@
+"""``slotscope lab`` end to end: real runs, real recordings, real reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import needs_bcc, needs_kvm, needs_qemu, needs_root
+
+from analysis.schema import read_run
+
+SLOTSCOPE = [sys.executable, "-m", "slotscope"]
+MICROVM = """
+[[scenario]]
+name = "{name}"
+workload = "microvm"
+schedule = "create:1,flags:1,flags:1,move:1,delete:1"
+mmio_accesses = {n}
+mmio_pages = 2
+"""
+
+
+def _config(tmp: Path, body: str, mode: str = "direct", extra: str = "") -> Path:
+    p = tmp / "lab.toml"
+    p.write_text(f'[lab]\nmode = "{mode}"\nrun_timeout = 300\n{extra}\n{body}')
+    return p
+
+
+def _lab(*args: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SLOTSCOPE, "lab", "--lock", str(tmp / "lab.lock"), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("body,key", [
+    ('[[scenario]]\nname = "a"\nworkload = "microvm"\nrte = 1\n', "rte"),
+    ('[[scenario]]\nname = "a"\nworkload = "microvm"\nmmio_pages = 1\n', "mmio_pages"),
+    ('[[scenario]]\nname = "a"\nworkload = "microvm"\nrate = "fast"\n', "rate"),
+    ('[[scenario]]\nname = "a"\n', "workload"),
+    ('[thresholds]\nlost = 1\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "lost"),
+])
+def test_malformed_config_is_one_line_naming_the_key(tmp_path: Path, body: str,
+                                                     key: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    p = _lab("--config", str(cfg), "-o", str(tmp_path / "out"), tmp=tmp_path, timeout=60)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert key in lines[0] and str(cfg) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_config_parses() -> None:
+    from slotscope.labconfig import load
+    cfg = load(None)
+    assert {s.workload for s in cfg.scenarios} >= {"microvm", "hotplug"}
+
+
+@pytest.fixture(scope="module")
+def direct_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if os.geteuid() != 0 or not os.access("/dev/kvm", os.W_OK):
+        pytest.skip("needs root and /dev/kvm")
+    tmp = tmp_path_factory.mktemp("lab")
+    cfg = _config(tmp, MICROVM.format(name="mv-a", n=3000) + MICROVM.format(name="mv-b", n=2000))
+    out = tmp / "out"
+    p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return cfg, out
+
+
+@needs_root
+@needs_kvm
+@needs_bcc
+def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]) -> None:
+    _, out = direct_lab
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "direct"
+    for name in ("mv-a", "mv-b"):
+        s = summary["scenarios"][name]
+        assert s["ok"] and s["runs"] == 1 and s["lost_events"] == 0
+        run = read_run(out / "runs" / name / "1")
+        assert run.complete and run.manifest["backend"] == s["backend"]
+        truth = json.loads((out / "runs" / name / "1" / "microvm.json").read_text())
+        # Every memslot ioctl the micro-VMM made is in the recording and summary.
+        assert run.tables["memslot_update"].num_rows == len(truth["memslot_changes"])
+        assert s["memslot_updates"] == len(truth["memslot_changes"])
+        assert run.tables["workload"].num_rows == len(truth["memslot_changes"])
+    html = (out / "index.html").read_text()
+    assert "mv-a" in html and "mv-b" in html and "<img" in html
+
+
+@needs_root
+@needs_kvm
+@needs_bcc
+def test_tightened_baseline_exits_3_naming_the_scenario(
+        direct_lab: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, out = direct_lab
+    baseline = tmp_path / "baseline.json"
+    summary = json.loads((out / "summary.json").read_text())
+    # The same figures, but mv-b's baseline latency far lower: a regression.
+    summary["scenarios"]["mv-b"]["mmio_latency_p99_ns"] /= 100
+    baseline.write_text(json.dumps(summary))
+    p = _lab("--config", str(cfg), "-o", str(out), "--resume", "--baseline", str(baseline),
+             tmp=tmp_path)
+    assert p.returncode == 3, p.stdout + p.stderr
+    regressions = [ln for ln in p.stdout.splitlines() if ln.startswith("regression:")]
+    assert len(regressions) == 1 and "mv-b: mmio_latency_p99_ns" in regressions[0]
+    assert p.stdout.count("skipped (--resume)") == 2
+    # Within the thresholds against itself: exit 0.
+    (tmp_path / "same.json").write_text((out / "summary.json").read_text())
+    p = _lab("--config", str(cfg), "-o", str(out), "--resume", "--baseline",
+             str(tmp_path / "same.json"), tmp=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@needs_root
+@needs_kvm
+@needs_bcc
+def test_killed_job_resumes_without_redoing_finished_runs(tmp_path: Path) -> None:
+    # The second scenario runs long enough to be killed in the middle of it.
+    cfg = _config(tmp_path, MICROVM.format(name="first", n=2000)
+                  + MICROVM.format(name="second", n=2_000_000))
+    out = tmp_path / "out"
+    p = subprocess.Popen([*SLOTSCOPE, "lab", "--lock", str(tmp_path / "lab.lock"), "--config",
+                          str(cfg), "-o", str(out)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if "second/1: microvm" in line:
+            break
+    time.sleep(3)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 130
+    first = json.loads((out / "runs" / "first" / "1" / "lab-run.json").read_text())
+    assert first["ok"]
+    assert not (out / "runs" / "second" / "1" / "lab-run.json").exists()
+    # Nothing of the killed run is left running.
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+    mtime = (out / "runs" / "first" / "1" / "manifest.json").stat().st_mtime_ns
+    cfg.write_text(cfg.read_text().replace("2000000", "2000"))
+    r = _lab("--config", str(cfg), "-o", str(out), "--resume", tmp=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "first/1: done earlier, skipped (--resume)" in r.stdout
+    assert (out / "runs" / "first" / "1" / "manifest.json").stat().st_mtime_ns == mtime
+    assert json.loads((out / "runs" / "second" / "1" / "lab-run.json").read_text())["ok"]
+
+
+def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
+    import fcntl
+    lock = tmp_path / "lab.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242")
+        f.flush()
+        p = _lab("-o", str(tmp_path / "out"), tmp=tmp_path, timeout=60)
+    assert p.returncode == 1
+    assert "another lab run holds" in p.stderr and "4242" in p.stderr
+
+
+@needs_root
+@needs_kvm
+@needs_qemu
+@needs_bcc
+@pytest.mark.labvm
+def test_nested_lab_short_config(tmp_path: Path) -> None:
+    """The CI run of the main job: nested mode (TCG here), one micro-VMM
+    scenario and one QEMU pc-dimm scenario in the L2."""
+    body = MICROVM.format(name="mv", n=4000) + """
+[[scenario]]
+name = "pcdimm"
+workload = "hotplug"
+cycles = 2
+size = "128M"
+rate = 2.0
+mmio_pages = 2
+"""
+    cfg = _config(tmp_path, body, mode="nested")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp_path, timeout=1500)
+    print(f"nested lab: {time.monotonic() - t0:.0f} s")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[0].split("lab: ", 1)[1].startswith("mode: nested")
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("mv", "pcdimm"):
+        s = summary["scenarios"][name]
+        assert s["ok"] and s["backend"] == "kprobe" and s["lost_events"] == 0
+        assert s["memslot_updates"] > 0 and s["mmio_faults"] > 0
+        run = read_run(out / "runs" / name / "1")
+        assert run.tables["generation"].num_rows > 0
+    assert (out / "index.html").stat().st_size > 10_000
