@@ -83,6 +83,12 @@ class WorkloadLog:
         write_table(self.run_dir, "workload", self.columns())
         write_workload_config(self.run_dir, self.config)
 
+    def __enter__(self) -> WorkloadLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
     def actions(self, action: str, ok: bool | None = True) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["action"] == action and (ok is None or r["ok"] == ok)]
 
@@ -144,8 +150,8 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
         raise RigError(f"no pc-dimm {dev_id!r} is plugged")
     size, mem_id = int(dimm["size"]), str(dimm["memdev"]).rsplit("/", 1)[-1]
     with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR") as listener:
-        begin = monotonic_ns()
         await log.step("device_del", dev_id, qmp.execute("device_del", {"id": dev_id}), size)
+        begin = log.rows[-1]["begin_ns"]  # latency counts from sending device_del
         try:
             ev = await qmp.wait(listener, f"device_del {dev_id}", timeout,
                                 match={"device": dev_id})

@@ -1,0 +1,333 @@
+"""The QEMU rig on a real QEMU over real QMP: boot, pc-dimm cycles, dirty-log,
+bad input, faults and cleanup.  The bare guest boots in well under a second,
+so these run in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import HAS_KVM, needs_kvm, needs_qemu, needs_root
+
+from analysis.schema import read_table
+from vmrig import RigError, tap
+from vmrig.config import MemoryConfig, MiB, NetConfig, RigConfig
+from vmrig.rig import Rig
+from vmrig.workloads import (
+    WorkloadLog,
+    dirty_log_toggles,
+    hotplug_cycles,
+    plug_dimm,
+    unplug_dimm,
+)
+
+pytestmark = needs_qemu
+ACCELS = ["tcg", pytest.param("kvm", marks=needs_kvm)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def qemu_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def assert_clean(private_dir: Path | None, pid: int | None) -> None:
+    assert not qemu_children()
+    if pid is not None:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    if private_dir is not None:
+        assert not private_dir.exists()
+
+
+def table(run_dir: Path) -> list[dict[str, Any]]:
+    return read_table(run_dir, "workload").to_pylist()
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_bare_guest_boots_and_loops(accel: str) -> None:
+    async def body() -> tuple[Path, int]:
+        async with Rig(RigConfig(accel=accel)) as rig:
+            assert rig.accel == accel
+            assert rig.boot_s < 5.0
+            assert rig.private_dir is not None
+            assert stat.S_IMODE(rig.private_dir.stat().st_mode) == 0o700
+            assert stat.S_IMODE(rig.qmp_socket.stat().st_mode) == 0o600
+            # vCPU threads are found by QEMU's thread names.
+            assert list(rig.vcpu_tids) == [0]
+            tid = rig.vcpu_tids[0]
+            comm = Path(f"/proc/{rig.pid}/task/{tid}/comm").read_text().strip()
+            assert comm == f"CPU 0/{accel.upper()}"
+            first = await rig.read_counter()
+            await asyncio.sleep(0.3)
+            assert await rig.read_counter() > first  # the MMIO loop runs
+            assert "slotscope-bare ready" in rig.serial()
+            return rig.private_dir, rig.pid or 0
+    private_dir, pid = run(body())
+    assert_clean(private_dir, pid)
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_hotplug_cycles_agree_with_qmp(accel: str, tmp_path: Path) -> None:
+    cycles = 5
+
+    async def body() -> None:
+        async with Rig(RigConfig(accel=accel), record_dir=tmp_path) as rig:
+            log = WorkloadLog(tmp_path, {"rig": rig.info()})
+            # One plug checked against query-memory-devices while plugged.
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            devices = await rig.memory_devices()
+            assert [d["data"]["id"] for d in devices] == [dev]
+            detail = json.loads(log.actions("device_add")[-1]["detail"])
+            assert detail["addr"] == devices[0]["data"]["addr"]
+            assert detail["slot"] == devices[0]["data"]["slot"]
+            await unplug_dimm(rig, log, dev)
+            stats = await hotplug_cycles(rig, log, cycles=cycles - 1, size=64 * MiB)
+            assert stats.cycles == cycles - 1
+            assert await rig.memory_devices() == []
+    run(body())
+    rows = table(tmp_path)
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        assert r["ok"], r
+        by_action.setdefault(r["action"], []).append(r)
+    for action in ("object-add", "device_add", "device_del", "event:DEVICE_DELETED",
+                   "object-del"):
+        assert len(by_action[action]) == cycles, action
+    # Each DEVICE_DELETED answers its own device_del, after it was sent.
+    for dd, ev in zip(by_action["device_del"], by_action["event:DEVICE_DELETED"], strict=True):
+        assert dd["target"] == ev["target"]
+        assert ev["end_ns"] >= dd["begin_ns"]
+        assert json.loads(ev["detail"])["latency_ns"] == ev["end_ns"] - dd["begin_ns"]
+    begins = [r["begin_ns"] for r in rows]
+    assert begins == sorted(begins)
+    assert all(r["end_ns"] >= r["begin_ns"] for r in rows)
+    assert json.loads((tmp_path / "workload.json").read_text())["result"]["cycles"] == cycles - 1
+    samples = (tmp_path / "qemu-samples.csv").read_text().splitlines()
+    assert samples[0].startswith("ns,cpu_user_s") and len(samples) >= 2
+
+
+@needs_kvm
+def test_dirty_log_toggle_kvm(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="kvm"), record_dir=tmp_path) as rig:
+            log = WorkloadLog(tmp_path)
+            assert await dirty_log_toggles(rig, log, count=1) == 1
+    run(body())
+    rows = table(tmp_path)
+    assert [r["action"] for r in rows] == ["calc-dirty-rate"]
+    assert rows[0]["ok"]
+    assert rows[0]["end_ns"] - rows[0]["begin_ns"] >= 1_000_000_000  # calc-time 1 s
+    assert json.loads(rows[0]["detail"])["mode"] == "dirty-bitmap"
+
+
+def test_dirty_log_refused_under_tcg() -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg")) as rig:
+            with pytest.raises(RigError, match="needs -accel kvm"):
+                await dirty_log_toggles(rig, WorkloadLog(), count=1)
+            assert rig.alive()  # refused before QEMU was asked (7.2 would segfault)
+    run(body())
+
+
+# -- bad input ---------------------------------------------------------------
+def test_size_beyond_maxmem_and_slots_exhausted(tmp_path: Path) -> None:
+    cfg = RigConfig(accel="tcg", memory=MemoryConfig(256 * MiB, slots=2, maxmem=512 * MiB))
+
+    async def body() -> None:
+        async with Rig(cfg, record_dir=tmp_path) as rig:
+            with WorkloadLog(tmp_path) as log:
+                with pytest.raises(RigError, match="does not fit"):
+                    await plug_dimm(rig, log, 512 * MiB)
+                with pytest.raises(RigError, match="multiple of 2M"):
+                    await plug_dimm(rig, log, 3 * MiB)
+                a = await plug_dimm(rig, log, 64 * MiB)
+                b = await plug_dimm(rig, log, 64 * MiB)
+                with pytest.raises(RigError, match="all 2 memory slots are in use"):
+                    await plug_dimm(rig, log, 64 * MiB)
+                ids = {d["data"]["id"] for d in await rig.memory_devices()}
+                assert ids == {a, b}
+                for dev in (a, b):
+                    await unplug_dimm(rig, log, dev)
+                assert await rig.memory_devices() == []
+                objs = await rig.require_qmp().execute("qom-list", {"path": "/objects"})
+                assert not [o for o in objs if o["name"].startswith("ssmem")]
+    run(body())
+    assert sum(r["action"] == "device_add" and r["ok"] for r in table(tmp_path)) == 2
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(RigError, match="must exceed base"):
+        RigConfig(memory=MemoryConfig(1024 * MiB, 2, 512 * MiB)).validate()
+    with pytest.raises(RigError, match=">= 2 pages"):
+        from vmrig.config import BareGuestConfig
+        RigConfig(bare=BareGuestConfig(npages=1)).validate()
+    from vmrig.config import VirtioMemConfig
+    with pytest.raises(RigError, match="does not fit the hotplug area"):
+        RigConfig(virtio_mem=VirtioMemConfig(size=4096 * MiB)).validate()
+
+
+def test_qemu_missing() -> None:
+    with pytest.raises(RigError, match="not found"):
+        run(Rig(RigConfig(), binary="/nonexistent/qemu-system-x86_64").__aenter__())
+    assert not qemu_children()
+
+
+# -- faults ----------------------------------------------------------------------
+def test_guest_that_never_ejects(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg"), record_dir=tmp_path) as rig:
+            log = WorkloadLog(tmp_path)
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            await rig.require_qmp().execute("stop")  # a guest that never answers
+            with pytest.raises(RigError, match="did not eject within 0.5 s"):
+                await unplug_dimm(rig, log, dev, timeout=0.5)
+            # Consistent: QEMU still has the dimm, the table says the unplug failed.
+            assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
+    run(body())
+    rows = table(tmp_path)
+    ev = [r for r in rows if r["action"] == "event:DEVICE_DELETED"]
+    assert len(ev) == 1 and not ev[0]["ok"] and "did not eject" in ev[0]["error"]
+
+
+def test_qemu_killed_mid_hotplug(tmp_path: Path) -> None:
+    async def body() -> tuple[Path | None, int | None]:
+        rig = Rig(RigConfig(accel="tcg"), record_dir=tmp_path)
+        async with rig:
+            log = WorkloadLog(tmp_path)
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            await rig.require_qmp().execute("stop")
+            task = asyncio.create_task(unplug_dimm(rig, log, dev, timeout=10))
+            await asyncio.sleep(0.3)
+            assert rig.pid is not None
+            os.kill(rig.pid, signal.SIGKILL)
+            with pytest.raises(RigError, match="QEMU closed the QMP connection"):
+                await task
+            private = rig.private_dir
+        return private, rig.pid
+    t0 = time.monotonic()
+    private, pid = run(body())
+    assert time.monotonic() - t0 < 8  # noticed promptly, not at the 10 s timeout
+    assert_clean(private, pid)
+    ev = [r for r in table(tmp_path) if r["action"] == "event:DEVICE_DELETED"]
+    assert len(ev) == 1 and not ev[0]["ok"]
+
+
+def test_exception_inside_rig_cleans_up() -> None:
+    seen: dict[str, Any] = {}
+
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg")) as rig:
+            seen["dir"], seen["pid"], seen["sock"] = rig.private_dir, rig.pid, rig.qmp_socket
+            raise ValueError("boom")
+    with pytest.raises(ValueError):
+        run(body())
+    assert not seen["sock"].exists()
+    assert_clean(seen["dir"], seen["pid"])
+
+
+@needs_root
+def test_tap_created_and_removed() -> None:
+    name = f"sst{os.getpid() % 100000}"
+
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg", net=NetConfig(tap=name))) as rig:
+            assert await asyncio.to_thread(tap.exists, name)
+            assert f"ifname={name}" in " ".join(rig.argv)
+    run(body())
+    assert not tap.exists(name)
+
+
+# -- the command line ------------------------------------------------------------
+def slotscope(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slotscope", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def test_cli_up_hotplug_down(tmp_path: Path) -> None:
+    state = tmp_path / "rig"
+    env = {"SLOTSCOPE_RIG_DIR": str(state)}
+    accel = "kvm" if HAS_KVM else "tcg"
+    p = slotscope("rig", "up", "--accel", accel, env=env)
+    assert p.returncode == 0, p.stderr
+    pid = json.loads((state / "state.json").read_text())["pid"]
+    try:
+        assert "rig up: pid" in p.stdout
+        p = slotscope("rig", "up", env=env)  # a second rig is refused
+        assert p.returncode == 1 and "already up" in p.stderr
+        assert p.stderr.count("\n") == 1
+        p = slotscope("rig", "hotplug", "--cycles", "3", "--size", "128M",
+                      "-o", str(tmp_path / "run"), env=env)
+        assert p.returncode == 0, p.stderr
+        assert "hotplug: 3 cycles of 128M" in p.stdout
+        rows = table(tmp_path / "run")
+        assert sum(r["action"] == "event:DEVICE_DELETED" and r["ok"] for r in rows) == 3
+        p = slotscope("rig", "hotplug", "--size", "3G", env=env)
+        assert p.returncode == 1 and p.stderr.count("\n") == 1
+        assert "does not fit" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        p = slotscope("rig", "down", env=env)
+    assert p.returncode == 0, p.stderr
+    assert not state.exists()
+    # Detached QEMU was reparented; an init that does not reap leaves a zombie.
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    p = slotscope("rig", "down", env=env)
+    assert p.returncode == 1 and "no rig is up" in p.stderr
+
+
+def test_cli_run_hotplug_and_ctrl_c(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    p = slotscope("rig", "run", "--workload", "hotplug", "--accel", "tcg", "--duration", "1",
+                  "--rate", "10", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = table(out)
+    n = sum(r["action"] == "device_add" for r in rows)
+    assert 2 <= n <= 11  # 10 cycles/s for 1 s
+    assert n == sum(r["action"] == "event:DEVICE_DELETED" and r["ok"] for r in rows)
+    assert json.loads((out / "rig.json").read_text())["accel"] == "tcg"
+
+    # Ctrl-C mid-run: exit 130, QEMU gone, table readable up to the interrupt.
+    out2 = tmp_path / "run2"
+    proc = subprocess.Popen([sys.executable, "-m", "slotscope", "rig", "run", "--workload",
+                             "hotplug", "--accel", "tcg", "--duration", "60", "--rate", "20",
+                             "-o", str(out2)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    seen = 0
+    while time.monotonic() < deadline and seen < 5:
+        time.sleep(0.2)
+        if (out2 / "workload.parquet").exists():
+            seen = sum(r["action"] == "device_add" for r in table(out2))
+    assert seen >= 5, "no hotplug cycles recorded within 60 s"
+    qemu_pid = json.loads((out2 / "rig.json").read_text())["pid"]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not psutil.pid_exists(qemu_pid) or psutil.Process(qemu_pid).status() == "zombie"
+    # Nothing recorded before the interrupt is lost.
+    assert sum(r["action"] == "device_add" for r in table(out2)) >= seen
+
+
+def test_cli_bad_input() -> None:
+    p = slotscope("rig", "run", "--workload", "hotplug", "--accel", "tcg", "--duration", "1",
+                  "--memory", "1G", "--maxmem", "512M")
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "must exceed base" in p.stderr
+    p = slotscope("rig", "hotplug", "--size", "lots")
+    assert p.returncode == 2 and "bad size" in p.stderr
