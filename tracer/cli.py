@@ -75,10 +75,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise TracerError("flush interval must be in (0, 1] seconds")
     rec = _recorder(args, args.output, [], args.flush_interval)
     rec.start()
-    m = rec.manifest
-    print(f"slotscope record: {m['backend']} backend ({m['buffer']}), "
-          f"{len(m['probes_attached'])} probes, pids {m['filters']['pids'] or 'all'} "
-          f"-> {args.output}; Ctrl-C to stop", file=sys.stderr)
+    _attached(rec, "record")
     how = "duration"
     try:
         rec.run(args.duration)
@@ -94,12 +91,20 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attached(rec: Any, what: str) -> None:
+    m = rec.manifest
+    print(f"slotscope {what}: {m['backend']} backend ({m['buffer']}), "
+          f"{len(m['probes_attached'])} probes, pids {m['filters']['pids'] or 'all'}",
+          file=sys.stderr, flush=True)
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
     _check(args)
     from .sinks import JsonLines
     sink = JsonLines(sys.stdout, set(args.event) if args.event else None)
     rec = _recorder(args, None, [sink])
     rec.start()
+    _attached(rec, "stream")
     try:
         rec.run(args.duration)
     except KeyboardInterrupt:
@@ -117,6 +122,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     stats = LiveStats()
     rec = _recorder(args, None, [stats], min(1.0, args.interval))
     rec.start()
+    _attached(rec, "live")
     tty = sys.stdout.isatty()
     shown = 0
     try:

@@ -186,14 +186,15 @@ def _defines(flags: dict[str, int | str]) -> str:
     return "".join(f"#define {k} {v}\n" for k, v in flags.items())
 
 
-def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
-         emit_mmio: bool = True, offsets: dict[str, int] | None = None) -> Probes:
-    """Compile, load and attach ``backend``'s programs, filtered to ``pids``."""
-    try:
-        from bcc import BPF
-    except ImportError:
-        raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
-                          "with system site packages)") from None
+KPROBES = (("kprobe", "kvm_set_memslot", "on_set_memslot"),
+           ("kretprobe", "kvm_set_memslot", "on_set_memslot_ret"),
+           ("kprobe", "kvm_mmu_invalidate_mmio_sptes", "on_invalidate_mmio_sptes"))
+
+
+def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+                 emit_mmio: bool = True, offsets: dict[str, int] | None = None
+                 ) -> tuple[str, dict[str, int | str], list[str], list[str]]:
+    """(C text without the buffer define, defines, probes attached, probes missing)."""
     for tp in REQUIRED_TPS:
         if not caps.tracepoints.get(tp):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
@@ -201,7 +202,7 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
         "EMIT_MMIO": int(emit_mmio), "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
     }
-    attached = [tp for tp in REQUIRED_TPS]
+    attached = list(REQUIRED_TPS)
     missing = []
     for tp, define in OPTIONAL_TPS.items():
         if caps.tracepoints.get(tp):
@@ -212,35 +213,79 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     text = _source()
     if backend in ("kprobe", "kfunc"):
         from .btf import kvm_offsets
-        offsets = offsets or kvm_offsets()
-        flags.update(offsets)
+        flags.update(offsets or kvm_offsets())
         flags["USE_KFUNC"] = int(backend == "kfunc")
         text += "\n" + (BPF_DIR / "memslot_fn.bpf.c").read_text()
-        kind = "kfunc" if backend == "kfunc" else "kprobe"
-        attached += [f"{kind}:kvm_set_memslot", f"{kind}ret:kvm_set_memslot",
-                     f"{kind}:kvm_mmu_invalidate_mmio_sptes"]
+        if backend == "kfunc":
+            attached += ["kfunc:kvm_set_memslot", "kretfunc:kvm_set_memslot",
+                         "kfunc:kvm_mmu_invalidate_mmio_sptes"]
+        else:
+            attached += [f"{kind}:{fn}" for kind, fn, _ in KPROBES]
     elif backend != "tracepoint":
         raise TracerError(f"unknown backend {backend!r}")
+    return text, flags, attached, missing
+
+
+def _compile(text: str, flags: dict[str, int | str]) -> tuple[Any, str]:
+    """BPF object and buffer kind: the ring buffer if the kernel takes it, else perf."""
+    from bcc import BPF
     errors = []
-    for buffer in ("ringbuf", "perf"):  # try the ring buffer, fall back by trying
+    for buffer in ("ringbuf", "perf"):
         flags["USE_RINGBUF"] = int(buffer == "ringbuf")
         try:
             with _quiet_stderr():
-                bpf = BPF(text=_defines(flags) + text)
+                return BPF(text=_defines(flags) + text), buffer
         except Exception as e:  # bcc raises bare Exception
             lines = str(e).strip().splitlines()
             errors.append(f"{buffer}: {lines[-1] if lines else type(e).__name__}")
-            continue
-        break
-    else:
-        raise TracerError(f"cannot load the {backend} programs: {'; '.join(errors)}")
-    if pids:
-        table = bpf["pids"]
-        for pid in pids:
-            table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
-    probes = Probes(bpf, backend, buffer, attached, missing, offsets or {})
+    raise TracerError("cannot load the BPF programs: " + "; ".join(errors))
+
+
+def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+         emit_mmio: bool = True, offsets: dict[str, int] | None = None) -> Probes:
+    """Compile, load and attach ``backend``'s programs, filtered to ``pids``."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
+                          "with system site packages)") from None
+    text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets)
+    bpf, buffer = _compile(text, flags)
+    try:
+        if backend == "kprobe":
+            for kind, fn, prog in KPROBES:
+                attach = bpf.attach_kretprobe if kind == "kretprobe" else bpf.attach_kprobe
+                try:
+                    with _quiet_stderr():
+                        attach(event=fn, fn_name=prog)
+                except Exception as e:
+                    raise TracerError(f"cannot attach {kind} on {fn}: "
+                                      f"{str(e).strip().splitlines()[-1]}") from None
+        if pids:
+            table = bpf["pids"]
+            for pid in pids:
+                table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
+    except BaseException:
+        bpf.cleanup()
+        raise
+    offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
+    probes = Probes(bpf, backend, buffer, attached, missing, offs)
     probes.open()
     return probes
+
+
+def verify_kprobe_programs(caps: Capabilities) -> list[str]:
+    """Compile the kprobe backend and load (verify) its programs without
+    attaching: checks it on hosts that cannot attach kprobes."""
+    from bcc import BPF
+    text, flags, _, _ = program_text("kprobe", caps, [1])
+    bpf, _ = _compile(text, flags)
+    try:
+        for _, _, prog in KPROBES:
+            bpf.load_func(prog, BPF.KPROBE)
+        return [prog for _, _, prog in KPROBES]
+    finally:
+        bpf.cleanup()
 
 
 def resolve_pids(pids: Sequence[int]) -> list[int]:

@@ -268,8 +268,29 @@ class MicroVM:
 
         The schedule's i-th change is applied after (i + 1) * ``every`` MMIO
         exits (default: spread evenly); changes left when the run ends are
-        applied then, so every scheduled change always happens.
+        applied then, so every scheduled change always happens.  The vCPU
+        runs in a thread named like QEMU's ('CPU 0/KVM'), so tracers can
+        name the vCPU even if they missed KVM_CREATE_VCPU.
         """
+        out: list[Result | BaseException] = []
+
+        def vcpu_thread() -> None:
+            _set_thread_name(b"CPU 0/KVM")
+            try:
+                out.append(self._run(mmio_accesses, schedule, every, duration))
+            except BaseException as e:  # re-raised in the caller's thread
+                out.append(e)
+
+        t = threading.Thread(target=vcpu_thread, name="CPU 0/KVM", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.2)
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    def _run(self, mmio_accesses: int, schedule: Sequence[tuple[str, int]],
+             every: int, duration: float) -> Result:
         if self.run_map is None:
             self.start()
         if mmio_accesses <= 0 and duration <= 0:
@@ -277,6 +298,7 @@ class MicroVM:
         if not every and schedule:
             every = max(1, mmio_accesses // (len(schedule) + 1)) if mmio_accesses else 1000
         r = self.result
+        r.tid = _gettid()
         run_map, vcpu = self.run_map, self.vcpu
         assert run_map is not None
         unpack = struct.unpack_from
@@ -368,6 +390,12 @@ class _ignore:
 
 def _gettid() -> int:
     return threading.get_native_id()
+
+
+def _set_thread_name(name: bytes) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
 
 
 def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),

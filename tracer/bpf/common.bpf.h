@@ -5,6 +5,8 @@
  * RINGBUF_PAGES, HAVE_<TRACEPOINT> for each optional tracepoint.
  */
 
+#include <uapi/linux/ptrace.h>
+
 typedef u64 gfn_t;  /* kvmmmu formats name it; bcc has no kvm headers */
 
 enum ev_type {

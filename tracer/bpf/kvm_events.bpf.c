@@ -284,7 +284,10 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 	if (e) {
 		ev_init(e, EV_ZAP, id, bpf_ktime_get_ns());
 		e->a = args->mmu_valid_gen;
-		e->d = (u64)pid << 32;
+		/* zap-all runs inside the memslot ioctl on the VM's fd */
+		u32 tid = (u32)id;
+		struct pending_ioctl *p = pending.lookup(&tid);
+		e->d = ((u64)pid << 32) | (p ? p->fd : 0);
 		ev_submit(args, e);
 	}
 	return 0;

@@ -150,17 +150,19 @@ KFUNC_PROBE(kvm_mmu_invalidate_mmio_sptes, void *kvm, u64 gen)
 	return invalidate(ctx, (u64)kvm, gen);
 }
 #else
-int kprobe__kvm_set_memslot(struct pt_regs *ctx, void *kvm, void *old, void *new, int change)
+/* Attached by name from Python (not bcc's kprobe__ auto-attach), so the
+ * programs can also be loaded and verified on a host without kprobes. */
+int on_set_memslot(struct pt_regs *ctx, void *kvm, void *old, void *new, int change)
 {
 	return setmem_enter((u64)kvm, (u64)old, (u64)new, change);
 }
 
-int kretprobe__kvm_set_memslot(struct pt_regs *ctx)
+int on_set_memslot_ret(struct pt_regs *ctx)
 {
 	return setmem_exit(ctx, PT_REGS_RC(ctx));
 }
 
-int kprobe__kvm_mmu_invalidate_mmio_sptes(struct pt_regs *ctx, void *kvm, u64 gen)
+int on_invalidate_mmio_sptes(struct pt_regs *ctx, void *kvm, u64 gen)
 {
 	return invalidate(ctx, (u64)kvm, gen);
 }
