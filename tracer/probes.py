@@ -123,9 +123,9 @@ class Probes:
 
     def open(self) -> None:
         if self.buffer == "ringbuf":
-            self._ring = RingReader(self.bpf["events"].map_fd, RINGBUF_PAGES * mmap.PAGESIZE)
+            self._ring = RingReader(self.bpf[b"events"].map_fd, RINGBUF_PAGES * mmap.PAGESIZE)
         else:
-            self.bpf["events"].open_perf_buffer(self._on_event, page_cnt=256,
+            self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=256,
                                                 lost_cb=self._on_lost, wakeup_events=256)
 
     def poll(self, timeout_ms: int) -> np.ndarray:
@@ -149,7 +149,7 @@ class Probes:
 
     def lost_counts(self) -> dict[str, int]:
         """Cumulative reserve failures per event kind (+ perf buffer losses)."""
-        table = self.bpf["lost"]
+        table = self.bpf[b"lost"]
         out = {}
         for i, kind in enumerate(LOST_KINDS):
             out[kind] = int(sum(table[ctypes.c_int(i)]))
@@ -166,7 +166,7 @@ class Probes:
     def exit_hist(self) -> dict[tuple[int, int, int], tuple[int, int]]:
         """Cumulative (pid, reason, log2 ns) -> (count, sum ns)."""
         return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
-                for k, v in self.bpf["exit_hist"].items()}
+                for k, v in self.bpf[b"exit_hist"].items()}
 
     def close(self) -> None:
         if self._ring is not None:
@@ -234,7 +234,7 @@ def _compile(text: str, flags: dict[str, int | str]) -> tuple[Any, str]:
         flags["USE_RINGBUF"] = int(buffer == "ringbuf")
         try:
             with _quiet_stderr():
-                return BPF(text=_defines(flags) + text), buffer
+                return BPF(text=(_defines(flags) + text).encode()), buffer
         except Exception as e:  # bcc raises bare Exception
             lines = str(e).strip().splitlines()
             errors.append(f"{buffer}: {lines[-1] if lines else type(e).__name__}")
@@ -257,12 +257,12 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
                 attach = bpf.attach_kretprobe if kind == "kretprobe" else bpf.attach_kprobe
                 try:
                     with _quiet_stderr():
-                        attach(event=fn, fn_name=prog)
+                        attach(event=fn.encode(), fn_name=prog.encode())
                 except Exception as e:
                     raise TracerError(f"cannot attach {kind} on {fn}: "
                                       f"{str(e).strip().splitlines()[-1]}") from None
         if pids:
-            table = bpf["pids"]
+            table = bpf[b"pids"]
             for pid in pids:
                 table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
     except BaseException:
@@ -282,7 +282,7 @@ def verify_kprobe_programs(caps: Capabilities) -> list[str]:
     bpf, _ = _compile(text, flags)
     try:
         for _, _, prog in KPROBES:
-            bpf.load_func(prog, BPF.KPROBE)
+            bpf.load_func(prog.encode(), BPF.KPROBE)
         return [prog for _, _, prog in KPROBES]
     finally:
         bpf.cleanup()

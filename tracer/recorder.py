@@ -227,7 +227,7 @@ class Recorder:
         if self.probes is not None:
             try:
                 if self.pids:  # stop new events, then take what is buffered
-                    self.probes.bpf["pids"].clear()
+                    self.probes.bpf[b"pids"].clear()
                 self._dispatch(self.probes.drain())
                 self.flush()
             finally:

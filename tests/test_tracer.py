@@ -1,0 +1,288 @@
+"""The tracer on the live kernel (bcc), against the micro-VMM's own counts.
+
+On this host that is the tracepoint-only backend; the kprobe/kfunc backends
+run in the nested lab VM (tests/test_labvm*).  Nothing here is mocked: real
+BPF programs, a real /dev/kvm workload, real Parquet files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import needs_bcc, needs_kvm, needs_root
+
+from analysis.schema import read_run
+
+pytestmark = [needs_root, needs_kvm, needs_bcc]
+
+SLOTSCOPE = [sys.executable, "-m", "slotscope"]
+SCHEDULE = "create:1,create:2,flags:1,move:2,flags:1,move:2,delete:1,delete:2,create:1"
+M = 4000
+
+
+class Workload:
+    """A micro-VMM subprocess held at its start line until go()."""
+
+    def __init__(self, n: int, schedule: str = SCHEDULE, pages: int = 3,
+                 truth: Path | None = None) -> None:
+        self.truth = truth
+        args = [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", str(pages),
+                "--schedule", schedule, "--wait", "-o", str(truth or os.devnull)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().startswith("ready")
+        self.pid = self.proc.pid
+
+    def go(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(timeout=120) == 0
+        return json.loads(self.truth.read_text()) if self.truth else {}
+
+
+def start_tracer(*args: str) -> subprocess.Popen[str]:
+    """Start a slotscope command and wait until its probes are attached."""
+    p = subprocess.Popen([*SLOTSCOPE, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    assert "backend" in line, line + p.stderr.read()
+    return p
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any], str]:
+    tmp = tmp_path_factory.mktemp("rec")
+    wl = Workload(M, truth=tmp / "truth.json")
+    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp / "run"))
+    truth = wl.go()
+    _, err = rec.communicate(timeout=60)
+    assert rec.returncode == 0, err
+    return read_run(tmp / "run"), truth, err
+
+
+def test_memslot_updates_exact(recording: tuple[Any, dict[str, Any], str]) -> None:
+    run, truth, _ = recording
+    df = run.tables["memslot_update"].to_pandas()
+    want = truth["memslot_changes"]
+    assert len(df) == len(want) == 10  # setup slot 0 + 9 scheduled
+    vm = truth["pid"] << 32 | truth["vm_fd"]
+    for row, w in zip(df.itertuples(), want, strict=True):
+        assert row.slot_id == w["slot"] and row.as_id == 0
+        assert row.change == w["change"]
+        assert row.base_gfn << 12 == w["gpa"]
+        assert row.npages << 12 == w["size"]
+        assert row.flags == w["flags"]
+        assert row.userspace_addr == w["userspace_addr"]
+        assert row.ret == w["ret"] == 0
+        assert row.vm == vm and row.pid == truth["pid"]
+        # the tracer's interval encloses the VMM's own timestamps
+        assert row.begin_ns <= w["begin_ns"] + 1_000_000 and row.end_ns >= w["begin_ns"]
+    assert Counter(df.change) == {"create": 4, "flags_only": 2, "move": 2, "delete": 2}
+
+
+def test_mmio_access_exact(recording: tuple[Any, dict[str, Any], str]) -> None:
+    run, truth, _ = recording
+    df = run.tables["mmio_access"].to_pandas()
+    # a read exits as 'unsatisfied-read' and is traced again as 'read' when
+    # KVM completes it on the next KVM_RUN
+    assert dict(Counter(df["type"].astype(str))) == {
+        "unsatisfied-read": truth["mmio_reads"], "read": truth["reads_completed"],
+        "write": truth["mmio_writes"]}
+    assert truth["mmio_exits"] == M
+    exits = df[df["type"] != "read"]
+    assert len(exits) == M
+    by_page = Counter(exits.gpa)
+    assert {f"{g:#x}": n for g, n in by_page.items()} == {
+        p: c["read"] + c["write"] for p, c in truth["mmio_by_page"].items()}
+    assert set(df.vcpu) == {0} and set(df.tid) == {truth["tid"]}
+    assert set(df.vm) == {truth["pid"] << 32 | truth["vm_fd"]}
+
+
+def test_mmio_fault_intervals(recording: tuple[Any, dict[str, Any], str]) -> None:
+    run, truth, _ = recording
+    df = run.tables["mmio_fault"].to_pandas()
+    # every MMIO exit but the last (never re-entered) closes an interval
+    assert len(df) == M - 1
+    assert (df.latency_ns > 0).all() and df.to_user.all()
+    assert abs(int(df.is_write.sum()) - truth["mmio_writes"]) <= 1
+    assert {f"{g:#x}" for g in df.gpa} == set(truth["mmio_by_page"])
+    assert set(df.vcpu) == {0}
+
+
+def test_manifest_and_lost(recording: tuple[Any, dict[str, Any], str]) -> None:
+    run, truth, err = recording
+    m = run.manifest
+    assert m["backend"] == "tracepoint" and m["complete"]
+    assert m["filters"]["pids"] == [truth["pid"]]
+    assert "syscalls:sys_enter_ioctl" in m["probes_attached"]
+    assert "kvm:kvm_mmio" in m["probes_attached"]
+    assert m["stop_reason"] == "targets exited"
+    assert set(m["lost"].values()) == {0}
+    assert run.tables["lost"].num_rows == 0
+    assert "0 lost" in err
+    assert m["rows"]["mmio_access"] == run.tables["mmio_access"].num_rows
+
+
+def test_recorder_api_in_process(tmp_path: Path) -> None:
+    from tracer.recorder import Recorder
+    from vmrig import microvm
+    with Recorder(tmp_path / "run", pids=[os.getpid()]) as rec:
+        r = microvm.run(1500, pages=2, schedule="create:5,flags:5,move:5,delete:5")
+    run = read_run(tmp_path / "run")
+    assert rec.counts["memslot_update"] == 5
+    assert list(run.tables["memslot_update"].column("change").to_pylist()) == [
+        "create", "create", "flags_only", "move", "delete"]
+    assert run.tables["mmio_access"].num_rows == sum(microvm.expected_mmio_events(r).values())
+    assert set(run.manifest["lost"].values()) == {0}
+
+
+def test_stream_json_lines(tmp_path: Path) -> None:
+    wl = Workload(600, "create:4,delete:4", pages=2, truth=tmp_path / "t.json")
+    p = start_tracer("stream", "-p", str(wl.pid), "-e", "memslot_update")
+    truth = wl.go()
+    out, _ = p.communicate(timeout=60)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["event"], r["slot_id"], r["change"]) for r in rows] == [
+        ("memslot_update", 0, "create"), ("memslot_update", 4, "create"),
+        ("memslot_update", 4, "delete")]
+    assert rows[1]["base_gfn"] << 12 == truth["memslot_changes"][1]["gpa"]
+
+
+def test_live_plain_lines(tmp_path: Path) -> None:
+    wl = Workload(3000, "create:4,delete:4", pages=2)
+    p = start_tracer("live", "-p", str(wl.pid), "0.3", "2")
+    wl.go()
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    lines = out.splitlines()
+    assert any(line.lstrip().startswith("VM VCPU") for line in lines)
+    assert all(len(line) < 80 for line in lines)
+    assert any(f"{wl.pid}/" in line for line in lines)
+
+
+def _one_line_error(args: list[str], match: str) -> None:
+    p = subprocess.run([*SLOTSCOPE, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert match in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_pid(tmp_path: Path) -> None:
+    _one_line_error(["record", "-p", "999999999", "-o", str(tmp_path / "r")],
+                    "no process with pid 999999999")
+
+
+def test_unavailable_backend(tmp_path: Path) -> None:
+    from tracer.capabilities import probe
+    caps = probe(try_kfunc=False)
+    if caps.kprobes:
+        pytest.skip("this kernel has kprobes; the unavailable case is tested where it lacks them")
+    _one_line_error(["record", "--backend", "kprobe", "-d", "1", "-o", str(tmp_path / "r")],
+                    "backend kprobe unavailable: ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_output(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(["record", "-d", "1", "-o", str(f / "run")], "cannot write run directory")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")
+    _one_line_error(["record", "-d", "1", "-o", str(run)], "already holds a recording")
+
+
+def test_not_root(tmp_path: Path) -> None:
+    if not Path("/usr/bin/setpriv").exists():
+        pytest.skip("needs setpriv (util-linux)")
+    p = subprocess.run(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        *SLOTSCOPE, "record", "-d", "1", "-o", "/tmp/never"],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert p.returncode == 1 and "needs root" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_missing_tracepoint() -> None:
+    from dataclasses import replace
+
+    from tracer import TracerError
+    from tracer.capabilities import probe
+    from tracer.probes import load
+    caps = probe(try_kfunc=False)
+    # the kernel as the probe saw it, minus kvm:kvm_mmio (as on a kernel without it)
+    gone = replace(caps, tracepoints={**caps.tracepoints, "kvm:kvm_mmio": False})
+    with pytest.raises(TracerError, match="tracepoint kvm:kvm_mmio is missing"):
+        load("tracepoint", gone)
+
+
+def test_kprobe_programs_verify() -> None:
+    """The kprobe backend's programs compile and pass the verifier here,
+    with struct offsets from this kernel's BTF (they attach in the lab VM)."""
+    from tracer.btf import kvm_offsets
+    from tracer.capabilities import probe
+    from tracer.probes import verify_kprobe_programs
+    offs = kvm_offsets()
+    assert offs["OFF_SLOT_NPAGES"] == offs["OFF_SLOT_BASE_GFN"] + 8
+    assert verify_kprobe_programs(probe(try_kfunc=False)) == [
+        "on_set_memslot", "on_set_memslot_ret", "on_invalidate_mmio_sptes"]
+
+
+def _wait_gone(ids: list[int], timeout: float = 10.0) -> list[int]:
+    from tracer.bpfsys import prog_loaded
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [i for i in ids if prog_loaded(i)]
+        if not left or time.monotonic() > deadline:
+            return left
+
+
+def test_sigkill_leaves_readable_run_and_no_probes(tmp_path: Path) -> None:
+    from tracer.bpfsys import prog_loaded
+    wl = Workload(1_000_000, "create:1,delete:1", pages=2)
+    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    assert wl.proc.stdin is not None
+    wl.proc.stdin.write("go\n")
+    wl.proc.stdin.flush()
+    time.sleep(2.5)  # >= 2 flushes
+    ids = json.loads((tmp_path / "run" / "manifest.json").read_text())["bpf_prog_ids"]
+    assert ids and all(prog_loaded(i) for i in ids)
+    rec.send_signal(signal.SIGKILL)
+    rec.wait(timeout=10)
+    wl.proc.kill()
+    wl.proc.wait()
+    assert _wait_gone(ids) == []
+    run = read_run(tmp_path / "run")
+    assert not run.complete
+    assert run.tables["mmio_access"].num_rows > 1000
+    assert run.tables["memslot_update"].num_rows >= 1
+
+
+def test_sigterm_finalizes(tmp_path: Path) -> None:
+    wl = Workload(1_000_000, "create:1,delete:1", pages=2)
+    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    assert wl.proc.stdin is not None
+    wl.proc.stdin.write("go\n")
+    wl.proc.stdin.flush()
+    time.sleep(1.5)
+    rec.send_signal(signal.SIGTERM)
+    _, err = rec.communicate(timeout=30)
+    wl.proc.kill()
+    wl.proc.wait()
+    assert rec.returncode == 0, err
+    run = read_run(tmp_path / "run")
+    assert run.complete and run.manifest["stop_reason"] == "interrupted"
+    assert not list((tmp_path / "run").glob("*.parts"))
+    assert _wait_gone(run.manifest["bpf_prog_ids"]) == []
+    assert run.tables["mmio_access"].num_rows > 100
