@@ -247,8 +247,19 @@ class Rig:
             if loop.time() > deadline:
                 raise RigError(f"no QMP socket after {self.config.boot_timeout:g} s")
             await asyncio.sleep(0.01)
-        self.qmp = Qmp(timeout=self.config.qmp_timeout)
-        await self.qmp.connect(str(files.qmp_socket))
+        # The socket file appears at bind(), a moment before listen().
+        while True:
+            qmp = Qmp(timeout=self.config.qmp_timeout)
+            try:
+                await qmp.connect(str(files.qmp_socket))
+                break
+            except RigError:
+                await qmp.close()
+                self._check_alive("starting")
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        self.qmp = qmp
         os.chmod(files.qmp_socket, 0o600)
         ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
         while ready not in self.serial():
