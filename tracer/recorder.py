@@ -91,6 +91,7 @@ class Recorder:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._cpu0 = 0.0
+        self.thread_cpu_s = 0.0  # CPU of the background drain thread, when used
         self.manifest: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------
@@ -250,10 +251,13 @@ class Recorder:
         return self
 
     def _thread_main(self) -> None:
+        t0 = time.thread_time()
         try:
             self.run()
         except BaseException as e:  # surfaced by stop()
             self._error = e
+        finally:
+            self.thread_cpu_s = time.thread_time() - t0
 
     def stop(self) -> None:
         """Stop the background thread (if any) and close."""
