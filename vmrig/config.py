@@ -212,7 +212,8 @@ def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
     else:
         if files.kernel is None or files.initrd is None:
             raise RigError("linux guest: no kernel/initramfs")
-        cmdline = "console=ttyS0 panic=-1 memhp_default_state=online_movable quiet"
+        cmdline = ("console=ttyS0 panic=-1 memhp_default_state=online_movable quiet "
+                   f"slotscope.pages={config.bare.npages}")
         if config.kernel_cmdline:
             cmdline += " " + config.kernel_cmdline
         argv += ["-kernel", str(files.kernel), "-initrd", str(files.initrd),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from qemu.qmp import (
@@ -70,8 +70,10 @@ class Qmp:
         return self.client.listener(names)
 
     async def wait(self, listener: EventListener, what: str, timeout: float,
-                   match: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The next event on ``listener`` whose data contains ``match``."""
+                   match: dict[str, Any] | Callable[[dict[str, Any]], bool] | None = None,
+                   ) -> dict[str, Any]:
+        """The next event on ``listener`` whose data contains ``match`` (a dict
+        of data items, or a predicate on the whole event)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -90,7 +92,8 @@ class Qmp:
                 continue
             event = get.result()
             data = event.get("data", {})
-            if match is None or all(data.get(k) == v for k, v in match.items()):
+            if match is None or (match(dict(event)) if callable(match)
+                                 else all(data.get(k) == v for k, v in match.items())):
                 return dict(event)
 
     async def close(self) -> None:

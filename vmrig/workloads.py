@@ -121,52 +121,102 @@ async def check_dimm_fits(rig: Rig, size: int) -> list[dict[str, Any]]:
     return dimms
 
 
-async def plug_dimm(rig: Rig, log: WorkloadLog, size: int) -> str:
-    """object-add + device_add one pc-dimm; returns its device id."""
+# ACPI _OST: an OS reports how it handled a hotplug notification.  Status 0
+# is success, 0x84 "eject in progress"; anything else is a refusal.
+OST_OK = (0, 0x84)
+
+
+def _ost_for(dev_id: str, sources: tuple[int, ...] | None = None) -> Callable[..., bool]:
+    def match(ev: dict[str, Any]) -> bool:
+        if ev["event"] != "ACPI_DEVICE_OST":
+            return ev["data"].get("device") == dev_id
+        info = ev["data"].get("info", {})
+        return info.get("device") == dev_id and (sources is None or info.get("source")
+                                                 in sources)
+    return match
+
+
+async def plug_dimm(rig: Rig, log: WorkloadLog, size: int, timeout: float = 10.0) -> str:
+    """object-add + device_add one pc-dimm; returns its device id.  With an
+    ACPI guest (linux) it also waits for the guest's _OST for the insert, so
+    the memory is online before anything unplugs it."""
     qmp = rig.require_qmp()
     await check_dimm_fits(rig, size)
     mem_id, dev_id = log.new_id("ssmem"), log.new_id("ssdimm")
     await log.step("object-add", mem_id, qmp.execute(
         "object-add", {"qom-type": "memory-backend-ram", "id": mem_id, "size": size}), size)
-    try:
-        await log.step("device_add", dev_id, qmp.execute(
-            "device_add", {"driver": "pc-dimm", "id": dev_id, "memdev": mem_id}), size)
-    except RigError:
-        # Leave no orphan backend; a failure here is recorded too.
-        await log.step("object-del", mem_id, qmp.execute("object-del", {"id": mem_id}), size)
-        raise
-    for d in _dimms(await rig.memory_devices()):
-        if d.get("id") == dev_id:
-            log.rows[-1]["detail"] = json.dumps({"addr": d["addr"], "slot": d["slot"],
-                                                 "memdev": mem_id}, sort_keys=True)
+    with qmp.listener("ACPI_DEVICE_OST") as listener:
+        try:
+            await log.step("device_add", dev_id, qmp.execute(
+                "device_add", {"driver": "pc-dimm", "id": dev_id, "memdev": mem_id}), size)
+        except RigError:
+            # Leave no orphan backend; a failure here is recorded too.
+            await log.step("object-del", mem_id, qmp.execute("object-del", {"id": mem_id}),
+                           size)
+            raise
+        add_row = log.rows[-1]
+        for d in _dimms(await rig.memory_devices()):
+            if d.get("id") == dev_id:
+                add_row["detail"] = json.dumps({"addr": d["addr"], "slot": d["slot"],
+                                                "memdev": mem_id}, sort_keys=True)
+        if rig.config.guest == "linux":
+            begin = add_row["begin_ns"]
+            try:
+                ev = await qmp.wait(listener, f"device_add {dev_id}: guest _OST", timeout,
+                                    match=_ost_for(dev_id, (0, 1)))
+            except RigError as e:
+                log.add("event:ACPI_DEVICE_OST", dev_id, begin, monotonic_ns(), size,
+                        ok=False, error=str(e))
+                raise
+            status = int(ev["data"]["info"].get("status", 0))
+            ok = status in OST_OK
+            log.add("event:ACPI_DEVICE_OST", dev_id, monotonic_ns(), monotonic_ns(), size,
+                    ok=ok, error="" if ok else f"guest _OST status {status:#x}",
+                    detail={"latency_ns": monotonic_ns() - begin, **ev["data"]["info"]})
+            if not ok:
+                raise RigError(f"device_add {dev_id}: the guest failed the insert "
+                               f"(_OST status {status:#x})")
     return dev_id
 
 
 async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 5.0) -> float:
-    """device_del, wait for DEVICE_DELETED, object-del; returns the event latency (s)."""
+    """device_del, wait for DEVICE_DELETED, object-del; returns the event latency (s).
+
+    DEVICE_UNPLUG_GUEST_ERROR, a failing ACPI _OST for the eject, or no
+    event within ``timeout`` is recorded and raised; the dimm then stays
+    plugged (query-memory-devices still lists it)."""
     qmp = rig.require_qmp()
     dimm = next((d for d in _dimms(await rig.memory_devices()) if d.get("id") == dev_id), None)
     if dimm is None:
         raise RigError(f"no pc-dimm {dev_id!r} is plugged")
     size, mem_id = int(dimm["size"]), str(dimm["memdev"]).rsplit("/", 1)[-1]
-    with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR") as listener:
+    with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR",
+                      "ACPI_DEVICE_OST") as listener:
         await log.step("device_del", dev_id, qmp.execute("device_del", {"id": dev_id}), size)
         begin = log.rows[-1]["begin_ns"]  # latency counts from sending device_del
-        try:
-            ev = await qmp.wait(listener, f"device_del {dev_id}", timeout,
-                                match={"device": dev_id})
-        except RigError as e:
-            msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
-                   if "no event" in str(e) else str(e))
-            log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
-                    error=msg)
-            log.flush()
-            raise RigError(msg) from None
-        end = monotonic_ns()
-        if ev["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
-            msg = f"device_del {dev_id}: the guest refused the unplug"
-            log.add("event:DEVICE_UNPLUG_GUEST_ERROR", dev_id, end, end, size, ok=False,
-                    error=msg)
+        while True:
+            try:
+                ev = await qmp.wait(listener, f"device_del {dev_id}", timeout,
+                                    match=_ost_for(dev_id))
+            except RigError as e:
+                msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
+                       if "no event" in str(e) else str(e))
+                log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
+                        error=msg)
+                log.flush()
+                raise RigError(msg) from None
+            end = monotonic_ns()
+            if ev["event"] == "ACPI_DEVICE_OST":
+                status = int(ev["data"]["info"].get("status", 0))
+                if status in OST_OK:
+                    continue
+                msg = f"device_del {dev_id}: the guest refused the eject (_OST status " \
+                      f"{status:#x})"
+            elif ev["event"] == "DEVICE_UNPLUG_GUEST_ERROR":
+                msg = f"device_del {dev_id}: the guest refused the unplug"
+            else:
+                break
+            log.add(f"event:{ev['event']}", dev_id, end, end, size, ok=False, error=msg)
             log.flush()
             raise RigError(msg)
         log.event("DEVICE_DELETED", dev_id, end, size,
