@@ -415,6 +415,26 @@ def expected_mmio_events(r: Result) -> dict[str, int]:
             "write": r.mmio_writes}
 
 
+def write_workload(run_dir: str | os.PathLike[str], r: Result) -> None:
+    """The run as the rig's side of a recording: ``workload.json`` (counts) and
+    a ``workload`` table with one row per memslot ioctl and one for the MMIO loop."""
+    from analysis.schema import write_table, write_workload_config
+    summary = r.as_dict()
+    summary.pop("memslot_changes")
+    write_workload_config(run_dir, {"workload": "microvm", **summary})
+    rows = [(c.begin_ns, c.end_ns, f"memslot_{c.change}", f"slot {c.slot}", c.size, c.ret == 0,
+             None if c.ret == 0 else os.strerror(-c.ret),
+             json.dumps({"gpa": c.gpa, "flags": c.flags, "userspace_addr": c.userspace_addr,
+                         "after_mmio": c.after_mmio, "phase": c.phase}))
+            for c in r.memslot_changes]
+    rows.append((r.start_ns, r.stop_ns, "mmio_loop", f"{r.pages} pages", r.pages * PAGE, True,
+                 None, json.dumps({"mmio_exits": r.mmio_exits, "reads": r.mmio_reads,
+                                   "writes": r.mmio_writes, "access": r.access})))
+    rows.sort(key=lambda x: x[0])
+    names = ("begin_ns", "end_ns", "action", "target", "size", "ok", "error", "detail")
+    write_table(run_dir, "workload", {n: [row[i] for row in rows] for i, n in enumerate(names)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vmrig.microvm", description=__doc__.split("\n")[0])
     p.add_argument("--mmio-accesses", "-n", type=int, default=0, metavar="M",
@@ -428,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="print 'ready PID' and wait for a line on stdin before starting")
     p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
+    p.add_argument("--run-dir", help="also write workload.json + workload.parquet into this "
+                   "run directory (e.g. the one `slotscope record` writes)")
     return p
 
 
@@ -447,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if args.run_dir:
+        write_workload(args.run_dir, r)
     text = json.dumps(r.as_dict(), indent=1)
     if args.output:
         with open(args.output, "w") as f:
