@@ -97,7 +97,8 @@ class LiveStats:
                 slots = f"{vm.memslots / seconds:6.1f}" if first else f"{'':>6}"
                 gen = f"{vm.gen:6x}" if first and vm.gen is not None else f"{'-':>6}"
                 vm_s = _vm_name(vm_id) if first else ""
-                lines.append(f"{vm_s:>14} {vcpu_id:>4} {v.faults / seconds:8.0f} {stale} "
+                vcpu_s = str(vcpu_id) if vcpu_id >= 0 else "-"
+                lines.append(f"{vm_s:>14} {vcpu_s:>4} {v.faults / seconds:8.0f} {stale} "
                              f"{p50} {p99} {v.accesses / seconds:8.0f} {slots} {gen}")
                 first = False
         lines.append(f"lost events: {self.lost}")
