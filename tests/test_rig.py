@@ -158,6 +158,9 @@ def test_size_beyond_maxmem_and_slots_exhausted(tmp_path: Path) -> None:
                 b = await plug_dimm(rig, log, 64 * MiB)
                 with pytest.raises(RigError, match="all 2 memory slots are in use"):
                     await plug_dimm(rig, log, 64 * MiB)
+                # QEMU's own refusals come back as one-line RigErrors.
+                with pytest.raises(RigError, match=r"^object-del: .*nope"):
+                    await rig.require_qmp().execute("object-del", {"id": "nope"})
                 ids = {d["data"]["id"] for d in await rig.memory_devices()}
                 assert ids == {a, b}
                 for dev in (a, b):

@@ -146,6 +146,8 @@ async def _run(args: argparse.Namespace) -> int:
     from vmrig import workloads as wl
     from vmrig.rig import Rig
     guest = "linux" if args.workload == "virtio-mem" else "bare"
+    if args.workload == "virtio-mem" and args.guest == "bare":
+        raise RigError("virtio-mem resizes need the guest's driver: use --guest linux")
     if args.workload == "virtio-mem" and not args.virtio_mem:
         args.virtio_mem = 512 << 20
     cfg = _config(args, guest)

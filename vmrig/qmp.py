@@ -58,7 +58,7 @@ class Qmp:
         try:
             return await asyncio.wait_for(self.client.execute(cmd, args), limit)
         except ExecuteError as e:
-            raise RigError(f"{cmd}: {e.error.desc}") from None
+            raise RigError(f"{cmd}: {e.error.error.desc}") from None
         except TimeoutError:
             raise RigError(f"{cmd}: no reply within {limit:g} s") from None
         except (StateError, ExecInterruptedError, EOFError, ConnectionError) as e:
