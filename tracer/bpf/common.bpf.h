@@ -101,6 +101,10 @@ static __always_inline struct event *ev_reserve(void *ctx, struct event *buf, in
 {
 #if USE_RINGBUF
 	struct event *e = events.ringbuf_reserve(sizeof(struct event));
+	/* Since 6.15 the reserve lock is a resilient spinlock that can give up
+	 * (timeout/deadlock check) with space left: try once more. */
+	if (!e)
+		e = events.ringbuf_reserve(sizeof(struct event));
 	if (!e)
 		count_lost(kind);
 	return e;
