@@ -334,3 +334,17 @@ def test_cli_bad_input() -> None:
     assert p.stderr.strip().count("\n") == 0 and "must exceed base" in p.stderr
     p = slotscope("rig", "hotplug", "--size", "lots")
     assert p.returncode == 2 and "bad size" in p.stderr
+
+
+@needs_kvm
+def test_cli_run_microvm(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    p = slotscope("rig", "run", "--workload", "microvm", "--duration", "0.5",
+                  "--schedule", "create:1,flags:1,delete:1", "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = table(out)
+    sched = [r["action"] for r in rows if json.loads(r["detail"])["phase"] == "schedule"]
+    assert sched == ["memslot:create", "memslot:flags_only", "memslot:delete"]
+    result = json.loads((out / "workload.json").read_text())["result"]
+    assert result["mmio_exits"] > 0
+    assert len(result["memslot_changes"]) == len(rows)
