@@ -348,3 +348,56 @@ def test_cli_run_microvm(tmp_path: Path) -> None:
     result = json.loads((out / "workload.json").read_text())["result"]
     assert result["mmio_exits"] > 0
     assert len(result["memslot_changes"]) == len(rows)
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+
+
+@needs_root
+@needs_kvm
+@pytest.mark.skipif(not (TRACEFS / "events/syscalls/sys_enter_ioctl").exists(),
+                    reason="needs tracefs with syscalls:sys_enter_ioctl")
+def test_kvm_memslot_ioctls_per_action() -> None:
+    """Under -accel kvm a pc-dimm plug is exactly one KVM_SET_USER_MEMORY_REGION
+    (CREATE), its unplug one (DELETE); a dirty-log round flags every RAM slot
+    on and off.  Counted in a private tracefs instance (no effect on others)."""
+    inst = TRACEFS / "instances" / f"slotscope-rig-test-{os.getpid()}"
+    inst.mkdir()
+    counts: dict[str, int] = {}
+
+    qemu: dict[str, int] = {}
+
+    def take() -> int:
+        # record-tgid: QEMU's short-lived threads (e.g. calc-dirty-rate's) count too.
+        lines = [ln for ln in (inst / "trace").read_text().splitlines()
+                 if "sys_ioctl" in ln and f"({qemu['pid']:>7})" in ln]
+        (inst / "trace").write_text("")
+        return len(lines)
+
+    async def body() -> None:
+        async with Rig(RigConfig(accel="kvm")) as rig:
+            assert rig.pid is not None
+            qemu["pid"] = rig.pid
+            (inst / "options/record-tgid").write_text("1")
+            ev = inst / "events/syscalls/sys_enter_ioctl"
+            (ev / "filter").write_text(f"cmd == {KVM_SET_USER_MEMORY_REGION:#x}")
+            (ev / "enable").write_text("1")
+            take()
+            log = WorkloadLog()
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            await asyncio.sleep(0.1)
+            counts["plug"] = take()
+            await unplug_dimm(rig, log, dev)
+            await asyncio.sleep(0.1)
+            counts["unplug"] = take()
+            await dirty_log_toggles(rig, log, count=1)
+            await asyncio.sleep(0.1)
+            counts["dirty"] = take()
+            (ev / "enable").write_text("0")
+    try:
+        run(body())
+    finally:
+        inst.rmdir()
+    assert counts["plug"] == 1 and counts["unplug"] == 1, counts
+    assert counts["dirty"] >= 2 and counts["dirty"] % 2 == 0, counts
