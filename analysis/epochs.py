@@ -51,36 +51,68 @@ def _groups(*keys: np.ndarray) -> tuple[np.ndarray, int]:
     return gid.astype(np.int64, copy=False), (ng if n else 0)
 
 
-def _key_ids(left: list[np.ndarray], right: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Shared group ids for (run, vm)-style keys on two tables."""
-    n = len(left[0])
-    both = [np.concatenate([a, b]) for a, b in zip(left, right, strict=True)]
-    gid, _ = _groups(*both) if len(both[0]) else (np.zeros(0, np.int64), 0)
-    return gid[:n], gid[n:]
+def vm_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
+    """Dense (run, vm) ids shared by several frames: run code * #VMs + the
+    VM's rank.  One hash pass per frame for the few distinct VMs, then a
+    binary search per row (factorizing 10M-row keys costs far more)."""
+    vms_per = [_np(df["vm"], np.uint64, 0) for df in frames]
+    vms = np.unique(np.concatenate([pd.unique(v) for v in vms_per])) if frames else []
+    nv = max(len(vms), 1)
+    return [_np(df["run"]).astype(np.int64) * nv + np.searchsorted(vms, v).astype(np.int64)
+            for df, v in zip(frames, vms_per, strict=True)]
 
 
-def _group_key(df: pd.DataFrame) -> list[np.ndarray]:
-    return [_np(df["run"]), _np(df["vm"], np.uint64, 0).view(np.int64)]
+def rows_of(df: pd.DataFrame, run: str) -> pd.DataFrame:
+    """The rows of one run; the frame itself (no copy) when it holds only
+    that run, which matters with 10M-row fault tables."""
+    cats = df["run"].cat.categories
+    if run not in cats:
+        return df.iloc[:0]
+    codes = df["run"].cat.codes.to_numpy()
+    code = cats.get_loc(run)
+    sel = codes == code
+    return df if sel.all() else df[sel]
+
+
+def class_codes(faults: pd.DataFrame) -> np.ndarray:
+    """Fault classes as int8 codes into CLASSES (never an object array)."""
+    return faults["klass"].cat.codes.to_numpy()
+
+
+def _nullable(values: np.ndarray, mask: np.ndarray) -> pd.arrays.IntegerArray:
+    """Int64 with NA where ``mask`` (no per-element pandas assignment)."""
+    return pd.arrays.IntegerArray(values.astype(np.int64, copy=False), mask)
+
+
+def partition(keys: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
+    """Row positions per key (small dense ids), computed once per table."""
+    present = np.flatnonzero(np.bincount(keys)) if len(keys) else []
+    if len(present) == 1:
+        return [(int(present[0]), slice(None))]
+    return [(int(k), np.flatnonzero(keys == k)) for k in present]
 
 
 def asof_index(keys: np.ndarray, t: np.ndarray, ref_keys: np.ndarray, ref_t: np.ndarray,
-               strict: bool = False) -> np.ndarray:
+               strict: bool = False,
+               parts: list[tuple[int, np.ndarray | slice]] | None = None) -> np.ndarray:
     """For each (key, t): the row of ref with the same key and the greatest
     ref_t <= t (< t when ``strict``), or -1.  A per-key as-of join (what
-    pandas.merge_asof does with ``by``), vectorised with searchsorted."""
+    pandas.merge_asof does with ``by``), vectorised with searchsorted; each
+    key's needles stay in time order, which keeps the searches cache-friendly.
+    ``parts``: partition(keys), when the caller joins the same table often."""
     out = np.full(len(t), -1, dtype=np.int64)
     if not len(t) or not len(ref_t):
         return out
+    keys, ref_keys = keys.astype(np.int64, copy=False), ref_keys.astype(np.int64, copy=False)
     order = np.lexsort((ref_t, ref_keys))
     rk, rt = ref_keys[order], ref_t[order]
-    bounds = np.searchsorted(rk, np.arange(int(max(rk.max(), keys.max())) + 2))
     side = "left" if strict else "right"
-    present = np.unique(keys)
-    for k in present:
+    nkeys = int(max(rk.max(), keys.max())) + 1
+    bounds = np.searchsorted(rk, np.arange(nkeys + 1))
+    for k, sel in parts if parts is not None else partition(keys):
         lo, hi = bounds[k], bounds[k + 1]
         if lo == hi:
             continue
-        sel = np.flatnonzero(keys == k) if len(present) > 1 else slice(None)
         pos = np.searchsorted(rt[lo:hi], t[sel], side=side) - 1
         out[sel] = np.where(pos >= 0, order[lo + np.maximum(pos, 0)], -1)
     return out
@@ -108,7 +140,7 @@ def update_frame(rec: Recording) -> pd.DataFrame:
     ok = _valid_updates(upd)
     upd["ok"] = ok
     # Order within each (run, vm) by end time: the epoch number of the update.
-    gid, _ = _groups(*_group_key(upd))
+    gid = vm_keys(upd)[0]
     order = np.lexsort((_np(upd["end_ns"]), gid))
     epoch = np.zeros(len(upd), np.int64)
     epoch[order] = pd.Series(ok[order].astype(np.int64)).groupby(gid[order]).cumsum()
@@ -181,7 +213,7 @@ def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> 
     if len(tl) and len(u):
         inv = (tl["kind"] == "invalidate").to_numpy()
         if inv.any():
-            lk, rk = _key_ids(_group_key(tl[inv]), _group_key(u))
+            lk, rk = vm_keys(tl[inv], u)
             j = asof_index(lk, _np(tl.loc[inv, "ns"]), rk, _np(u["begin_ns"]))
             inside = j >= 0
             inside[inside] &= _np(tl.loc[inv, "ns"])[inside] <= _np(u["end_ns"])[j[inside]]
@@ -190,25 +222,36 @@ def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> 
             tl.loc[tl["update"] < 0, "update"] = pd.NA
     # Epoch: completed updates so far in this (run, vm).
     ends = (tl["kind"] == "end").to_numpy().astype(np.int64)
-    gid, _ = _groups(*_group_key(tl)) if len(tl) else (np.zeros(0, np.int64), 0)
+    gid = vm_keys(tl)[0]
     tl["epoch"] = pd.Series(ends).groupby(gid).cumsum().to_numpy() if len(tl) else []
     return tl
 
 
-def _fault_baseline(df: pd.DataFrame, fast: np.ndarray, lat: np.ndarray) -> np.ndarray:
+def _fault_baseline(fk: np.ndarray, vcpu: np.ndarray, fast: np.ndarray,
+                    lat: np.ndarray) -> np.ndarray:
     """Median fast-hit latency of each fault's (run, vm, vCPU); else (run, vm)."""
-    base = np.full(len(df), np.nan)
+    base = np.full(len(fk), np.nan)
     if not fast.any():
         return base
-    run, vm = _group_key(df)
-    vcpu = _np(df["vcpu"], np.int64, -1)
-    for keys in ((run, vm, vcpu), (run, vm)):
-        gid, n = _groups(*keys)
-        med = pd.Series(lat[fast]).groupby(gid[fast]).median()
-        table = np.full(n, np.nan)
-        table[med.index.to_numpy()] = med.to_numpy()
-        fill = np.isnan(base)
-        base[fill] = table[gid[fill]]
+    vcpu = vcpu - vcpu.min() if len(vcpu) else vcpu
+    for key in (fk * (int(vcpu.max()) + 1) + vcpu, fk):
+        kf, lf = key[fast], lat[fast]
+        ids = np.flatnonzero(np.bincount(kf)) if key.max() < 2**20 else np.unique(kf)
+        if len(ids) <= 256:  # few groups (VMs x vCPUs): one masked median each
+            meds = np.array([np.median(lf[kf == g]) for g in ids])
+        else:
+            med = pd.Series(lf).groupby(kf).median()
+            ids, meds = med.index.to_numpy(), med.to_numpy()
+        if key.max() < 2**24:  # dense ids: a lookup table, one gather
+            table = np.full(int(key.max()) + 1, np.nan)
+            table[ids] = meds
+            found = table[key]
+        else:
+            pos = np.minimum(np.searchsorted(ids, key), len(ids) - 1)
+            found = np.where(ids[pos] == key, meds[pos], np.nan)
+        base = np.where(np.isnan(base), found, base)
+        if not np.isnan(base).any():
+            break
     return base
 
 
@@ -222,36 +265,45 @@ def correlate(rec: Recording) -> Correlation:
     ok = upd["ok"].to_numpy()
     u = upd[ok]
     uidx = u.index.to_numpy()
-    fk, uk = _key_ids(_group_key(f), _group_key(u))
+    zap = rec.zap_all
+    fk, uk, zk = vm_keys(f, u, zap)
     t = _np(f["exit_ns"])
     u_begin, u_end = _np(u["begin_ns"]), _np(u["end_ns"])
 
     # Epoch opener: the last update ended at or before the fault.
-    j = asof_index(fk, t, uk, u_end)
-    opener = np.where(j >= 0, uidx[np.maximum(j, 0)], -1)
-    since = np.where(j >= 0, t - u_end[np.maximum(j, 0)], -1)
+    parts = partition(fk)
+    j = asof_index(fk, t, uk, u_end, parts=parts)
+    has_epoch = j >= 0
+    jj = np.maximum(j, 0)
+    opener = np.where(has_epoch, uidx[jj] if len(uidx) else 0, -1)
+    since = np.where(has_epoch, t - (u_end[jj] if len(u_end) else 0), -1)
+    del jj
     # An update in progress: the last one begun at or before, not yet ended.
-    jb = asof_index(fk, t, uk, u_begin)
+    jb = asof_index(fk, t, uk, u_begin, parts=parts)
     inprog = jb >= 0
     inprog[inprog] &= t[inprog] < u_end[jb[inprog]]
-    inprog_upd = np.where(inprog, uidx[np.maximum(jb, 0)], -1)
+    inprog_upd = np.where(inprog, uidx[np.maximum(jb, 0)] if len(uidx) else 0, -1)
+    del jb
 
     fast = _np(f["fast_hit"], bool, False)
     stale = _np(f["stale"], bool, False)
     remarked = _np(f["remarked"], bool, False)
     # After a zap-all: the page was seen before the last zap of its VM.
-    zap = rec.zap_all
-    zk_f, zk = _key_ids(_group_key(f), _group_key(zap))
-    zj = asof_index(zk_f, t, zk, _np(zap["ns"]))
+    zj = asof_index(fk, t, zk, _np(zap["ns"]), parts=parts)
     after_zap = np.zeros(n, bool)
     cand = ~fast & ~stale & ~inprog & (zj >= 0)
     if cand.any():
-        run, vm = _group_key(f)
-        gid, ng = _groups(run, vm, _np(f["gfn"], np.uint64, 0).view(np.int64))
-        first_seen = np.full(ng, np.iinfo(np.int64).max)
-        np.minimum.at(first_seen, gid, t)
-        zap_ns = _np(zap["ns"])
-        after_zap[cand] = first_seen[gid[cand]] < zap_ns[zj[cand]]
+        gfn = _np(f["gfn"], np.uint64, 0)
+        if gfn.max() < (1 << 40) and fk.max() < (1 << 22):
+            page = (fk << 40) | gfn.astype(np.int64)
+        else:
+            page = _groups(fk, gfn.view(np.int64))[0]
+        codes, uniq = pd.factorize(page)
+        first_seen = np.full(len(uniq), np.iinfo(np.int64).max)
+        np.minimum.at(first_seen, codes, t)
+        after_zap[cand] = first_seen[codes[cand]] < _np(zap["ns"])[zj[cand]]
+        del page, codes
+    del cand
 
     klass = np.full(n, CLASSES.index("unknown"), np.int8)
     klass[remarked] = CLASSES.index("first_touch")
@@ -261,26 +313,22 @@ def correlate(rec: Recording) -> Correlation:
     klass[fast] = CLASSES.index("fast")
 
     lat = _np(f["latency_ns"]).astype(np.float64)
-    base = _fault_baseline(f, fast, lat)
+    base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat)
     caused = np.isin(klass, [CLASSES.index(c) for c in CAUSED])
     cause = np.where(klass == CLASSES.index("during_update"), inprog_upd, opener)
     cause = np.where(caused, cause, -1)
 
     out = f.copy(deep=False)
     out["klass"] = pd.Categorical.from_codes(klass, categories=list(CLASSES))
-    out["epoch_update"] = pd.array(np.where(opener >= 0, opener, 0), dtype="Int64")
-    out.loc[opener < 0, "epoch_update"] = pd.NA
-    out["since_update_ns"] = pd.array(np.where(since >= 0, since, 0), dtype="Int64")
-    out.loc[since < 0, "since_update_ns"] = pd.NA
-    out["cause"] = pd.array(np.maximum(cause, 0), dtype="Int64")
-    out.loc[cause < 0, "cause"] = pd.NA
-    out["zap"] = pd.array(np.maximum(zj, 0), dtype="Int64")
-    out.loc[~after_zap | (klass != CLASSES.index("after_zap")), "zap"] = pd.NA
+    out["epoch_update"] = _nullable(opener, opener < 0)
+    out["since_update_ns"] = _nullable(since, since < 0)
+    out["cause"] = _nullable(cause, cause < 0)
+    out["zap"] = _nullable(zj, klass != CLASSES.index("after_zap"))
     out["baseline_ns"] = base
     out["extra_ns"] = lat - base
 
     upd = _charge_updates(upd, out, cause, caused, klass, opener, rec)
-    zaps = _zap_costs(rec, u, uk, out, klass, zj)
+    zaps = _zap_costs(rec, u, out, klass, zj)
     return Correlation(upd, out, tl, zaps, rec)
 
 
@@ -321,7 +369,7 @@ def _accesses_per_epoch(rec: Recording, upd: pd.DataFrame) -> np.ndarray:
     if not nu or not len(acc):
         return np.zeros(nu, np.int64)
     u = upd[upd["ok"]]
-    ak, uk = _key_ids(_group_key(acc), _group_key(u))
+    ak, uk = vm_keys(acc, u)
     j = asof_index(ak, _np(acc["ns"]), uk, _np(u["end_ns"]))
     pos = np.searchsorted(upd.index.to_numpy(), u.index.to_numpy())
     counts = np.zeros(nu, np.int64)
@@ -329,7 +377,7 @@ def _accesses_per_epoch(rec: Recording, upd: pd.DataFrame) -> np.ndarray:
     return counts
 
 
-def _zap_costs(rec: Recording, u: pd.DataFrame, uk: np.ndarray, faults: pd.DataFrame,
+def _zap_costs(rec: Recording, u: pd.DataFrame, faults: pd.DataFrame,
                klass: np.ndarray, zj: np.ndarray) -> pd.DataFrame:
     """Recorded zap-alls, whether each was a generation wrap, and the faults
     (page rebuilt after the zap) it cost."""
@@ -341,13 +389,13 @@ def _zap_costs(rec: Recording, u: pd.DataFrame, uk: np.ndarray, faults: pd.DataF
     ok = ~np.isnan(extra)
     zap["cost_ns"] = np.bincount(zj[sel][ok], extra[ok], minlength=nz) if nz else []
     if nz:
-        zk, uk2 = _key_ids(_group_key(zap), _group_key(u))
-        j = asof_index(zk, _np(zap["ns"]), uk2, _np(u["begin_ns"]))
-        cause = np.where(j >= 0, u.index.to_numpy()[np.maximum(j, 0)], -1)
-        zap["update"] = pd.array(np.maximum(cause, 0), dtype="Int64")
-        zap.loc[cause < 0, "update"] = pd.NA
-        bits = np.array([gen_bits(rec.manifests[str(r)]) for r in zap["run"]])
-        asn = np.array([address_spaces(rec.manifests[str(r)]) for r in zap["run"]])
+        zk, uk = vm_keys(zap, u)
+        j = asof_index(zk, _np(zap["ns"]), uk, _np(u["begin_ns"]))
+        cause = np.where(j >= 0, u.index.to_numpy()[np.maximum(j, 0)] if len(u) else 0, -1)
+        zap["update"] = _nullable(cause, cause < 0)
+        run = _np(zap["run"])
+        bits = np.array([gen_bits(rec.manifests[r]) for r in rec.runs])[run]
+        asn = np.array([address_spaces(rec.manifests[r]) for r in rec.runs])[run]
         g = _np(zap["gen"], np.uint64, 0)
         masked = (g & ((np.uint64(1) << bits.astype(np.uint64)) - np.uint64(1))) \
             & ~(asn.astype(np.uint64) - np.uint64(1))
@@ -387,7 +435,7 @@ def run_span_ns(rec: Recording, run: str) -> int:
                           ("mmio_fault", "exit_ns"), ("mmio_access", "ns"),
                           ("generation", "ns")):
             df = rec.frames[name]
-            v = _np(df.loc[df["run"] == run, col])
+            v = _np(rows_of(df, run)[col])
             if len(v):
                 ts += [v.min(), v.max()]
         if not ts:
@@ -409,8 +457,9 @@ def wrap_forecast(corr: Correlation, bits: int | None = None) -> pd.DataFrame:
         asn = address_spaces(m)
         span_s = run_span_ns(rec, str(run)) / 1e9
         period = 1 << w
-        changes = g["change"].astype(str)
-        units_est = float(sum(SWAPS.get(c, 1) for c in changes) * asn)
+        per_change = g["change"].value_counts()
+        units_est = float(sum(SWAPS.get(str(c), 1) * int(k) for c, k in per_change.items())
+                          * asn)
         gens = g["gen_after"].dropna()
         first = g["gen_before"].dropna()
         known = len(gens) > 0 and len(first) > 0 and int(gens.max()) > 0

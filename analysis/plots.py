@@ -12,13 +12,21 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .epochs import CLASSES, Correlation
+from .epochs import CLASSES, Correlation, class_codes, rows_of
 
 COLORS = {"fast": "#4c72b0", "stale": "#dd8452", "first_touch": "#55a868",
           "during_update": "#c44e52", "after_zap": "#8172b3", "unknown": "#937860"}
 CHANGE_COLORS = {"create": "#55a868", "delete": "#c44e52", "move": "#8172b3",
                  "flags_only": "#dd8452", "unknown": "#937860"}
 SCATTER_MAX = 30_000  # above this many faults the latency panel is a density map
+SHADE_MAX = 3_000     # above this many updates their windows become a rug
+CDF_SAMPLE = 500_000  # CDF curves are drawn from a uniform sample this large
+
+
+def _sample(x: np.ndarray, n: int = CDF_SAMPLE) -> np.ndarray:
+    if len(x) <= n:
+        return x
+    return x[np.random.default_rng(0).choice(len(x), n, replace=False)]
 
 
 def _t0(corr: Correlation, run: str) -> int:
@@ -27,7 +35,7 @@ def _t0(corr: Correlation, run: str) -> int:
     cands = [int(start)] if start is not None else []
     for df, col in ((corr.updates, "begin_ns"), (corr.faults, "exit_ns"),
                     (corr.recording.mmio_access, "ns")):
-        v = df.loc[df["run"] == run, col]
+        v = rows_of(df, run)[col]
         if len(v):
             cands.append(int(v.min()))
     return min(cands) if cands else 0
@@ -50,6 +58,21 @@ def _note(ax, text: str) -> None:
             fontsize=9, color="#555555", wrap=True)
 
 
+def _rug(ax, x: np.ndarray, color: str, label: str, frac: float) -> None:
+    """Event times along the bottom ``frac`` of an axis: lines when few, a
+    per-bin count (one polygon, cheap to draw) when many."""
+    ylo, yhi = ax.get_ylim()
+    if len(x) <= SHADE_MAX:
+        ax.vlines(x, ylo, ylo + frac * (yhi - ylo), color=color, lw=0.6, alpha=0.5,
+                  label=label)
+    else:
+        counts, edges = np.histogram(x, bins=400)
+        top = ylo + counts / max(counts.max(), 1) * frac * (yhi - ylo)
+        ax.fill_between(edges[:-1], ylo, top, step="post", color=color, alpha=0.5, lw=0,
+                        label=label)
+    ax.set_ylim(ylo, yhi)
+
+
 def timeline(corr: Correlation, run: str) -> Figure:
     """Generation steps (with in-progress windows), workload actions and MMIO
     latency on one time axis."""
@@ -60,8 +83,9 @@ def timeline(corr: Correlation, run: str) -> Figure:
                                          gridspec_kw={"height_ratios": [2.2, 0.8, 3]})
     fig.suptitle(f"{run}: memslot generations, workload and MMIO latency")
 
-    tl = corr.timeline[corr.timeline["run"] == run]
-    upd = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+    tl = rows_of(corr.timeline, run)
+    upd = rows_of(corr.updates, run)
+    upd = upd[upd["ok"]]
     vms = list(pd.unique(tl["vm"])) if len(tl) else []
     use_gen = len(tl) and bool(tl["gen"].notna().all()) and bool((tl["gen"] > 0).any())
     for i, vm in enumerate(vms[:6]):
@@ -79,20 +103,23 @@ def timeline(corr: Correlation, run: str) -> Figure:
         b = _sec(upd["begin_ns"].to_numpy(), t0)
         w = np.maximum(_sec(upd["end_ns"].to_numpy(), t0) - b, 0)
         ylo, yhi = ax_gen.get_ylim() if len(vms) else (0, 1)
-        ax_gen.broken_barh(list(zip(b, w, strict=True)), (ylo, yhi - ylo),
-                           facecolors="#c44e52", alpha=0.25, label="update in progress")
-    zaps = corr.zaps[corr.zaps["run"] == run]
+        if len(upd) <= SHADE_MAX:
+            ax_gen.broken_barh(list(zip(b, w, strict=True)), (ylo, yhi - ylo),
+                               facecolors="#c44e52", alpha=0.25, label="update in progress")
+        else:  # too many windows to shade: how many updates start per time bin
+            _rug(ax_gen, b, "#c44e52", f"updates per bin ({len(upd):,})", 0.15)
+        ax_gen.set_ylim(ylo, yhi)
+    zaps = rows_of(corr.zaps, run)
     if len(zaps):
-        for zx in _sec(zaps["ns"].to_numpy(), t0)[:2000]:
-            ax_gen.axvline(zx, color="#8172b3", lw=0.6, alpha=0.5)
-        ax_gen.plot([], [], color="#8172b3", lw=0.6, label="zap-all")
+        _rug(ax_gen, _sec(zaps["ns"].to_numpy(), t0), "#8172b3",
+             f"zap-all ({len(zaps):,})", 1.0 if len(zaps) <= SHADE_MAX else 0.1)
     ax_gen.set_ylabel("generation" if use_gen else "updates done")
     if not len(vms):
         _note(ax_gen, "no memslot updates recorded")
     else:
         ax_gen.legend(loc="upper left", fontsize=8, ncol=3)
 
-    wl = rec.workload[rec.workload["run"] == run]
+    wl = rows_of(rec.workload, run)
     if len(wl):
         acts = sorted(set(wl["action"].astype(str)))
         for k, a in enumerate(acts):
@@ -107,28 +134,34 @@ def timeline(corr: Correlation, run: str) -> Figure:
         ax_wl.set_yticks([])
     ax_wl.set_ylabel("workload")
 
-    f = corr.faults[corr.faults["run"] == run]
+    f = rows_of(corr.faults, run)
     if len(f):
         x = _sec(f["exit_ns"].to_numpy(), t0)
-        y = f["latency_ns"].to_numpy(np.float64) / 1000
-        y = np.maximum(y, 1e-3)
+        y = np.maximum(f["latency_ns"].to_numpy(np.float64) / 1000, 1e-3)
+        kl = class_codes(f)
         if len(f) > SCATTER_MAX:
-            ybins = np.logspace(np.log10(y.min()), np.log10(y.max()) + 1e-9, 120)
-            h, xe, ye = np.histogram2d(x, y, bins=[400, ybins])
-            m = ax_lat.pcolormesh(xe, ye, h.T, norm=LogNorm(vmin=1), cmap="viridis")
+            # Density: counts on a 400 x 120 grid (log latency), by bincount.
+            ly = np.log10(y)
+            nx, ny = 400, 120
+            x0, x1, y0, y1 = x.min(), x.max() + 1e-9, ly.min(), ly.max() + 1e-9
+            ix = ((x - x0) / (x1 - x0) * nx).astype(np.int64)
+            iy = ((ly - y0) / (y1 - y0) * ny).astype(np.int64)
+            h = np.bincount(ix * ny + iy, minlength=nx * ny).reshape(nx, ny).astype(float)
+            h[h == 0] = np.nan
+            m = ax_lat.pcolormesh(np.linspace(x0, x1, nx + 1), np.logspace(y0, y1, ny + 1),
+                                  h.T, norm=LogNorm(vmin=1), cmap="viridis")
             fig.colorbar(m, ax=ax_lat, label="faults per bin", pad=0.01)
-            slow = np.flatnonzero((f["klass"] != "fast").to_numpy())
+            slow = np.flatnonzero(kl != CLASSES.index("fast"))
             if len(slow) > 5000:
                 slow = np.random.default_rng(0).choice(slow, 5000, replace=False)
-            kl = f["klass"].to_numpy()
-            for c in CLASSES[1:]:
-                sel = slow[kl[slow] == c]
+            for i, c in enumerate(CLASSES[1:], start=1):
+                sel = slow[kl[slow] == i]
                 if len(sel):
-                    ax_lat.scatter(x[sel], y[sel], s=3, color=COLORS[c], label=c, alpha=0.6)
+                    ax_lat.scatter(x[sel], y[sel], s=3, color=COLORS[c], alpha=0.6,
+                                   label=f"{c} (sample)")
         else:
-            kl = f["klass"].to_numpy()
-            for c in CLASSES:
-                sel = kl == c
+            for i, c in enumerate(CLASSES):
+                sel = kl == i
                 if sel.any():
                     ax_lat.scatter(x[sel], y[sel], s=4 if c != "fast" else 2,
                                    color=COLORS[c], label=f"{c} ({sel.sum()})",
@@ -137,7 +170,7 @@ def timeline(corr: Correlation, run: str) -> Figure:
         ax_lat.set_ylabel("MMIO exit latency (us)")
         ax_lat.legend(loc="upper right", fontsize=8, markerscale=3, ncol=3)
     else:
-        acc = rec.mmio_access[rec.mmio_access["run"] == run]
+        acc = rows_of(rec.mmio_access, run)
         if len(acc):
             x = _sec(acc["ns"].to_numpy(), t0)
             counts, edges = np.histogram(x, bins=min(400, max(10, len(acc) // 20)))
@@ -156,14 +189,15 @@ def latency_cdf(corr: Correlation, run: str) -> Figure:
     """MMIO exit latency CDF per fault class (log x)."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    f = corr.faults[corr.faults["run"] == run]
-    kl = f["klass"].to_numpy()
+    f = rows_of(corr.faults, run)
+    kl = class_codes(f)
     lat = f["latency_ns"].to_numpy(np.float64) / 1000
-    p = np.linspace(0, 1, 513)
-    for c in CLASSES:
-        v = lat[kl == c]
+    for i, c in enumerate(CLASSES):
+        v = lat[kl == i]
         if len(v):
-            ax.plot(np.quantile(v, p), p, color=COLORS[c], label=f"{c} (n={len(v)})", lw=1.6)
+            v = np.sort(_sample(v))
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), color=COLORS[c],
+                    label=f"{c} (n={(kl == i).sum():,})", lw=1.6, drawstyle="steps-post")
     if not len(f):
         _note(ax, "no MMIO fault events: no latency to plot")
     else:
@@ -182,7 +216,8 @@ def update_cost(corr: Correlation, run: str) -> Figure:
     own duration (the ioctl), which every backend records."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax_c, ax_d = fig.subplots(1, 2)
-    u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+    u = rows_of(corr.updates, run)
+    u = u[u["ok"]]
     changes = [c for c in CHANGE_COLORS if (u["change"] == c).any()]
     rng = np.random.default_rng(0)
     for ax, col, label in ((ax_c, "cost_ns", "extra MMIO latency per update (us)"),
@@ -218,15 +253,16 @@ def comparison(corr: Correlation) -> Figure:
     """Several runs: MMIO latency CDFs and per-update cost side by side."""
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax_l, ax_c = fig.subplots(1, 2)
-    p = np.linspace(0, 1, 513)
     runs = corr.recording.runs
     data, names = [], []
     for i, run in enumerate(runs):
-        lat = corr.faults.loc[corr.faults["run"] == run, "latency_ns"].to_numpy(np.float64)
+        lat = rows_of(corr.faults, run)["latency_ns"].to_numpy(np.float64)
         if len(lat):
-            ax_l.plot(np.quantile(lat / 1000, p), p, label=f"{run} (n={len(lat)})",
-                      color=f"C{i % 10}")
-        u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+            v = np.sort(_sample(lat / 1000))
+            ax_l.plot(v, np.arange(1, len(v) + 1) / len(v), label=f"{run} (n={len(lat):,})",
+                      color=f"C{i % 10}", drawstyle="steps-post")
+        u = rows_of(corr.updates, run)
+        u = u[u["ok"]]
         v = u["cost_ns"].to_numpy(np.float64, na_value=np.nan) / 1000
         v = v[~np.isnan(v)]
         if len(v):

@@ -34,8 +34,9 @@ _INT_DTYPES = {
     pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
     pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype(),
 }
-# Hot columns of the high-volume tables are never null in practice; they stay
-# plain numpy (much faster joins) unless the file does hold nulls.
+# The high-volume tables keep plain numpy columns (much faster joins, less
+# memory) unless a column does hold nulls; the others are nullable throughout.
+BULK = ("mmio_fault", "mmio_access", "exit_hist")
 _ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
                     ("mmio_access", "type"): schema.ACCESS_TYPES,
                     ("generation", "source"): ("invalidate", "check", "mark")}
@@ -108,8 +109,8 @@ def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
                 cats = list(cats) + sorted(set(values.dropna()) - set(cats))
             cols[name] = pd.Categorical(values.to_numpy(dtype=object), categories=cats)
         elif typ in _INT_DTYPES:
-            if col.null_count == 0 and (name.endswith("_ns") or len(col) > 100_000):
-                # Exact timestamps and big tables: plain numpy, zero nulls.
+            if col.null_count == 0 and (name.endswith("_ns") or event in BULK):
+                # Exact timestamps and bulk tables: plain numpy, zero nulls.
                 cols[name] = col.to_numpy()
             else:
                 cols[name] = col.to_pandas(types_mapper=_INT_DTYPES.get)

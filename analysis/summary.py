@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .epochs import CAUSED, CLASSES, Correlation, correlate, run_span_ns, wrap_forecast
+from .epochs import (
+    CAUSED,
+    CLASSES,
+    Correlation,
+    class_codes,
+    correlate,
+    rows_of,
+    run_span_ns,
+    wrap_forecast,
+)
 from .recording import Recording, load
 from .schema import RecordingError
 
@@ -20,9 +29,18 @@ BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never nar
 
 
 def quantile(x: np.ndarray, q: float) -> float | None:
+    return quantiles(x, (q,))[0]
+
+
+def quantiles(x: np.ndarray, qs: Sequence[float] = (.5, .99)) -> list[float | None]:
+    """Several quantiles from one partition pass; None for no data."""
     x = np.asarray(x, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    return float(np.quantile(x, q)) if len(x) else None
+    nan = np.isnan(x)
+    if nan.any():
+        x = x[~nan]
+    if not len(x):
+        return [None] * len(qs)
+    return [float(v) for v in np.quantile(x, list(qs))]
 
 
 def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
@@ -123,7 +141,7 @@ def missing(rec: Recording, run: str) -> list[str]:
                    f"and per-update cost unavailable{what}")
     else:
         f = rec.mmio_fault
-        if not bool(f.loc[f["run"] == run, "fast_hit"].fillna(False).any()):
+        if not rows_of(f, run)["fast_hit"].fillna(False).any():
             out.append("no fast-path MMIO hits: no per-vCPU baseline, extra latency unknown")
     if not n["generation"]:
         u = rec.memslot_update[rec.memslot_update["run"] == run]
@@ -142,6 +160,10 @@ def missing(rec: Recording, run: str) -> list[str]:
     return out
 
 
+def _np_float(s: pd.Series) -> np.ndarray:
+    return s.to_numpy(np.float64, na_value=np.nan)
+
+
 def _us(v: float | None) -> float | None:
     return None if v is None else v / 1000
 
@@ -150,26 +172,27 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     """The figures of one run (flat keys for the lab job, nested details)."""
     rec = corr.recording
     m = rec.manifests[run]
-    upd = corr.updates[corr.updates["run"] == run]
-    f = corr.faults[corr.faults["run"] == run]
-    klass = f["klass"].value_counts().reindex(list(CLASSES), fill_value=0)
+    upd = rows_of(corr.updates, run)
+    f = rows_of(corr.faults, run)
+    kc = class_codes(f)
+    counts = np.bincount(kc, minlength=len(CLASSES))
     nf = len(f)
-    n_slow = int(nf - klass["fast"])
-    n_caused = int(klass[list(CAUSED)].sum())
-    lat = f["latency_ns"].to_numpy(dtype=np.float64, na_value=np.nan)
+    n_slow = int(nf - counts[CLASSES.index("fast")])
+    n_caused = int(sum(counts[CLASSES.index(c)] for c in CAUSED))
+    lat = _np_float(f["latency_ns"])
     ok = upd[upd["ok"]]
-    cost = ok["cost_ns"].to_numpy(dtype=np.float64, na_value=np.nan)
+    cost = _np_float(ok["cost_ns"])
     lost = lost_events(rec, run)
-    zaps = corr.zaps[corr.zaps["run"] == run]
+    zaps = rows_of(corr.zaps, run)
     fc = wrap_forecast(corr)
     fc = fc[fc["run"] == run] if len(fc) else fc
     by_class = {}
-    for c in CLASSES:
-        sel = (f["klass"] == c).to_numpy()
-        if sel.any():
-            by_class[c] = {"n": int(sel.sum()), "share": sel.sum() / nf,
-                           "latency_p50_ns": quantile(lat[sel], .5),
-                           "latency_p99_ns": quantile(lat[sel], .99)}
+    for i, c in enumerate(CLASSES):
+        if counts[i]:
+            p50, p99 = quantiles(lat[kc == i])
+            by_class[c] = {"n": int(counts[i]), "share": counts[i] / nf,
+                           "latency_p50_ns": p50, "latency_p99_ns": p99}
+    cost_q, lat_q = quantiles(cost), quantiles(lat)
     host = m.get("host") or {}
     out = {
         "run": run, "path": str(rec.paths[run]), "backend": m.get("backend"),
@@ -183,9 +206,9 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         "slow_share": n_slow / nf if nf else None,
         "caused_share": n_caused / nf if nf else None,
         "classes": by_class,
-        "update_cost_p50_ns": quantile(cost, .5), "update_cost_p99_ns": quantile(cost, .99),
+        "update_cost_p50_ns": cost_q[0], "update_cost_p99_ns": cost_q[1],
         "update_cost_mean_ns": float(np.nanmean(cost)) if np.isfinite(cost).any() else None,
-        "mmio_latency_p50_ns": quantile(lat, .5), "mmio_latency_p99_ns": quantile(lat, .99),
+        "mmio_latency_p50_ns": lat_q[0], "mmio_latency_p99_ns": lat_q[1],
         "lost_events": sum(lost.values()), "lost": lost,
         "zap_alls": len(zaps), "zap_all_wraps": int(zaps["wrap"].sum()) if len(zaps) else 0,
         "zap_all_cost_ns": float(zaps["cost_ns"].sum()) if len(zaps) else 0.0,
@@ -221,17 +244,20 @@ def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlatio
 
 def class_table(corr: Correlation) -> pd.DataFrame:
     """Per run and fault class: count, share, latency p50/p99 and extra p50 (us)."""
-    f = corr.faults
-    if not len(f):
-        return pd.DataFrame(columns=["run", "class", "n", "share", "p50_us", "p99_us",
-                                     "extra_p50_us"])
-    g = f.groupby(["run", "klass"], observed=True)
-    lat = g["latency_ns"].quantile([.5, .99]).unstack()
-    t = pd.DataFrame({"n": g.size(), "p50_us": lat[.5] / 1000, "p99_us": lat[.99] / 1000,
-                      "extra_p50_us": g["extra_ns"].median() / 1000})
-    t["share"] = t["n"] / t.groupby(level=0)["n"].transform("sum")
-    t = t.reset_index().rename(columns={"klass": "class"})
-    return t[["run", "class", "n", "share", "p50_us", "p99_us", "extra_p50_us"]]
+    rows = []
+    for run in corr.recording.runs:
+        f = rows_of(corr.faults, run)
+        kc = class_codes(f)
+        lat, extra = _np_float(f["latency_ns"]), f["extra_ns"].to_numpy(np.float64)
+        for i, c in enumerate(CLASSES):
+            sel = kc == i
+            if sel.any():
+                p50, p99 = quantiles(lat[sel])
+                rows.append({"run": run, "class": c, "n": int(sel.sum()),
+                             "share": sel.sum() / len(f), "p50_us": p50 / 1e3,
+                             "p99_us": p99 / 1e3, "extra_p50_us": _us(quantile(extra[sel], .5))})
+    return pd.DataFrame(rows, columns=["run", "class", "n", "share", "p50_us", "p99_us",
+                                       "extra_p50_us"])
 
 
 def cost_table(corr: Correlation, by: str = "change") -> pd.DataFrame:
@@ -265,12 +291,11 @@ def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
     rows = []
     ref: dict[str, np.ndarray] = {}
     for i, run in enumerate(runs):
-        u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
-        f = corr.faults[corr.faults["run"] == run]
-        data = {"update_cost": u["cost_ns"].to_numpy(np.float64, na_value=np.nan),
-                "mmio_latency": f["latency_ns"].to_numpy(np.float64, na_value=np.nan),
-                "slow_latency": f.loc[f["klass"] != "fast", "latency_ns"]
-                .to_numpy(np.float64, na_value=np.nan)}
+        u = rows_of(corr.updates, run)
+        f = rows_of(corr.faults, run)
+        lat = _np_float(f["latency_ns"])
+        data = {"update_cost": _np_float(u.loc[u["ok"], "cost_ns"]), "mmio_latency": lat,
+                "slow_latency": lat[class_codes(f) != CLASSES.index("fast")]}
         for metric, x in data.items():
             x = x[~np.isnan(x)]
             row: dict[str, Any] = {"run": run, "metric": metric, "n": len(x)}
