@@ -401,3 +401,34 @@ def test_kvm_memslot_ioctls_per_action() -> None:
         inst.rmdir()
     assert counts["plug"] == 1 and counts["unplug"] == 1, counts
     assert counts["dirty"] >= 2 and counts["dirty"] % 2 == 0, counts
+
+
+@needs_root
+def test_owner_sigkilled_leaves_nothing_after_sweep() -> None:
+    """SIGKILL cannot be cleaned up in-process: QEMU dies with its owner
+    (PR_SET_PDEATHSIG) and the next rig sweeps the private dir and TAP."""
+    from vmrig.rig import sweep_stale
+    name = f"ssk{os.getpid() % 100000}"
+    code = (
+        "import asyncio\n"
+        "from vmrig.config import RigConfig, NetConfig\n"
+        "from vmrig.rig import Rig\n"
+        "async def main():\n"
+        f"    async with Rig(RigConfig(accel='tcg', net=NetConfig(tap='{name}'))) as rig:\n"
+        "        print(rig.pid, rig.private_dir, flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    pid_s, private_s = proc.stdout.readline().split()
+    qemu_pid, private = int(pid_s), Path(private_s)
+    assert private.exists() and tap.exists(name)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(qemu_pid) and psutil.Process(qemu_pid).status() != "zombie":
+        assert time.monotonic() < deadline, "QEMU outlived its SIGKILLed owner"
+        time.sleep(0.05)
+    assert private in sweep_stale()
+    assert not private.exists() and not tap.exists(name)

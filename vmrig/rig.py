@@ -54,6 +54,51 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+PRIVATE_PREFIX = "slotscope-rig-"
+OWNER_FILE = "owner.json"
+
+
+def _write_owner(d: Path, tap_name: str | None) -> None:
+    me = psutil.Process()
+    (d / OWNER_FILE).write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(),
+                                            "tap": tap_name}))
+
+
+def _alive(pid: int, create_time: float | None = None) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and (
+            create_time is None or p.create_time() == create_time)
+    except psutil.Error:
+        return False
+
+
+def sweep_stale(root: Path | None = None) -> list[Path]:
+    """Remove private dirs (and their TAPs) left by rigs whose owner was
+    SIGKILLed: the owner is gone and so is its QEMU (PR_SET_PDEATHSIG)."""
+    removed = []
+    for d in (root or Path(tempfile.gettempdir())).glob(PRIVATE_PREFIX + "*"):
+        try:
+            owner = json.loads((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(owner["pid"]), owner.get("create_time")):
+            continue
+        try:
+            qpid = int((d / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            qpid = 0
+        if qpid and _alive(qpid):
+            continue
+        if owner.get("tap"):
+            from vmrig import tap
+            with contextlib.suppress(RigError, OSError):
+                tap.delete(owner["tap"])
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def vcpu_threads(pid: int) -> dict[int, int]:
     """vCPU index -> thread id, from QEMU's thread names (debug-threads=on)."""
     out: dict[int, int] = {}
@@ -159,7 +204,9 @@ class Rig:
 
     def _make_private_dir(self) -> Path:
         if self._private_arg is None:
-            return Path(tempfile.mkdtemp(prefix="slotscope-rig-"))
+            d = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
+            _write_owner(d, None)
+            return d
         d = self._private_arg
         if (d / STATE_FILE).exists():
             raise RigError(f"a rig is already up ({d}); run: slotscope rig down")
@@ -190,6 +237,8 @@ class Rig:
                            "(install qemu-system-x86: ./setup.sh)")
         if self.record_dir is not None:
             self.record_dir.mkdir(parents=True, exist_ok=True)
+        if self._private_arg is None:
+            await asyncio.to_thread(sweep_stale)  # pyroute2 runs its own loop
         self.private_dir = self._make_private_dir()
         files = self._files()
         if self.config.virtio_mem is not None:
@@ -204,6 +253,8 @@ class Rig:
         if self.config.net is not None:
             from vmrig import tap
             # pyroute2's sync API runs its own event loop: keep it off ours.
+            if self._private_arg is None:
+                _write_owner(self.private_dir, self.config.net.tap)  # before it exists
             await asyncio.to_thread(tap.create, self.config.net.tap)
             self.tap_created = self.config.net.tap
         errors: list[str] = []
