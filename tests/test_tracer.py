@@ -286,3 +286,18 @@ def test_sigterm_finalizes(tmp_path: Path) -> None:
     assert not list((tmp_path / "run").glob("*.parts"))
     assert _wait_gone(run.manifest["bpf_prog_ids"]) == []
     assert run.tables["mmio_access"].num_rows > 100
+
+
+def test_recorder_add_pid(tmp_path: Path) -> None:
+    from tracer.recorder import Recorder
+    wl = Workload(800, "create:2,move:2,delete:2", pages=2, truth=tmp_path / "t.json")
+    with Recorder(tmp_path / "run", pids=[os.getpid()]) as rec:
+        rec.add_pid(wl.pid)  # a VMM that appeared after the recorder started
+        truth = wl.go()
+        time.sleep(0.2)
+    run = read_run(tmp_path / "run")
+    assert run.manifest["filters"]["pids"] == [os.getpid(), wl.pid]
+    assert run.tables["memslot_update"].column("change").to_pylist() == [
+        "create", "create", "move", "delete"]
+    assert run.tables["mmio_access"].num_rows == truth["mmio_reads"] + \
+        truth["reads_completed"] + truth["mmio_writes"]

@@ -137,6 +137,22 @@ class Recorder:
         self._next_flush = time.monotonic() + self.flush_interval
         return self
 
+    def add_pid(self, pid: int) -> None:
+        """Also trace ``pid`` (e.g. a VMM started after the recorder), all threads.
+
+        Only for a recorder started with a pid filter: with none it traces
+        every process already."""
+        import ctypes
+
+        from .probes import resolve_pids
+        if not self.pids:
+            raise TracerError("this recorder traces every process; no pid filter to extend")
+        for tgid in resolve_pids([pid]):
+            if tgid not in self.pids:
+                self.probes.bpf[b"pids"][ctypes.c_uint(tgid)] = ctypes.c_ubyte(1)
+                self.pids.append(tgid)
+        self.manifest["filters"] = {"pids": list(self.pids)}
+
     def _prog_ids(self) -> list[int]:
         from .bpfsys import prog_info
         ids = []
