@@ -334,6 +334,11 @@ def test_cli_bad_input() -> None:
     assert p.stderr.strip().count("\n") == 0 and "must exceed base" in p.stderr
     p = slotscope("rig", "hotplug", "--size", "lots")
     assert p.returncode == 2 and "bad size" in p.stderr
+    p = slotscope("rig", "run", "--workload", "hotplug", "--duration", "1",
+                  env={"SLOTSCOPE_QEMU": "/nonexistent/qemu"})
+    assert p.returncode == 1
+    assert p.stderr == "slotscope rig: error: /nonexistent/qemu not found " \
+        "(install qemu-system-x86: ./setup.sh)\n"
 
 
 @needs_kvm

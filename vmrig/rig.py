@@ -233,7 +233,8 @@ class Rig:
     async def start(self) -> None:
         binary = host.qemu_binary(self.binary_arg)
         if binary is None:
-            raise RigError(f"{self.binary_arg or host.QEMU_BINARY} not found "
+            wanted = self.binary_arg or os.environ.get("SLOTSCOPE_QEMU") or host.QEMU_BINARY
+            raise RigError(f"{wanted} not found "
                            "(install qemu-system-x86: ./setup.sh)")
         if self.record_dir is not None:
             self.record_dir.mkdir(parents=True, exist_ok=True)
