@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 from pathlib import Path
 from typing import Any
@@ -198,9 +199,43 @@ def _run_microvm(args: argparse.Namespace, run_dir: Path | None) -> int:
 
 
 # -- registration ------------------------------------------------------------
+_INTERRUPTED = -130
+
+
 def _sync(coro_fn: Any) -> Any:
+    """Run an async handler; SIGINT/SIGTERM cancel it (so every ``finally``
+    and ``async with Rig`` cleanup runs inside the loop), then surface as
+    KeyboardInterrupt for slotscope's "interrupted" exit.  A signal handler
+    raising KeyboardInterrupt at an arbitrary point would instead land in
+    qemu.qmp's internal tasks and skip the rig's cleanup."""
+    async def main(args: argparse.Namespace) -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            if not interrupted:  # a second signal must not cut the cleanup short
+                interrupted = True
+                task.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt)
+        try:
+            return int(await coro_fn(args))
+        except asyncio.CancelledError:
+            if interrupted:
+                return _INTERRUPTED
+            raise
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
     def handler(args: argparse.Namespace) -> int:
-        return int(asyncio.run(coro_fn(args)))
+        rc = asyncio.run(main(args))
+        if rc == _INTERRUPTED:
+            raise KeyboardInterrupt
+        return rc
     return handler
 
 
