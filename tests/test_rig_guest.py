@@ -1,0 +1,58 @@
+"""Guest builds: the bare image is assembled from guests/bare.S into a cache
+keyed by the source, rebuilt when it changes, and patched per run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vmrig import bareguest
+from vmrig.config import BareGuestConfig
+
+pytestmark = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
+                                reason="needs binutils (as, ld): ./setup.sh")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "guests"
+
+
+def test_build_cached_and_rebuilt_on_change(cache: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    first = bareguest.build()
+    assert first.parent == cache
+    data = first.read_bytes()
+    assert len(data) == 0x10000
+    assert data[0x10:0x18] == b"SLOTSCOP"
+    assert data[0xFFF0] == 0xE9  # reset vector: a near jmp into the image
+    mtime = first.stat().st_mtime_ns
+    assert bareguest.build() == first and first.stat().st_mtime_ns == mtime  # cached
+    src = tmp_path / "bare.S"
+    src.write_text(bareguest.SOURCE.read_text() + "/* changed */\n")
+    monkeypatch.setattr(bareguest, "SOURCE", src)
+    second = bareguest.build()
+    assert second != first and second.exists()
+    assert second.read_bytes() == data  # a comment changes the key, not the code
+
+
+def test_broken_source_is_a_rig_error(cache: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmrig import RigError
+    src = tmp_path / "bare.S"
+    src.write_text("\tbogus_instruction %eax\n")
+    monkeypatch.setattr(bareguest, "SOURCE", src)
+    with pytest.raises(RigError, match="building the bare guest: as:"):
+        bareguest.build()
+
+
+def test_params_patched(cache: Path, tmp_path: Path) -> None:
+    cfg = BareGuestConfig(mmio_base=0xD000_0000, npages=7, stride=8192)
+    img = bareguest.image_for(cfg, nslots=3, dest=tmp_path / "bare.bin").read_bytes()
+    magic, version, base, npages, stride, nslots, counter = bareguest.PARAMS.unpack_from(
+        img, bareguest.PARAMS_OFFSET)
+    assert (magic, base, npages, stride, nslots) == (b"SLOTSCOP", 0xD000_0000, 7, 8192, 3)
+    assert counter == bareguest.COUNTER_GPA and version == bareguest.PARAMS_VERSION
