@@ -31,7 +31,7 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
     truth = run_dir / "microvm.json"
     argv = [sys.executable, "-m", "vmrig.microvm", "--wait", "--mmio-accesses",
             str(s.mmio_accesses), "--pages", str(s.mmio_pages), "--schedule", s.schedule,
-            "-o", str(truth)]
+            "-o", str(truth), "--run-dir", str(run_dir)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
@@ -53,25 +53,6 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
-    _microvm_workload(run_dir, truth, {"schedule": s.schedule,
-                                       "mmio_accesses": s.mmio_accesses,
-                                       "pages": s.mmio_pages})
-
-
-def _microvm_workload(run_dir: Path, truth: Path, params: dict) -> None:
-    import json
-
-    from analysis.schema import SCHEMAS, write_table, write_workload_config
-    r = json.loads(truth.read_text())
-    rows = [{"begin_ns": c["begin_ns"], "end_ns": c["end_ns"],
-             "action": f"memslot:{c['change']}", "target": f"slot{c['slot']}",
-             "size": c["size"], "ok": c["ret"] == 0,
-             "error": "" if c["ret"] == 0 else f"errno {-c['ret']}",
-             "detail": json.dumps({k: c[k] for k in ("gpa", "flags", "after_mmio", "phase")})}
-            for c in r["memslot_changes"]]
-    write_table(run_dir, "workload", {k: [row[k] for row in rows]
-                                      for k in SCHEMAS["workload"].names})
-    write_workload_config(run_dir, {"workload": "microvm", "result": r, "params": params})
 
 
 async def _qemu(s: Scenario, run_dir: Path) -> None:
