@@ -33,10 +33,11 @@ class Workload:
     """A micro-VMM subprocess held at its start line until go()."""
 
     def __init__(self, n: int, schedule: str = SCHEDULE, pages: int = 3,
-                 truth: Path | None = None) -> None:
+                 truth: Path | None = None, vcpus: int = 1) -> None:
         self.truth = truth
         args = [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", str(pages),
-                "--schedule", schedule, "--wait", "-o", str(truth or os.devnull)]
+                "--schedule", schedule, "--wait", "-o", str(truth or os.devnull),
+                "--vcpus", str(vcpus)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         assert self.proc.stdout is not None
@@ -301,3 +302,18 @@ def test_recorder_add_pid(tmp_path: Path) -> None:
         "create", "create", "move", "delete"]
     assert run.tables["mmio_access"].num_rows == truth["mmio_reads"] + \
         truth["reads_completed"] + truth["mmio_writes"]
+
+
+def test_per_vcpu_attribution(tmp_path: Path) -> None:
+    wl = Workload(2000, "create:1,flags:1,delete:1", pages=2, truth=tmp_path / "t.json",
+                  vcpus=2)
+    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    truth = wl.go()
+    _, err = rec.communicate(timeout=60)
+    run = read_run(tmp_path / "run")
+    df = run.tables["mmio_access"].to_pandas()
+    exits = df[df["type"] != "read"]
+    want = {v["vcpu"]: (v["tid"], v["mmio_exits"]) for v in truth["per_vcpu"]}
+    got = {vcpu: (int(g.tid.iloc[0]), len(g)) for vcpu, g in exits.groupby("vcpu")}
+    assert got == want == {0: (want[0][0], 1000), 1: (want[1][0], 1000)}
+    assert set(run.manifest["lost"].values()) == {0}

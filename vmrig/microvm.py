@@ -114,6 +114,7 @@ class Result:
     vm_fd: int
     pages: int
     access: str
+    vcpus: int = 1
     mmio_exits: int = 0
     mmio_reads: int = 0
     mmio_writes: int = 0
@@ -127,6 +128,7 @@ class Result:
     stop_ns: int = 0
     run_seconds: float = 0.0
     mmio_exits_per_s: float = 0.0
+    per_vcpu: list[dict[str, Any]] = field(default_factory=list)  # vcpu, tid, counts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,9 +168,12 @@ def _buffer_addr(mem: mmap.mmap) -> int:
 
 
 class MicroVM:
-    """One VM with one vCPU; use as a context manager to release its fds."""
+    """One VM with ``vcpus`` vCPUs; use as a context manager to release its fds."""
 
-    def __init__(self, pages: int = 2, access: str = "rw", slot_size: int = 0x100000) -> None:
+    def __init__(self, pages: int = 2, access: str = "rw", slot_size: int = 0x100000,
+                 vcpus: int = 1) -> None:
+        if not 1 <= vcpus <= 64:
+            raise RigError("vcpus must be 1..64")
         if not 2 <= pages <= MAX_PAGES:
             raise RigError(f"pages must be 2..{MAX_PAGES} (one MMIO page hides in KVM's cache)")
         if access not in ("read", "write", "rw"):
@@ -181,9 +186,12 @@ class MicroVM:
             self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise RigError(f"cannot open /dev/kvm: {e.strerror}") from None
-        self.vm = self.vcpu = -1
-        self.run_map: mmap.mmap | None = None
-        self.result = Result(pid=os.getpid(), tid=0, vm_fd=-1, pages=pages, access=access)
+        self.nvcpus = vcpus
+        self.vm = -1
+        self.vcpus: list[tuple[int, mmap.mmap]] = []
+        self._exits0 = 0  # vCPU 0's MMIO exits so far: when each memslot change happened
+        self.result = Result(pid=os.getpid(), tid=0, vm_fd=-1, pages=pages, access=access,
+                             vcpus=vcpus)
 
     # -- setup -----------------------------------------------------------
     def start(self) -> None:
@@ -198,21 +206,22 @@ class MicroVM:
         code = _asm(self.pages, self.access)
         self.ram[CODE_GPA:CODE_GPA + len(code)] = code
         self._set_region(0, 0, RAM_SIZE, 0, _buffer_addr(self.ram), "create", "setup")
-        self.vcpu = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, 0)
         size = fcntl.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
-        self.run_map = mmap.mmap(self.vcpu, size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        sregs = bytearray(312)
-        fcntl.ioctl(self.vcpu, KVM_GET_SREGS, sregs)
-        # struct kvm_sregs starts cs, ds, es (struct kvm_segment, 24 bytes
-        # each: base u64, limit u32, selector u16, ...); real mode, ES on MMIO.
-        for off, base in ((0, 0), (24, 0), (48, MMIO_GPA)):
-            struct.pack_into("<QIH", sregs, off, base, 0xFFFF, base >> 4)
-        fcntl.ioctl(self.vcpu, KVM_SET_SREGS, sregs)
-        regs = bytearray(144)
-        fcntl.ioctl(self.vcpu, KVM_GET_REGS, regs)
-        struct.pack_into("<QQ", regs, 128, CODE_GPA, 2)      # rip, rflags
-        fcntl.ioctl(self.vcpu, KVM_SET_REGS, regs)
+        for i in range(self.nvcpus):
+            fd = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, i)
+            run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.vcpus.append((fd, run_map))
+            sregs = bytearray(312)
+            fcntl.ioctl(fd, KVM_GET_SREGS, sregs)
+            # struct kvm_sregs starts cs, ds, es (struct kvm_segment, 24 bytes
+            # each: base u64, limit u32, selector u16, ...); real mode, ES on MMIO.
+            for off, base in ((0, 0), (24, 0), (48, MMIO_GPA)):
+                struct.pack_into("<QIH", sregs, off, base, 0xFFFF, base >> 4)
+            fcntl.ioctl(fd, KVM_SET_SREGS, sregs)
+            regs = bytearray(144)
+            fcntl.ioctl(fd, KVM_GET_REGS, regs)
+            struct.pack_into("<QQ", regs, 128, CODE_GPA, 2)      # rip, rflags
+            fcntl.ioctl(fd, KVM_SET_REGS, regs)
 
     def _set_region(self, slot: int, gpa: int, size: int, flags: int, addr: int,
                     change: str, phase: str) -> int:
@@ -225,8 +234,7 @@ class MicroVM:
             ret = -e.errno
         end = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self.result.memslot_changes.append(MemslotChange(
-            change, slot, gpa, size, flags, addr, ret, begin, end,
-            self.result.mmio_exits, phase))
+            change, slot, gpa, size, flags, addr, ret, begin, end, self._exits0, phase))
         key = change if ret == 0 else f"{change}_failed"
         self.result.memslot_counts[key] = self.result.memslot_counts.get(key, 0) + 1
         return ret
@@ -264,61 +272,86 @@ class MicroVM:
     # -- run ---------------------------------------------------------------
     def run(self, mmio_accesses: int = 0, schedule: Sequence[tuple[str, int]] = (),
             every: int = 0, duration: float = 0.0) -> Result:
-        """Run until ``mmio_accesses`` MMIO exits (or ``duration`` seconds).
+        """Run until ``mmio_accesses`` MMIO exits in all (or ``duration`` seconds).
 
-        The schedule's i-th change is applied after (i + 1) * ``every`` MMIO
-        exits (default: spread evenly); changes left when the run ends are
-        applied then, so every scheduled change always happens.  The vCPU
-        runs in a thread named like QEMU's ('CPU 0/KVM'), so tracers can
-        name the vCPU even if they missed KVM_CREATE_VCPU.
+        vCPU 0 applies the schedule: its i-th change after (i + 1) * ``every``
+        of vCPU 0's MMIO exits (default: spread evenly), while any other
+        vCPUs keep exiting; changes left when the run ends are applied then,
+        so every scheduled change always happens.  Each vCPU runs in a thread
+        named like QEMU's ('CPU n/KVM'), so tracers can name the vCPU even if
+        they missed KVM_CREATE_VCPU.
         """
-        out: list[Result | BaseException] = []
-
-        def vcpu_thread() -> None:
-            _set_thread_name(b"CPU 0/KVM")
-            try:
-                out.append(self._run(mmio_accesses, schedule, every, duration))
-            except BaseException as e:  # re-raised in the caller's thread
-                out.append(e)
-
-        t = threading.Thread(target=vcpu_thread, name="CPU 0/KVM", daemon=True)
-        t.start()
-        while t.is_alive():
-            t.join(0.2)
-        if isinstance(out[0], BaseException):
-            raise out[0]
-        return out[0]
-
-    def _run(self, mmio_accesses: int, schedule: Sequence[tuple[str, int]],
-             every: int, duration: float) -> Result:
-        if self.run_map is None:
+        if not self.vcpus:
             self.start()
         if mmio_accesses <= 0 and duration <= 0:
             raise RigError("give a number of MMIO accesses or a duration")
-        if not every and schedule:
-            every = max(1, mmio_accesses // (len(schedule) + 1)) if mmio_accesses else 1000
+        n = len(self.vcpus)
+        shares = [mmio_accesses // n + (i < mmio_accesses % n) for i in range(n)]
+        out: list[dict[str, Any] | BaseException | None] = [None] * n
+
+        def vcpu_thread(i: int) -> None:
+            _set_thread_name(f"CPU {i}/KVM".encode())
+            try:
+                out[i] = self._run(i, shares[i] if mmio_accesses > 0 else 0,
+                                   schedule if i == 0 else (), every, duration)
+            except BaseException as e:  # re-raised in the caller's thread
+                out[i] = e
+
+        threads = [threading.Thread(target=vcpu_thread, args=(i,), name=f"CPU {i}/KVM",
+                                    daemon=True) for i in range(n)]
         r = self.result
-        r.tid = _gettid()
-        run_map, vcpu = self.run_map, self.vcpu
-        assert run_map is not None
+        r.start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        elapsed = time.perf_counter() - t0
+        r.stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for o in out:
+            if isinstance(o, BaseException):
+                raise o
+        stats = [o for o in out if isinstance(o, dict)]
+        r.per_vcpu = stats
+        r.tid = stats[0]["tid"]
+        r.mmio_exits = sum(v["mmio_exits"] for v in stats)
+        r.mmio_reads = sum(v["mmio_reads"] for v in stats)
+        r.mmio_writes = sum(v["mmio_writes"] for v in stats)
+        r.reads_completed = sum(v["reads_completed"] for v in stats)
+        r.pio_exits = sum(v["pio_exits"] for v in stats)
+        r.mmio_by_page = {
+            f"{MMIO_GPA + p * PAGE:#x}": {k: sum(v["by_page"][p][j] for v in stats)
+                                          for j, k in enumerate(("read", "write"))}
+            for p in range(self.pages)}
+        for v in stats:
+            del v["by_page"]
+        r.run_seconds = elapsed
+        r.mmio_exits_per_s = r.mmio_exits / elapsed if elapsed > 0 else 0.0
+        return r
+
+    def _run(self, index: int, limit: int, schedule: Sequence[tuple[str, int]],
+             every: int, duration: float) -> dict[str, Any]:
+        """One vCPU's loop; vCPU 0 also applies the memslot schedule."""
+        if not every and schedule:
+            every = max(1, limit // (len(schedule) + 1)) if limit else 1000
+        vcpu, run_map = self.vcpus[index]
         unpack = struct.unpack_from
         pending = list(schedule)
         next_change = every if pending else -1
         by_page = [[0, 0] for _ in range(self.pages)]
-        reads = writes = pio = 0
-        limit = mmio_accesses if mmio_accesses > 0 else 1 << 62
+        reads = writes = pio = completed = 0
+        limit = limit if limit > 0 else 1 << 62
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         last_was_read = False
         n = 0
-        r.start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        t0 = time.perf_counter()
         ioctl = fcntl.ioctl
         while n < limit:
             ioctl(vcpu, KVM_RUN, 0)
             reason = unpack("<I", run_map, RUN_EXIT_REASON)[0]
             if reason == KVM_EXIT_MMIO:
                 if last_was_read:
-                    r.reads_completed += 1
+                    completed += 1
                 phys, length, is_write = unpack("<Q8xIB", run_map, RUN_MMIO_PHYS)
                 page = (phys - MMIO_GPA) >> 12
                 if not 0 <= page < self.pages:
@@ -332,43 +365,39 @@ class MicroVM:
                     last_was_read = True
                 n += 1
                 if n == next_change:
-                    r.mmio_exits = n
+                    self._exits0 = n
                     self.apply(*pending.pop(0))
                     next_change = n + every if pending else -1
                 if n & 0x3FF == 0 and time.monotonic() >= deadline:
                     break
             elif reason == KVM_EXIT_IO:
                 if last_was_read:
-                    r.reads_completed += 1
+                    completed += 1
                 last_was_read = False
                 pio += 1
             else:
                 name = {KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
                         KVM_EXIT_FAIL_ENTRY: "fail_entry",
                         KVM_EXIT_INTERNAL_ERROR: "internal_error"}.get(reason, str(reason))
-                r.other_exits[name] = r.other_exits.get(name, 0) + 1
-                raise RigError(f"guest stopped unexpectedly: KVM exit {name} after {n} "
-                               "MMIO exits")
-        elapsed = time.perf_counter() - t0
-        r.stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        r.mmio_exits = n
+                self.result.other_exits[name] = self.result.other_exits.get(name, 0) + 1
+                raise RigError(f"guest stopped unexpectedly: KVM exit {name} on vCPU "
+                               f"{index} after {n} MMIO exits")
+        self._exits0 = n if index == 0 else self._exits0
         for change in pending:
             self.apply(*change)
-        r.mmio_reads, r.mmio_writes, r.pio_exits = reads, writes, pio
-        r.mmio_by_page = {f"{MMIO_GPA + i * PAGE:#x}": {"read": rd, "write": wr}
-                          for i, (rd, wr) in enumerate(by_page)}
-        r.run_seconds = elapsed
-        r.mmio_exits_per_s = n / elapsed if elapsed > 0 else 0.0
-        return r
+        return {"vcpu": index, "tid": _gettid(), "mmio_exits": n, "mmio_reads": reads,
+                "mmio_writes": writes, "reads_completed": completed, "pio_exits": pio,
+                "by_page": by_page}
 
     def close(self) -> None:
-        if self.run_map is not None:
-            self.run_map.close()
-            self.run_map = None
-        for fd in (self.vcpu, self.vm, self.kvm):
+        for fd, run_map in self.vcpus:
+            run_map.close()
+            os.close(fd)
+        self.vcpus = []
+        for fd in (self.vm, self.kvm):
             if fd >= 0:
                 os.close(fd)
-        self.vcpu = self.vm = self.kvm = -1
+        self.vm = self.kvm = -1
 
     def __enter__(self) -> MicroVM:
         return self
@@ -400,10 +429,10 @@ def _set_thread_name(name: bytes) -> None:
 
 def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),
         every: int = 0, access: str = "rw", duration: float = 0.0,
-        slot_size: int = 0x100000) -> Result:
+        slot_size: int = 0x100000, vcpus: int = 1) -> Result:
     """Create a VM, run the workload, close it; returns the ground truth."""
     sched = parse_schedule(schedule) if isinstance(schedule, str) else list(schedule)
-    with MicroVM(pages, access, slot_size) as vm:
+    with MicroVM(pages, access, slot_size, vcpus) as vm:
         vm.start()
         return vm.run(mmio_accesses, sched, every, duration)
 
@@ -445,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="", help="e.g. create:1,flags:1,move:1,delete:1")
     p.add_argument("--every", type=int, default=0, help="MMIO exits between changes")
     p.add_argument("--slot-size", type=int, default=0x100000, help="bytes per extra slot")
+    p.add_argument("--vcpus", type=int, default=1,
+                   help="vCPUs (threads 'CPU n/KVM'), sharing the MMIO accesses")
     p.add_argument("--wait", action="store_true",
                    help="print 'ready PID' and wait for a line on stdin before starting")
     p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
@@ -463,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ready {os.getpid()}", flush=True)
             sys.stdin.readline()
         r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
-                args.duration, args.slot_size)
+                args.duration, args.slot_size, args.vcpus)
     except RigError as e:
         print(f"microvm: error: {e}", file=sys.stderr)
         return 1
