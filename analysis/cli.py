@@ -80,15 +80,17 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     """One run as terminal lines, none wider than 80 columns."""
     lines = [f"run {s['run']}  backend {s.get('backend') or '?'}  "
              f"kernel {s.get('kernel') or '?'}"[:WIDTH]]
+    if s.get("hostname"):
+        lines[0] = (lines[0] + f"  host {s['hostname']}")[:WIDTH]
     state = "complete" if s["complete"] else "NOT finalized"
     lines.append(f"  {state}, {s['duration_s']:.3g} s, lost events {s['lost_events']:,}")
     by = ", ".join(f"{k} {v}" for k, v in s["updates_by_change"].items())
     lines += _wrap(f"memslot updates {s['memslot_updates']:,}"
                    + (f" ({by})" if by else "")
                    + (f", {s['failed_updates']} failed" if s["failed_updates"] else ""))
-    lines.append(f"  MMIO faults {s['mmio_faults']:,}  kvm_mmio accesses "
-                 f"{s['mmio_accesses']:,}  slow {_num(s['slow_share'], pct=True)}  "
-                 f"charged to updates {_num(s['caused_share'], pct=True)}")
+    lines += _wrap(f"MMIO faults {s['mmio_faults']:,}  kvm_mmio accesses "
+                   f"{s['mmio_accesses']:,}  slow {_num(s['slow_share'], pct=True)}  "
+                   f"charged to updates {_num(s['caused_share'], pct=True)}")
     if s["classes"]:
         lines.append(f"  {'class':<14}{'faults':>10}{'share':>8}{'p50 us':>10}{'p99 us':>10}")
         for c, v in s["classes"].items():
@@ -108,8 +110,10 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         lines.append(f"  per-update cost p50 {_num(s['update_cost_p50_ns'], 1e3)} us, "
                      f"p99 {_num(s['update_cost_p99_ns'], 1e3)} us (extra MMIO latency)")
     if s["zap_alls"]:
-        lines.append(f"  zap-alls {s['zap_alls']} ({s['zap_all_wraps']} wraps), cost "
-                     f"{_num(s['zap_all_cost_ns'], 1e3)} us of extra MMIO latency")
+        cost = s["zap_all_cost_ns"]
+        lines.append(f"  zap-alls {s['zap_alls']} ({s['zap_all_wraps']} wraps)" +
+                     (f", cost {_num(cost, 1e3)} us of extra MMIO latency"
+                      if cost is not None else ""))
     for f in s["forecast"]:
         eta = f.get("next_zap_all_s")
         per = f.get("wrap_period_s")
@@ -124,7 +128,7 @@ def format_summary(s: dict[str, Any]) -> list[str]:
 
 def format_comparison(cmp: Any) -> list[str]:
     lines = ["comparison (95% bootstrap CIs; delta vs the first run)",
-             f"  {'run':<16}{'metric':<13}{'p50 us':>9}{'CI':>17}{'delta':>8}{'CI':>17}"]
+             f"  {'run':<14}{'metric':<13}{'p50 us':>8}{'CI':>17}{'delta':>8}{'CI':>17}"]
 
     def ci(v: Any) -> str:
         return "-" if v is None else f"[{_num(v[0])},{_num(v[1])}]"
@@ -132,7 +136,7 @@ def format_comparison(cmp: Any) -> list[str]:
     for r in cmp.to_dict("records"):
         if not r["n"]:
             continue
-        lines.append(f"  {str(r['run'])[:15]:<16}{r['metric']:<13}{_num(r['p50_us']):>9}"
+        lines.append(f"  {str(r['run'])[:13]:<14}{r['metric']:<13}{_num(r['p50_us']):>8}"
                      f"{ci(r['p50_ci_us']):>17}{_num(r['p50_delta_us']):>8}"
                      f"{ci(r['p50_delta_ci_us']):>17}")
     return lines

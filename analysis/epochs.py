@@ -23,6 +23,8 @@ import pandas as pd
 from . import schema
 from .recording import Recording
 
+# "unknown": the fault carries no MMIO SPTE evidence (no fast-path hit, no
+# stale check, no re-mark), as on hosts with kvm.mmio_caching=N.
 CLASSES = ("fast", "stale", "first_touch", "during_update", "after_zap", "unknown")
 # Faults charged to a memslot update (the rest would have happened anyway).
 CAUSED = ("stale", "during_update", "after_zap")
@@ -291,7 +293,10 @@ def correlate(rec: Recording) -> Correlation:
     # After a zap-all: the page was seen before the last zap of its VM.
     zj = asof_index(fk, t, zk, _np(zap["ns"]), parts=parts)
     after_zap = np.zeros(n, bool)
-    cand = ~fast & ~stale & ~inprog & (zj >= 0)
+    # No MMIO SPTE evidence (no check/mark/fast-path event for the fault, e.g.
+    # kvm.mmio_caching=N): the fault is left unclassified, whatever its timing.
+    evidence = fast | stale | remarked
+    cand = remarked & ~stale & ~inprog & (zj >= 0)
     if cand.any():
         gfn = _np(f["gfn"], np.uint64, 0)
         if gfn.max() < (1 << 40) and fk.max() < (1 << 22):
@@ -309,8 +314,9 @@ def correlate(rec: Recording) -> Correlation:
     klass[remarked] = CLASSES.index("first_touch")
     klass[after_zap] = CLASSES.index("after_zap")
     klass[stale] = CLASSES.index("stale")
-    klass[inprog & ~fast] = CLASSES.index("during_update")
+    klass[inprog & evidence & ~fast] = CLASSES.index("during_update")
     klass[fast] = CLASSES.index("fast")
+    del evidence
 
     lat = _np(f["latency_ns"]).astype(np.float64)
     base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat)
@@ -350,9 +356,11 @@ def _charge_updates(upd: pd.DataFrame, faults: pd.DataFrame, cause: np.ndarray,
     upd["cost_ns"] = np.bincount(c[has_extra], extra[has_extra], minlength=nu) if nu else []
     op = pos[opener[opener >= 0]] if nu else np.zeros(0, np.int64)
     upd["epoch_faults"] = np.bincount(op, minlength=nu) if nu else []
-    # Without fault events (e.g. MMIO caching off) costs are unknown, not 0.
-    has_faults = faults.groupby("run", observed=False).size().reindex(rec.runs).fillna(0) > 0
-    known = has_faults.reindex(upd["run"].astype(str)).to_numpy(dtype=bool) if nu else []
+    # Without classified faults (none recorded, or no SPTE evidence as with
+    # kvm.mmio_caching=N) a run's update costs are unknown, not 0.
+    runs_known = np.bincount(_np(faults["run"])[klass != CLASSES.index("unknown")],
+                             minlength=len(rec.runs)) > 0
+    known = runs_known[_np(upd["run"])] if nu else np.zeros(0, bool)
     upd["cost_ns"] = upd["cost_ns"].where(known & upd["ok"].to_numpy(dtype=bool))
     for col in ["n_slow", "slow_latency_ns", "epoch_faults"] + [f"n_{c}" for c in CAUSED]:
         upd[col] = upd[col].astype("Int64" if col != "slow_latency_ns" else "Float64")
@@ -379,8 +387,9 @@ def _accesses_per_epoch(rec: Recording, upd: pd.DataFrame) -> np.ndarray:
 
 def _zap_costs(rec: Recording, u: pd.DataFrame, faults: pd.DataFrame,
                klass: np.ndarray, zj: np.ndarray) -> pd.DataFrame:
-    """Recorded zap-alls, whether each was a generation wrap, and the faults
-    (page rebuilt after the zap) it cost."""
+    """Recorded zap-alls: the update they happened in, why (a DELETE/MOVE
+    flushing the slot, or the masked generation wrapping), and the faults
+    (pages rebuilt after the zap) they cost."""
     zap = rec.zap_all.copy()
     nz = len(zap)
     sel = (klass == CLASSES.index("after_zap")) & (zj >= 0)
@@ -388,20 +397,34 @@ def _zap_costs(rec: Recording, u: pd.DataFrame, faults: pd.DataFrame,
     extra = faults["extra_ns"].to_numpy()[sel]
     ok = ~np.isnan(extra)
     zap["cost_ns"] = np.bincount(zj[sel][ok], extra[ok], minlength=nz) if nz else []
+    # Costs are unknown (not 0) in runs without classified faults.
+    runs_known = np.bincount(_np(faults["run"])[klass != CLASSES.index("unknown")],
+                             minlength=len(rec.runs)) > 0
     if nz:
-        zk, uk = vm_keys(zap, u)
-        j = asof_index(zk, _np(zap["ns"]), uk, _np(u["begin_ns"]))
-        cause = np.where(j >= 0, u.index.to_numpy()[np.maximum(j, 0)] if len(u) else 0, -1)
-        zap["update"] = _nullable(cause, cause < 0)
         run = _np(zap["run"])
+        zap["n_faults"] = _nullable(zap["n_faults"].to_numpy(), ~runs_known[run])
+        zap["cost_ns"] = zap["cost_ns"].where(runs_known[run])
+        zk, uk = vm_keys(zap, u)
+        zns = _np(zap["ns"])
+        j = asof_index(zk, zns, uk, _np(u["begin_ns"]))
+        inside = j >= 0
+        inside[inside] &= zns[inside] <= _np(u["end_ns"])[j[inside]]
+        cause = np.where(inside, u.index.to_numpy()[np.maximum(j, 0)] if len(u) else 0, -1)
+        zap["update"] = _nullable(cause, cause < 0)
+        change = np.full(nz, "", dtype=object)
+        change[inside] = u["change"].astype(str).to_numpy()[j[inside]]
         bits = np.array([gen_bits(rec.manifests[r]) for r in rec.runs])[run]
         asn = np.array([address_spaces(rec.manifests[r]) for r in rec.runs])[run]
         g = _np(zap["gen"], np.uint64, 0)
         masked = (g & ((np.uint64(1) << bits.astype(np.uint64)) - np.uint64(1))) \
             & ~(asn.astype(np.uint64) - np.uint64(1))
-        zap["wrap"] = masked == 0
+        flush = np.isin(change, ["delete", "move"])
+        reason = np.where(flush, "slot flush", np.where(masked == 0, "wrap", "other"))
+        zap["reason"] = pd.Categorical(reason, categories=["slot flush", "wrap", "other"])
+        zap["wrap"] = reason == "wrap"
     else:
         zap["update"] = pd.array([], dtype="Int64")
+        zap["reason"] = pd.Categorical([], categories=["slot flush", "wrap", "other"])
         zap["wrap"] = np.zeros(0, bool)
     return zap
 

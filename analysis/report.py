@@ -126,7 +126,7 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
         if name == "forecast" and len(t):
             t = t.assign(vm=[f"{int(v):#x}" for v in t["vm"]])
         if name == "zap_alls" and len(t):
-            t = t[["ns", "vm", "gen", "wrap", "update", "n_faults", "cost_ns"]].assign(
+            t = t[["ns", "vm", "gen", "reason", "update", "n_faults", "cost_ns"]].assign(
                 vm=[f"{int(v):#x}" for v in t["vm"]])
         parts.append(f"<h3>{_esc(title)}</h3>" + _table(t))
     figs = plots.figures(corr, run)

@@ -132,16 +132,22 @@ def missing(rec: Recording, run: str) -> list[str]:
         return out + list(rec.problems.get(run, []))
     if not n["memslot_update"]:
         out.append("no memslot_update events: nothing to attribute MMIO costs to")
+    caching = (m.get("kvm_params") or {}).get("kvm.mmio_caching", m.get("mmio_caching"))
+    caching_off = str(caching).upper().startswith(("N", "0", "FALSE"))
+    why = ("kvm.mmio_caching=N: KVM keeps no MMIO SPTEs" if caching_off else
+           f"{backend}: the MMIO SPTE tracepoints did not fire or are absent")
     if not n["mmio_fault"]:
-        why = ("the host's KVM has MMIO caching off or lacks the MMIO SPTE tracepoints"
-               if "tracepoint" in str(backend) or m.get("mmio_caching") in (False, "N")
-               else "no MMIO fault was traced")
         what = "; kvm_mmio accesses counted instead" if n["mmio_access"] else ""
-        out.append(f"no mmio_fault events ({backend}: {why}): fault classes, MMIO latency "
+        out.append(f"no mmio_fault events ({why}): fault classes, MMIO latency "
                    f"and per-update cost unavailable{what}")
     else:
-        f = rec.mmio_fault
-        if not rows_of(f, run)["fast_hit"].fillna(False).any():
+        f = rows_of(rec.mmio_fault, run)
+        ev = (f["fast_hit"].fillna(False) | f["stale"].fillna(False) |
+              f["remarked"].fillna(False)).to_numpy(dtype=bool)
+        if not ev.any():
+            out.append(f"MMIO faults carry no SPTE evidence ({why}): latencies are as "
+                       "recorded, fault classes and per-update cost unavailable")
+        elif not f["fast_hit"].fillna(False).any():
             out.append("no fast-path MMIO hits: no per-vCPU baseline, extra latency unknown")
     if not n["generation"]:
         u = rec.memslot_update[rec.memslot_update["run"] == run]
@@ -151,7 +157,7 @@ def missing(rec: Recording, run: str) -> list[str]:
                     "unknown (steps show the update count)"))
     if not n["workload"]:
         out.append("no workload table: updates not matched to rig actions")
-    for item in m.get("missing") or []:
+    for item in (m.get("missing") or []) + (m.get("missing_data") or []):
         text = item if isinstance(item, str) else ", ".join(f"{k}: {v}" for k, v in
                                                              dict(item).items())
         if not any(text in o for o in out):
@@ -177,7 +183,9 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     kc = class_codes(f)
     counts = np.bincount(kc, minlength=len(CLASSES))
     nf = len(f)
-    n_slow = int(nf - counts[CLASSES.index("fast")])
+    # Shares count only faults with MMIO SPTE evidence (classified).
+    n_known = int(nf - counts[CLASSES.index("unknown")])
+    n_slow = int(n_known - counts[CLASSES.index("fast")])
     n_caused = int(sum(counts[CLASSES.index(c)] for c in CAUSED))
     lat = _np_float(f["latency_ns"])
     ok = upd[upd["ok"]]
@@ -203,15 +211,17 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
                               upd["change"].value_counts().items() if v},
         "mmio_faults": nf, "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
         "slow_faults": n_slow, "caused_faults": n_caused,
-        "slow_share": n_slow / nf if nf else None,
-        "caused_share": n_caused / nf if nf else None,
+        "classified_faults": n_known,
+        "slow_share": n_slow / n_known if n_known else None,
+        "caused_share": n_caused / n_known if n_known else None,
         "classes": by_class,
         "update_cost_p50_ns": cost_q[0], "update_cost_p99_ns": cost_q[1],
         "update_cost_mean_ns": float(np.nanmean(cost)) if np.isfinite(cost).any() else None,
         "mmio_latency_p50_ns": lat_q[0], "mmio_latency_p99_ns": lat_q[1],
         "lost_events": sum(lost.values()), "lost": lost,
         "zap_alls": len(zaps), "zap_all_wraps": int(zaps["wrap"].sum()) if len(zaps) else 0,
-        "zap_all_cost_ns": float(zaps["cost_ns"].sum()) if len(zaps) else 0.0,
+        "zap_all_cost_ns": (float(zaps["cost_ns"].sum()) if zaps["cost_ns"].notna().any()
+                            else None) if len(zaps) else 0.0,
         "forecast": fc.drop(columns=["run"]).to_dict("records") if len(fc) else [],
         "missing": missing(rec, run),
     }

@@ -60,7 +60,8 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
     """Write a recording of ``events`` steps to ``run_dir``; return the truth.
 
     ``host_style`` records what this host's kvm_pvm shows (MMIO caching off):
-    memslot updates without generations and kvm_mmio accesses, nothing else.
+    memslot updates without generations, MMIO exits with latency but no SPTE
+    evidence, kvm_mmio accesses and zap-alls; no generation events.
     """
     rng = random.Random(seed)
     mask = (1 << gen_bits) - 1
@@ -107,7 +108,14 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
         m.seen.add(gfn)
         m.zapped_since[gfn] = False
         is_write = rng.random() < 0.5
-        if not host_style:
+        if host_style:  # exits to user space, no SPTE evidence at all
+            add("mmio_fault", exit_ns=t, latency_ns=int(lat), pid=m.pid, tid=m.pid + 1 + vcpu,
+                vm=m.vm, vcpu=vcpu, exit_reason=None, gpa=gfn << 12, gfn=gfn, kvm_gen=None,
+                spte_gen=None, stale=False, remarked=False, fast_hit=False,
+                is_write=is_write, len=4, to_user=True)
+            truth.classes.append("unknown")
+            truth.causes.append(-1)
+        else:
             add("mmio_fault", exit_ns=t, latency_ns=int(lat), pid=m.pid, tid=m.pid + 1 + vcpu,
                 vm=m.vm, vcpu=vcpu, exit_reason=0x400, gpa=gfn << 12, gfn=gfn,
                 kvm_gen=kvm_gen, spte_gen=spte_gen, stale=stale, remarked=remarked,
@@ -122,8 +130,7 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
         m.spte.clear()
         for g in m.seen:
             m.zapped_since[g] = True
-        if not host_style:
-            add("zap_all", ns=t, pid=m.pid, tid=m.pid, vm=m.vm, gen=m.gen)
+        add("zap_all", ns=t, pid=m.pid, tid=m.pid, vm=m.vm, gen=m.gen)
         truth.zaps += 1
 
     def update(m: _VM, change: str, fail: bool) -> None:
@@ -179,7 +186,8 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
     info = {"backend": "tracepoint" if host_style else "kprobe", "synthetic": True,
             "mmio_gen_bits": gen_bits, "address_spaces": as_count, "start_ns": 1_000_000_000}
     if host_style:
-        info["missing"] = ["mmio_fault", "generation", "zap_all"]
+        info["kvm_params"] = {"kvm.mmio_caching": "N"}
+        info["missing_data"] = ["MMIO SPTE events (kvm.mmio_caching=N)"]
     info.update(manifest or {})
     events_written = list(schema.TRACE_EVENTS)
     w = schema.RunWriter(run_dir, info, events=events_written)
