@@ -280,6 +280,10 @@ def test_cli_up_hotplug_down(tmp_path: Path) -> None:
         assert "hotplug: 3 cycles of 128M" in p.stdout
         rows = table(tmp_path / "run")
         assert sum(r["action"] == "event:DEVICE_DELETED" and r["ok"] for r in rows) == 3
+        p = slotscope("rig", "status", env=env)
+        assert p.returncode == 0, p.stderr
+        assert f"rig: pid {pid}, bare guest, accel {accel}, running" in p.stdout
+        assert "vcpu tids" in p.stdout
         p = slotscope("rig", "hotplug", "--size", "3G", env=env)
         assert p.returncode == 1 and p.stderr.count("\n") == 1
         assert "does not fit" in p.stderr and "Traceback" not in p.stderr

@@ -95,6 +95,31 @@ async def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from vmrig.rig import Rig
+    rig = await Rig.attach(_state_dir(args))
+    if rig.qmp is None:
+        raise RigError("the rig's QEMU is not running; run: slotscope rig down")
+    try:
+        status = (await rig.qmp.execute("query-status"))["status"]
+        devices = await rig.memory_devices()
+        s1 = rig.sample()
+        await asyncio.sleep(0.5)
+        s2 = rig.sample()
+    finally:
+        await rig.qmp.close()
+    print(f"rig: pid {rig.pid}, {rig.config.guest} guest, accel {rig.accel}, {status}")
+    if s1 and s2:
+        cpu = (s2[1] + s2[2] - s1[1] - s1[2]) / ((s2[0] - s1[0]) / 1e9) * 100
+        print(f"  cpu {cpu:.0f}%, rss {s2[3] >> 20} MiB, {s2[4]} threads, "
+              f"vcpu tids {sorted(rig.vcpu_tids.values())}")
+    for d in devices:
+        data = d["data"]
+        print(f"  {d['type']:10} {data.get('id', '-'):24} {fmt_size(int(data['size'])):>6} "
+              f"at {int(data.get('addr', data.get('memaddr', 0))):#x}")
+    return 0
+
+
 # -- workloads ---------------------------------------------------------------
 def _prepare_run_dir(path: str | None) -> Path | None:
     if path is None:
@@ -264,6 +289,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     hp.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
     state_opt(hp)
     hp.set_defaults(func=_sync(_hotplug))
+
+    st = sub.add_parser("status", help="the running rig: state, CPU, RSS, memory devices")
+    state_opt(st)
+    st.set_defaults(func=_sync(_status))
 
     down = sub.add_parser("down", help="stop the running rig and remove what it made")
     state_opt(down)
