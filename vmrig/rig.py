@@ -317,8 +317,10 @@ class Rig:
         while ready not in self.serial():
             self._check_alive("booting")
             if loop.time() > deadline:
+                tail = [ln.strip() for ln in self.serial().splitlines() if ln.strip()]
                 raise RigError(f"guest not ready after {self.config.boot_timeout:g} s "
-                               f"under {accel}")
+                               f"under {accel} (serial: "
+                               + (repr(tail[-1][:60]) if tail else "no output") + ")")
             await asyncio.sleep(0.01)
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
         self.vcpu_tids = vcpu_threads(self.pid)
