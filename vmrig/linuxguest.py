@@ -10,6 +10,7 @@ as a PVH vmlinux (~2 s to /init under TCG) with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -59,9 +60,12 @@ def _module_paths(release: str) -> list[Path]:
     return out
 
 
-def _status(msg: str) -> None:
-    if sys.stderr.isatty():
-        print(f"rig: {msg}", file=sys.stderr, flush=True)
+def _progress(msg: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner on a terminal while building; nothing when not interactive."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+    return Console(stderr=True).status(f"rig: {msg}")
 
 
 def build_initramfs(release: str, force: bool = False) -> Path:
@@ -77,8 +81,8 @@ def build_initramfs(release: str, force: bool = False) -> Path:
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    _status("building the Linux guest initramfs (busybox, mmio, virtio modules)")
-    with tempfile.TemporaryDirectory(prefix="slotscope-initramfs-") as tmp:
+    with _progress("building the Linux guest initramfs (busybox, mmio, virtio modules)"), \
+            tempfile.TemporaryDirectory(prefix="slotscope-initramfs-") as tmp:
         root = Path(tmp) / "root"
         for d in ("bin", "dev", "proc", "sys", "lib/modules", "tmp"):
             (root / d).mkdir(parents=True)
