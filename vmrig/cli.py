@@ -299,14 +299,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     down.set_defaults(func=_sync(_down))
 
     run = sub.add_parser("run", help="boot, run one workload, record it, tear down")
-    run.add_argument("--workload", choices=WORKLOADS, required=True)
-    run.add_argument("--duration", type=float, default=5.0, metavar="S")
+    run.add_argument("--workload", choices=WORKLOADS, required=True,
+                     help="pc-dimm cycles, virtio-mem resizes (Linux guest), "
+                     "dirty-log toggles (kvm), or the micro-VMM (no QEMU)")
+    run.add_argument("--duration", type=float, default=5.0, metavar="S",
+                     help="run the workload this long (default 5)")
     run.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
     run.add_argument("--cycles", type=int, help="hotplug: stop after N cycles")
     run.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE",
                      help="hotplug: pc-dimm size")
     run.add_argument("--rate", type=float, help="hotplug: at most RATE cycles/s")
-    run.add_argument("--hold", type=float, default=0.0, metavar="S")
+    run.add_argument("--hold", type=float, default=0.0, metavar="S",
+                     help="hotplug: keep each dimm plugged S seconds")
     run.add_argument("--timeout", type=float, default=10.0, metavar="S",
                      help="wait this long for each awaited QMP event")
     run.add_argument("--schedule", default="create:1,flags:1,flags:1,move:1,delete:1",
