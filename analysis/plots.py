@@ -46,11 +46,19 @@ def _sec(ns: np.ndarray, t0: int) -> np.ndarray:
 
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+_MINOR = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")
 
 
 def _log_y(ax) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_MINOR)
+
+
+def _log_x(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(_MINOR)
 
 
 def _note(ax, text: str) -> None:
@@ -78,7 +86,9 @@ def timeline(corr: Correlation, run: str) -> Figure:
     latency on one time axis."""
     rec = corr.recording
     t0 = _t0(corr, run)
-    fig = Figure(figsize=(11, 7), layout="constrained")
+    # Fixed margins: constrained layout costs more than the drawing itself.
+    fig = Figure(figsize=(11, 7))
+    fig.subplots_adjust(left=0.08, right=0.9, top=0.94, bottom=0.08, hspace=0.12)
     ax_gen, ax_wl, ax_lat = fig.subplots(3, 1, sharex=True,
                                          gridspec_kw={"height_ratios": [2.2, 0.8, 3]})
     fig.suptitle(f"{run}: memslot generations, workload and MMIO latency")
@@ -149,8 +159,9 @@ def timeline(corr: Correlation, run: str) -> Figure:
             h = np.bincount(ix * ny + iy, minlength=nx * ny).reshape(nx, ny).astype(float)
             h[h == 0] = np.nan
             m = ax_lat.pcolormesh(np.linspace(x0, x1, nx + 1), np.logspace(y0, y1, ny + 1),
-                                  h.T, norm=LogNorm(vmin=1), cmap="viridis")
-            fig.colorbar(m, ax=ax_lat, label="faults per bin", pad=0.01)
+                                  h.T, norm=LogNorm(vmin=1), cmap="viridis", rasterized=True)
+            fig.colorbar(m, cax=ax_lat.inset_axes((1.01, 0, 0.015, 1)),
+                         label="faults per bin")
             slow = np.flatnonzero(kl != CLASSES.index("fast"))
             if len(slow) > 5000:
                 slow = np.random.default_rng(0).choice(slow, 5000, replace=False)
@@ -187,7 +198,8 @@ def timeline(corr: Correlation, run: str) -> Figure:
 
 def latency_cdf(corr: Correlation, run: str) -> Figure:
     """MMIO exit latency CDF per fault class (log x)."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(7, 4.5))
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)
     ax = fig.subplots()
     f = rows_of(corr.faults, run)
     kl = class_codes(f)
@@ -201,9 +213,8 @@ def latency_cdf(corr: Correlation, run: str) -> Figure:
     if not len(f):
         _note(ax, "no MMIO fault events: no latency to plot")
     else:
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(_PLAIN)
-        ax.legend(fontsize=8, loc="lower right")
+        _log_x(ax)
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("MMIO exit latency (us)")
     ax.set_ylabel("fraction of faults")
     ax.set_title(f"{run}: MMIO latency by fault class")
@@ -214,7 +225,8 @@ def latency_cdf(corr: Correlation, run: str) -> Figure:
 def update_cost(corr: Correlation, run: str) -> Figure:
     """Per-update extra MMIO latency by change type, next to the updates'
     own duration (the ioctl), which every backend records."""
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    fig = Figure(figsize=(10, 4.5))
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.14, wspace=0.25)
     ax_c, ax_d = fig.subplots(1, 2)
     u = rows_of(corr.updates, run)
     u = u[u["ok"]]
@@ -251,7 +263,8 @@ def update_cost(corr: Correlation, run: str) -> Figure:
 
 def comparison(corr: Correlation) -> Figure:
     """Several runs: MMIO latency CDFs and per-update cost side by side."""
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(11, 4.5))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.92, bottom=0.2, wspace=0.22)
     ax_l, ax_c = fig.subplots(1, 2)
     runs = corr.recording.runs
     data, names = [], []
@@ -269,8 +282,7 @@ def comparison(corr: Correlation) -> Figure:
             data.append(v)
             names.append(run)
     if ax_l.lines:
-        ax_l.set_xscale("log")
-        ax_l.xaxis.set_major_formatter(_PLAIN)
+        _log_x(ax_l)
         ax_l.legend(fontsize=7)
     else:
         _note(ax_l, "no run has MMIO fault events")
