@@ -447,3 +447,18 @@ def test_owner_sigkilled_leaves_nothing_after_sweep() -> None:
         time.sleep(0.05)
     assert private in sweep_stale()
     assert not private.exists() and not tap.exists(name)
+
+
+def test_hotplug_batch_uses_distinct_slots(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg")) as rig:
+            with WorkloadLog(tmp_path) as log:
+                stats = await hotplug_cycles(rig, log, cycles=2, size=64 * MiB, batch=3)
+                assert stats.cycles == 2 and len(stats.unplug_s) == 6
+                with pytest.raises(RigError, match="batch 5 must be 1..4"):
+                    await hotplug_cycles(rig, log, cycles=1, batch=5)
+            assert await rig.memory_devices() == []
+    run(body())
+    adds = [json.loads(r["detail"]) for r in table(tmp_path) if r["action"] == "device_add"]
+    assert [a["slot"] for a in adds] == [0, 1, 2, 0, 1, 2]
+    assert len({a["addr"] for a in adds[:3]}) == 3

@@ -146,7 +146,7 @@ async def _hotplug(args: argparse.Namespace) -> int:
     try:
         stats = await hotplug_cycles(rig, log, cycles=args.cycles, size=args.size,
                                      rate=args.rate, hold=args.hold,
-                                     unplug_timeout=args.timeout)
+                                     unplug_timeout=args.timeout, batch=args.batch)
     finally:
         assert rig.qmp is not None
         await rig.qmp.close()
@@ -184,7 +184,8 @@ async def _run(args: argparse.Namespace) -> int:
         if args.workload == "hotplug":
             stats = await wl.hotplug_cycles(rig, log, cycles=args.cycles, size=args.size,
                                             rate=args.rate, duration=args.duration,
-                                            hold=args.hold, unplug_timeout=args.timeout)
+                                            hold=args.hold, unplug_timeout=args.timeout,
+                                            batch=args.batch)
             _print_hotplug(stats, args.size, run_dir)
         elif args.workload == "virtio-mem":
             assert cfg.virtio_mem is not None
@@ -284,6 +285,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     hp.add_argument("--rate", type=float, help="at most RATE cycles/s")
     hp.add_argument("--hold", type=float, default=0.0, metavar="S",
                     help="keep each dimm plugged S seconds")
+    hp.add_argument("--batch", type=int, default=1, metavar="N",
+                    help="plug N dimms (N slots) per cycle, then unplug them")
     hp.add_argument("--timeout", type=float, default=5.0, metavar="S",
                     help="wait this long for DEVICE_DELETED")
     hp.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
@@ -311,6 +314,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--rate", type=float, help="hotplug: at most RATE cycles/s")
     run.add_argument("--hold", type=float, default=0.0, metavar="S",
                      help="hotplug: keep each dimm plugged S seconds")
+    run.add_argument("--batch", type=int, default=1, metavar="N",
+                     help="hotplug: plug N dimms (N slots) per cycle, then unplug them")
     run.add_argument("--timeout", type=float, default=10.0, metavar="S",
                      help="wait this long for each awaited QMP event")
     run.add_argument("--schedule", default="create:1,flags:1,flags:1,move:1,delete:1",

@@ -236,16 +236,20 @@ async def _pace(start: float, index: int, rate: float | None) -> None:
 async def hotplug_cycles(rig: Rig, log: WorkloadLog, cycles: int | None = 5,
                          size: int = 128 * MiB, rate: float | None = None,
                          duration: float | None = None, hold: float = 0.0,
-                         unplug_timeout: float = 5.0) -> HotplugStats:
+                         unplug_timeout: float = 5.0, batch: int = 1) -> HotplugStats:
     """pc-dimm plug/unplug cycles: ``cycles`` of them or for ``duration`` s,
-    at most ``rate`` cycles/s, holding each dimm ``hold`` s."""
+    at most ``rate`` cycles/s.  A cycle plugs ``batch`` dimms (each its own
+    slot and memslot), holds them ``hold`` s, then unplugs them in order."""
     if cycles is None and duration is None:
         raise RigError("hotplug: give a cycle count or a duration")
     if cycles is not None and cycles < 0:
         raise RigError(f"hotplug: cycles must be >= 0, not {cycles}")
+    if not 1 <= batch <= max(1, rig.config.memory.slots):
+        raise RigError(f"hotplug: batch {batch} must be 1..{rig.config.memory.slots} "
+                       "(the memory slots)")
     log.config.setdefault("workload", "hotplug")
     log.config.setdefault("params", {"cycles": cycles, "size": size, "rate": rate,
-                                     "duration": duration, "hold": hold,
+                                     "duration": duration, "hold": hold, "batch": batch,
                                      "unplug_timeout": unplug_timeout})
     stats = HotplugStats()
     loop = asyncio.get_running_loop()
@@ -255,13 +259,15 @@ async def hotplug_cycles(rig: Rig, log: WorkloadLog, cycles: int | None = 5,
                 (duration is None or loop.time() - start < duration):
             await _pace(start, stats.cycles, rate)
             t0 = loop.time()
-            dev = await plug_dimm(rig, log, size)
-            t1 = loop.time()
+            devs = []
+            for _ in range(batch):
+                t = loop.time()
+                devs.append(await plug_dimm(rig, log, size))
+                stats.plug_s.append(loop.time() - t)
             if hold:
                 await asyncio.sleep(hold)
-            latency = await unplug_dimm(rig, log, dev, unplug_timeout)
-            stats.plug_s.append(t1 - t0)
-            stats.unplug_s.append(latency)
+            for dev in devs:
+                stats.unplug_s.append(await unplug_dimm(rig, log, dev, unplug_timeout))
             stats.cycle_s.append(loop.time() - t0)
             stats.cycles += 1
     finally:
