@@ -58,22 +58,24 @@ def table(run_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("accel", ACCELS)
-def test_bare_guest_boots_and_loops(accel: str) -> None:
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_bare_guest_boots_and_loops(accel: str, vcpus: int) -> None:
     async def body() -> tuple[Path, int]:
-        async with Rig(RigConfig(accel=accel)) as rig:
+        async with Rig(RigConfig(accel=accel, vcpus=vcpus)) as rig:
             assert rig.accel == accel
             assert rig.boot_s < 5.0
             assert rig.private_dir is not None
             assert stat.S_IMODE(rig.private_dir.stat().st_mode) == 0o700
             assert stat.S_IMODE(rig.qmp_socket.stat().st_mode) == 0o600
             # vCPU threads are found by QEMU's thread names.
-            assert list(rig.vcpu_tids) == [0]
-            tid = rig.vcpu_tids[0]
-            comm = Path(f"/proc/{rig.pid}/task/{tid}/comm").read_text().strip()
-            assert comm == f"CPU 0/{accel.upper()}"
-            first = await rig.read_counter()
+            assert list(rig.vcpu_tids) == list(range(vcpus))
+            for i, tid in rig.vcpu_tids.items():
+                comm = Path(f"/proc/{rig.pid}/task/{tid}/comm").read_text().strip()
+                assert comm == f"CPU {i}/{accel.upper()}"
+            first = [await rig.read_counter(i) for i in range(vcpus)]
             await asyncio.sleep(0.3)
-            assert await rig.read_counter() > first  # the MMIO loop runs
+            for i in range(vcpus):  # the MMIO loop runs on every vCPU
+                assert await rig.read_counter(i) > first[i], i
             assert "slotscope-bare ready" in rig.serial()
             return rig.private_dir, rig.pid or 0
     private_dir, pid = run(body())
@@ -451,7 +453,7 @@ def test_owner_sigkilled_leaves_nothing_after_sweep() -> None:
 
 def test_hotplug_batch_uses_distinct_slots(tmp_path: Path) -> None:
     async def body() -> None:
-        async with Rig(RigConfig(accel="tcg")) as rig:
+        async with Rig(RigConfig(accel="tcg", vcpus=2)) as rig:  # APs loop meanwhile
             with WorkloadLog(tmp_path) as log:
                 stats = await hotplug_cycles(rig, log, cycles=2, size=64 * MiB, batch=3)
                 assert stats.cycles == 2 and len(stats.unplug_s) == 6

@@ -402,10 +402,12 @@ class Rig:
     async def memory_devices(self) -> list[dict[str, Any]]:
         return list(await self.require_qmp().execute("query-memory-devices"))
 
-    async def read_counter(self) -> int:
-        """The bare guest's MMIO loop count (from guest RAM, over HMP xp)."""
+    async def read_counter(self, vcpu: int = 0) -> int:
+        """The bare guest's MMIO loop count on ``vcpu`` (APs numbered in start
+        order), read from guest RAM over HMP xp."""
+        gpa = bareguest.COUNTER_GPA + 8 * vcpu
         out = await self.require_qmp().execute(
-            "human-monitor-command", {"command-line": f"xp /1gx {bareguest.COUNTER_GPA:#x}"})
+            "human-monitor-command", {"command-line": f"xp /1gx {gpa:#x}"})
         return int(str(out).split(":")[1].split()[0], 16)
 
     # -- stopping ------------------------------------------------------------

@@ -15,7 +15,8 @@
  *     has that event cleared (write 4) and is then ejected (write 8).  That is all QEMU
  *     needs to finish device_del of a pc-dimm.
  * Serial (COM1, 0x3f8) gets "slotscope-bare ready", then "+N" per plug
- * acknowledged and "-N" per eject.
+ * acknowledged and "-N" per eject.  With -smp N the other vCPUs run the
+ * MMIO loop too (see start_aps), each with its own counter.
  *
  * The launcher patches the parameter block (magic "SLOTSCOP") per run.
  */
@@ -81,6 +82,7 @@ start32:
 	movl	p_counter, %edi
 	movl	$0, (%edi)
 	movl	$0, 4(%edi)
+	call	start_aps
 	movl	$banner, %esi
 	call	puts
 
@@ -157,6 +159,65 @@ put_slot:
 	call	putc
 	movb	$'\n', %al
 	jmp	putc
+
+/*
+ * Other vCPUs wait for INIT-SIPI.  Copy the real-mode trampoline to
+ * TRAMPOLINE (the SIPI vector page), then INIT and SIPI all but ourselves
+ * through the local APIC.  Each AP takes the next counter slot
+ * (COUNTER_GPA + 8 * n, n = 1, 2, ...) and runs the MMIO loop only: the
+ * hotplug handshake and serial stay with the boot vCPU.
+ */
+	.set	TRAMPOLINE, 0x8000
+	.set	APIC_ICR_LO, 0xfee00300
+	.set	AP_NEXT, 0x6ff8		/* next AP index, bumped with lock xadd */
+start_aps:
+	movl	$1, AP_NEXT
+	movl	$tramp, %esi
+	movl	$TRAMPOLINE, %edi
+	movl	$(tramp_end - tramp), %ecx
+	rep movsb
+	movl	$0x000c4500, APIC_ICR_LO	/* INIT, all excluding self */
+	movl	$20000, %ecx
+7:	loop	7b
+	movl	$(0x000c4600 | (TRAMPOLINE >> 12)), APIC_ICR_LO	/* SIPI */
+	ret
+
+ap32:
+	movw	$0x10, %ax
+	movw	%ax, %ds
+	movw	%ax, %es
+	movw	%ax, %ss
+	movl	$1, %edi
+	lock xaddl %edi, AP_NEXT
+	shll	$3, %edi
+	addl	p_counter, %edi
+	movl	$0, (%edi)
+	movl	$0, 4(%edi)
+ap_loop:
+	movl	p_mmio_base, %ebx
+	movl	p_npages, %ecx
+8:	movl	(%ebx), %eax
+	movl	%ecx, 8(%ebx)
+	addl	p_stride, %ebx
+	loop	8b
+	addl	$1, (%edi)
+	adcl	$0, 4(%edi)
+	jmp	ap_loop
+
+/* Copied to TRAMPOLINE; an AP starts here in real mode with CS = 0x0800. */
+	.code16
+tramp:
+	cli
+	lgdtl	%cs:(tramp_gdtr - tramp)
+	movl	%cr0, %eax
+	orl	$1, %eax
+	movl	%eax, %cr0
+	ljmpl	$0x08, $ap32
+tramp_gdtr:
+	.word	gdt_end - gdt - 1
+	.long	gdt
+tramp_end:
+	.code32
 
 puts:
 	lodsb
