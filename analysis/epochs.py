@@ -322,6 +322,7 @@ def correlate(rec: Recording) -> Correlation:
     base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat)
     caused = np.isin(klass, [CLASSES.index(c) for c in CAUSED])
     cause = np.where(klass == CLASSES.index("during_update"), inprog_upd, opener)
+    caused &= cause >= 0  # stale before the first recorded update: nobody to charge
     cause = np.where(caused, cause, -1)
 
     out = f.copy(deep=False)
