@@ -363,9 +363,13 @@ def _charge_updates(upd: pd.DataFrame, faults: pd.DataFrame, cause: np.ndarray,
                              minlength=len(rec.runs)) > 0
     known = runs_known[_np(upd["run"])] if nu else np.zeros(0, bool)
     upd["cost_ns"] = upd["cost_ns"].where(known & upd["ok"].to_numpy(dtype=bool))
-    for col in ["n_slow", "slow_latency_ns", "epoch_faults"] + [f"n_{c}" for c in CAUSED]:
+    for col in ["n_slow", "slow_latency_ns"] + [f"n_{c}" for c in CAUSED]:
         upd[col] = upd[col].astype("Int64" if col != "slow_latency_ns" else "Float64")
         upd.loc[~np.asarray(known, dtype=bool), col] = pd.NA
+    any_faults = np.bincount(_np(faults["run"]), minlength=len(rec.runs)) > 0
+    upd["epoch_faults"] = upd["epoch_faults"].astype("Int64")
+    if nu:
+        upd.loc[~any_faults[_np(upd["run"])], "epoch_faults"] = pd.NA
     upd["mmio_accesses"] = _accesses_per_epoch(rec, upd)
     return upd
 
