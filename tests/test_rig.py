@@ -329,7 +329,12 @@ def test_cli_run_interrupted(sig: int, tmp_path: Path) -> None:
     assert seen >= 5, "no hotplug cycles recorded within 60 s"
     qemu_pid = json.loads((out2 / "rig.json").read_text())["pid"]
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # do not leak it into later tests
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err
     assert err.strip() == "slotscope rig: interrupted"  # no traceback, no asyncio noise
     assert not psutil.pid_exists(qemu_pid) or psutil.Process(qemu_pid).status() == "zombie"

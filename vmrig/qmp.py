@@ -38,8 +38,8 @@ class Qmp:
 
     async def connect(self, socket_path: str, timeout: float | None = None) -> None:
         try:
-            await asyncio.wait_for(self.client.connect(socket_path),
-                                   timeout if timeout is not None else self.timeout)
+            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
+                await self.client.connect(socket_path)
         except TimeoutError:
             raise RigError(f"QMP connect to {socket_path}: timed out") from None
         except (ConnectError, OSError) as e:
@@ -56,7 +56,10 @@ class Qmp:
         """Run ``cmd``; its reply's ``return`` value, or RigError."""
         limit = self.timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self.client.execute(cmd, args), limit)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+            # cancel (Ctrl-C) that lands as the reply arrives.
+            async with asyncio.timeout(limit):
+                return await self.client.execute(cmd, args)
         except ExecuteError as e:
             raise RigError(f"{cmd}: {e.error.error.desc}") from None
         except TimeoutError:
@@ -98,7 +101,8 @@ class Qmp:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.disconnect(), 5)
+            async with asyncio.timeout(5):
+                await self.client.disconnect()
 
 
 @contextlib.asynccontextmanager

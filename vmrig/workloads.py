@@ -225,6 +225,14 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
     return (end - begin) / 1e9
 
 
+def _check_cancelled() -> None:
+    """Stop a workload loop once its task is being cancelled, even if some
+    await swallowed the CancelledError."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _pace(start: float, index: int, rate: float | None) -> None:
     if rate:
         loop = asyncio.get_running_loop()
@@ -257,6 +265,7 @@ async def hotplug_cycles(rig: Rig, log: WorkloadLog, cycles: int | None = 5,
     try:
         while (cycles is None or stats.cycles < cycles) and \
                 (duration is None or loop.time() - start < duration):
+            _check_cancelled()
             await _pace(start, stats.cycles, rate)
             t0 = loop.time()
             devs = []
@@ -298,6 +307,7 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
     try:
         while True:
             for size in sizes:
+                _check_cancelled()
                 if duration is not None and loop.time() - start >= duration and steps:
                     return steps
                 current = int(await qmp.execute("qom-get", {"path": path, "property": "size"}))
@@ -347,6 +357,7 @@ async def dirty_log_toggles(rig: Rig, log: WorkloadLog, count: int | None = 1,
     try:
         while (count is None or done < count) and \
                 (duration is None or loop.time() - start < duration or not done):
+            _check_cancelled()
             begin = monotonic_ns()
             try:
                 await qmp.execute("calc-dirty-rate",
