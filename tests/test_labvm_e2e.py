@@ -1,0 +1,231 @@
+"""End to end in the nested lab VM (slow: one L1 boot, ~1-3 min under TCG).
+
+Inside the L1 (Debian 6.1, kprobes, MMIO caching on), ``slotscope record
+--backend kprobe`` traces an L2 micro-VMM whose memslot changes and MMIO
+accesses are known, while the kernel's own tracefs records the same probes
+independently.  On the host the run directory must load with the schema and
+satisfy the kernel's rules, checked against the 6.1 source
+(virt/kvm/kvm_main.c: kvm_set_memslot, kvm_swap_active_memslots;
+arch/x86/kvm/mmu/mmu.c: kvm_mmu_invalidate_mmio_sptes,
+kvm_mmu_invalidate_zap_pages_in_memslot -> kvm_mmu_zap_all_fast):
+
+- each swap adds KVM_ADDRESS_SPACE_NUM (2 on x86 in 6.1, SMM or not) to the
+  generation; CREATE and FLAGS_ONLY swap once, DELETE and MOVE twice;
+- after CREATE/FLAGS_ONLY, the next MMIO fault per page meets a stale SPTE
+  (check_mmio_spte with kvm_gen = spte_gen + 2) and re-marks it with the
+  new generation; after DELETE/MOVE, kvm_mmu_zap_all_fast drops the SPTEs,
+  no stale check follows and new SPTEs are marked with the new generation.
+
+Run alone:  sudo .venv/bin/pytest -m labvm tests/test_labvm_e2e.py -s
+The module doubles as the L1-side driver: ``python tests/test_labvm_e2e.py
+inner OUTDIR`` (what the test runs inside the L1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The L2 workload: 2 MMIO pages, one change of each type after the setup CREATE.
+MMIO_ACCESSES = 4000
+EVERY = 500
+SCHEDULE = "create:1,flags:1,flags:1,move:1,delete:1"
+TRACEFS = Path("/sys/kernel/tracing")
+KPROBES = ("p:ss_memslot kvm_set_memslot change=%cx:u32",
+           "p:ss_invmmio kvm_mmu_invalidate_mmio_sptes gen=%si:u64",
+           "p:ss_zapfast kvm_mmu_zap_all_fast")
+TRACEPOINTS = ("kvmmmu/check_mmio_spte", "kvmmmu/mark_mmio_spte")
+
+
+# -- L1 side ----------------------------------------------------------------
+
+def _tracefs_start() -> None:
+    (TRACEFS / "tracing_on").write_text("0")
+    (TRACEFS / "trace").write_text("")
+    (TRACEFS / "buffer_size_kb").write_text("16384")
+    # os.write: Python's open(..., "a") seeks to the end, which tracefs refuses.
+    fd = os.open(TRACEFS / "kprobe_events", os.O_WRONLY | os.O_APPEND)
+    try:
+        for k in KPROBES:
+            try:
+                os.write(fd, (k + "\n").encode())
+            except OSError as e:
+                raise SystemExit(f"tracefs refused {k!r}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    (TRACEFS / "events/kprobes/enable").write_text("1")
+    for tp in TRACEPOINTS:
+        (TRACEFS / "events" / tp / "enable").write_text("1")
+    (TRACEFS / "tracing_on").write_text("1")
+
+
+def _tracefs_stop(dest: Path) -> None:
+    (TRACEFS / "tracing_on").write_text("0")
+    shutil.copyfile(TRACEFS / "trace", dest)
+    (TRACEFS / "events/kprobes/enable").write_text("0")
+    for tp in TRACEPOINTS:
+        (TRACEFS / "events" / tp / "enable").write_text("0")
+    (TRACEFS / "kprobe_events").write_text("")
+
+
+def inner(out: Path) -> int:
+    """In the L1: micro-VMM L2 traced by slotscope record and by tracefs."""
+    scratch = Path(os.environ.get("SLOTSCOPE_LABVM_SCRATCH", "/run/labvm-scratch"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    run = scratch / "run"
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    vm = subprocess.Popen(
+        [sys.executable, "-m", "vmrig.microvm", "-n", str(MMIO_ACCESSES), "--pages", "2",
+         "--every", str(EVERY), "--schedule", SCHEDULE, "--wait",
+         "-o", str(scratch / "truth.json")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert vm.stdin is not None and vm.stdout is not None
+    ready = vm.stdout.readline().split()
+    if ready[:1] != ["ready"]:
+        print(f"micro-VMM did not get ready: {ready}", file=sys.stderr)
+        return 2
+    _tracefs_start()
+    rec = subprocess.Popen(
+        [sys.executable, "-m", "slotscope", "record", "--backend", "kprobe",
+         "-p", str(vm.pid), "-o", str(run)],
+        stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert rec.stderr is not None
+    line = rec.stderr.readline()  # "slotscope record: kprobe backend ..." once attached
+    sys.stderr.write(line)
+    times["record_attach_s"] = time.monotonic() - t0
+    if "backend" not in line:
+        sys.stderr.write(rec.stderr.read())
+        vm.kill()
+        return 3
+    t1 = time.monotonic()
+    vm.stdin.write("go\n")
+    vm.stdin.flush()
+    vm.wait(timeout=300)
+    times["workload_s"] = time.monotonic() - t1
+    try:
+        rest = rec.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        rec.terminate()
+        rest = rec.communicate(timeout=60)[1]
+    sys.stderr.write(rest)
+    _tracefs_stop(scratch / "trace.txt")
+    times["inner_total_s"] = time.monotonic() - t0
+    (scratch / "times.json").write_text(json.dumps(times, indent=1))
+    # Copy from the tmpfs out to the shared directory in one go.
+    for name in ("truth.json", "trace.txt", "times.json"):
+        shutil.copyfile(scratch / name, out / name)
+    if run.exists():
+        shutil.copytree(run, out / "run", dirs_exist_ok=True)
+    return rec.returncode if vm.returncode == 0 else 4
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["inner"]:
+    sys.exit(inner(Path(sys.argv[2])))
+
+
+# -- host side ----------------------------------------------------------------
+
+import pytest  # noqa: E402
+from conftest import needs_root  # noqa: E402
+from test_labvm import (  # noqa: E402
+    LAB_KERNEL,
+    _address_spaces,
+    _parse_trace,
+    needs_lab_kernel,
+    needs_lab_parts,
+    spte_rule_violations,
+)
+
+from analysis.schema import read_run  # noqa: E402
+from vmrig import labvm  # noqa: E402
+
+SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}
+CHANGE_CODES = {"create": 0, "delete": 1, "move": 2, "flags_only": 3}
+
+
+@pytest.mark.labvm
+@needs_root
+@needs_lab_kernel
+@needs_lab_parts
+def test_kprobe_recording_in_l1_follows_kernel_rules(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = labvm.run_in_labvm([sys.executable, str(Path(__file__)), "inner", str(out)],
+                             timeout=900, outdir=out, cwd=REPO, echo=False)
+    wall = time.monotonic() - t0
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
+    print(f"\nlabvm e2e: {res.accel}, wall {wall:.1f} s, L1 command at uptime {res.boot_s} s, "
+          f"inner {times}")
+    assert not res.timed_out, "L1 hung:\n" + "\n".join(res.console_tail)
+    assert res.returncode == 0, (out / "labvm/console.log").read_text()[-4000:]
+
+    k = LAB_KERNEL
+    assert k is not None
+    step = _address_spaces(k)
+    truth = json.loads((out / "truth.json").read_text())
+    pid = truth["pid"]
+    run = read_run(out / "run")
+    m = run.manifest
+    assert m["backend"] == "kprobe" and m["complete"]
+    assert m["kernel"] == k.release
+    assert sum(m["lost"].values()) == 0
+    assert run.tables["lost"].num_rows == 0 or sum(run.tables["lost"]["count"].to_pylist()) == 0
+
+    # Every memslot update the L2 made, with slot, address space and change type.
+    mu = run.tables["memslot_update"].to_pylist()
+    mu = [r for r in mu if r["pid"] == pid]
+    changes = truth["memslot_changes"]
+    assert len(mu) == len(changes)
+    mu.sort(key=lambda r: r["begin_ns"])
+    for r, c in zip(mu, changes, strict=True):
+        assert r["change"] == c["change"], (r, c)
+        assert r["slot_id"] == c["slot"] and r["as_id"] == 0
+        assert r["ret"] == c["ret"] == 0
+        if c["change"] != "delete":
+            assert r["base_gfn"] == c["gpa"] >> 12
+            assert r["npages"] == c["size"] >> 12
+            assert r["flags"] == c["flags"]
+        # Generation: +step per swap, two swaps for DELETE and MOVE.
+        assert r["gen_after"] - r["gen_before"] == step * SWAPS[c["change"]], r
+        assert r["end_ns"] > r["begin_ns"]
+
+    # Generation rows from kvm_mmu_invalidate_mmio_sptes agree with tracefs.
+    events = _parse_trace(out / "trace.txt")
+    gen = [r for r in run.tables["generation"].to_pylist()
+           if r["source"] == "invalidate" and r["pid"] == pid]
+    fs_gens = [int(f["gen"]) for e, f in events if e == "ss_invmmio"]
+    assert [r["gen"] for r in gen] == fs_gens
+    assert len(fs_gens) == sum(SWAPS[c["change"]] for c in changes)
+
+    # The kernel's lazy invalidation, per the independent tracefs capture.
+    rules = spte_rule_violations(events, step, truth["pages"])
+    assert rules["violations"] == []
+    later = [c["change"] for c in changes[1:]]
+    assert rules["stale"] == truth["pages"] * sum(c in ("create", "flags_only") for c in later)
+
+    # And per the recording: stale faults only after CREATE/FLAGS_ONLY, with
+    # kvm_gen = spte_gen + step, re-marked on the slow path.
+    faults = [r for r in run.tables["mmio_fault"].to_pylist() if r["pid"] == pid]
+    assert faults and all(r["latency_ns"] > 0 for r in faults)
+    stale = [r for r in faults if r["stale"]]
+    assert len(stale) == rules["stale"]
+    assert all(r["kvm_gen"] - r["spte_gen"] == step and r["remarked"] for r in stale)
+    fs_checks = sum(1 for e, _ in events if e == "check_mmio_spte")
+    assert sum(1 for r in faults if r["fast_hit"] or r["stale"]) == fs_checks
+    zaps = [r for r in run.tables["zap_all"].to_pylist() if r["pid"] == pid]
+    assert len(zaps) == sum(c["change"] in ("delete", "move") for c in changes)
+    # MMIO accesses: exactly what the L2 did.  kvm:kvm_mmio fires twice per
+    # read that goes to user space (unsatisfied-read at the exit, read when
+    # the data comes back) and once per write.
+    acc = [r["type"] for r in run.tables["mmio_access"].to_pylist() if r["pid"] == pid]
+    assert acc.count("unsatisfied-read") == truth["mmio_reads"]
+    assert acc.count("read") == truth["reads_completed"]
+    assert acc.count("write") == truth["mmio_writes"]
+    assert truth["mmio_reads"] + truth["mmio_writes"] == truth["mmio_exits"] == MMIO_ACCESSES
