@@ -101,13 +101,14 @@ def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
     for name, col in zip(table.column_names, table.columns, strict=True):
         typ = col.type
         if pa.types.is_dictionary(typ):
-            cats = _ENUM_CATEGORIES.get((event, name))
-            values = col.cast(pa.string()).to_pandas() if len(col) else pd.Series([], dtype=str)
-            if cats is None:
-                cats = sorted(set(values.dropna()))
-            else:
-                cats = list(cats) + sorted(set(values.dropna()) - set(cats))
-            cols[name] = pd.Categorical(values.to_numpy(dtype=object), categories=cats)
+            # Arrow dictionaries become pandas categoricals without touching
+            # every value; the enum's own order comes first.
+            enum = _ENUM_CATEGORIES.get((event, name)) or ()
+            values = pd.Categorical(col.to_pandas()) if len(col) else pd.Categorical([])
+            present = [str(x) for x in values.categories]
+            cats = list(enum) + sorted(set(present) - set(enum))
+            values = values.rename_categories(present) if len(present) else values
+            cols[name] = values.set_categories(cats)
         elif typ in _INT_DTYPES:
             if col.null_count == 0 and (name.endswith("_ns") or event in BULK):
                 # Exact timestamps and bulk tables: plain numpy, zero nulls.
@@ -136,9 +137,11 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def load(run_dirs: PathLike | Iterable[PathLike]) -> Recording:
+def load(run_dirs: PathLike | Iterable[PathLike],
+         names: Sequence[str] | None = None) -> Recording:
     """Load one run directory or several into typed frames.
 
+    ``names``: labels for the runs (default: the shortest unique path tails).
     Raises RecordingError (one line) for a directory that is not a run or has
     an unknown schema version; damaged tables load empty with a problem noted.
     """
@@ -150,7 +153,12 @@ def load(run_dirs: PathLike | Iterable[PathLike]) -> Recording:
     for p in paths:
         if not p.is_dir():
             raise RecordingError(f"{p}: no such run directory")
-    names = _run_names(paths)
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise RecordingError("run names must be unique, one per run directory")
+    else:
+        names = _run_names(paths)
     manifests: dict[str, dict[str, Any]] = {}
     problems: dict[str, list[str]] = {}
     per_event: dict[str, list[pd.DataFrame]] = {e: [] for e in schema.EVENT_TYPES}

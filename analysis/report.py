@@ -17,7 +17,7 @@ import pandas as pd
 from . import plots
 from .epochs import Correlation, correlate
 from .recording import Recording, load
-from .schema import RecordingError
+from .schema import RecordingError, read_manifest
 from .summary import compare, run_summary, summary_tables
 
 CSS = """
@@ -135,7 +135,8 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
     return "\n".join(parts)
 
 
-def render(corr: Correlation, title: str | None = None) -> str:
+def render(corr: Correlation, title: str | None = None,
+           skipped: Sequence[tuple[str, str]] = ()) -> str:
     runs = corr.recording.runs
     summaries = [run_summary(corr, r) for r in runs]
     tables = summary_tables(corr)
@@ -150,6 +151,9 @@ def render(corr: Correlation, title: str | None = None) -> str:
              "during the update, or after the zap-all it caused).</small></p>",
              "<h2>Overview</h2>", _table(overview(summaries)),
              "<p>" + " | ".join(f'<a href="#{_esc(r)}">{_esc(r)}</a>' for r in runs) + "</p>"]
+    if skipped:
+        items = "".join(f"<li>{_esc(why)}</li>" for _, why in skipped)
+        parts.append(f'<div class="missing"><b>Runs not analysed</b><ul>{items}</ul></div>')
     if len(runs) > 1:
         cmp = compare(corr)
         parts.append("<h2>Comparison</h2><p><small>medians and p99 with 95% bootstrap "
@@ -164,16 +168,38 @@ def render(corr: Correlation, title: str | None = None) -> str:
 
 def write_report(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Recording
                  | Correlation, out_html: str | os.PathLike[str],
-                 title: str | None = None) -> Path:
+                 title: str | None = None, names: Sequence[str] | None = None) -> Path:
     """Analyse ``src`` (run dirs, a Recording or a Correlation) and write one
-    self-contained HTML file; returns its path."""
+    self-contained HTML file; returns its path.
+
+    Given run directories, those that cannot be read (no manifest, unknown
+    schema version, ...) are listed in the report instead of failing it;
+    RecordingError only when none can be read.  ``names`` label the runs.
+    """
+    skipped: list[tuple[str, str]] = []
     if isinstance(src, Correlation):
         corr = src
     elif isinstance(src, Recording):
         corr = correlate(src)
     else:
-        corr = correlate(load(src))
-    text = render(corr, title)
+        paths = [src] if isinstance(src, str | os.PathLike) else list(src)
+        labels = list(names) if names is not None else None
+        good, good_names = [], []
+        for i, p in enumerate(paths):
+            try:
+                if not Path(p).is_dir():
+                    raise RecordingError(f"{p}: no such run directory")
+                read_manifest(p)
+            except RecordingError as e:
+                skipped.append((str(p), str(e)))
+                continue
+            good.append(p)
+            if labels is not None:
+                good_names.append(labels[i])
+        if not good:
+            raise RecordingError("no readable run: " + "; ".join(w for _, w in skipped))
+        corr = correlate(load(good, names=good_names if labels is not None else None))
+    text = render(corr, title, skipped)
     out = Path(out_html)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

@@ -256,3 +256,16 @@ def test_cli_subprocess_no_traceback(tmp_path: Path) -> None:
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 1
     assert p.stderr.strip() == f"slotscope analyze: error: {tmp_path / 'x'}: no such run directory"
+
+
+def test_report_for_a_lab_job(runs, tmp_path: Path) -> None:
+    """The lab's index.html: labelled runs; an unreadable run is listed, not fatal."""
+    bad = tmp_path / "crashed"
+    bad.mkdir()
+    out = write_report([runs["nested"][0], bad, runs["host"][0]], tmp_path / "index.html",
+                       title="lab", names=["pc-dimm/0", "crashed/0", "microvm/0"])
+    text = out.read_text()
+    assert '<h2 id="pc-dimm/0">' in text and '<h2 id="microvm/0">' in text
+    assert "Runs not analysed" in text and "not a slotscope run directory" in text
+    with pytest.raises(RecordingError, match="no readable run"):
+        write_report([bad], tmp_path / "x.html")
