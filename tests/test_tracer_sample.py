@@ -32,3 +32,28 @@ def test_sample_matches_workload() -> None:
         assert row["flags"] == detail["flags"]
     exits = [t for t in run.tables["mmio_access"].column("type").to_pylist() if t != "read"]
     assert len(exits) == run.manifest["workload"]["mmio_exits"] == 3000
+
+
+LAB = Path(__file__).parent / "data" / "labvm-microvm-kprobe"
+
+
+def test_lab_kprobe_sample() -> None:
+    """The same workload recorded with the kprobe backend inside the nested lab
+    VM (Debian 6.1 L1, real KVM with MMIO SPTEs): kvm_set_memslot rows carry
+    the kernel's change type and generations (+2 per swap; DELETE and MOVE
+    swap twice), and MMIO faults carry the MMIO SPTE state."""
+    run = read_run(LAB)
+    m = run.manifest
+    assert m["backend"] == "kprobe" and m["complete"] and set(m["lost"].values()) == {0}
+    slots = [w for w in run.tables["workload"].to_pylist() if w["action"].startswith("memslot_")]
+    rows = run.tables["memslot_update"].to_pylist()
+    assert [f"memslot_{r['change']}" for r in rows] == [w["action"] for w in slots]
+    step = {"create": 2, "flags_only": 2, "move": 4, "delete": 4}
+    for r in rows:
+        assert r["gen_after"] - r["gen_before"] == step[r["change"]]
+    inval = [g for g in run.tables["generation"].to_pylist() if g["source"] == "invalidate"]
+    assert len(inval) == sum(step[r["change"]] // 2 for r in rows)
+    faults = run.tables["mmio_fault"].to_pandas()
+    assert len(faults) == m["workload"]["mmio_exits"] - 1
+    assert (faults.exit_reason == 0x400).all()            # SVM nested page fault
+    assert faults.stale.sum() >= 1 and faults.fast_hit.sum() > len(faults) // 3
