@@ -30,6 +30,10 @@ from analysis.schema import SCHEMAS, EventWriter, RecordingError, RunWriter, mon
 from . import TracerError
 from .decode import Decoder, table
 
+MMIO_FAULT_INTERVAL = (
+    "kvm_exit to kvm_entry of the vCPU thread; where kvm_exit never fires (e.g. "
+    "kvm_pvm) from the exiting kvm_mmio to the thread's next KVM_RUN, exit_reason null")
+
 
 class Sink(Protocol):
     def write(self, event: str, rows: pa.Table) -> None: ...
@@ -108,6 +112,7 @@ class Recorder:
             "missing_data": choice.missing, "filters": {"pids": pids},
             "kernel": caps.kernel, "kvm_module": caps.kvm_module,
             "kvm_params": caps.kvm_params, "emit_mmio_access": self.emit_mmio,
+            "mmio_fault_interval": MMIO_FAULT_INTERVAL,
         }
         if self.run_dir is not None:  # fail on bad output before attaching anything
             try:
