@@ -140,7 +140,7 @@ def probe_accel(binary: str, accel: str, cpu: str = KVM_SAFE_CPU, run: float = 0
         return Probe(False, f"guest {status} after {run:.1f} s", seconds, replies)
     if accel == "kvm" and not replies["query-kvm"].get("enabled"):
         return Probe(False, "query-kvm: KVM not enabled", seconds, replies)
-    return Probe(True, f"-cpu {cpu}: running after {run:.1f} s", seconds, replies)
+    return Probe(True, f"starts (-cpu {cpu})", seconds, replies)
 
 
 def kvm_flavour() -> str:
@@ -170,12 +170,12 @@ def qemu_checks(timeout: float = 10.0) -> list[Check]:
     else:
         checks.append(("qemu version", "OK", vtext, ""))
     if "dynamic-memslots" in device_properties(binary, "virtio-mem-pci", timeout):
-        checks.append(("virtio-mem dynamic-memslots", "OK", "supported", ""))
+        checks.append(("virtio-mem memslots", "OK", "dynamic-memslots supported", ""))
     else:
-        checks.append(("virtio-mem dynamic-memslots", "WARN",
-                       f"QEMU {vtext} maps a virtio-mem device as one memslot: "
-                       "resizes change no memslot",
-                       "QEMU >= 8.2 for per-block memslots; pc-dimm workloads work anyway"))
+        checks.append(("virtio-mem memslots", "WARN",
+                       f"no dynamic-memslots in QEMU {vtext}: a virtio-mem device is "
+                       "one memslot, resizes change none",
+                       "QEMU >= 8.2; pc-dimm workloads work anyway"))
 
     if not os.path.exists("/dev/kvm"):
         checks.append(("qemu -accel kvm", "WARN", "no /dev/kvm; the rig uses TCG",
@@ -186,10 +186,10 @@ def qemu_checks(timeout: float = 10.0) -> list[Check]:
     else:
         p = probe_accel(binary, "kvm", timeout=timeout)
         if p.ok:
-            detail = f"{p.detail} ({p.seconds:.1f} s)"
+            detail = f"{p.detail}, {p.seconds:.1f} s"
             if kvm_flavour() == "kvm_pvm":
-                checks.append(("qemu -accel kvm", "WARN", detail + "; kvm_pvm: only the "
-                               "bare guest runs, Linux guests use TCG",
+                checks.append(("qemu -accel kvm", "WARN", detail + "; kvm_pvm: the bare "
+                               "guest runs, Linux guests use TCG",
                                "a hardware-virt KVM host (or the nested lab VM) for Linux"))
             else:
                 checks.append(("qemu -accel kvm", "OK", detail, ""))
@@ -198,7 +198,7 @@ def qemu_checks(timeout: float = 10.0) -> list[Check]:
                            "the rig falls back to TCG; check dmesg for KVM errors"))
     p = probe_accel(binary, "tcg", timeout=timeout)
     if p.ok:
-        checks.append(("qemu -accel tcg", "OK", f"{p.detail} ({p.seconds:.1f} s)", ""))
+        checks.append(("qemu -accel tcg", "OK", f"{p.detail}, {p.seconds:.1f} s", ""))
     else:
         checks.append(("qemu -accel tcg", "FAIL", f"does not start: {p.detail}",
                        "reinstall qemu-system-x86"))
