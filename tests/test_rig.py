@@ -469,3 +469,13 @@ def test_hotplug_batch_uses_distinct_slots(tmp_path: Path) -> None:
     adds = [json.loads(r["detail"]) for r in table(tmp_path) if r["action"] == "device_add"]
     assert [a["slot"] for a in adds] == [0, 1, 2, 0, 1, 2]
     assert len({a["addr"] for a in adds[:3]}) == 3
+
+
+def test_auto_accel_for_the_bare_guest() -> None:
+    """auto: KVM where /dev/kvm works (the bare guest runs even on kvm_pvm),
+    else TCG; either way the guest is up."""
+    async def body() -> str:
+        async with Rig(RigConfig(accel="auto")) as rig:
+            assert "slotscope-bare ready" in rig.serial()
+            return rig.accel
+    assert run(body()) == ("kvm" if HAS_KVM else "tcg")
