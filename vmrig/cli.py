@@ -287,7 +287,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     help="keep each dimm plugged S seconds")
     hp.add_argument("--batch", type=int, default=1, metavar="N",
                     help="plug N dimms (N slots) per cycle, then unplug them")
-    hp.add_argument("--timeout", type=float, default=5.0, metavar="S",
+    hp.add_argument("--timeout", type=float, default=10.0, metavar="S",
                     help="wait this long for DEVICE_DELETED")
     hp.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
     state_opt(hp)
