@@ -317,3 +317,23 @@ def test_per_vcpu_attribution(tmp_path: Path) -> None:
     got = {vcpu: (int(g.tid.iloc[0]), len(g)) for vcpu, g in exits.groupby("vcpu")}
     assert got == want == {0: (want[0][0], 1000), 1: (want[1][0], 1000)}
     assert set(run.manifest["lost"].values()) == {0}
+
+
+def test_perf_buffer_fallback() -> None:
+    """The perf-buffer path (kernels without BPF ring buffers), forced here."""
+    from collections import Counter as C
+
+    from tracer.capabilities import probe
+    from tracer.probes import EV_MEMSLOT, EV_MMIO, load
+    from vmrig import microvm
+    p = load("tracepoint", probe(try_kfunc=False), [os.getpid()], buffers=("perf",))
+    try:
+        assert p.buffer == "perf"
+        r = microvm.run(1200, pages=2, schedule="create:1,delete:1")
+        ev = p.drain()
+        kinds = C(ev["type"].tolist())
+        assert kinds[EV_MEMSLOT] == 3
+        assert kinds[EV_MMIO] == sum(microvm.expected_mmio_events(r).values())
+        assert set(p.lost_counts().values()) == {0}
+    finally:
+        p.close()

@@ -116,7 +116,8 @@ class Probes:
     _ring: RingReader | None = None
 
     def _on_event(self, ctx: Any, data: Any, size: int) -> None:
-        self._chunks.append(ctypes.string_at(data, size))
+        # perf pads raw samples to 8 bytes (+4): keep exactly one struct event
+        self._chunks.append(ctypes.string_at(data, EVENT_DTYPE.itemsize))
 
     def _on_lost(self, count: int) -> None:
         self.perf_lost += count
@@ -226,11 +227,12 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     return text, flags, attached, missing
 
 
-def _compile(text: str, flags: dict[str, int | str]) -> tuple[Any, str]:
+def _compile(text: str, flags: dict[str, int | str],
+             buffers: Sequence[str] = ("ringbuf", "perf")) -> tuple[Any, str]:
     """BPF object and buffer kind: the ring buffer if the kernel takes it, else perf."""
     from bcc import BPF
     errors = []
-    for buffer in ("ringbuf", "perf"):
+    for buffer in buffers:
         flags["USE_RINGBUF"] = int(buffer == "ringbuf")
         try:
             with _quiet_stderr():
@@ -242,15 +244,18 @@ def _compile(text: str, flags: dict[str, int | str]) -> tuple[Any, str]:
 
 
 def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
-         emit_mmio: bool = True, offsets: dict[str, int] | None = None) -> Probes:
-    """Compile, load and attach ``backend``'s programs, filtered to ``pids``."""
+         emit_mmio: bool = True, offsets: dict[str, int] | None = None,
+         buffers: Sequence[str] = ("ringbuf", "perf")) -> Probes:
+    """Compile, load and attach ``backend``'s programs, filtered to ``pids``.
+
+    ``buffers``: the output buffers to try in order (tests force "perf")."""
     try:
         import bcc  # noqa: F401
     except ImportError:
         raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
                           "with system site packages)") from None
     text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets)
-    bpf, buffer = _compile(text, flags)
+    bpf, buffer = _compile(text, flags, buffers)
     try:
         if backend == "kprobe":
             for kind, fn, prog in KPROBES:
