@@ -128,6 +128,10 @@ class Result:
     stop_ns: int = 0
     run_seconds: float = 0.0
     mmio_exits_per_s: float = 0.0
+    # user + system CPU of this process during the run: unlike the exit
+    # rate, barely moved by other load on the host; a tracer's in-kernel
+    # cost lands here (as system time of the vCPU threads)
+    cpu_seconds: float = 0.0
     per_vcpu: list[dict[str, Any]] = field(default_factory=list)  # vcpu, tid, counts
 
     def as_dict(self) -> dict[str, Any]:
@@ -302,12 +306,14 @@ class MicroVM:
         r = self.result
         r.start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         t0 = time.perf_counter()
+        cpu0 = _cpu_seconds()
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
         elapsed = time.perf_counter() - t0
+        r.cpu_seconds = _cpu_seconds() - cpu0
         r.stop_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for o in out:
             if isinstance(o, BaseException):
@@ -415,6 +421,12 @@ class _ignore:
 
     def __exit__(self, et: object, e: BaseException | None, tb: object) -> bool:
         return isinstance(e, OSError) and e.errno in self.errnos
+
+
+def _cpu_seconds() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _gettid() -> int:
