@@ -23,12 +23,17 @@ import pandas as pd
 from . import schema
 from .recording import Recording
 
-# "unknown": the fault carries no MMIO SPTE evidence (no fast-path hit, no
-# stale check, no re-mark), as on hosts with kvm.mmio_caching=N.
-CLASSES = ("fast", "stale", "first_touch", "during_update", "after_zap", "unknown")
+# A fault with no MMIO SPTE evidence (no fast-path hit, no stale check, no
+# re-mark) is "vcpu_cache" in a run that has evidence elsewhere: KVM's
+# per-vCPU MMIO info cache answered it before any SPTE check (the cache is
+# dropped when the generation changes, so it is never stale); in a run with no
+# evidence at all (kvm.mmio_caching=N) it is "unknown".
+CLASSES = ("fast", "vcpu_cache", "stale", "first_touch", "during_update", "after_zap",
+           "unknown")
+FAST = ("fast", "vcpu_cache")
 # Faults charged to a memslot update (the rest would have happened anyway).
 CAUSED = ("stale", "during_update", "after_zap")
-SLOW = tuple(c for c in CLASSES if c != "fast")
+SLOW = tuple(c for c in CLASSES if c not in FAST and c != "unknown")
 SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}
 ADDRESS_SPACES_DEFAULT = 2  # x86 with SMM: generation += 2 per swap
 
@@ -310,7 +315,10 @@ def correlate(rec: Recording) -> Correlation:
         del page, codes
     del cand
 
-    klass = np.full(n, CLASSES.index("unknown"), np.int8)
+    run_codes = _np(f["run"])
+    run_has_evidence = np.bincount(run_codes[evidence], minlength=len(rec.runs)) > 0
+    klass = np.where(run_has_evidence[run_codes], CLASSES.index("vcpu_cache"),
+                     CLASSES.index("unknown")).astype(np.int8)
     klass[remarked] = CLASSES.index("first_touch")
     klass[after_zap] = CLASSES.index("after_zap")
     klass[stale] = CLASSES.index("stale")

@@ -14,7 +14,7 @@ from matplotlib.ticker import FuncFormatter
 
 from .epochs import CLASSES, Correlation, class_codes, rows_of
 
-COLORS = {"fast": "#4c72b0", "stale": "#dd8452", "first_touch": "#55a868",
+COLORS = {"fast": "#4c72b0", "vcpu_cache": "#64b5cd", "stale": "#dd8452", "first_touch": "#55a868",
           "during_update": "#c44e52", "after_zap": "#8172b3", "unknown": "#937860"}
 CHANGE_COLORS = {"create": "#55a868", "delete": "#c44e52", "move": "#8172b3",
                  "flags_only": "#dd8452", "unknown": "#937860"}
@@ -162,7 +162,7 @@ def timeline(corr: Correlation, run: str) -> Figure:
                                   h.T, norm=LogNorm(vmin=1), cmap="viridis", rasterized=True)
             fig.colorbar(m, cax=ax_lat.inset_axes((1.01, 0, 0.015, 1)),
                          label="faults per bin")
-            slow = np.flatnonzero(kl != CLASSES.index("fast"))
+            slow = np.flatnonzero(kl != CLASSES.index("fast"))  # everything but the bulk
             if len(slow) > 5000:
                 slow = np.random.default_rng(0).choice(slow, 5000, replace=False)
             for i, c in enumerate(CLASSES[1:], start=1):

@@ -14,6 +14,8 @@ import pandas as pd
 from .epochs import (
     CAUSED,
     CLASSES,
+    FAST,
+    SLOW,
     Correlation,
     class_codes,
     correlate,
@@ -24,6 +26,7 @@ from .epochs import (
 from .recording import Recording, load
 from .schema import RecordingError
 
+SLOW_CODES = [CLASSES.index(c) for c in SLOW]
 BOOT_SAMPLES = 1000
 BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
 
@@ -185,7 +188,7 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     nf = len(f)
     # Shares count only faults with MMIO SPTE evidence (classified).
     n_known = int(nf - counts[CLASSES.index("unknown")])
-    n_slow = int(n_known - counts[CLASSES.index("fast")])
+    n_slow = int(n_known - sum(counts[CLASSES.index(c)] for c in FAST))
     n_caused = int(sum(counts[CLASSES.index(c)] for c in CAUSED))
     lat = _np_float(f["latency_ns"])
     ok = upd[upd["ok"]]
@@ -305,7 +308,7 @@ def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
         f = rows_of(corr.faults, run)
         lat = _np_float(f["latency_ns"])
         data = {"update_cost": _np_float(u.loc[u["ok"], "cost_ns"]), "mmio_latency": lat,
-                "slow_latency": lat[class_codes(f) != CLASSES.index("fast")]}
+                "slow_latency": lat[np.isin(class_codes(f), SLOW_CODES)]}
         for metric, x in data.items():
             x = x[~np.isnan(x)]
             row: dict[str, Any] = {"run": run, "metric": metric, "n": len(x)}

@@ -55,7 +55,8 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
              vcpus: int = 2, pages: int = 4, events: int = 2000, p_update: float = 0.02,
              changes: tuple[str, ...] = CHANGES, as_count: int = 2,
              gen_bits: int = schema.MMIO_GEN_BITS_DEFAULT, start_gen: int = 0,
-             p_during: float = 0.3, fail_every: int = 0, host_style: bool = False,
+             p_during: float = 0.3, p_cache: float = 0.2, fail_every: int = 0,
+             host_style: bool = False,
              manifest: dict[str, Any] | None = None) -> Truth:
     """Write a recording of ``events`` steps to ``run_dir``; return the truth.
 
@@ -122,6 +123,16 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
                 fast_hit=fast, is_write=is_write, len=4, to_user=True)
             truth.classes.append(klass)
             truth.causes.append(cause)
+            if inprog_update < 0 and rng.random() < p_cache:
+                # The same vCPU touches the page again: KVM's per-vCPU MMIO
+                # info cache answers before any SPTE check (no evidence).
+                t += int(lat) + rng.randrange(200, 2000)
+                add("mmio_fault", exit_ns=t, latency_ns=int(fast_base[(m.vm, vcpu)] * 0.8),
+                    pid=m.pid, tid=m.pid + 1 + vcpu, vm=m.vm, vcpu=vcpu, exit_reason=0x400,
+                    gpa=gfn << 12, gfn=gfn, kvm_gen=None, spte_gen=None, stale=False,
+                    remarked=False, fast_hit=False, is_write=True, len=4, to_user=True)
+                truth.classes.append("vcpu_cache")
+                truth.causes.append(-1)
         add("mmio_access", ns=t + int(lat) // 2, pid=m.pid, tid=m.pid + 1 + vcpu, vm=m.vm,
             vcpu=vcpu, type="write" if is_write else "read", len=4, gpa=gfn << 12, val=0)
         t += int(lat) + rng.randrange(500, 20_000)

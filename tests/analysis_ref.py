@@ -45,6 +45,7 @@ def reference(run_dir: Path) -> Reference:
         if f["fast_hit"]:
             fast_lat[(f["vm"], f["vcpu"])].append(f["latency_ns"])
             fast_vm[f["vm"]].append(f["latency_ns"])
+    any_evidence = any(f["fast_hit"] or f["stale"] or f["remarked"] for f in faults)
     ref = Reference()
     for f in faults:
         t, vm = f["exit_ns"], f["vm"]
@@ -56,7 +57,7 @@ def reference(run_dir: Path) -> Reference:
         if fast:
             c = "fast"
         elif not (stale or remarked):
-            c = "unknown"
+            c = "vcpu_cache" if any_evidence else "unknown"
         elif running:
             c = "during_update"
         elif stale:

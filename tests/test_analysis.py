@@ -62,7 +62,8 @@ def test_classes_and_attribution(runs, name: str) -> None:
     corr = _assert_matches(*runs[name])
     classes = set(corr.faults["klass"].astype(str))
     if name == "nested":  # the stream exercises every class
-        assert classes == {"fast", "stale", "first_touch", "during_update", "after_zap"}
+        assert classes == {"fast", "vcpu_cache", "stale", "first_touch", "during_update",
+                           "after_zap"}
     if name == "host":
         assert classes == {"unknown"}
         assert corr.updates["cost_ns"].isna().all()
@@ -120,8 +121,9 @@ def test_summary_counts(runs) -> None:
     run_dir, truth = runs["nested"]
     s = analysis.summarize(run_dir)
     assert s["mmio_faults"] == len(truth.classes)
-    assert s["slow_faults"] == sum(c != "fast" for c in truth.classes)
+    assert s["slow_faults"] == sum(c not in ("fast", "vcpu_cache") for c in truth.classes)
     assert s["slow_share"] == pytest.approx(s["slow_faults"] / s["mmio_faults"])
+    assert s["classes"]["vcpu_cache"]["n"] == truth.classes.count("vcpu_cache") > 0
     assert s["memslot_updates"] == len(truth.updates)
     assert s["failed_updates"] == len(truth.updates) // 9
     assert s["lost_events"] == 0 and s["missing"] == []

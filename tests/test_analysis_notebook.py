@@ -21,7 +21,7 @@ def test_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> None:
     nbclient = pytest.importorskip("nbclient")
     from jupyter_client.kernelspec import KernelSpecManager
 
-    runs = [DATA / n for n in ("nested-microvm", "host-microvm")
+    runs = [DATA / n for n in ("nested-microvm", "labvm-microvm-kprobe", "host-microvm")
             if (DATA / n / "manifest.json").exists()]
     if not runs:
         pytest.skip("no committed recording under tests/data yet")
