@@ -130,8 +130,9 @@ def format_comparison(cmp: Any) -> list[str]:
     lines = ["comparison (95% bootstrap CIs; delta vs the first run)",
              f"  {'run':<14}{'metric':<13}{'p50 us':>8}{'CI':>17}{'delta':>8}{'CI':>17}"]
 
-    def ci(v: Any) -> str:
-        return "-" if v is None else f"[{_num(v[0])},{_num(v[1])}]"
+    def ci(v: Any) -> str:  # no thousands separators inside the brackets
+        return "-" if v is None else "[" + ",".join(
+            f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}" for x in v) + "]"
 
     for r in cmp.to_dict("records"):
         if not r["n"]:

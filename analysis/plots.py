@@ -30,15 +30,27 @@ def _sample(x: np.ndarray, n: int = CDF_SAMPLE) -> np.ndarray:
 
 
 def _t0(corr: Correlation, run: str) -> int:
-    """Time zero of a run: the manifest's start, else its first event."""
-    start = corr.recording.manifests[run].get("start_ns")
-    cands = [int(start)] if start is not None else []
+    """Time zero of a run: its first event (a tracer's start can precede the
+    workload by its whole setup), else the manifest's start."""
+    cands = []
     for df, col in ((corr.updates, "begin_ns"), (corr.faults, "exit_ns"),
-                    (corr.recording.mmio_access, "ns")):
+                    (corr.recording.mmio_access, "ns"), (corr.recording.workload, "begin_ns")):
         v = rows_of(df, run)[col]
         if len(v):
             cands.append(int(v.min()))
-    return min(cands) if cands else 0
+    start = corr.recording.manifests[run].get("start_ns")
+    return min(cands) if cands else int(start or 0)
+
+
+def _span(corr: Correlation, run: str, t0: int) -> float:
+    """Seconds from t0 to the run's last event (at least 1 us)."""
+    last = t0
+    for df, col in ((corr.updates, "end_ns"), (corr.faults, "exit_ns"),
+                    (corr.recording.mmio_access, "ns")):
+        v = rows_of(df, run)[col]
+        if len(v):
+            last = max(last, int(v.max()))
+    return max((last - t0) / 1e9, 1e-6)
 
 
 def _sec(ns: np.ndarray, t0: int) -> np.ndarray:
@@ -88,11 +100,12 @@ def timeline(corr: Correlation, run: str) -> Figure:
     t0 = _t0(corr, run)
     # Fixed margins: constrained layout costs more than the drawing itself.
     fig = Figure(figsize=(11, 7))
-    fig.subplots_adjust(left=0.08, right=0.9, top=0.94, bottom=0.08, hspace=0.12)
+    fig.subplots_adjust(left=0.12, right=0.9, top=0.94, bottom=0.08, hspace=0.12)
     ax_gen, ax_wl, ax_lat = fig.subplots(3, 1, sharex=True,
                                          gridspec_kw={"height_ratios": [2.2, 0.8, 3]})
     fig.suptitle(f"{run}: memslot generations, workload and MMIO latency")
 
+    span = _span(corr, run, t0)
     tl = rows_of(corr.timeline, run)
     upd = rows_of(corr.updates, run)
     upd = upd[upd["ok"]]
@@ -111,7 +124,8 @@ def timeline(corr: Correlation, run: str) -> Figure:
                         "x", color="black", ms=7, label="zap-all (wrap)")
     if len(upd):
         b = _sec(upd["begin_ns"].to_numpy(), t0)
-        w = np.maximum(_sec(upd["end_ns"].to_numpy(), t0) - b, 0)
+        # Windows of microseconds stay visible: at least 0.2% of the axis.
+        w = np.maximum(_sec(upd["end_ns"].to_numpy(), t0) - b, 0.002 * span)
         ylo, yhi = ax_gen.get_ylim() if len(vms) else (0, 1)
         if len(upd) <= SHADE_MAX:
             ax_gen.broken_barh(list(zip(b, w, strict=True)), (ylo, yhi - ylo),
@@ -135,14 +149,15 @@ def timeline(corr: Correlation, run: str) -> Figure:
         for k, a in enumerate(acts):
             s = wl[wl["action"].astype(str) == a]
             b = _sec(s["begin_ns"].to_numpy(), t0)
-            w = np.maximum(_sec(s["end_ns"].to_numpy(np.int64, na_value=0), t0) - b, 1e-6)
+            w = np.maximum(_sec(s["end_ns"].to_numpy(np.int64, na_value=0), t0) - b,
+                           0.002 * span)
             ax_wl.broken_barh(list(zip(b, w, strict=True)), (k - 0.4, 0.8),
                               facecolors=f"C{k % 10}")
         ax_wl.set_yticks(range(len(acts)), acts, fontsize=8)
     else:
         _note(ax_wl, "no workload table")
         ax_wl.set_yticks([])
-    ax_wl.set_ylabel("workload")
+    ax_wl.set_title("workload actions", fontsize=9, loc="left", pad=2)
 
     f = rows_of(corr.faults, run)
     if len(f):
@@ -174,12 +189,14 @@ def timeline(corr: Correlation, run: str) -> Figure:
             for i, c in enumerate(CLASSES):
                 sel = kl == i
                 if sel.any():
-                    ax_lat.scatter(x[sel], y[sel], s=4 if c != "fast" else 2,
-                                   color=COLORS[c], label=f"{c} ({sel.sum()})",
-                                   alpha=0.5 if c == "fast" else 0.8, lw=0)
+                    bulk = c in ("fast", "vcpu_cache", "unknown")
+                    # The few slow faults go on top, larger, or the bulk hides them.
+                    ax_lat.scatter(x[sel], y[sel], s=3 if bulk else 16, color=COLORS[c],
+                                   label=f"{c} ({sel.sum()})", alpha=0.45 if bulk else 0.9,
+                                   lw=0, zorder=2 if bulk else 3)
         _log_y(ax_lat)
         ax_lat.set_ylabel("MMIO exit latency (us)")
-        ax_lat.legend(loc="upper right", fontsize=8, markerscale=3, ncol=3)
+        ax_lat.legend(loc="upper right", fontsize=8, markerscale=2, ncol=3)
     else:
         acc = rows_of(rec.mmio_access, run)
         if len(acc):
@@ -192,7 +209,7 @@ def timeline(corr: Correlation, run: str) -> Figure:
                         transform=ax_lat.transAxes, fontsize=8, va="top", color="#555555")
         else:
             _note(ax_lat, "no MMIO events recorded")
-    ax_lat.set_xlabel("time since start (s)")
+    ax_lat.set_xlabel("time since the first event (s)")
     return fig
 
 
