@@ -37,17 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _guard(fn: Any, *a: Any) -> Any:
     """Analysis bugs become one-line errors too (SLOTSCOPE_DEBUG=1 re-raises)."""
-    try:
+    from .recording import one_line_errors
+    with one_line_errors("analysis"):
         return fn(*a)
-    except (RecordingError, KeyboardInterrupt, BrokenPipeError):
-        raise
-    except MemoryError:
-        raise RecordingError("out of memory while analysing; try fewer runs at once") from None
-    except Exception as e:
-        if os.environ.get("SLOTSCOPE_DEBUG"):
-            raise
-        raise RecordingError(f"analysis failed: {type(e).__name__}: {e} "
-                             "(SLOTSCOPE_DEBUG=1 shows the traceback)") from None
 
 
 def _load(runs: list[str]) -> Any:

@@ -12,8 +12,9 @@ kept in ``Recording.problems`` so that reports say what is missing and why.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,24 @@ BULK = ("mmio_fault", "mmio_access", "exit_hist")
 _ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
                     ("mmio_access", "type"): schema.ACCESS_TYPES,
                     ("generation", "source"): ("invalidate", "check", "mark")}
+
+
+@contextlib.contextmanager
+def one_line_errors(what: str) -> Iterator[None]:
+    """Unexpected failures while analysing become a RecordingError naming the
+    exception, so a caller (a CLI, the lab job) can report one line and carry
+    on with other runs; SLOTSCOPE_DEBUG=1 lets them through with a traceback."""
+    try:
+        yield
+    except (RecordingError, KeyboardInterrupt, BrokenPipeError):
+        raise
+    except MemoryError:
+        raise RecordingError(f"{what}: out of memory while analysing") from None
+    except Exception as e:
+        if os.environ.get("SLOTSCOPE_DEBUG"):
+            raise
+        raise RecordingError(f"{what}: analysis failed: {type(e).__name__}: {e} "
+                             "(SLOTSCOPE_DEBUG=1 shows the traceback)") from None
 
 
 @dataclass

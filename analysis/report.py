@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import plots
 from .epochs import Correlation, correlate
-from .recording import Recording, load
+from .recording import Recording, load, one_line_errors
 from .schema import RecordingError, read_manifest
 from .summary import compare, run_summary, summary_tables
 
@@ -176,6 +176,12 @@ def write_report(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] 
     schema version, ...) are listed in the report instead of failing it;
     RecordingError only when none can be read.  ``names`` label the runs.
     """
+    with one_line_errors(f"report {out_html}"):
+        return _write_report(src, out_html, title, names)
+
+
+def _write_report(src: Any, out_html: str | os.PathLike[str], title: str | None,
+                  names: Sequence[str] | None) -> Path:
     skipped: list[tuple[str, str]] = []
     if isinstance(src, Correlation):
         corr = src

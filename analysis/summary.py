@@ -23,7 +23,7 @@ from .epochs import (
     run_span_ns,
     wrap_forecast,
 )
-from .recording import Recording, load
+from .recording import Recording, load, one_line_errors
 from .schema import RecordingError
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -242,11 +242,13 @@ def _as_correlation(src: Any) -> Correlation:
 def summarize(src: str | os.PathLike[str] | Recording | Correlation) -> dict[str, Any]:
     """One run's summary dict (JSON-safe).  ``src``: a run dir, or a loaded
     Recording/Correlation of a single run."""
-    corr = _as_correlation(src)
-    runs = corr.recording.runs
-    if len(runs) != 1:
-        raise RecordingError(f"summarize takes one run, got {len(runs)}; use summarize_all")
-    return run_summary(corr, runs[0])
+    with one_line_errors(str(src) if isinstance(src, str | os.PathLike) else "summarize"):
+        corr = _as_correlation(src)
+        runs = corr.recording.runs
+        if len(runs) != 1:
+            raise RecordingError(f"summarize takes one run, got {len(runs)}; "
+                                 "use summarize_all")
+        return run_summary(corr, runs[0])
 
 
 def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlation
