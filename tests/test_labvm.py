@@ -8,6 +8,7 @@ an L2 micro-VMM exactly as its ground truth says.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -372,3 +373,45 @@ def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
     # No QEMU of ours survives the kill.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in ps
+
+
+# -- the saved L1 recording (no boot; runs anywhere) ------------------------
+
+SAVED = REPO / "tests/data/nested-microvm"
+
+
+def test_saved_nested_recording_follows_kernel_rules() -> None:
+    """tests/data/nested-microvm: recorded in the L1 by the kprobe backend."""
+    from analysis.schema import read_run
+
+    run = read_run(SAVED)
+    truth = json.loads((SAVED / "truth.json").read_text())
+    m = run.manifest
+    assert m["backend"] == "kprobe" and m["complete"] and sum(m["lost"].values()) == 0
+    mu = sorted(run.tables["memslot_update"].to_pylist(), key=lambda r: r["begin_ns"])
+    changes = truth["memslot_changes"]
+    assert [(r["change"], r["slot_id"]) for r in mu] == [(c["change"], c["slot"])
+                                                         for c in changes]
+    step = 2  # KVM_ADDRESS_SPACE_NUM on x86 in 6.1 (the recording's kernel)
+    assert [r["gen_after"] - r["gen_before"] for r in mu] == [
+        step * SWAPS[c["change"]] for c in changes]
+    faults = run.tables["mmio_fault"].to_pylist()
+    stale = [r for r in faults if r["stale"]]
+    later = [c["change"] for c in changes[1:]]
+    assert len(stale) == truth["pages"] * sum(c in ("create", "flags_only") for c in later)
+    assert all(r["kvm_gen"] - r["spte_gen"] == step and r["remarked"] for r in stale)
+    assert all(r["latency_ns"] > 0 for r in faults)
+    assert run.tables["zap_all"].num_rows == sum(c in ("delete", "move") for c in later)
+    # The independent tracefs capture of the same run agrees.
+    events = []
+    with gzip.open(SAVED / "tracefs-trace.txt.gz", "rt") as f:
+        trace_text = f.read()
+    for line in trace_text.splitlines():
+        mm = re.search(r"\s[\d.]+: (ss_memslot|ss_invmmio): .*(?:change|gen)=(\d+)", line)
+        if mm:
+            events.append((mm.group(1), int(mm.group(2))))
+    assert [v for e, v in events if e == "ss_memslot"] == [CHANGE_CODES[c["change"]]
+                                                          for c in changes]
+    inval = sorted((r for r in run.tables["generation"].to_pylist()
+                    if r["source"] == "invalidate"), key=lambda r: r["ns"])
+    assert [r["gen"] for r in inval] == [v for e, v in events if e == "ss_invmmio"]

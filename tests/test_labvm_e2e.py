@@ -74,6 +74,21 @@ def _tracefs_stop(dest: Path) -> None:
     (TRACEFS / "kprobe_events").write_text("")
 
 
+def add_workload(run: Path, truth: dict, params: dict) -> None:
+    """The micro-VMM's ground truth as the rig writes it (workload table + json)."""
+    from analysis.schema import write_table, write_workload_config
+    rows = [{"begin_ns": c["begin_ns"], "end_ns": c["end_ns"],
+             "action": f"memslot:{c['change']}", "target": f"slot{c['slot']}",
+             "size": c["size"], "ok": c["ret"] == 0,
+             "error": "" if c["ret"] == 0 else f"errno {-c['ret']}",
+             "detail": json.dumps({"gpa": c["gpa"], "flags": c["flags"],
+                                   "after_mmio": c["after_mmio"], "phase": c["phase"]})}
+            for c in truth["memslot_changes"]]
+    write_table(run, "workload", {k: [r[k] for r in rows] for k in rows[0]})
+    write_workload_config(run, {"workload": "microvm", "result": truth, "params": params,
+                                "where": "L2 inside the nested lab VM"})
+
+
 def inner(out: Path) -> int:
     """In the L1: micro-VMM L2 traced by slotscope record and by tracefs."""
     scratch = Path(os.environ.get("SLOTSCOPE_LABVM_SCRATCH", "/run/labvm-scratch"))
@@ -122,6 +137,9 @@ def inner(out: Path) -> int:
     for name in ("truth.json", "trace.txt", "times.json"):
         shutil.copyfile(scratch / name, out / name)
     if run.exists():
+        add_workload(run, json.loads((scratch / "truth.json").read_text()),
+                     {"mmio_accesses": MMIO_ACCESSES, "every": EVERY, "schedule": SCHEDULE,
+                      "pages": 2})
         shutil.copytree(run, out / "run", dirs_exist_ok=True)
     return rec.returncode if vm.returncode == 0 else 4
 
@@ -229,3 +247,6 @@ def test_kprobe_recording_in_l1_follows_kernel_rules(tmp_path: Path) -> None:
     assert acc.count("read") == truth["reads_completed"]
     assert acc.count("write") == truth["mmio_writes"]
     assert truth["mmio_reads"] + truth["mmio_writes"] == truth["mmio_exits"] == MMIO_ACCESSES
+    # The rig's side: the workload table and config, as in a direct run.
+    assert run.tables["workload"].num_rows == len(changes)
+    assert run.manifest["workload"]["result"]["pid"] == pid
