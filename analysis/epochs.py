@@ -234,6 +234,21 @@ def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> 
     return tl
 
 
+def _group_medians(key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median of ``val`` (int ns) per ``key`` (small ints): one sort of
+    key << 40 | val puts every group in order, the medians are its middles."""
+    if len(val) and key.max() < 2**23 and val.min() >= 0 and val.max() < 2**40:
+        comb = np.sort((key << 40) | val)
+        counts = np.bincount(key)
+        ids = np.flatnonzero(counts)
+        n = counts[ids]
+        starts = np.concatenate([[0], np.cumsum(n)[:-1]])
+        low = comb & ((1 << 40) - 1)
+        return ids, (low[starts + (n - 1) // 2] + low[starts + n // 2]) / 2
+    med = pd.Series(val).groupby(key).median()
+    return med.index.to_numpy(), med.to_numpy()
+
+
 def _fault_baseline(fk: np.ndarray, vcpu: np.ndarray, fast: np.ndarray,
                     lat: np.ndarray) -> np.ndarray:
     """Median fast-hit latency of each fault's (run, vm, vCPU); else (run, vm)."""
@@ -242,13 +257,7 @@ def _fault_baseline(fk: np.ndarray, vcpu: np.ndarray, fast: np.ndarray,
         return base
     vcpu = vcpu - vcpu.min() if len(vcpu) else vcpu
     for key in (fk * (int(vcpu.max()) + 1) + vcpu, fk):
-        kf, lf = key[fast], lat[fast]
-        ids = np.flatnonzero(np.bincount(kf)) if key.max() < 2**20 else np.unique(kf)
-        if len(ids) <= 256:  # few groups (VMs x vCPUs): one masked median each
-            meds = np.array([np.median(lf[kf == g]) for g in ids])
-        else:
-            med = pd.Series(lf).groupby(kf).median()
-            ids, meds = med.index.to_numpy(), med.to_numpy()
+        ids, meds = _group_medians(key[fast], lat[fast])
         if key.max() < 2**24:  # dense ids: a lookup table, one gather
             table = np.full(int(key.max()) + 1, np.nan)
             table[ids] = meds
@@ -326,8 +335,9 @@ def correlate(rec: Recording) -> Correlation:
     klass[fast] = CLASSES.index("fast")
     del evidence
 
-    lat = _np(f["latency_ns"]).astype(np.float64)
-    base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat)
+    lat_ns = _np(f["latency_ns"])
+    base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat_ns)
+    lat = lat_ns.astype(np.float64)
     caused = np.isin(klass, [CLASSES.index(c) for c in CAUSED])
     cause = np.where(klass == CLASSES.index("during_update"), inprog_upd, opener)
     caused &= cause >= 0  # stale before the first recorded update: nobody to charge

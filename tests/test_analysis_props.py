@@ -97,3 +97,15 @@ def test_epoch_join_on_generated_streams(stream) -> None:
     assert int(corr.updates["n_slow"].fillna(0).sum()) == len(charged)
     for fi, ui in charged.items():
         assert int(corr.updates.loc[ui, "vm"]) == int(f.loc[fi, "vm"])
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2**40 - 1)), min_size=1,
+                max_size=80))
+def test_group_medians(pairs) -> None:
+    from analysis.epochs import _group_medians
+    k = np.array([a for a, _ in pairs], dtype=np.int64)
+    v = np.array([b for _, b in pairs], dtype=np.int64)
+    ids, meds = _group_medians(k, v)
+    assert list(ids) == sorted(set(k.tolist()))
+    for i, m in zip(ids, meds, strict=True):
+        assert m == np.median(v[k == i])
