@@ -21,8 +21,9 @@ def test_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> None:
     nbclient = pytest.importorskip("nbclient")
     from jupyter_client.kernelspec import KernelSpecManager
 
-    runs = [DATA / n for n in ("nested-microvm", "labvm-microvm-kprobe", "host-microvm")
-            if (DATA / n / "manifest.json").exists()]
+    choices = (("nested-microvm", "labvm-microvm-kprobe"), ("host-microvm",))
+    runs = [next(DATA / n for n in names if (DATA / n / "manifest.json").exists())
+            for names in choices if any((DATA / n / "manifest.json").exists() for n in names)]
     if not runs:
         pytest.skip("no committed recording under tests/data yet")
     # The kernel must be this interpreter (jupyter_client maps a native
