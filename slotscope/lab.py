@@ -123,7 +123,9 @@ def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> 
                            echo=False)
         accel = res.accel
         if res.timed_out:
-            last = _last_line("\n".join(res.console_tail))
+            # The L1's last words, not QEMU's own note that we killed it.
+            last = _last_line("\n".join(ln for ln in res.console_tail
+                                         if not ln.startswith("qemu-system")))
             err = f"lab VM hung: killed after {timeout:.0f} s; last console: {last}"
         elif res.returncode != 0:
             log = run_dir / "labvm" / "console.log"
