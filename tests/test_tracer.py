@@ -337,3 +337,30 @@ def test_perf_buffer_fallback() -> None:
         assert set(p.lost_counts().values()) == {0}
     finally:
         p.close()
+
+
+def test_attach_to_running_vm(tmp_path: Path) -> None:
+    """A VM created before the tracer attached (like a running QEMU): its
+    vCPU fds are read from /proc, so rows still carry the VM and vCPU ids."""
+    from tracer.probes import kvm_fds
+    vm = subprocess.Popen([sys.executable, "-m", "vmrig.microvm", "-d", "60", "--vcpus", "2",
+                           "--schedule", "create:1,flags:1", "--every", "3000",
+                           "-o", str(tmp_path / "t.json")])
+    try:
+        deadline = time.monotonic() + 20
+        while len(kvm_fds(vm.pid)[1]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        vm_fds, vcpus = kvm_fds(vm.pid)
+        assert len(vm_fds) == 1 and set(vcpus.values()) == {0, 1}
+        rec = start_tracer("record", "-p", str(vm.pid), "-d", "2", "-o", str(tmp_path / "run"))
+        _, err = rec.communicate(timeout=60)
+        assert rec.returncode == 0, err
+    finally:
+        vm.kill()
+        vm.wait()
+    run = read_run(tmp_path / "run")
+    assert run.manifest["vcpu_fds_seeded"] >= 2
+    df = run.tables["mmio_access"].to_pandas()
+    assert len(df) > 100
+    assert set(df.vm) == {vm.pid << 32 | vm_fds[0]}
+    assert set(df.vcpu) == {0, 1}

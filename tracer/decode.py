@@ -91,6 +91,9 @@ class Decoder:
     def __init__(self) -> None:
         self.slots = SlotTracker()
         self._comm: dict[tuple[int, int], int] = {}
+        # pid -> its only VM's id, for rows whose VM fd the programs did not
+        # know yet (vCPUs of a VM created before attaching, first moments)
+        self.sole_vm: dict[int, int] = {}
 
     def _vcpus(self, ev: np.ndarray) -> np.ndarray:
         out = ev["x"].astype(np.int32)
@@ -117,9 +120,15 @@ class Decoder:
                 out[name] = table(name, cols)
         return out
 
-    @staticmethod
-    def _ids(sel: np.ndarray) -> dict[str, Any]:
-        return {"pid": sel["pid"], "tid": sel["tid"], "vm": sel["d"]}
+    def _ids(self, sel: np.ndarray) -> dict[str, Any]:
+        vm = sel["d"]
+        if self.sole_vm:
+            unknown = (vm & 0xFFFFFFFF) == 0
+            if unknown.any():
+                vm = vm.copy()
+                for pid, vm_id in self.sole_vm.items():
+                    vm[unknown & (sel["pid"] == pid)] = vm_id
+        return {"pid": sel["pid"], "tid": sel["tid"], "vm": vm}
 
     def _mmio(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
         return "mmio_access", {
@@ -128,9 +137,8 @@ class Decoder:
             "len": sel["f"].astype(np.uint8), "gpa": sel["a"], "val": sel["b"],
         }
 
-    @staticmethod
-    def _zaps(sel: np.ndarray) -> tuple[str, dict[str, Any]]:
-        return "zap_all", {"ns": sel["ns"].astype(np.int64), **Decoder._ids(sel),
+    def _zaps(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+        return "zap_all", {"ns": sel["ns"].astype(np.int64), **self._ids(sel),
                            "gen": sel["a"]}
 
     def _memslot_ioctl(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
@@ -179,15 +187,14 @@ class Decoder:
             "len": sel["f"].astype(np.uint8), "to_user": (bits & F_TO_USER) != 0,
         }
 
-    @staticmethod
-    def _gens(sel: np.ndarray) -> tuple[str, dict[str, Any]]:
+    def _gens(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
         src = sel["e"]
         val = sel["a"]
         inval = src == 3
         masked = (val & MMIO_GEN_MASK).astype(np.uint32)
         sources = ("unknown", "check", "mark", "invalidate")
         return "generation", {
-            "ns": sel["ns"].astype(np.int64), **Decoder._ids(sel),
+            "ns": sel["ns"].astype(np.int64), **self._ids(sel),
             # check/mark carry only the masked MMIO generation
             "gen": (val & np.uint64(~IN_PROGRESS & (2**64 - 1)), ~inval),
             "in_progress": (val & np.uint64(IN_PROGRESS)) != 0,

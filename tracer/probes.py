@@ -279,6 +279,51 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     return probes
 
 
+def kvm_fds(pid: int) -> tuple[list[int], dict[int, int]]:
+    """A process's KVM VM fds and {vCPU fd: vCPU id}, from /proc/PID/fd."""
+    vms, vcpus = [], {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return vms, vcpus
+    for name in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link == "anon_inode:kvm-vm":
+            vms.append(int(name))
+        elif link.startswith("anon_inode:kvm-vcpu:"):
+            vcpus[int(name)] = int(link.rsplit(":", 1)[1])
+    return vms, vcpus
+
+
+def seed_vcpus(probes: Probes, pids: Sequence[int],
+               sole_vm: dict[int, int] | None = None) -> int:
+    """Teach the programs the vCPUs of VMs created before they attached
+    (e.g. a running QEMU): (pid, vCPU fd) -> VM id and vCPU id.  A process
+    with several VMs gets only the vCPU ids (which VM a vCPU fd belongs to
+    is not visible in /proc).  ``sole_vm`` collects pid -> VM id for
+    processes with exactly one VM."""
+    table = probes.bpf[b"vcpu_fds"]
+    if not pids:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    n = 0
+    for pid in pids:
+        vms, vcpus = kvm_fds(pid)
+        if len(vms) == 1 and sole_vm is not None:
+            sole_vm[pid] = pid << 32 | vms[0]
+        for fd, vcpu in vcpus.items():
+            k = table.Key()
+            k.pid, k.fd = pid, fd
+            v = table.Leaf()
+            v.vm = pid << 32 | (vms[0] if len(vms) == 1 else 0)
+            v.vcpu = vcpu
+            table[k] = v
+            n += 1
+    return n
+
+
 def verify_kprobe_programs(caps: Capabilities) -> list[str]:
     """Compile the kprobe backend and load (verify) its programs without
     attaching: checks it on hosts that cannot attach kprobes."""

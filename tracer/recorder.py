@@ -128,7 +128,10 @@ class Recorder:
                 self.writer.close(error="probes failed to load")
             raise
         self._cpu0 = _cpu_seconds()
+        from .probes import seed_vcpus
+        seeded = seed_vcpus(self.probes, pids, self.decoder.sole_vm)
         self.manifest.update({
+            "vcpu_fds_seeded": seeded,
             "buffer": self.probes.buffer, "probes_attached": self.probes.attached,
             "probes_missing": self.probes.missing, "btf_offsets": self.probes.offsets,
             "bpf_prog_ids": self._prog_ids(), "tracer_pid": os.getpid(),
@@ -152,8 +155,10 @@ class Recorder:
         from .probes import resolve_pids
         if not self.pids:
             raise TracerError("this recorder traces every process; no pid filter to extend")
+        from .probes import seed_vcpus
         for tgid in resolve_pids([pid]):
             if tgid not in self.pids:
+                seed_vcpus(self.probes, [tgid], self.decoder.sole_vm)
                 self.probes.bpf[b"pids"][ctypes.c_uint(tgid)] = ctypes.c_ubyte(1)
                 self.pids.append(tgid)
         self.manifest["filters"] = {"pids": list(self.pids)}
