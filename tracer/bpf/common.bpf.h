@@ -60,8 +60,9 @@ BPF_HASH(pids, u32, u8, 256);
 /* vCPU identity per thread, learnt from KVM_CREATE_VCPU + KVM_RUN or kvm_entry. */
 struct vcpu_key { u32 pid; u32 fd; };
 struct vcpu_info { u64 vm; s32 vcpu; u32 pad; };
-BPF_HASH(vcpu_fds, struct vcpu_key, struct vcpu_info, 4096);
-BPF_HASH(tid_vcpu, u32, struct vcpu_info, 4096);
+/* LRU: threads and fds of processes that died must not fill the maps up. */
+BPF_TABLE("lru_hash", struct vcpu_key, struct vcpu_info, vcpu_fds, 4096);
+BPF_TABLE("lru_hash", u32, struct vcpu_info, tid_vcpu, 4096);
 
 /* One vCPU exit being handled: kvm_exit (or kvm_mmio) -> kvm_entry (or KVM_RUN). */
 struct exit_state {
@@ -74,7 +75,7 @@ struct exit_state {
 	u32 len;
 	s32 vcpu;
 };
-BPF_HASH(exits, u32, struct exit_state, 4096);
+BPF_TABLE("lru_hash", u32, struct exit_state, exits, 4096);
 
 /* Non-MMIO exits: count and total ns per (pid, reason, log2 latency). */
 struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };

@@ -29,7 +29,7 @@ struct pending_ioctl {
 	u64 arg;
 	struct region r;
 };
-BPF_HASH(pending, u32, struct pending_ioctl, 4096);
+BPF_TABLE("lru_hash", u32, struct pending_ioctl, pending, 4096);
 
 /* Last masked MMIO generation seen per VM, so generation rows are emitted
  * only when it changes (check_mmio_spte fires on every MMIO fault). */

@@ -22,7 +22,7 @@ struct setmem_state {
 	u32 flags;
 	u32 change;
 };
-BPF_HASH(setmem, u32, struct setmem_state, 1024);
+BPF_TABLE("lru_hash", u32, struct setmem_state, setmem, 1024);
 /* struct kvm * -> slotscope vm id (pid << 32 | vm fd), learnt when
  * kvm_set_memslot runs inside a memslot ioctl on the VM's fd. */
 BPF_HASH(kvm_vm, u64, u64, 1024);
