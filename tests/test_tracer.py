@@ -88,8 +88,8 @@ def test_memslot_updates_exact(recording: tuple[Any, dict[str, Any], str]) -> No
         assert row.userspace_addr == w["userspace_addr"]
         assert row.ret == w["ret"] == 0
         assert row.vm == vm and row.pid == truth["pid"]
-        # the tracer's interval encloses the VMM's own timestamps
-        assert row.begin_ns <= w["begin_ns"] + 1_000_000 and row.end_ns >= w["begin_ns"]
+        # same clock: the VMM's timestamps around its ioctl bracket the syscall's
+        assert w["begin_ns"] <= row.begin_ns <= row.end_ns <= w["end_ns"]
     assert Counter(df.change) == {"create": 4, "flags_only": 2, "move": 2, "delete": 2}
 
 

@@ -20,7 +20,7 @@ from .probes import EV_FAULT, EV_GEN, EV_MEMSLOT, EV_MMIO, EV_SETMEM, EV_VM, EV_
 PAGE_SHIFT = 12
 IN_PROGRESS = 1 << 63
 MMIO_GEN_MASK = (1 << MMIO_GEN_BITS_DEFAULT) - 1
-# mmio_fault bits (common.bpf.h)
+# mmio_fault bits (common.bpf.c)
 F_CHECKED, F_STALE, F_REMARKED, F_FAST_HIT, F_WRITE, F_TO_USER = (1 << i for i in range(6))
 EXIT_REASON_NONE = 0xFFFFFFFF
 

@@ -36,7 +36,7 @@ OPTIONAL_TPS = {
 }
 REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio")
 
-# struct event in common.bpf.h
+# struct event in common.bpf.c
 EVENT_DTYPE = np.dtype([
     ("type", "<u4"), ("pid", "<u4"), ("tid", "<u4"), ("x", "<i4"),
     ("ns", "<u8"), ("ns2", "<u8"), ("a", "<u8"), ("b", "<u8"), ("c", "<u8"), ("d", "<u8"),
@@ -180,7 +180,7 @@ class Probes:
 
 def _source() -> str:
     return "\n".join((BPF_DIR / name).read_text()
-                     for name in ("common.bpf.h", "kvm_events.bpf.c"))
+                     for name in ("common.bpf.c", "kvm_events.bpf.c"))
 
 
 def _defines(flags: dict[str, int | str]) -> str:

@@ -1,7 +1,7 @@
 /* Tracepoints every backend uses: KVM ioctls (vCPU identity, returns to user
  * space and, for the tracepoint-only backend, memslot updates), kvm_mmio,
  * the kvm_exit -> kvm_entry interval with its kvmmmu MMIO SPTE state, and
- * zap-all.  Python prepends the defines and common.bpf.h.
+ * zap-all.  Python prepends the defines and common.bpf.c.
  */
 
 #define KVM_CREATE_VM 0xae01
