@@ -163,7 +163,7 @@ def test_stream_json_lines(tmp_path: Path) -> None:
 
 def test_live_plain_lines(tmp_path: Path) -> None:
     wl = Workload(3000, "create:4,delete:4", pages=2)
-    p = start_tracer("live", "-p", str(wl.pid), "0.3", "2")
+    p = start_tracer("live", "-p", str(wl.pid), "0.3")  # ends when the VMM exits
     wl.go()
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 0
@@ -266,7 +266,7 @@ def test_sigkill_leaves_readable_run_and_no_probes(tmp_path: Path) -> None:
     assert _wait_gone(ids) == []
     run = read_run(tmp_path / "run")
     assert not run.complete
-    assert run.tables["mmio_access"].num_rows > 1000
+    assert run.tables["mmio_access"].num_rows > 100
     assert run.tables["memslot_update"].num_rows >= 1
 
 
