@@ -23,10 +23,26 @@ SHADE_MAX = 3_000     # above this many updates their windows become a rug
 CDF_SAMPLE = 500_000  # CDF curves are drawn from a uniform sample this large
 
 
+CDF_POINTS = 4_000     # ... and plotted at this many quantiles (all points when fewer)
+
+
 def _sample(x: np.ndarray, n: int = CDF_SAMPLE) -> np.ndarray:
     if len(x) <= n:
         return x
     return x[np.random.default_rng(0).choice(len(x), n, replace=False)]
+
+
+def _cdf(ax, x: np.ndarray, **kw) -> None:
+    """Empirical CDF of x: exact steps when small, else CDF_POINTS quantiles
+    of a uniform sample (drawing a million vertices costs seconds, shows
+    nothing more)."""
+    v = np.sort(_sample(x))
+    n = len(v)
+    if n <= CDF_POINTS:
+        ax.plot(v, np.arange(1, n + 1) / n, drawstyle="steps-post", **kw)
+        return
+    idx = np.unique(np.linspace(0, n - 1, CDF_POINTS).round().astype(np.int64))
+    ax.plot(v[idx], (idx + 1) / n, **kw)
 
 
 def _t0(corr: Correlation, run: str) -> int:
@@ -224,9 +240,7 @@ def latency_cdf(corr: Correlation, run: str) -> Figure:
     for i, c in enumerate(CLASSES):
         v = lat[kl == i]
         if len(v):
-            v = np.sort(_sample(v))
-            ax.plot(v, np.arange(1, len(v) + 1) / len(v), color=COLORS[c],
-                    label=f"{c} (n={(kl == i).sum():,})", lw=1.6, drawstyle="steps-post")
+            _cdf(ax, v, color=COLORS[c], label=f"{c} (n={len(v):,})", lw=1.6)
     if not len(f):
         _note(ax, "no MMIO fault events: no latency to plot")
     else:
@@ -288,9 +302,7 @@ def comparison(corr: Correlation) -> Figure:
     for i, run in enumerate(runs):
         lat = rows_of(corr.faults, run)["latency_ns"].to_numpy(np.float64)
         if len(lat):
-            v = np.sort(_sample(lat / 1000))
-            ax_l.plot(v, np.arange(1, len(v) + 1) / len(v), label=f"{run} (n={len(lat):,})",
-                      color=f"C{i % 10}", drawstyle="steps-post")
+            _cdf(ax_l, lat / 1000, label=f"{run} (n={len(lat):,})", color=f"C{i % 10}")
         u = rows_of(corr.updates, run)
         u = u[u["ok"]]
         v = u["cost_ns"].to_numpy(np.float64, na_value=np.nan) / 1000
