@@ -127,9 +127,9 @@ def _try_bpf(text: str, load: str | None = None) -> tuple[bool, str]:
         return False, "bcc not importable (apt install python3-bpfcc; venv with system site pkgs)"
     try:
         with _quiet_stderr():
-            b = BPF(text=text)
+            b = BPF(text=text.encode())
             if load:
-                b.load_func(load, BPF.TRACEPOINT)
+                b.load_func(load.encode(), BPF.TRACEPOINT)
             b.cleanup()
     except Exception as e:  # bcc raises bare Exception
         msg = str(e).strip().splitlines()
