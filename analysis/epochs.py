@@ -347,6 +347,12 @@ def correlate(rec: Recording) -> Correlation:
     out["klass"] = pd.Categorical.from_codes(klass, categories=list(CLASSES))
     out["epoch_update"] = _nullable(opener, opener < 0)
     out["since_update_ns"] = _nullable(since, since < 0)
+    # The epoch's full generation (NA where the backend could not read it).
+    gen_after = u["gen_after"].to_numpy(dtype=np.float64, na_value=np.nan) if len(u) \
+        else np.zeros(0)
+    eg = gen_after[np.maximum(j, 0)] if len(u) else np.full(n, np.nan)
+    eg_na = (j < 0) | np.isnan(eg)
+    out["epoch_gen"] = pd.arrays.IntegerArray(np.where(eg_na, 0, eg).astype(np.int64), eg_na)
     out["cause"] = _nullable(cause, cause < 0)
     out["zap"] = _nullable(zj, klass != CLASSES.index("after_zap"))
     out["baseline_ns"] = base

@@ -113,6 +113,12 @@ def test_nested_recording_follows_the_kernel_rules() -> None:
         charged_any |= bool(u["n_slow"])
         seen |= set(epoch["gfn"])
     assert charged_any
+    # The kernel's own generation at each check is that of the epoch the
+    # fault was joined to (masked to the 19 MMIO generation bits).
+    checked = f[f["kvm_gen"].notna()]
+    assert len(checked) > 0
+    assert (checked["kvm_gen"].astype("int64") ==
+            (checked["epoch_gen"].astype("int64") & ((1 << 19) - 1))).all()
     zaps = corr.zaps
     assert (zaps["reason"] == "slot flush").all()
     s = analysis.summarize(corr)
