@@ -157,18 +157,23 @@ def has_pvh_note(vmlinux: Path) -> bool:
 def _download_image(release: str, version: str, dest: Path) -> Path:
     # The -unsigned package holds the same files without the signed-kernel
     # wrapper dependencies; fall back to the signed one where it is missing.
+    # Stale package lists get one apt-get update before giving up.
     errors = []
-    for pkg in (f"linux-image-{release}-unsigned", f"linux-image-{release}"):
-        try:
-            _run(["apt-get", "download", "-q", f"{pkg}={version}"], cwd=dest)
-        except RigError as e:
-            errors.append(str(e))
-            continue
-        debs = sorted(dest.glob(f"{pkg}_*.deb"))
-        if debs:
-            return debs[-1]
-    raise RigError(f"cannot download linux-image-{release} {version} to match the "
-                   f"headers (try apt-get update): {errors[-1]}")
+    for attempt in range(2):
+        if attempt:
+            _run(["apt-get", "update", "-q"])
+        for pkg in (f"linux-image-{release}-unsigned", f"linux-image-{release}"):
+            try:
+                _run(["apt-get", "download", "-q", f"{pkg}={version}"], cwd=dest)
+            except RigError as e:
+                errors.append(str(e))
+                continue
+            debs = sorted(dest.glob(f"{pkg}_*.deb"))
+            if debs:
+                return debs[-1]
+    raise RigError(f"cannot download linux-image-{release} {version} to match the headers "
+                   f"({errors[-1]}); if the archive moved on: apt-get install --only-upgrade "
+                   f"{HEADERS_META}, then fetch again")
 
 
 def _install_modules(tree: Path, release: str) -> Path:
