@@ -14,6 +14,7 @@ Updates of one VM are serialized by the kernel (slots_lock), so their
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ CAUSED = ("stale", "during_update", "after_zap")
 SLOW = tuple(c for c in CLASSES if c not in FAST and c != "unknown")
 SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}
 ADDRESS_SPACES_DEFAULT = 2  # x86 with SMM: generation += 2 per swap
+_THREADS = 3  # independent passes over the faults run side by side
 
 
 def _np(s: pd.Series, dtype: Any = np.int64, na: Any = -1) -> np.ndarray:
@@ -63,10 +65,20 @@ def vm_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
     VM's rank.  One hash pass per frame for the few distinct VMs, then a
     binary search per row (factorizing 10M-row keys costs far more)."""
     vms_per = [_np(df["vm"], np.uint64, 0) for df in frames]
-    vms = np.unique(np.concatenate([pd.unique(v) for v in vms_per])) if frames else []
+    vms = np.unique(np.concatenate([_distinct(v) for v in vms_per])) if frames else []
     nv = max(len(vms), 1)
     return [_np(df["run"]).astype(np.int64) * nv + np.searchsorted(vms, v).astype(np.int64)
             for df, v in zip(frames, vms_per, strict=True)]
+
+
+def _distinct(v: np.ndarray) -> np.ndarray:
+    """The distinct values of a column that holds few: guessed from a sample
+    and verified with one binary-search pass, else hashed."""
+    if len(v) < 100_000:
+        return pd.unique(v)
+    guess = np.unique(v[:: len(v) // 1000])
+    pos = np.minimum(np.searchsorted(guess, v), len(guess) - 1)
+    return guess if (guess[pos] == v).all() else pd.unique(v)
 
 
 def rows_of(df: pd.DataFrame, run: str) -> pd.DataFrame:
@@ -271,6 +283,21 @@ def _fault_baseline(fk: np.ndarray, vcpu: np.ndarray, fast: np.ndarray,
     return base
 
 
+def _next_update(uk: np.ndarray, u_end: np.ndarray,
+                 nkeys: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per update row: the next update of the same key by end time (-1 if
+    none); per key id below ``nkeys``: its first update (-1 if none)."""
+    nxt = np.full(len(uk), -1, np.int64)
+    first = np.full(nkeys, -1, np.int64)
+    if len(uk):
+        order = np.lexsort((u_end, uk))
+        same = uk[order][1:] == uk[order][:-1]
+        nxt[order[:-1][same]] = order[1:][same]
+        starts = np.r_[True, ~same]
+        first[uk[order][starts]] = order[starts]
+    return nxt, first
+
+
 def correlate(rec: Recording) -> Correlation:
     """Join every MMIO fault to its generation epoch, classify it, and charge
     the slow ones to the memslot update (or zap-all) that caused them."""
@@ -286,43 +313,62 @@ def correlate(rec: Recording) -> Correlation:
     t = _np(f["exit_ns"])
     u_begin, u_end = _np(u["begin_ns"]), _np(u["end_ns"])
 
-    # Epoch opener: the last update ended at or before the fault.
     parts = partition(fk)
-    j = asof_index(fk, t, uk, u_end, parts=parts)
-    has_epoch = j >= 0
-    jj = np.maximum(j, 0)
-    opener = np.where(has_epoch, uidx[jj] if len(uidx) else 0, -1)
-    since = np.where(has_epoch, t - (u_end[jj] if len(u_end) else 0), -1)
-    del jj
-    # An update in progress: the last one begun at or before, not yet ended.
-    jb = asof_index(fk, t, uk, u_begin, parts=parts)
-    inprog = jb >= 0
-    inprog[inprog] &= t[inprog] < u_end[jb[inprog]]
-    inprog_upd = np.where(inprog, uidx[np.maximum(jb, 0)] if len(uidx) else 0, -1)
-    del jb
-
     fast = _np(f["fast_hit"], bool, False)
     stale = _np(f["stale"], bool, False)
     remarked = _np(f["remarked"], bool, False)
-    # After a zap-all: the page was seen before the last zap of its VM.
-    zj = asof_index(fk, t, zk, _np(zap["ns"]), parts=parts)
-    after_zap = np.zeros(n, bool)
+    lat_ns = _np(f["latency_ns"])
+
+    def epochs() -> tuple[np.ndarray, ...]:
+        # Epoch opener: the last update ended at or before the fault.
+        j = asof_index(fk, t, uk, u_end, parts=parts)
+        has_epoch = j >= 0
+        jj = np.maximum(j, 0)
+        opener = np.where(has_epoch, uidx[jj] if len(uidx) else 0, -1)
+        since = np.where(has_epoch, t - (u_end[jj] if len(u_end) else 0), -1)
+        # An update in progress: windows of one VM do not overlap, so it can
+        # only be the VM's next update after the opener (whose end is past t
+        # already): two gathers instead of another as-of join.
+        nkeys = int(max(fk.max() if n else 0, uk.max() if len(uk) else 0)) + 1
+        nxt, first = _next_update(uk, u_end, nkeys)
+        q = np.where(has_epoch, nxt[jj], first[fk]) if len(uk) else np.full(n, -1, np.int64)
+        inprog = q >= 0
+        inprog[inprog] &= u_begin[q[inprog]] <= t[inprog]
+        inprog_upd = np.where(inprog, uidx[np.maximum(q, 0)] if len(uidx) else 0, -1)
+        return j, opener, since, inprog, inprog_upd
+
+    def zapped() -> tuple[np.ndarray, np.ndarray]:
+        # Re-marked without a stale check, on a page seen before its VM's
+        # last zap-all (the in-progress case is taken out by the caller).
+        zj = asof_index(fk, t, zk, _np(zap["ns"]), parts=parts)
+        seen_before = np.zeros(n, bool)
+        cand = remarked & ~stale & (zj >= 0)
+        if cand.any():
+            gfn = _np(f["gfn"], np.uint64, 0)
+            if gfn.max() < (1 << 40) and fk.max() < (1 << 22):
+                page = (fk << 40) | gfn.astype(np.int64)
+            else:
+                page = _groups(fk, gfn.view(np.int64))[0]
+            codes, uniq = pd.factorize(page)
+            first_seen = np.full(len(uniq), np.iinfo(np.int64).max)
+            np.minimum.at(first_seen, codes, t)
+            seen_before[cand] = first_seen[codes[cand]] < _np(zap["ns"])[zj[cand]]
+        return zj, seen_before
+
+    def baseline() -> np.ndarray:
+        return _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat_ns)
+
+    # Three independent passes over the faults; numpy releases the GIL in
+    # its big loops, so on 2+ cores they overlap.
+    with ThreadPoolExecutor(_THREADS) as pool:
+        jobs = [pool.submit(fn) for fn in (epochs, zapped, baseline)]
+        (j, opener, since, inprog, inprog_upd), (zj, seen_before), base = \
+            [job.result() for job in jobs]
+    after_zap = seen_before & ~inprog
+    del seen_before
     # No MMIO SPTE evidence (no check/mark/fast-path event for the fault, e.g.
     # kvm.mmio_caching=N): the fault is left unclassified, whatever its timing.
     evidence = fast | stale | remarked
-    cand = remarked & ~stale & ~inprog & (zj >= 0)
-    if cand.any():
-        gfn = _np(f["gfn"], np.uint64, 0)
-        if gfn.max() < (1 << 40) and fk.max() < (1 << 22):
-            page = (fk << 40) | gfn.astype(np.int64)
-        else:
-            page = _groups(fk, gfn.view(np.int64))[0]
-        codes, uniq = pd.factorize(page)
-        first_seen = np.full(len(uniq), np.iinfo(np.int64).max)
-        np.minimum.at(first_seen, codes, t)
-        after_zap[cand] = first_seen[codes[cand]] < _np(zap["ns"])[zj[cand]]
-        del page, codes
-    del cand
 
     run_codes = _np(f["run"])
     run_has_evidence = np.bincount(run_codes[evidence], minlength=len(rec.runs)) > 0
@@ -335,8 +381,6 @@ def correlate(rec: Recording) -> Correlation:
     klass[fast] = CLASSES.index("fast")
     del evidence
 
-    lat_ns = _np(f["latency_ns"])
-    base = _fault_baseline(fk, _np(f["vcpu"], np.int64, -1), fast, lat_ns)
     lat = lat_ns.astype(np.float64)
     caused = np.isin(klass, [CLASSES.index(c) for c in CAUSED])
     cause = np.where(klass == CLASSES.index("during_update"), inprog_upd, opener)
