@@ -197,12 +197,8 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     zaps = rows_of(corr.zaps, run)
     fc = wrap_forecast(corr)
     fc = fc[fc["run"] == run] if len(fc) else fc
-    by_class = {}
-    for i, c in enumerate(CLASSES):
-        if counts[i]:
-            p50, p99 = quantiles(lat[kc == i])
-            by_class[c] = {"n": int(counts[i]), "share": counts[i] / nf,
-                           "latency_p50_ns": p50, "latency_p99_ns": p99}
+    by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
+                for c, v in class_stats(corr, run).items()}
     cost_q, lat_q = quantiles(cost), quantiles(lat)
     host = m.get("host") or {}
     out = {
@@ -257,20 +253,32 @@ def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlatio
     return [run_summary(corr, r) for r in corr.recording.runs]
 
 
-def class_table(corr: Correlation) -> pd.DataFrame:
-    """Per run and fault class: count, share, latency p50/p99 and extra p50 (us)."""
-    rows = []
-    for run in corr.recording.runs:
+def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
+    """Per fault class of one run: n, share, latency p50/p99 and extra p50
+    (ns); computed once per Correlation (reports ask for it twice)."""
+    memo = corr.__dict__.setdefault("_class_stats", {})
+    if run not in memo:
         f = rows_of(corr.faults, run)
         kc = class_codes(f)
         lat, extra = _np_float(f["latency_ns"]), f["extra_ns"].to_numpy(np.float64)
+        out = {}
         for i, c in enumerate(CLASSES):
             sel = kc == i
-            if sel.any():
+            n = int(sel.sum())
+            if n:
                 p50, p99 = quantiles(lat[sel])
-                rows.append({"run": run, "class": c, "n": int(sel.sum()),
-                             "share": sel.sum() / len(f), "p50_us": p50 / 1e3,
-                             "p99_us": p99 / 1e3, "extra_p50_us": _us(quantile(extra[sel], .5))})
+                out[c] = {"n": n, "share": n / len(f), "latency_p50_ns": p50,
+                          "latency_p99_ns": p99, "extra_p50_ns": quantile(extra[sel], .5)}
+        memo[run] = out
+    return memo[run]
+
+
+def class_table(corr: Correlation) -> pd.DataFrame:
+    """Per run and fault class: count, share, latency p50/p99 and extra p50 (us)."""
+    rows = [{"run": run, "class": c, "n": v["n"], "share": v["share"],
+             "p50_us": v["latency_p50_ns"] / 1e3, "p99_us": v["latency_p99_ns"] / 1e3,
+             "extra_p50_us": _us(v["extra_p50_ns"])}
+            for run in corr.recording.runs for c, v in class_stats(corr, run).items()]
     return pd.DataFrame(rows, columns=["run", "class", "n", "share", "p50_us", "p99_us",
                                        "extra_p50_us"])
 
