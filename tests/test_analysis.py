@@ -168,9 +168,12 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_cli_analyze(runs, capsys) -> None:
-    rc, out, err = _cli(capsys, "analyze", str(runs["nested"][0]), str(runs["host"][0]))
+def test_cli_analyze(runs, capsys, tmp_path: Path) -> None:
+    rc, out, err = _cli(capsys, "analyze", str(runs["nested"][0]), str(runs["host"][0]),
+                        "--plots", str(tmp_path / "plots"))
     assert rc == 0, err
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 6
+    assert len(list((tmp_path / "plots").glob("*.svg"))) == 6
     assert "stale" in out and "comparison" in out
     assert max(len(line) for line in out.splitlines()) <= 80
     rc, out, _ = _cli(capsys, "analyze", "--json", str(runs["nested"][0]))
