@@ -96,6 +96,20 @@ def overview(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def top_updates(corr: Correlation, run: str, n: int = 15) -> pd.DataFrame:
+    """The updates that cost the most, with the faults charged to each."""
+    u = corr.updates[(corr.updates["run"] == run) & corr.updates["ok"]]
+    if not len(u) or u["cost_ns"].isna().all():
+        return u.iloc[:0][["change"]]
+    u = u.sort_values("cost_ns", ascending=False).head(n)
+    t0 = int(corr.updates.loc[corr.updates["run"] == run, "begin_ns"].min())
+    return pd.DataFrame({
+        "update": u.index, "at_s": (u["begin_ns"].to_numpy() - t0) / 1e9,
+        "change": u["change"].astype(str), "slot": u["slot_id"], "action": u["action"],
+        "stale": u["n_stale"], "during": u["n_during_update"], "after_zap": u["n_after_zap"],
+        "cost_us": u["cost_ns"] / 1e3, "ioctl_us": u["duration_ns"] / 1e3})
+
+
 def _run_section(corr: Correlation, run: str, s: dict[str, Any],
                  tables: dict[str, pd.DataFrame]) -> str:
     m = corr.recording.manifests[run]
@@ -129,6 +143,8 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
             t = t[["ns", "vm", "gen", "reason", "update", "n_faults", "cost_ns"]].assign(
                 vm=[f"{int(v):#x}" for v in t["vm"]])
         parts.append(f"<h3>{_esc(title)}</h3>" + _table(t))
+    parts.append("<h3>The most expensive updates, fault by fault</h3>" +
+                 _table(top_updates(corr, run), max_rows=15))
     figs = plots.figures(corr, run)
     for name, fig in figs.items():
         parts.append(_img(fig, f"{run} {name}"))
