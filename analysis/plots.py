@@ -280,8 +280,12 @@ def update_cost(corr: Correlation, run: str) -> Figure:
             ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
             for i, v in enumerate(data, start=1):
                 pts = v if len(v) <= 1500 else rng.choice(v, 1500, replace=False)
-                ax.scatter(i + rng.uniform(-0.15, 0.15, len(pts)), pts, s=5, alpha=0.5,
-                           color=CHANGE_COLORS[changes[i - 1]], lw=0)
+                few = len(pts) < 50
+                ax.scatter(i + rng.uniform(-0.15, 0.15, len(pts)), pts, s=30 if few else 5,
+                           alpha=0.9 if few else 0.5, color=CHANGE_COLORS[changes[i - 1]],
+                           lw=0, zorder=3)
+            if col == "cost_ns" and min(x.min() for x in data) < 0:
+                ax.axhline(0, color="#888888", lw=0.8)
             if all(x.min() > 0 for x in data) and \
                     max(x.max() for x in data) > 50 * min(x.min() for x in data):
                 _log_y(ax)
