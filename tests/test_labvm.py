@@ -415,3 +415,21 @@ def test_saved_nested_recording_follows_kernel_rules() -> None:
     inval = sorted((r for r in run.tables["generation"].to_pylist()
                     if r["source"] == "invalidate"), key=lambda r: r["ns"])
     assert [r["gen"] for r in inval] == [v for e, v in events if e == "ss_invmmio"]
+
+
+@pytest.mark.labvm
+@needs_root
+@needs_lab_kernel
+@needs_lab_parts
+def test_labvm_cli_reports_a_hang(tmp_path: Path) -> None:
+    # 3 s is far too short for a TCG boot: the deadline path, from the CLI.
+    t0 = time.monotonic()
+    p = subprocess.run(SLOTSCOPE + ["labvm", "run", "--timeout", "3", "-o", str(tmp_path / "o"),
+                                    "--", "true"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 124
+    assert time.monotonic() - t0 < 30
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("slotscope labvm: error: L1 hung: no exit within 3 s")
+    assert "Traceback" not in p.stderr
+    result = json.loads((tmp_path / "o/labvm/result.json").read_text())
+    assert result["timed_out"] is True and result["returncode"] is None
