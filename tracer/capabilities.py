@@ -105,6 +105,14 @@ def _kallsyms() -> set[str]:
     return names
 
 
+def _bcc_importable() -> tuple[bool, str]:
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return False, "bcc not importable (apt install python3-bpfcc; venv with system site pkgs)"
+    return True, "importable (load not tried)"
+
+
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """libbpf prints load failures on fd 2; the caller reports them itself."""
@@ -121,10 +129,10 @@ def _quiet_stderr() -> Iterator[None]:
 def _try_bpf(text: str, load: str | None = None) -> tuple[bool, str]:
     """Compile ``text`` with bcc and load it (kfunc probes load by themselves;
     ``load`` names a function to load as a tracepoint program)."""
-    try:
-        from bcc import BPF
-    except ImportError:
-        return False, "bcc not importable (apt install python3-bpfcc; venv with system site pkgs)"
+    ok, why = _bcc_importable()
+    if not ok:
+        return ok, why
+    from bcc import BPF
     try:
         with _quiet_stderr():
             b = BPF(text=text.encode())
@@ -177,16 +185,26 @@ def _kfunc(bcc_ok: bool, target: str) -> tuple[bool, str]:
     return ok, why
 
 
-def probe(try_kfunc: bool = True) -> Capabilities:
+def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
+    """``try_kfunc``: load a trial fentry program (None: only where kprobes are
+    missing, since kprobe is preferred anyway).  ``try_bpf=False`` skips the
+    trial compile (a whole clang run, tens of seconds in a TCG L1) for callers
+    whose own load proves bcc works."""
     tracefs = find_tracefs()
     kprobes, kprobes_why = _kprobes(tracefs)
     events = tracefs / "events" if tracefs else None
     tps = {tp: bool(events and _is_dir(events / tp.replace(":", "/"))) for tp in TRACEPOINTS}
-    bcc_ok, bcc_why = _try_bpf("int slotscope_probe(void *ctx) { return 0; }", "slotscope_probe")
-    if not bcc_ok and "super-user" in bcc_why:
-        bcc_why = "the kernel refused to load a BPF program: run as root"
+    if try_bpf:
+        bcc_ok, bcc_why = _try_bpf("int slotscope_probe(void *ctx) { return 0; }",
+                                   "slotscope_probe")
+        if not bcc_ok and "super-user" in bcc_why:
+            bcc_why = "the kernel refused to load a BPF program: run as root"
+    else:
+        bcc_ok, bcc_why = _bcc_importable()
     funcs = _kallsyms()
     target = "kvm_set_memslot" if "kvm_set_memslot" in funcs else "do_sys_openat2"
+    if try_kfunc is None:
+        try_kfunc = not kprobes
     kfunc, kfunc_why = _kfunc(bcc_ok, target) if try_kfunc else (False, "not tried")
     header, matches = _header_tree()
     return Capabilities(

@@ -105,7 +105,10 @@ class Recorder:
         _warm_up()
         pids = resolve_pids(self.requested_pids)
         self.pids = pids
-        caps = self.caps or probe(try_kfunc=self.requested_backend == "kfunc")
+        # No trial compile: loading the real programs proves bcc works.
+        want = self.requested_backend
+        caps = self.caps or probe(try_kfunc=None if want is None else want == "kfunc",
+                                  try_bpf=False)
         choice = choose_backend(caps, self.requested_backend)
         self.manifest = {
             "backend": choice.name, "backend_reason": choice.reason,
