@@ -129,7 +129,10 @@ def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> 
             err = f"lab VM hung: killed after {timeout:.0f} s; last console: {last}"
         elif res.returncode != 0:
             log = run_dir / "labvm" / "console.log"
-            tail = _last_line(log.read_text(errors="replace")) if log.exists() else ""
+            text = log.read_text(errors="replace") if log.exists() else ""
+            # The command's own last words, not the L1 kernel's printk lines.
+            tail = _last_line("\n".join(ln for ln in text.splitlines()
+                                         if not ln.startswith("[")))
             err = f"exit {res.returncode}: {tail}"
         else:
             err = None

@@ -7,6 +7,7 @@ writing the run directory in the recording format.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -62,10 +63,15 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
 
     cfg = RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
                     bare=BareGuestConfig(npages=s.mmio_pages))
-    async with Rig(cfg, record_dir=run_dir) as rig:
-        assert rig.pid is not None
-        rec = Recorder(run_dir, pids=[rig.pid]).start_thread()
-        try:
+    # Load the probes before QEMU starts (a clang run: minutes in a TCG L1),
+    # off the event loop, then extend the pid filter to QEMU once it runs.
+    rec = Recorder(run_dir, pids=[os.getpid()])
+    await asyncio.to_thread(rec.start)
+    try:
+        async with Rig(cfg, record_dir=run_dir) as rig:
+            assert rig.pid is not None
+            rec.add_pid(rig.pid)
+            rec.start_thread()
             log = wl.WorkloadLog(run_dir, {"rig": rig.info(), "scenario": asdict(s)})
             if s.workload == "hotplug":
                 await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
@@ -75,5 +81,5 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
             else:
                 raise RigError(f"workload {s.workload} is not supported by the lab job yet")
             await asyncio.sleep(SETTLE_S)
-        finally:
-            rec.stop()
+    finally:
+        await asyncio.to_thread(rec.stop)
