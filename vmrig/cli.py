@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 from pathlib import Path
@@ -200,25 +199,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _run_microvm(args: argparse.Namespace, run_dir: Path | None) -> int:
-    try:
-        from vmrig import microvm
-    except ImportError:
-        raise RigError("the micro-VMM (vmrig.microvm) is not available") from None
-    from analysis.schema import write_table, write_workload_config
+    from vmrig import microvm
     r = microvm.run(duration=args.duration, pages=max(2, args.pages), schedule=args.schedule)
-    rows = [{"begin_ns": c.begin_ns, "end_ns": c.end_ns, "action": f"memslot:{c.change}",
-             "target": f"slot{c.slot}", "size": c.size, "ok": c.ret == 0,
-             "error": "" if c.ret == 0 else f"errno {-c.ret}",
-             "detail": json.dumps({"gpa": c.gpa, "flags": c.flags, "after_mmio": c.after_mmio,
-                                   "phase": c.phase})}
-            for c in r.memslot_changes]
     if run_dir is not None:
-        cols = {k: [row[k] for row in rows] for k in
-                ("begin_ns", "end_ns", "action", "target", "size", "ok", "error", "detail")}
-        write_table(run_dir, "workload", cols)
-        write_workload_config(run_dir, {"workload": "microvm", "result": r.as_dict(),
-                                        "params": {"duration": args.duration,
-                                                   "schedule": args.schedule}})
+        microvm.write_workload(run_dir, r)
     print(f"microvm: {r.mmio_exits} MMIO exits ({r.mmio_exits_per_s:.0f}/s), "
           f"{len(r.memslot_changes)} memslot changes")
     return 0
