@@ -25,6 +25,16 @@ mmio_accesses = {n}
 mmio_pages = 2
 """
 
+PCDIMM = """
+[[scenario]]
+name = "pcdimm"
+workload = "hotplug"
+cycles = 2
+size = "128M"
+rate = 2.0
+mmio_pages = 2
+"""
+
 
 def _config(tmp: Path, body: str, mode: str = "direct", extra: str = "") -> Path:
     p = tmp / "lab.toml"
@@ -67,7 +77,8 @@ def direct_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if os.geteuid() != 0 or not os.access("/dev/kvm", os.W_OK):
         pytest.skip("needs root and /dev/kvm")
     tmp = tmp_path_factory.mktemp("lab")
-    cfg = _config(tmp, MICROVM.format(name="mv-a", n=3000) + MICROVM.format(name="mv-b", n=2000))
+    cfg = _config(tmp, MICROVM.format(name="mv-a", n=3000) + MICROVM.format(name="mv-b", n=2000)
+                  + PCDIMM)
     out = tmp / "out"
     p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -98,6 +109,41 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
 
 @needs_root
 @needs_kvm
+@needs_qemu
+@needs_bcc
+def test_direct_lab_pcdimm_updates_fall_inside_qmp_actions(
+        direct_lab: tuple[Path, Path]) -> None:
+    _, out = direct_lab
+    s = json.loads((out / "summary.json").read_text())["scenarios"]["pcdimm"]
+    assert s["ok"] and s["lost_events"] == 0
+    run = read_run(out / "runs" / "pcdimm" / "1")
+    wl = run.tables["workload"].to_pandas()
+    acts = wl[wl["action"].isin(["device_add", "device_del"]) & wl["ok"]]
+    assert list(acts["action"]) == ["device_add", "device_del"] * 2
+    upd = run.tables["memslot_update"].to_pandas()
+    assert len(upd) == s["memslot_updates"] > 0
+    # A plug's ioctl comes from QEMU's main thread inside device_add; an
+    # unplug's from a vCPU thread when the guest ejects, between device_del
+    # and DEVICE_DELETED.
+    deleted = wl[wl["action"] == "event:DEVICE_DELETED"]["begin_ns"].to_numpy()
+    plugs = acts[acts["action"] == "device_add"]
+    unplugs = acts[acts["action"] == "device_del"]
+    vcpus = set(json.loads((out / "runs" / "pcdimm" / "1" / "rig.json").read_text())
+                ["vcpu_tids"].values())
+    for _, u in upd.iterrows():
+        if u["change"] == "delete":
+            assert u["tid"] in vcpus
+            assert any(b <= u["begin_ns"] <= d for b, d in zip(unplugs["begin_ns"], deleted,
+                                                                 strict=True))
+        else:  # create; "unknown" for the first use of a slot QEMU set up untraced
+            assert u["change"] in ("create", "unknown") and u["tid"] not in vcpus
+            assert ((plugs["begin_ns"] <= u["begin_ns"])
+                    & (u["begin_ns"] <= plugs["end_ns"])).any()
+    assert (upd["change"] == "delete").sum() == len(upd) // 2
+
+
+@needs_root
+@needs_kvm
 @needs_bcc
 def test_tightened_baseline_exits_3_naming_the_scenario(
         direct_lab: tuple[Path, Path], tmp_path: Path) -> None:
@@ -112,7 +158,7 @@ def test_tightened_baseline_exits_3_naming_the_scenario(
     assert p.returncode == 3, p.stdout + p.stderr
     regressions = [ln for ln in p.stdout.splitlines() if ln.startswith("regression:")]
     assert len(regressions) == 1 and "mv-b: mmio_latency_p99_ns" in regressions[0]
-    assert p.stdout.count("skipped (--resume)") == 2
+    assert p.stdout.count("skipped (--resume)") == 3
     # Within the thresholds against itself: exit 0.
     (tmp_path / "same.json").write_text((out / "summary.json").read_text())
     p = _lab("--config", str(cfg), "-o", str(out), "--resume", "--baseline",
