@@ -10,6 +10,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,9 +20,16 @@ from vmrig import RigError
 from .labconfig import Scenario
 
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
+_T0 = time.monotonic()
+
+
+def _phase(what: str) -> None:
+    """Phase times on stderr (the lab VM's console.log): where a slow run went."""
+    print(f"lab-run: +{time.monotonic() - _T0:.1f} s {what}", file=sys.stderr, flush=True)
 
 
 def run_direct(s: Scenario, run_dir: Path) -> None:
+    _phase(f"start {s.name} ({s.workload})")
     if s.workload == "microvm":
         _microvm(s, run_dir)
     else:
@@ -42,12 +50,15 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
             raise RigError(f"micro-VMM did not start: {p.stderr.read().strip()[-200:]}")
         # Attach before the VMM creates its memslots, so every one is seen.
         rec = Recorder(run_dir, pids=[p.pid]).start()
+        _phase("probes attached")
         try:
             p.stdin.write("go\n")
             p.stdin.close()
             rec.run(until=lambda: p.poll() is not None)  # reaped: no zombie to wait on
+            _phase("workload done")
         finally:
             rec.close(scenario=asdict(s))
+            _phase("recording closed")
         if p.wait(timeout=60):
             raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
     finally:
@@ -67,9 +78,11 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
     # off the event loop, then extend the pid filter to QEMU once it runs.
     rec = Recorder(run_dir, pids=[os.getpid()])
     await asyncio.to_thread(rec.start)
+    _phase("probes attached")
     try:
         async with Rig(cfg, record_dir=run_dir) as rig:
             assert rig.pid is not None
+            _phase(f"QEMU up ({rig.accel})")
             rec.add_pid(rig.pid)
             rec.start_thread()
             log = wl.WorkloadLog(run_dir, {"rig": rig.info(), "scenario": asdict(s)})
@@ -81,5 +94,7 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
             else:
                 raise RigError(f"workload {s.workload} is not supported by the lab job yet")
             await asyncio.sleep(SETTLE_S)
+            _phase("workload done")
     finally:
         await asyncio.to_thread(rec.stop)
+        _phase("recording closed")
