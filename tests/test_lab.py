@@ -218,16 +218,7 @@ def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
 def test_nested_lab_short_config(tmp_path: Path) -> None:
     """The CI run of the main job: nested mode (TCG here), one micro-VMM
     scenario and one QEMU pc-dimm scenario in the L2."""
-    body = MICROVM.format(name="mv", n=4000) + """
-[[scenario]]
-name = "pcdimm"
-workload = "hotplug"
-cycles = 2
-size = "128M"
-rate = 2.0
-mmio_pages = 2
-"""
-    cfg = _config(tmp_path, body, mode="nested")
+    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + PCDIMM, mode="nested")
     out = tmp_path / "out"
     t0 = time.monotonic()
     p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp_path, timeout=1500)
