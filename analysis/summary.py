@@ -46,14 +46,14 @@ def quantiles(x: np.ndarray, qs: Sequence[float] = (.5, .99)) -> list[float | No
     return [float(v) for v in np.quantile(x, list(qs))]
 
 
-def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
-    """Percentile-bootstrap CI of the q-quantile of x (vectorised)."""
+def _resampled_quantiles(x: np.ndarray, q: float, samples: int,
+                         rng: np.random.Generator) -> np.ndarray | None:
+    """``samples`` bootstrap replicates of the q-quantile of x (NaNs dropped;
+    at most BOOT_CAP points; vectorised in chunks of ~4M draws)."""
     x = np.asarray(x, dtype=np.float64)
     x = x[~np.isnan(x)]
     if len(x) < 2:
         return None
-    rng = np.random.default_rng(seed)
     if len(x) > BOOT_CAP:
         x = rng.choice(x, BOOT_CAP, replace=False)
     stats = np.empty(samples)
@@ -61,6 +61,15 @@ def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
     for lo in range(0, samples, chunk):
         n = min(chunk, samples - lo)
         stats[lo:lo + n] = np.quantile(x[rng.integers(0, len(x), (n, len(x)))], q, axis=1)
+    return stats
+
+
+def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile-bootstrap CI of the q-quantile of x (vectorised)."""
+    stats = _resampled_quantiles(x, q, samples, np.random.default_rng(seed))
+    if stats is None:
+        return None
     a = (1 - level) / 2
     return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
 
@@ -70,21 +79,11 @@ def bootstrap_diff_ci(x: np.ndarray, y: np.ndarray, q: float = 0.5, *,
                       seed: int = 0) -> tuple[float, float] | None:
     """CI of quantile(y) - quantile(x) from independent resamples."""
     rng = np.random.default_rng(seed)
-    out = []
-    for v in (x, y):
-        v = np.asarray(v, dtype=np.float64)
-        v = v[~np.isnan(v)]
-        if len(v) < 2:
-            return None
-        if len(v) > BOOT_CAP:
-            v = rng.choice(v, BOOT_CAP, replace=False)
-        stats = np.empty(samples)
-        chunk = max(1, 4_000_000 // len(v))
-        for lo in range(0, samples, chunk):
-            n = min(chunk, samples - lo)
-            stats[lo:lo + n] = np.quantile(v[rng.integers(0, len(v), (n, len(v)))], q, axis=1)
-        out.append(stats)
-    d = out[1] - out[0]
+    sx = _resampled_quantiles(x, q, samples, rng)
+    sy = _resampled_quantiles(y, q, samples, rng) if sx is not None else None
+    if sx is None or sy is None:
+        return None
+    d = sy - sx
     a = (1 - level) / 2
     return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
 
