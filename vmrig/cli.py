@@ -209,6 +209,17 @@ def _run_microvm(args: argparse.Namespace, run_dir: Path | None) -> int:
 
 
 # -- registration ------------------------------------------------------------
+def _dimm_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """pc-dimm cycle shape, shared by `rig hotplug` and `rig run`."""
+    p.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE",
+                   help=f"{prefix}pc-dimm size")
+    p.add_argument("--rate", type=float, help=f"{prefix}at most RATE cycles/s")
+    p.add_argument("--hold", type=float, default=0.0, metavar="S",
+                   help=f"{prefix}keep each dimm plugged S seconds")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help=f"{prefix}plug N dimms (N slots) per cycle, then unplug them")
+
+
 _INTERRUPTED = -130
 
 
@@ -265,12 +276,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     hp = sub.add_parser("hotplug", help="pc-dimm plug/unplug cycles on the running rig")
     hp.add_argument("--cycles", type=int, default=1)
-    hp.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE")
-    hp.add_argument("--rate", type=float, help="at most RATE cycles/s")
-    hp.add_argument("--hold", type=float, default=0.0, metavar="S",
-                    help="keep each dimm plugged S seconds")
-    hp.add_argument("--batch", type=int, default=1, metavar="N",
-                    help="plug N dimms (N slots) per cycle, then unplug them")
+    _dimm_options(hp)
     hp.add_argument("--timeout", type=float, default=10.0, metavar="S",
                     help="wait this long for DEVICE_DELETED")
     hp.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
@@ -293,13 +299,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="run the workload this long (default 5)")
     run.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")
     run.add_argument("--cycles", type=int, help="hotplug: stop after N cycles")
-    run.add_argument("--size", type=_size, default=128 << 20, metavar="SIZE",
-                     help="hotplug: pc-dimm size")
-    run.add_argument("--rate", type=float, help="hotplug: at most RATE cycles/s")
-    run.add_argument("--hold", type=float, default=0.0, metavar="S",
-                     help="hotplug: keep each dimm plugged S seconds")
-    run.add_argument("--batch", type=int, default=1, metavar="N",
-                     help="hotplug: plug N dimms (N slots) per cycle, then unplug them")
+    _dimm_options(run, "hotplug: ")
     run.add_argument("--timeout", type=float, default=10.0, metavar="S",
                      help="wait this long for each awaited QMP event")
     run.add_argument("--schedule", default="create:1,flags:1,flags:1,move:1,delete:1",
