@@ -44,10 +44,15 @@ class Workload:
         assert self.proc.stdout.readline().startswith("ready")
         self.pid = self.proc.pid
 
-    def go(self) -> dict[str, Any]:
+    def start(self) -> None:
+        """Let the waiting micro-VMM run."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
+
+    def go(self) -> dict[str, Any]:
+        """Run it to the end; its ground truth."""
+        self.start()
         assert self.proc.wait(timeout=120) == 0
         return json.loads(self.truth.read_text()) if self.truth else {}
 
@@ -253,9 +258,7 @@ def test_sigkill_leaves_readable_run_and_no_probes(tmp_path: Path) -> None:
     from tracer.bpfsys import prog_loaded
     wl = Workload(1_000_000, "create:1,delete:1", pages=2)
     rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
-    assert wl.proc.stdin is not None
-    wl.proc.stdin.write("go\n")
-    wl.proc.stdin.flush()
+    wl.start()
     time.sleep(2.5)  # >= 2 flushes
     ids = json.loads((tmp_path / "run" / "manifest.json").read_text())["bpf_prog_ids"]
     assert ids and all(prog_loaded(i) for i in ids)
@@ -273,9 +276,7 @@ def test_sigkill_leaves_readable_run_and_no_probes(tmp_path: Path) -> None:
 def test_sigterm_finalizes(tmp_path: Path) -> None:
     wl = Workload(1_000_000, "create:1,delete:1", pages=2)
     rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
-    assert wl.proc.stdin is not None
-    wl.proc.stdin.write("go\n")
-    wl.proc.stdin.flush()
+    wl.start()
     time.sleep(1.5)
     rec.send_signal(signal.SIGTERM)
     _, err = rec.communicate(timeout=30)
