@@ -208,8 +208,10 @@ class Progress:
             self._rich.update(self._task, completed=self.done)
 
     def close(self) -> None:
+        """Idempotent: run_lab closes before its verdict lines, cmd_lab on any exit."""
         if self._rich is not None:
             self._rich.stop()
+            self._rich = None
 
 
 @contextlib.contextmanager

@@ -280,7 +280,3 @@ def choose_backend(caps: Capabilities, requested: str | None = None) -> BackendC
             return BackendChoice(name, reason, missing_data(caps, name))
         refused.append(f"{name}: {why}")
     raise TracerError("no tracer backend can run here: " + "; ".join(refused))
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
