@@ -17,7 +17,7 @@ from . import TracerError
 
 BTF_DIR = Path("/sys/kernel/btf")
 MAGIC = 0xEB9F
-KIND_STRUCT, KIND_UNION = 4, 5
+KIND_ARRAY, KIND_STRUCT, KIND_UNION = 3, 4, 5
 # Bytes after the 12-byte btf_type header: fixed, and per vlen entry.
 _EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
           14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
@@ -29,6 +29,7 @@ class _Type:
     name_off: int
     size: int
     members: list[tuple[int, int, int]]  # (name_off, type id, bit offset)
+    nelems: int = 0                      # arrays: element count
 
 
 class BTF:
@@ -55,8 +56,9 @@ class BTF:
                 for i in range(vlen):
                     m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
                     members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
+            nelems = struct.unpack_from("<I", data, pos + 8)[0] if kind == KIND_ARRAY else 0
             pos += fixed + per * vlen
-            self.types.append(_Type(kind, name_off, size, members))
+            self.types.append(_Type(kind, name_off, size, members, nelems))
 
     def name(self, off: int) -> str:
         if off < self.str_base:
@@ -90,6 +92,14 @@ class BTF:
                     off = self.member_offset(inner, member)
                     if off is not None:
                         return bit_off // 8 + off
+        return None
+
+    def member_array_len(self, t: _Type, member: str) -> int | None:
+        """Element count of array member ``member`` (top level), else None."""
+        for m_name, m_type, _ in t.members:
+            if self.name(m_name) == member:
+                inner = self._resolve(m_type)
+                return inner.nelems if inner and inner.kind == KIND_ARRAY else None
         return None
 
     def _resolve(self, tid: int) -> _Type | None:
@@ -146,3 +156,14 @@ def kvm_offsets(btf: BTF | None = None) -> dict[str, int]:
                 raise TracerError(f"BTF struct {sname} has no member {member}")
         out[define] = off
     return out
+
+
+def address_spaces(btf: BTF | None = None) -> int | None:
+    """KVM_ADDRESS_SPACE_NUM: the length of ``struct kvm.memslots[]`` (one
+    generation step per memslot swap), or None when BTF has no struct kvm."""
+    try:
+        btf = btf or load("kvm")
+    except TracerError:
+        return None
+    t = btf.find_struct("kvm")
+    return btf.member_array_len(t, "memslots") if t else None

@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.schema import SCHEMAS, EventWriter, RecordingError, RunWriter, monotonic_ns
+from analysis.schema import (
+    MMIO_GEN_BITS_DEFAULT,
+    SCHEMAS,
+    EventWriter,
+    RecordingError,
+    RunWriter,
+    monotonic_ns,
+)
 
 from . import TracerError
 from .decode import Decoder, table
@@ -116,6 +123,7 @@ class Recorder:
             "kernel": caps.kernel, "kvm_module": caps.kvm_module,
             "kvm_params": caps.kvm_params, "emit_mmio_access": self.emit_mmio,
             "mmio_fault_interval": MMIO_FAULT_INTERVAL,
+            **_generation_facts(),
         }
         if self.run_dir is not None:  # fail on bad output before attaching anything
             try:
@@ -303,6 +311,21 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _generation_facts() -> dict[str, Any]:
+    """How far one memslot swap moves the generation, and the masked width
+    the MMIO SPTEs keep (for the analysis' wrap forecast)."""
+    from .btf import address_spaces
+    n = address_spaces()
+    return {
+        "address_spaces": n,
+        "address_spaces_source": "BTF: length of struct kvm.memslots[]" if n else "unknown",
+        # MMIO_SPTE_GEN_MASK is a macro, invisible to BTF: x86 keeps 19 bits
+        # since 5.5 (spte.h).  Recorded so a reader need not assume.
+        "mmio_gen_bits": MMIO_GEN_BITS_DEFAULT,
+        "mmio_gen_bits_source": "x86 MMIO_SPTE_GEN_MASK (19 bits since 5.5; not in BTF)",
+    }
 
 
 def _cpu_seconds() -> float:
