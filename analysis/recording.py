@@ -37,7 +37,7 @@ _INT_DTYPES = {
 }
 # The high-volume tables keep plain numpy columns (much faster joins, less
 # memory) unless a column does hold nulls; the others are nullable throughout.
-BULK = ("mmio_fault", "mmio_access", "exit_hist")
+BULK = ("mmio_fault", "mmio_access", "exit_hist", "mmio_hist")
 _ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
                     ("mmio_access", "type"): schema.ACCESS_TYPES,
                     ("generation", "source"): ("invalidate", "check", "mark")}

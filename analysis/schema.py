@@ -40,6 +40,26 @@ CHANGE_TYPES = ("create", "delete", "move", "flags_only", "unknown")
 ACCESS_TYPES = ("unsatisfied-read", "read", "write")
 
 
+def hist_quantile(log2_ns: Iterable[int], counts: Iterable[int], q: float) -> float | None:
+    """Quantile ``q`` of a log2 latency histogram (exit_hist, mmio_hist): a
+    row with ``log2_ns`` k counts latencies in [2**k, 2**(k+1)) ns; the
+    value is interpolated linearly inside its bucket (so at most 2x off)."""
+    hist: dict[int, int] = {}
+    for k, c in zip(log2_ns, counts, strict=True):
+        hist[int(k)] = hist.get(int(k), 0) + int(c)
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for k in sorted(hist):
+        c = hist[k]
+        if c and seen + c >= rank:
+            return float(2 ** k * (1 + (rank - seen) / c))
+        seen += c
+    return float(2 ** (max(hist) + 1))
+
+
 class RecordingError(Exception):
     """A run directory that cannot be read or written as asked."""
 
@@ -80,6 +100,15 @@ SCHEMAS: dict[str, pa.Schema] = {
     "exit_hist": pa.schema([
         ("ns", i64), ("pid", u32), ("exit_reason", u32), ("log2_ns", u8),
         ("count", u64), ("sum_ns", u64),
+    ]),
+    # Aggregation mode (record --aggregate): MMIO intervals counted in kernel
+    # instead of mmio_fault rows; one row per key and interval.  The bools
+    # are the interval's SPTE evidence as in mmio_fault; exit_reason null
+    # where kvm_exit never fires.
+    "mmio_hist": pa.schema([
+        ("ns", i64), ("pid", u32), ("vm", u64), ("vcpu", i32), ("exit_reason", u32),
+        ("checked", b), ("stale", b), ("remarked", b), ("fast_hit", b), ("is_write", b),
+        ("to_user", b), ("log2_ns", u8), ("count", u64), ("sum_ns", u64),
     ]),
     "lost": pa.schema([("ns", i64), ("event", s), ("count", u64)]),
     "workload": pa.schema([

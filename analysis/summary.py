@@ -24,9 +24,14 @@ from .epochs import (
     wrap_forecast,
 )
 from .recording import Recording, load, one_line_errors
-from .schema import RecordingError
+from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
+# Classes an aggregated run (mmio_hist) can tell without per-fault timing:
+# "remarked" is first_touch, during_update or after_zap, which need the
+# fault's time against updates and zap-alls.
+HIST_CLASSES = ("fast", "vcpu_cache", "stale", "remarked", "unknown")
+HIST_FAST = ("fast", "vcpu_cache")
 BOOT_SAMPLES = 1000
 BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
 
@@ -138,7 +143,10 @@ def missing(rec: Recording, run: str) -> list[str]:
     caching_off = str(caching).upper().startswith(("N", "0", "FALSE"))
     why = ("kvm.mmio_caching=N: KVM keeps no MMIO SPTEs" if caching_off else
            f"{backend}: the MMIO SPTE tracepoints did not fire or are absent")
-    if not n["mmio_fault"]:
+    if not n["mmio_fault"] and n["mmio_hist"]:
+        out.append("aggregate mode: MMIO faults counted in kernel histograms; latency "
+                   "quantiles within a log2 bucket, per-update and zap-all cost unavailable")
+    elif not n["mmio_fault"]:
         what = "; kvm_mmio accesses counted instead" if n["mmio_access"] else ""
         out.append(f"no mmio_fault events ({why}): fault classes, MMIO latency "
                    f"and per-update cost unavailable{what}")
@@ -199,6 +207,13 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
                 for c, v in class_stats(corr, run).items()}
     cost_q, lat_q = quantiles(cost), quantiles(lat)
+    hist = rows_of(rec.mmio_hist, run)
+    from_hist = not nf and len(hist) > 0
+    if from_hist:  # aggregate mode: the same figures from the histograms
+        nf = int(hist["count"].sum())
+        n_known = nf - by_class.get("unknown", {}).get("n", 0)
+        n_slow = n_known - sum(by_class.get(c, {}).get("n", 0) for c in HIST_FAST)
+        lat_q = [hist_quantile(hist["log2_ns"], hist["count"], q) for q in (.5, .99)]
     host = m.get("host") or {}
     out = {
         "run": run, "path": str(rec.paths[run]), "backend": m.get("backend"),
@@ -208,10 +223,12 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         "updates_by_change": {str(k): int(v) for k, v in
                               upd["change"].value_counts().items() if v},
         "mmio_faults": nf, "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
-        "slow_faults": n_slow, "caused_faults": n_caused,
+        "slow_faults": n_slow, "caused_faults": None if from_hist else n_caused,
         "classified_faults": n_known,
         "slow_share": n_slow / n_known if n_known else None,
-        "caused_share": n_caused / n_known if n_known else None,
+        # which update caused a fault needs its time: not in histograms
+        "caused_share": n_caused / n_known if n_known and not from_hist else None,
+        "mmio_from": "histograms (log2 buckets)" if from_hist else "rows",
         "classes": by_class,
         "update_cost_p50_ns": cost_q[0], "update_cost_p99_ns": cost_q[1],
         "update_cost_mean_ns": float(np.nanmean(cost)) if np.isfinite(cost).any() else None,
@@ -252,12 +269,46 @@ def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlatio
     return [run_summary(corr, r) for r in corr.recording.runs]
 
 
+def hist_classes(h: pd.DataFrame) -> np.ndarray:
+    """HIST_CLASSES index per mmio_hist row, by the same evidence rules as
+    per-fault classification (epochs.correlate)."""
+    fast, stale = h["fast_hit"].to_numpy(bool), h["stale"].to_numpy(bool)
+    remarked = h["remarked"].to_numpy(bool)
+    evidence = (fast | stale | remarked | h["checked"].to_numpy(bool)).any()
+    k = np.full(len(h), HIST_CLASSES.index("vcpu_cache" if evidence else "unknown"))
+    k[remarked] = HIST_CLASSES.index("remarked")
+    k[stale] = HIST_CLASSES.index("stale")
+    k[fast] = HIST_CLASSES.index("fast")
+    return k
+
+
+def _hist_class_stats(h: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    k = hist_classes(h)
+    n_all = int(h["count"].sum())
+    out = {}
+    for i, c in enumerate(HIST_CLASSES):
+        sel = h[k == i]
+        n = int(sel["count"].sum())
+        if n:
+            out[c] = {"n": n, "share": n / n_all,
+                      "latency_p50_ns": hist_quantile(sel["log2_ns"], sel["count"], .5),
+                      "latency_p99_ns": hist_quantile(sel["log2_ns"], sel["count"], .99),
+                      "extra_p50_ns": None}
+    return out
+
+
 def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
     """Per fault class of one run: n, share, latency p50/p99 and extra p50
-    (ns); computed once per Correlation (reports ask for it twice)."""
+    (ns); computed once per Correlation (reports ask for it twice).  An
+    aggregated run's classes come from its histograms (HIST_CLASSES,
+    latencies within the 2x of a log2 bucket, no extra latency)."""
     memo = corr.__dict__.setdefault("_class_stats", {})
     if run not in memo:
         f = rows_of(corr.faults, run)
+        h = rows_of(corr.recording.mmio_hist, run)
+        if not len(f) and len(h):
+            memo[run] = _hist_class_stats(h)
+            return memo[run]
         kc = class_codes(f)
         lat, extra = _np_float(f["latency_ns"]), f["extra_ns"].to_numpy(np.float64)
         out = {}

@@ -109,3 +109,18 @@ def test_group_medians(pairs) -> None:
     assert list(ids) == sorted(set(k.tolist()))
     for i, m in zip(ids, meds, strict=True):
         assert m == np.median(v[k == i])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 10**9), min_size=1, max_size=300),
+       st.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]))
+def test_hist_quantile_within_its_bucket(lat: list[int], q: float) -> None:
+    """A log2 histogram's quantile is at most one bucket (2x) from the exact one."""
+    from collections import Counter
+
+    from analysis.schema import hist_quantile
+    buckets = Counter(v.bit_length() - 1 for v in lat)  # bpf log2_u64: floor(log2)
+    got = hist_quantile(list(buckets), list(buckets.values()), q)
+    exact = float(np.quantile(np.array(lat, dtype=float), q, method="inverted_cdf"))
+    assert got is not None
+    assert 2 ** (int(exact).bit_length() - 1) <= got <= 2 ** int(exact).bit_length()

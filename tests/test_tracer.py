@@ -80,6 +80,11 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, 
 
 def test_memslot_updates_exact(recording: tuple[Any, dict[str, Any], str]) -> None:
     run, truth, _ = recording
+    assert_memslots_exact(run, truth)
+
+
+def assert_memslots_exact(run: Any, truth: dict[str, Any]) -> None:
+    """The recording's memslot_update rows are exactly the VMM's ioctls."""
     df = run.tables["memslot_update"].to_pandas()
     want = truth["memslot_changes"]
     assert len(df) == len(want) == 10  # setup slot 0 + 9 scheduled
@@ -139,6 +144,42 @@ def test_manifest_and_lost(recording: tuple[Any, dict[str, Any], str]) -> None:
     assert run.tables["lost"].num_rows == 0
     assert "0 lost" in err
     assert m["rows"]["mmio_access"] == run.tables["mmio_access"].num_rows
+
+
+def test_aggregate_mode_counts_every_interval(tmp_path: Path) -> None:
+    """record --aggregate: MMIO intervals counted in kernel (mmio_hist), no
+    per-fault or per-access rows; the counts must still be exact."""
+    wl = Workload(M, truth=tmp_path / "truth.json")
+    rec = start_tracer("record", "--aggregate", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    truth = wl.go()
+    _, err = rec.communicate(timeout=60)
+    assert rec.returncode == 0, err
+    run = read_run(tmp_path / "run")
+    m = run.manifest
+    assert m["mode"] == "aggregate" and not m["emit_mmio_access"]
+    assert set(m["lost"].values()) == {0}
+    assert run.tables["mmio_fault"].num_rows == run.tables["mmio_access"].num_rows == 0
+    assert_memslots_exact(run, truth)
+    h = run.tables["mmio_hist"].to_pandas()
+    # the same intervals as streaming: every MMIO exit but the last
+    assert int(h["count"].sum()) == m["mmio_faults_aggregated"] == M - 1
+    assert f"{M - 1} MMIO faults in histograms" in err
+    assert abs(int(h.loc[h.is_write, "count"].sum()) - truth["mmio_writes"]) <= 1
+    assert h.to_user.all() and not h.checked.any() and h.exit_reason.isna().all()
+    assert set(h.vcpu) == {0} and set(h.pid) == {truth["pid"]}
+    assert set(h.vm) == {truth["pid"] << 32 | truth["vm_fd"]}
+    # each row's mean latency lies inside its log2 bucket
+    mean = h.sum_ns / h["count"]
+    assert ((mean >= 2.0 ** h.log2_ns) & (mean < 2.0 ** (h.log2_ns + 1))).all()
+    assert (h["count"] > 0).all()
+    # the analysis reads the same figures from the histograms
+    from analysis import summarize
+    s = summarize(tmp_path / "run")
+    assert s["mmio_faults"] == M - 1 and s["mmio_from"].startswith("histograms")
+    assert s["classes"]["unknown"]["n"] == M - 1  # kvm_pvm: no MMIO SPTE evidence
+    lo, hi = 2.0 ** h.log2_ns.min(), 2.0 ** (h.log2_ns.max() + 1)
+    assert lo <= s["mmio_latency_p50_ns"] <= s["mmio_latency_p99_ns"] <= hi
+    assert any("aggregate mode" in x for x in s["missing"])
 
 
 def test_recorder_api_in_process(tmp_path: Path) -> None:

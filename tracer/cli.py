@@ -12,7 +12,7 @@ from typing import Any
 from . import TracerError
 
 EVENTS = ("memslot_update", "generation", "mmio_fault", "mmio_access", "zap_all",
-          "exit_hist", "lost")
+          "exit_hist", "mmio_hist", "lost")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -22,6 +22,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="attach backend (default: the best this host supports)")
     p.add_argument("--no-mmio-access", dest="emit_mmio", action="store_false",
                    help="do not stream kvm_mmio rows (high volume)")
+    p.add_argument("--aggregate", action="store_true",
+                   help="count MMIO faults in kernel histograms (mmio_hist, per "
+                   "interval) instead of a row each; implies --no-mmio-access")
 
 
 def register(sub: Any) -> None:
@@ -59,7 +62,8 @@ def _recorder(args: argparse.Namespace, run_dir: str | None, sinks: list[Any],
               flush: float = 1.0) -> Any:
     from .recorder import Recorder
     return Recorder(run_dir, pids=args.pid, backend=args.backend, emit_mmio=args.emit_mmio,
-                    flush_interval=flush, sinks=sinks, stop_when_pids_exit=bool(args.pid))
+                    flush_interval=flush, sinks=sinks, stop_when_pids_exit=bool(args.pid),
+                    aggregate=args.aggregate)
 
 
 def _finish(rec: Any, **final: Any) -> None:
@@ -85,15 +89,17 @@ def cmd_record(args: argparse.Namespace) -> int:
         how = "interrupted"
     finally:
         _finish(rec, stop_reason=how)
-    total = sum(v for k, v in rec.counts.items() if k not in ("lost", "exit_hist"))
+    total = sum(v for k, v in rec.counts.items() if k not in ("lost", "exit_hist", "mmio_hist"))
     lost = sum(rec.lost.values())
-    print(f"slotscope record: {how}; {total} events, {lost} lost", file=sys.stderr)
+    agg = (f", {rec.aggregated_faults} MMIO faults in histograms" if rec.aggregate else "")
+    print(f"slotscope record: {how}; {total} events{agg}, {lost} lost", file=sys.stderr)
     return 0
 
 
 def _attached(rec: Any, what: str) -> None:
     m = rec.manifest
-    print(f"slotscope {what}: {m['backend']} backend ({m['buffer']}), "
+    mode = ", aggregate" if m.get("mode") == "aggregate" else ""
+    print(f"slotscope {what}: {m['backend']} backend ({m['buffer']}{mode}), "
           f"{len(m['probes_attached'])} probes, pids {m['filters']['pids'] or 'all'}",
           file=sys.stderr, flush=True)
 

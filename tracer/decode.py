@@ -204,3 +204,45 @@ class Decoder:
             "zap_all": inval & ((masked & ~np.uint32(1)) == 0),
             "source": (np.where(src <= 3, src, 0), sources),
         }
+
+
+HistRows = list[tuple[tuple[int, ...], int, int]]
+
+
+def hist_delta(cur: dict[tuple[int, ...], tuple[int, int]],
+               prev: dict[tuple[int, ...], tuple[int, int]]) -> HistRows:
+    """(key, count, sum ns) grown since ``prev``: cumulative in-kernel
+    histograms -> per-interval rows."""
+    out = []
+    for key, (count, total) in cur.items():
+        c0, t0 = prev.get(key, (0, 0))
+        if count > c0:
+            out.append((key, count - c0, total - t0))
+    return out
+
+
+def _hist_columns(rows: HistRows, names: tuple[str, ...]) -> dict[str, Any]:
+    # Python ints per column: keys mix signed (vCPU -1) and full-range u64 (VM)
+    cols: dict[str, Any] = {n: [k[i] for k, _, _ in rows] for i, n in enumerate(names)}
+    cols["count"] = [c for _, c, _ in rows]
+    cols["sum_ns"] = [t for _, _, t in rows]
+    return cols
+
+
+def exit_hist_table(now: int, rows: HistRows) -> pa.Table:
+    """Probes.exit_hist() keys: (pid, reason, log2 ns)."""
+    c = _hist_columns(rows, ("pid", "exit_reason", "log2_ns"))
+    return table("exit_hist", {**c, "ns": [now] * len(rows)})
+
+
+def mmio_hist_table(now: int, rows: HistRows) -> pa.Table:
+    """Probes.mmio_hist() keys: (pid, vm, vcpu, reason, bits, log2 ns)."""
+    c = _hist_columns(rows, ("pid", "vm", "vcpu", "exit_reason", "bits", "log2_ns"))
+    bits = np.array(c.pop("bits"), dtype=np.uint32)
+    reason = np.array(c["exit_reason"], dtype=np.uint32)
+    c["exit_reason"] = (reason, reason == EXIT_REASON_NONE)
+    for name, flag in (("checked", F_CHECKED), ("stale", F_STALE), ("remarked", F_REMARKED),
+                       ("fast_hit", F_FAST_HIT), ("is_write", F_WRITE),
+                       ("to_user", F_TO_USER)):
+        c[name] = (bits & flag) != 0
+    return table("mmio_hist", {**c, "ns": [now] * len(rows)})

@@ -111,6 +111,7 @@ class Probes:
     attached: list[str]
     missing: list[str]
     offsets: dict[str, int] = field(default_factory=dict)
+    links: list[int] = field(default_factory=list)  # fentry/fexit link fds
     perf_lost: int = 0
     _chunks: list[bytes] = field(default_factory=list)
     _ring: RingReader | None = None
@@ -169,10 +170,25 @@ class Probes:
         return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
                 for k, v in self.bpf[b"exit_hist"].items()}
 
+    def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
+        """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns),
+        summed over CPUs; empty unless loaded with ``aggregate``."""
+        try:
+            table = self.bpf[b"mmio_hist"]
+        except KeyError:
+            return {}
+        out = {}
+        for k, per_cpu in table.items():
+            out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
+                sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
+        return out
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        while self.links:  # detach; bcc's cleanup() closes the program fds
+            os.close(self.links.pop())
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -190,18 +206,27 @@ def _defines(flags: dict[str, int | str]) -> str:
 KPROBES = (("kprobe", "kvm_set_memslot", "on_set_memslot"),
            ("kretprobe", "kvm_set_memslot", "on_set_memslot_ret"),
            ("kprobe", "kvm_mmu_invalidate_mmio_sptes", "on_invalidate_mmio_sptes"))
+# (attach type, function, program, parameters the program reads from ctx)
+KFUNCS = (("fentry", "kvm_set_memslot", "fentry_set_memslot", 4),
+          ("fexit", "kvm_set_memslot", "fexit_set_memslot", 4),
+          ("fentry", "kvm_mmu_invalidate_mmio_sptes", "fentry_invalidate_mmio", 2))
+KfuncTarget = tuple[str, str, str, int, str | None]  # kind, fn, program, BTF id, module
 
 
 def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
-                 emit_mmio: bool = True, offsets: dict[str, int] | None = None
+                 emit_mmio: bool = True, offsets: dict[str, int] | None = None,
+                 aggregate: bool = False
                  ) -> tuple[str, dict[str, int | str], list[str], list[str]]:
-    """(C text without the buffer define, defines, probes attached, probes missing)."""
+    """(C text without the buffer define, defines, probes attached, probes missing).
+
+    ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer."""
     for tp in REQUIRED_TPS:
         if not caps.tracepoints.get(tp):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
         "EMIT_MMIO": int(emit_mmio), "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
+        "AGGREGATE": int(aggregate),
     }
     attached = list(REQUIRED_TPS)
     missing = []
@@ -218,8 +243,7 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         flags["USE_KFUNC"] = int(backend == "kfunc")
         text += "\n" + (BPF_DIR / "memslot_fn.bpf.c").read_text()
         if backend == "kfunc":
-            attached += ["kfunc:kvm_set_memslot", "kretfunc:kvm_set_memslot",
-                         "kfunc:kvm_mmu_invalidate_mmio_sptes"]
+            attached += [f"{kind}:{fn}" for kind, fn, _, _ in KFUNCS]
         else:
             attached += [f"{kind}:{fn}" for kind, fn, _ in KPROBES]
     elif backend != "tracepoint":
@@ -243,9 +267,66 @@ def _compile(text: str, flags: dict[str, int | str],
     raise TracerError("cannot load the BPF programs: " + "; ".join(errors))
 
 
+def _kfunc_targets(offsets: dict[str, int] | None
+                   ) -> tuple[list[KfuncTarget], dict[str, int]]:
+    """BTF ids of the kfunc backend's functions (found before a long compile)
+    and the struct offsets, from one parse of the kvm BTF."""
+    from .btf import find_func, kvm_offsets
+    from .btf import load as load_btf
+    btf = load_btf("kvm")
+    targets: list[KfuncTarget] = []
+    for kind, fn, prog, nargs in KFUNCS:
+        btf_id, n, module = find_func(fn, btf)
+        if n != nargs:  # the program would read the wrong ctx slots
+            raise TracerError(f"{fn} has {n} parameters in BTF; {prog} expects {nargs}")
+        targets.append((kind, fn, prog, btf_id, module))
+    return targets, offsets or kvm_offsets(btf)
+
+
+def _attach_kfuncs(bpf: Any, targets: Sequence[KfuncTarget]) -> list[int]:
+    """Load bcc's compiled fentry/fexit programs with bpf(2) against the
+    functions' BTF ids and attach them; the link fds.
+
+    bcc has created the maps and put their fds in the instructions; what
+    it cannot do before 0.28 is name a module's BTF object as the target."""
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    from .bpfsys import btf_obj_fd, fentry
+    obj_fds: dict[str, int] = {}
+    links: list[int] = []
+    try:
+        for kind, fn, prog, btf_id, module in targets:
+            if module and module not in obj_fds:
+                fd = btf_obj_fd(module)
+                if fd is None:
+                    raise TracerError(f"no kernel BTF object named {module} ({module} unloaded?)")
+                obj_fds[module] = fd
+            name = prog.encode()
+            start = lib.bpf_function_start(bpf.module, name)
+            if not start:
+                raise TracerError(f"program {prog} missing from the compiled object")
+            insns = ctypes.string_at(start, lib.bpf_function_size(bpf.module, name))
+            try:
+                pfd, link = fentry(insns, kind, btf_id, obj_fds[module] if module else 0, prog)
+            except OSError as e:
+                raise TracerError(f"cannot attach {kind} on {fn}: {e.strerror}") from None
+            # In bcc's table: cleanup() closes it and the recorder lists its id.
+            bpf.funcs[name] = BPF.Function(bpf, name, pfd)
+            links.append(link)
+    except BaseException:
+        for link in links:
+            os.close(link)
+        raise
+    finally:
+        for fd in obj_fds.values():  # the loaded programs hold their own reference
+            os.close(fd)
+    return links
+
+
 def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
          emit_mmio: bool = True, offsets: dict[str, int] | None = None,
-         buffers: Sequence[str] = ("ringbuf", "perf")) -> Probes:
+         buffers: Sequence[str] = ("ringbuf", "perf"), aggregate: bool = False) -> Probes:
     """Compile, load and attach ``backend``'s programs, filtered to ``pids``.
 
     ``buffers``: the output buffers to try in order (tests force "perf")."""
@@ -254,9 +335,16 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     except ImportError:
         raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
                           "with system site packages)") from None
-    text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets)
+    kfuncs: list[KfuncTarget] = []
+    if backend == "kfunc":
+        kfuncs, offsets = _kfunc_targets(offsets)
+    text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets,
+                                                  aggregate)
     bpf, buffer = _compile(text, flags, buffers)
+    links: list[int] = []
     try:
+        if kfuncs:
+            links = _attach_kfuncs(bpf, kfuncs)
         if backend == "kprobe":
             for kind, fn, prog in KPROBES:
                 attach = bpf.attach_kretprobe if kind == "kretprobe" else bpf.attach_kprobe
@@ -271,10 +359,12 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
             for pid in pids:
                 table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
     except BaseException:
+        for link in links:
+            os.close(link)
         bpf.cleanup()
         raise
     offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
-    probes = Probes(bpf, backend, buffer, attached, missing, offs)
+    probes = Probes(bpf, backend, buffer, attached, missing, offs, links)
     probes.open()
     return probes
 

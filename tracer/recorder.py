@@ -35,7 +35,7 @@ from analysis.schema import (
 )
 
 from . import TracerError
-from .decode import Decoder, table
+from .decode import Decoder, exit_hist_table, hist_delta, mmio_hist_table, table
 
 MMIO_FAULT_INTERVAL = (
     "kvm_exit to kvm_entry of the vCPU thread; where kvm_exit never fires (e.g. "
@@ -82,11 +82,14 @@ class Recorder:
                  pids: Sequence[int] = (), backend: str | None = None, *,
                  emit_mmio: bool = True, flush_interval: float = 1.0,
                  sinks: Sequence[Sink] = (), caps: Any = None,
-                 stop_when_pids_exit: bool = False) -> None:
+                 stop_when_pids_exit: bool = False, aggregate: bool = False) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.requested_pids = list(pids)
         self.requested_backend = backend
-        self.emit_mmio = emit_mmio
+        # Aggregation: MMIO intervals as in-kernel histograms (mmio_hist), no
+        # per-access rows either; memslot/generation/zap rows still stream.
+        self.aggregate = aggregate
+        self.emit_mmio = emit_mmio and not aggregate
         self.flush_interval = flush_interval
         self.sinks = list(sinks)
         self.caps = caps
@@ -96,7 +99,9 @@ class Recorder:
         self.decoder = Decoder()
         self.counts: dict[str, int] = {}
         self.lost: dict[str, int] = {}
-        self._hist: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._hist: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._mmio_hist: dict[tuple[int, ...], tuple[int, int]] = {}
+        self.aggregated_faults = 0  # MMIO intervals counted in mmio_hist
         self._next_flush = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -122,6 +127,7 @@ class Recorder:
             "missing_data": choice.missing, "filters": {"pids": pids},
             "kernel": caps.kernel, "kvm_module": caps.kvm_module,
             "kvm_params": caps.kvm_params, "emit_mmio_access": self.emit_mmio,
+            "mode": "aggregate" if self.aggregate else "stream",
             "mmio_fault_interval": MMIO_FAULT_INTERVAL,
             **_generation_facts(),
         }
@@ -133,7 +139,8 @@ class Recorder:
             for event in self.writer.writers:
                 self.writer.writers[event] = TableWriter(self.writer.dir, event)
         try:
-            self.probes = load(choice.name, caps, pids, self.emit_mmio)
+            self.probes = load(choice.name, caps, pids, self.emit_mmio,
+                               aggregate=self.aggregate)
         except BaseException:
             if self.writer is not None:
                 self.writer.close(error="probes failed to load")
@@ -209,18 +216,16 @@ class Recorder:
             self._emit("lost", pa.table({"ns": [now] * len(rows), "event": list(rows),
                                          "count": list(rows.values())},
                                         schema=SCHEMAS["lost"]))
-        hist = self.probes.exit_hist()
-        cols: dict[str, list[int]] = {k: [] for k in ("ns", "pid", "exit_reason", "log2_ns",
-                                         "count", "sum_ns")}
-        for (pid, reason, slot), (count, total) in hist.items():
-            c0, t0 = self._hist.get((pid, reason, slot), (0, 0))
-            if count > c0:
-                for k, v in (("ns", now), ("pid", pid), ("exit_reason", reason),
-                             ("log2_ns", slot), ("count", count - c0), ("sum_ns", total - t0)):
-                    cols[k].append(v)
-        self._hist = hist
-        if cols["ns"]:
-            self._emit("exit_hist", table("exit_hist", cols))
+        for event, cur, prev, build in (
+                ("exit_hist", self.probes.exit_hist(), self._hist, exit_hist_table),
+                ("mmio_hist", self.probes.mmio_hist(), self._mmio_hist, mmio_hist_table)):
+            rows = hist_delta(cur, prev)
+            if rows:
+                self._emit(event, build(now, rows))
+                if event == "mmio_hist":
+                    self.aggregated_faults += sum(n for _, n, _ in rows)
+            prev.clear()
+            prev.update(cur)
 
     def _emit(self, event: str, rows: pa.Table) -> None:
         self.counts[event] = self.counts.get(event, 0) + rows.num_rows
@@ -234,6 +239,8 @@ class Recorder:
         self.manifest["lost"] = dict(self.lost)
         self.manifest["tracer_cpu_s"] = round(_cpu_seconds() - self._cpu0, 4)
         self.manifest["events"] = dict(self.counts)
+        if self.aggregate:
+            self.manifest["mmio_faults_aggregated"] = self.aggregated_faults
         self.manifest["drain"] = self.probes.drain_stats()
         if self.writer is not None:
             self.writer.manifest.update(self.manifest)

@@ -10,7 +10,9 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 
-_LIVE_COLUMNS = {"latency_ns", "vm", "vcpu", "stale", "mmio_gen", "count"}
+from analysis.schema import hist_quantile
+
+_LIVE_COLUMNS = {"latency_ns", "vm", "vcpu", "stale", "mmio_gen", "count", "log2_ns"}
 
 
 class JsonLines:
@@ -41,6 +43,16 @@ class _Vcpu:
     stale: int = 0
     accesses: int = 0
     lat: list[np.ndarray] = field(default_factory=list)
+    hist: dict[int, int] = field(default_factory=dict)  # aggregate mode: log2 ns -> n
+
+
+    def quantiles(self) -> tuple[float | None, float | None]:
+        """p50, p99 latency ns: exact from rows, from log2 buckets when aggregated."""
+        if self.lat:
+            lat = np.concatenate(self.lat)
+            return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+        ks, ns = list(self.hist), list(self.hist.values())
+        return hist_quantile(ks, ns, .5), hist_quantile(ks, ns, .99)
 
 
 @dataclass
@@ -70,6 +82,13 @@ class LiveStats:
                 v.faults += 1
                 v.stale += bool(cols["stale"][i])
                 v.lat.append(lat[i:i + 1])
+        elif event == "mmio_hist":
+            for vm, vcpu, k, n, stale in zip(cols["vm"], cols["vcpu"], cols["log2_ns"],
+                                             cols["count"], cols["stale"], strict=True):
+                v = self._vm(vm).vcpus.setdefault(vcpu, _Vcpu())
+                v.faults += n
+                v.stale += n if stale else 0
+                v.hist[k] = v.hist.get(k, 0) + n
         elif event == "mmio_access":
             for vm, vcpu in zip(cols["vm"], cols["vcpu"], strict=True):
                 self._vm(vm).vcpus.setdefault(vcpu, _Vcpu()).accesses += 1
@@ -90,9 +109,8 @@ class LiveStats:
         for vm_id, vm in sorted(self.vms.items()):
             first = True
             for vcpu_id, v in sorted(vm.vcpus.items()) or [(-1, _Vcpu())]:
-                lat = np.concatenate(v.lat) if v.lat else np.empty(0)
-                p50 = f"{np.percentile(lat, 50) / 1e3:7.1f}" if len(lat) else f"{'-':>7}"
-                p99 = f"{np.percentile(lat, 99) / 1e3:7.1f}" if len(lat) else f"{'-':>7}"
+                p50, p99 = (f"{q / 1e3:7.1f}" if q is not None else f"{'-':>7}"
+                            for q in v.quantiles())
                 stale = f"{100 * v.stale / v.faults:6.1f}" if v.faults else f"{'-':>6}"
                 slots = f"{vm.memslots / seconds:6.1f}" if first else f"{'':>6}"
                 gen = f"{vm.gen:6x}" if first and vm.gen is not None else f"{'-':>6}"

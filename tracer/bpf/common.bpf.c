@@ -2,7 +2,8 @@
  * per-thread MMIO exit state and the in-kernel exit histograms.
  *
  * Python defines before this file: FILTER_PIDS (0/1), USE_RINGBUF (0/1),
- * RINGBUF_PAGES, HAVE_<TRACEPOINT> for each optional tracepoint.
+ * RINGBUF_PAGES, AGGREGATE (0/1), HAVE_<TRACEPOINT> for each optional
+ * tracepoint.
  */
 
 #include <uapi/linux/ptrace.h>
@@ -81,6 +82,14 @@ BPF_TABLE("lru_hash", u32, struct exit_state, exits, 4096);
 struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };
 struct hist_val { u64 count; u64 sum_ns; };
 BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
+
+#if AGGREGATE
+/* Aggregation mode: MMIO intervals are counted here instead of streamed, per
+ * (VM, vCPU, exit reason, SPTE evidence bits, log2 latency).  Per-CPU, so a
+ * vCPU's hot path takes no shared cache line; user space sums the CPUs. */
+struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot; };
+BPF_PERCPU_HASH(mmio_hist, struct mmio_hist_key, struct hist_val, 16384);
+#endif
 
 static __always_inline int traced(u32 pid)
 {
@@ -165,6 +174,24 @@ static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st,
 {
 	u32 tid = (u32)id;
 	if (st->bits & F_MMIO) {
+#if AGGREGATE
+		struct mmio_hist_key k = {};
+		s32 vcpu = st->vcpu;
+		k.vm = vm_of_tid(tid, id >> 32, &vcpu);
+		k.vcpu = st->vcpu >= 0 ? st->vcpu : vcpu;
+		k.pid = id >> 32;
+		k.reason = st->reason;
+		k.bits = st->bits & 0xff;
+		k.slot = log2_u64(ns - st->exit_ns);
+		struct hist_val zero = {};
+		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);
+		if (v) {
+			v->count++;
+			v->sum_ns += ns - st->exit_ns;
+		} else {
+			count_lost(LOST_FAULT);  /* map full: counted, never silent */
+		}
+#else
 		struct event buf;
 		struct event *e = ev_reserve(ctx, &buf, LOST_FAULT);
 		if (e) {
@@ -182,6 +209,7 @@ static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st,
 			e->f = st->len;
 			ev_submit(ctx, e);
 		}
+#endif
 	} else if (st->reason != EXIT_REASON_NONE) {
 		struct hist_key k = {};
 		k.pid = id >> 32;
