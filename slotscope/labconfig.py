@@ -33,6 +33,7 @@ class Scenario:
     guest: str = "bare"          # bare | linux
     schedule: str = "create:1,flags:1,flags:1,move:1,delete:1"  # microvm
     mmio_accesses: int = 20000   # microvm
+    aggregate: bool = False      # MMIO faults as kernel histograms (record --aggregate)
 
     @property
     def size_bytes(self) -> int:
@@ -78,7 +79,8 @@ def _build(cls: type, where: str, table: Any) -> Any:
                               f"(known: {', '.join(k for k in known if k != 'source')})")
     kwargs = {}
     for key, value in table.items():
-        want = {"int": int, "float": float, "str": str}.get(str(known[key].type), str)
+        want = {"int": int, "float": float, "str": str, "bool": bool}.get(
+            str(known[key].type), str)
         kwargs[key] = _typed(where, key, value, want)
     try:
         return cls(**kwargs)

@@ -49,7 +49,7 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
         if ready[:1] != ["ready"]:
             raise RigError(f"micro-VMM did not start: {p.stderr.read().strip()[-200:]}")
         # Attach before the VMM creates its memslots, so every one is seen.
-        rec = Recorder(run_dir, pids=[p.pid]).start()
+        rec = Recorder(run_dir, pids=[p.pid], aggregate=s.aggregate).start()
         _phase("probes attached")
         try:
             p.stdin.write("go\n")
@@ -76,7 +76,7 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
                     bare=BareGuestConfig(npages=s.mmio_pages))
     # Load the probes before QEMU starts (a clang run: minutes in a TCG L1),
     # off the event loop, then extend the pid filter to QEMU once it runs.
-    rec = Recorder(run_dir, pids=[os.getpid()])
+    rec = Recorder(run_dir, pids=[os.getpid()], aggregate=s.aggregate)
     await asyncio.to_thread(rec.start)
     _phase("probes attached")
     try:

@@ -77,8 +77,9 @@ def direct_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if os.geteuid() != 0 or not os.access("/dev/kvm", os.W_OK):
         pytest.skip("needs root and /dev/kvm")
     tmp = tmp_path_factory.mktemp("lab")
+    # mv-b records in aggregate mode (MMIO faults as kernel histograms)
     cfg = _config(tmp, MICROVM.format(name="mv-a", n=3000) + MICROVM.format(name="mv-b", n=2000)
-                  + PCDIMM)
+                  + "aggregate = true\n" + PCDIMM)
     out = tmp / "out"
     p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -103,6 +104,11 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
         assert s["memslot_updates"] == len(truth["memslot_changes"])
         actions = run.tables["workload"].column("action").to_pylist()
         assert sum(a.startswith("memslot_") for a in actions) == len(truth["memslot_changes"])
+        # MMIO intervals: every exit but the last, as rows or counted in histograms
+        assert run.manifest["mode"] == ("aggregate" if name == "mv-b" else "stream")
+        faults = (sum(run.tables["mmio_hist"].column("count").to_pylist())
+                  if name == "mv-b" else run.tables["mmio_fault"].num_rows)
+        assert faults == s["mmio_faults"] == truth["mmio_exits"] - 1
     html = (out / "index.html").read_text()
     assert "mv-a" in html and "mv-b" in html and "<img" in html
 
