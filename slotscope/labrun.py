@@ -75,16 +75,17 @@ async def _qemu(s: Scenario, run_dir: Path) -> None:
     cfg = RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
                     bare=BareGuestConfig(npages=s.mmio_pages))
     # Load the probes before QEMU starts (a clang run: minutes in a TCG L1),
-    # off the event loop, then extend the pid filter to QEMU once it runs.
+    # off the event loop, then extend the pid filter to QEMU's process
+    # before it execs QEMU, so that its initial memslots are recorded too
+    # (the tracepoint backend infers change types from them).
     rec = Recorder(run_dir, pids=[os.getpid()], aggregate=s.aggregate)
     await asyncio.to_thread(rec.start)
     _phase("probes attached")
+    rec.start_thread()
     try:
-        async with Rig(cfg, record_dir=run_dir) as rig:
+        async with Rig(cfg, record_dir=run_dir, on_spawn=rec.add_pid) as rig:
             assert rig.pid is not None
             _phase(f"QEMU up ({rig.accel})")
-            rec.add_pid(rig.pid)
-            rec.start_thread()
             log = wl.WorkloadLog(run_dir, {"rig": rig.info(), "scenario": asdict(s)})
             if s.workload == "hotplug":
                 await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,

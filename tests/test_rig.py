@@ -82,6 +82,39 @@ def test_bare_guest_boots_and_loops(accel: str, vcpus: int) -> None:
     assert_clean(private_dir, pid)
 
 
+def test_on_spawn_runs_before_qemu_execs() -> None:
+    """A tracer added in on_spawn sees QEMU from its first instruction: the
+    pid it gets is still the holding shell, and becomes QEMU in place."""
+    seen: dict[str, Any] = {}
+
+    def on_spawn(pid: int) -> None:
+        time.sleep(0.2)  # QEMU must not run meanwhile
+        seen["pid"], seen["exe"] = pid, os.readlink(f"/proc/{pid}/exe")
+
+    async def body() -> tuple[Path, int]:
+        async with Rig(RigConfig(accel="tcg"), on_spawn=on_spawn) as rig:
+            assert rig.pid == seen["pid"]
+            assert "qemu-system" in os.readlink(f"/proc/{rig.pid}/exe")
+            assert rig.proc is not None and rig.proc.poll() is None
+            assert rig.private_dir is not None
+            return rig.private_dir, rig.pid
+    private_dir, pid = run(body())
+    assert "qemu" not in seen["exe"] and Path(seen["exe"]).name in ("dash", "bash", "sh")
+    assert_clean(private_dir, pid)
+
+
+def test_on_spawn_failure_leaves_nothing_running() -> None:
+    def on_spawn(pid: int) -> None:
+        raise RigError("tracer refused")
+
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg"), on_spawn=on_spawn):
+            raise AssertionError("unreachable")
+    with pytest.raises(RigError, match="tracer refused"):
+        run(body())
+    assert not qemu_children()
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 def test_hotplug_cycles_agree_with_qmp(accel: str, tmp_path: Path) -> None:
     cycles = 5

@@ -126,7 +126,8 @@ class Decoder:
             unknown = (vm & 0xFFFFFFFF) == 0
             if unknown.any():
                 vm = vm.copy()
-                for pid, vm_id in self.sole_vm.items():
+                # a copy: Recorder.add_pid may add to it from another thread
+                for pid, vm_id in list(self.sole_vm.items()):
                     vm[unknown & (sel["pid"] == pid)] = vm_id
         return {"pid": sel["pid"], "tid": sel["tid"], "vm": vm}
 

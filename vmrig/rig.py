@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,11 @@ class Rig:
     def __init__(self, config: RigConfig, record_dir: str | os.PathLike[str] | None = None,
                  private_dir: str | os.PathLike[str] | None = None,
                  binary: str | None = None, detach: bool = False,
-                 sample_interval: float = 0.5) -> None:
+                 sample_interval: float = 0.5,
+                 on_spawn: Callable[[int], None] | None = None) -> None:
+        """``on_spawn(pid)`` runs after QEMU's process exists and before it
+        execs: a tracer that adds the pid there sees every KVM ioctl QEMU
+        makes, its initial memslots included."""
         config.validate()
         self.config = config
         self.record_dir = Path(record_dir) if record_dir is not None else None
@@ -148,6 +153,7 @@ class Rig:
         self.binary_arg = binary
         self.detach = detach
         self.sample_interval = sample_interval
+        self.on_spawn = on_spawn
         self.private_dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -281,15 +287,32 @@ class Rig:
                               dynamic_memslots_supported=self.dynamic_memslots,
                               host_vendor=host_cpu_vendor())
         self.spawn_ns = monotonic_ns()
+        argv, hold = self.argv, None
+        if self.on_spawn is not None:
+            # A shell holds the new process until on_spawn returns, then
+            # execs QEMU in place (same pid).  preexec_fn cannot wait:
+            # Popen itself waits for the exec.
+            hold = os.pipe()
+            argv = ["/bin/sh", "-c", 'read _ && exec "$@" </dev/null', "qemu-held", *self.argv]
         try:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                argv, stdin=hold[0] if hold else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(self.private_dir / "qemu.stderr", "wb"),  # noqa: SIM115
                 start_new_session=True, umask=0o077,
                 preexec_fn=None if self.detach else _die_with_parent)
         except OSError as e:
             raise RigError(f"cannot run {binary}: {e.strerror}") from None
+        finally:
+            if hold:
+                os.close(hold[0])
         self.pid = self.proc.pid
+        if hold:
+            try:
+                assert self.on_spawn is not None
+                self.on_spawn(self.pid)
+                os.write(hold[1], b"go\n")
+            finally:
+                os.close(hold[1])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.boot_timeout
         # QMP first (QEMU creates the socket before the guest runs), then
