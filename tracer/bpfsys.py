@@ -1,8 +1,15 @@
-"""The few bpf(2) commands needed to see which BPF programs are loaded.
+"""The few bpf(2) commands slotscope issues itself, without bpftool or libbpf.
 
-Used to record the ids of the tracer's programs in the manifest and to
-check that none stays loaded after the tracer exits (even by SIGKILL),
-without depending on bpftool.
+- which BPF programs are loaded: the ids of the tracer's programs go to the
+  manifest, and tests check that none stays loaded after the tracer exits
+  (even by SIGKILL);
+- fentry/fexit: load a BPF_PROG_TYPE_TRACING program against a kernel
+  function's BTF id and attach it.  bcc 0.26 (Debian 12) attaches kfuncs
+  to vmlinux functions only; kvm_set_memslot lives in kvm.ko, whose BTF is
+  a separate kernel object (attach_btf_obj_fd).
+
+Struct layouts are union bpf_attr / struct bpf_btf_info of
+include/uapi/linux/bpf.h; offsets checked with offsetof() on 6.1's header.
 """
 
 from __future__ import annotations
@@ -15,8 +22,19 @@ import struct
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 SYS_BPF = 321  # x86-64
-BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 11, 13, 15
+BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID = 5, 11, 13
+BPF_OBJ_GET_INFO_BY_FD, BPF_RAW_TRACEPOINT_OPEN = 15, 17
+BPF_BTF_GET_FD_BY_ID, BPF_BTF_GET_NEXT_ID = 19, 23
+BPF_PROG_TYPE_TRACING = 26
+ATTACH_TYPES = {"fentry": 24, "fexit": 25}  # BPF_TRACE_FENTRY, BPF_TRACE_FEXIT
 INFO_SIZE = 80  # struct bpf_prog_info through name[16]
+BTF_INFO_SIZE = 32  # struct bpf_btf_info (btf, btf_size, id, name, name_len, kernel_btf)
+# union bpf_attr for BPF_PROG_LOAD through attach_btf_obj_fd (offset 112) and
+# core_relo_cnt; the kernel takes a shorter attr and zero-fills the rest.
+PROG_LOAD_SIZE = 120
+LOG_SIZE = 1 << 22  # verifier log on a failed load (6.1 fails with ENOSPC when it fills)
+# r0 = 0; exit: a program that only proves load + attach work.
+RETURN_ZERO = struct.pack("<BBhiBBhi", 0xB7, 0, 0, 0, 0x95, 0, 0, 0)
 
 
 def _bpf(cmd: int, attr: bytearray) -> int:
@@ -41,17 +59,7 @@ def prog_info(fd: int) -> tuple[int, int, str]:
 
 def prog_ids() -> list[int]:
     """Ids of all loaded BPF programs."""
-    ids, start = [], 0
-    while True:
-        attr = bytearray(struct.pack("<III", start, 0, 0))
-        try:
-            _bpf(BPF_PROG_GET_NEXT_ID, attr)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return ids
-            raise
-        start = struct.unpack_from("<I", attr, 4)[0]
-        ids.append(start)
+    return _ids(BPF_PROG_GET_NEXT_ID)
 
 
 def prog_loaded(prog_id: int) -> bool:
@@ -64,3 +72,103 @@ def prog_loaded(prog_id: int) -> bool:
         raise
     os.close(fd)
     return True
+
+
+def _ids(cmd: int) -> list[int]:
+    """All ids a *_GET_NEXT_ID command walks (programs, BTF objects)."""
+    ids, start = [], 0
+    while True:
+        attr = bytearray(struct.pack("<III", start, 0, 0))
+        try:
+            _bpf(cmd, attr)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return ids
+            raise
+        start = struct.unpack_from("<I", attr, 4)[0]
+        ids.append(start)
+
+
+def btf_obj_fd(name: str) -> int | None:
+    """An fd of the kernel BTF object called ``name`` (a module's: "kvm"), or
+    None when no such object is loaded.  The caller closes it."""
+    for btf_id in _ids(BPF_BTF_GET_NEXT_ID):
+        try:
+            fd = _bpf(BPF_BTF_GET_FD_BY_ID, bytearray(struct.pack("<III", btf_id, 0, 0)))
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # unloaded since the walk saw it
+                continue
+            raise
+        try:
+            if _btf_name(fd) == name:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    return None
+
+
+def _btf_name(fd: int) -> str:
+    name = ctypes.create_string_buffer(64)
+    info = bytearray(BTF_INFO_SIZE)
+    struct.pack_into("<QI", info, 16, ctypes.addressof(name), len(name))
+    info_buf = (ctypes.c_char * BTF_INFO_SIZE).from_buffer(info)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD,
+         bytearray(struct.pack("<IIQ", fd, BTF_INFO_SIZE, ctypes.addressof(info_buf))))
+    return name.value.decode(errors="replace")
+
+
+def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
+                 name: str = "") -> int:
+    """Load ``insns`` as an fentry/fexit (``attach``) program on the function
+    with BTF id ``btf_id`` of the BTF object ``btf_obj_fd`` (0: vmlinux).
+
+    Returns the program fd.  OSError on refusal; when the verifier rejected
+    the program, its strerror ends with the verifier log's last line."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")  # bpf_probe_read_kernel & co are GPL-only
+
+    def attempt(log: ctypes.Array[ctypes.c_char] | None) -> int:
+        attr = bytearray(PROG_LOAD_SIZE)
+        struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_TRACING, len(insns) // 8,
+                         ctypes.addressof(code), ctypes.addressof(lic))
+        if log is not None:
+            struct.pack_into("<IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
+        prog_name = name.encode()[:15]  # BPF_OBJ_NAME_LEN 16, NUL-terminated
+        attr[48:48 + len(prog_name)] = prog_name
+        struct.pack_into("<I", attr, 68, ATTACH_TYPES[attach])
+        struct.pack_into("<II", attr, 108, btf_id, btf_obj_fd)
+        return _bpf(BPF_PROG_LOAD, attr)
+
+    try:
+        return attempt(None)  # no log: a verbose log of a good program can overflow
+    except OSError as e:
+        if e.errno == errno.EPERM:  # refused before the verifier ran: no log to show
+            raise
+    log = ctypes.create_string_buffer(LOG_SIZE)
+    try:
+        return attempt(log)
+    except OSError as e:
+        lines = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()]
+        if not lines:
+            raise
+        raise OSError(e.errno, f"{e.strerror}: {lines[-1].strip()}") from None
+
+
+def attach_tracing(prog_fd: int) -> int:
+    """Attach a loaded fentry/fexit program; the returned link fd detaches it
+    when closed (or when the process dies)."""
+    # raw_tracepoint: name = NULL (a tracing program knows its target), prog_fd
+    return _bpf(BPF_RAW_TRACEPOINT_OPEN, bytearray(struct.pack("<QI4x", 0, prog_fd)))
+
+
+def fentry(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
+           name: str = "") -> tuple[int, int]:
+    """Load and attach: (program fd, link fd).  Nothing stays open on failure."""
+    prog = load_tracing(insns, attach, btf_id, btf_obj_fd, name)
+    try:
+        return prog, attach_tracing(prog)
+    except BaseException:
+        os.close(prog)
+        raise

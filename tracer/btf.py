@@ -4,7 +4,8 @@ The kprobe/kfunc backends read kernel structs with offsets found here at
 load time, never from the (possibly mismatched) header tree bcc compiles
 against.  A small reader of the BTF format: enough to find a named struct's
 members, including members of anonymous nested structs/unions, in vmlinux
-and in split module BTF (/sys/kernel/btf/kvm).
+and in split module BTF (/sys/kernel/btf/kvm), and a function's BTF id (what
+an fentry/fexit program is loaded against).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import TracerError
 BTF_DIR = Path("/sys/kernel/btf")
 MAGIC = 0xEB9F
 KIND_ARRAY, KIND_STRUCT, KIND_UNION = 3, 4, 5
+KIND_FUNC = 12
 # Bytes after the 12-byte btf_type header: fixed, and per vlen entry.
 _EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
           14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
@@ -30,6 +32,7 @@ class _Type:
     size: int
     members: list[tuple[int, int, int]]  # (name_off, type id, bit offset)
     nelems: int = 0                      # arrays: element count
+    vlen: int = 0                        # e.g. a FUNC_PROTO's parameter count
 
 
 class BTF:
@@ -41,6 +44,7 @@ class BTF:
         if magic != MAGIC:
             raise TracerError("not a BTF blob (bad magic)")
         self.base = base
+        self.module: str | None = None  # set by load() for module BTF
         self.first_id = (base.first_id + len(base.types)) if base else 1
         self.str_base = (base.str_base + len(base.strings)) if base else 0
         self.strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
@@ -58,7 +62,7 @@ class BTF:
                     members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
             nelems = struct.unpack_from("<I", data, pos + 8)[0] if kind == KIND_ARRAY else 0
             pos += fixed + per * vlen
-            self.types.append(_Type(kind, name_off, size, members, nelems))
+            self.types.append(_Type(kind, name_off, size, members, nelems, vlen))
 
     def name(self, off: int) -> str:
         if off < self.str_base:
@@ -102,6 +106,15 @@ class BTF:
                 return inner.nelems if inner and inner.kind == KIND_ARRAY else None
         return None
 
+    def func(self, name: str) -> tuple[int, int] | None:
+        """(BTF id, parameter count) of function ``name`` among this blob's own
+        types: a module's function is attached through the module's BTF
+        object, so the base is not searched."""
+        for i, t in enumerate(self.types):
+            if t.kind == KIND_FUNC and self.name(t.name_off) == name:
+                return self.first_id + i, self.type(t.size).vlen  # size slot: proto id
+        return None
+
     def _resolve(self, tid: int) -> _Type | None:
         for _ in range(16):  # skip typedef/const/volatile chains
             if tid == 0:
@@ -122,8 +135,31 @@ def load(module: str | None = None) -> BTF:
         raise TracerError("no /sys/kernel/btf/vmlinux (kernel built without "
                           "CONFIG_DEBUG_INFO_BTF): cannot resolve struct offsets") from None
     if module and (BTF_DIR / module).exists():
-        return BTF((BTF_DIR / module).read_bytes(), base)
+        btf = BTF((BTF_DIR / module).read_bytes(), base)
+        btf.module = module
+        return btf
     return base
+
+
+def find_func(name: str, btf: BTF | None = None, module: str = "kvm"
+              ) -> tuple[int, int, str | None]:
+    """(BTF id, parameter count, module or None for vmlinux) of kernel function
+    ``name``, looked up in ``module``'s BTF, then in vmlinux (a built-in kvm);
+    TracerError saying why it is in neither."""
+    btf = btf or load(module)
+    hit = btf.func(name)
+    if hit:
+        return hit[0], hit[1], btf.module
+    if btf.base is not None:
+        hit = btf.base.func(name)
+        if hit:
+            return hit[0], hit[1], None
+        why = f"neither in the {btf.module} module's BTF nor in vmlinux"
+    elif Path("/sys/module", module, "initstate").exists():  # loadable, but no BTF
+        why = f"the {module} module has no BTF (no {BTF_DIR / module})"
+    else:
+        why = f"not in vmlinux BTF ({module} not loaded?)"
+    raise TracerError(f"{name} not in BTF: {why}")
 
 
 # What the kprobe/kfunc backends read: define name -> (struct, member).

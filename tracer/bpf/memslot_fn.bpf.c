@@ -135,19 +135,22 @@ static __always_inline int invalidate(void *ctx, u64 kvm, u64 gen)
 }
 
 #if USE_KFUNC
-KFUNC_PROBE(kvm_set_memslot, void *kvm, void *old, void *new, int change)
+/* fentry/fexit, loaded and attached from Python with bpf(2) (tracer/bpfsys.py):
+ * bcc 0.26 attaches kfuncs to vmlinux functions only, and these are in kvm.ko.
+ * The arguments are ctx[0..n-1]; fexit's return value follows them. */
+int fentry_set_memslot(u64 *ctx)
 {
-	return setmem_enter((u64)kvm, (u64)old, (u64)new, change);
+	return setmem_enter(ctx[0], ctx[1], ctx[2], (u32)ctx[3]);
 }
 
-KRETFUNC_PROBE(kvm_set_memslot, void *kvm, void *old, void *new, int change, int ret)
+int fexit_set_memslot(u64 *ctx)
 {
-	return setmem_exit(ctx, ret);
+	return setmem_exit(ctx, (int)ctx[4]);
 }
 
-KFUNC_PROBE(kvm_mmu_invalidate_mmio_sptes, void *kvm, u64 gen)
+int fentry_invalidate_mmio(u64 *ctx)
 {
-	return invalidate(ctx, (u64)kvm, gen);
+	return invalidate(ctx, ctx[0], ctx[1]);
 }
 #else
 /* Attached by name from Python (not bcc's kprobe__ auto-attach), so the
