@@ -8,6 +8,7 @@ into the attach backend the tracer will use and the data it will lack.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 from collections.abc import Iterator
@@ -127,8 +128,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def _try_bpf(text: str, load: str | None = None) -> tuple[bool, str]:
-    """Compile ``text`` with bcc and load it (kfunc probes load by themselves;
-    ``load`` names a function to load as a tracepoint program)."""
+    """Compile ``text`` with bcc and load it (``load`` names a function to load
+    as a tracepoint program)."""
     ok, why = _bcc_importable()
     if not ok:
         return ok, why
@@ -174,15 +175,37 @@ def _kvm_params() -> dict[str, str]:
     return out
 
 
-def _kfunc(bcc_ok: bool, target: str) -> tuple[bool, str]:
-    if not bcc_ok:
-        return False, "bcc unusable"
+def _kfunc() -> tuple[bool, str]:
+    """Load and attach a trivial fentry program on kvm_set_memslot the way the
+    kfunc backend does (raw bpf(2) against the kvm module's BTF object), then
+    close it.  No bcc compile: a BTF parse and two syscalls."""
+    from .bpfsys import RETURN_ZERO, btf_obj_fd, fentry
+    from .btf import find_func
+    fn = "kvm_set_memslot"
     if not BTF_VMLINUX.exists():
-        return False, "no /sys/kernel/btf/vmlinux"
-    ok, why = _try_bpf(f"KFUNC_PROBE({target}) {{ return 0; }}")
-    if not ok and "super-user" in why:
-        why = "kernel refused to load a BPF tracing (fentry) program (EPERM)"
-    return ok, why
+        return False, "no /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF)"
+    obj = 0
+    try:
+        btf_id, _, module = find_func(fn)
+        if module:
+            obj = btf_obj_fd(module) or 0
+            if not obj:
+                return False, f"no kernel BTF object named {module}"
+        prog, link = fentry(RETURN_ZERO, "fentry", btf_id, obj, "slotscope_probe")
+    except TracerError as e:
+        return False, str(e)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            why = "run as root" if os.geteuid() else "kernel refused to load a BPF " \
+                "tracing (fentry) program"
+            return False, f"{why} (EPERM)"
+        return False, f"fentry on {fn} refused: {e.strerror}"
+    finally:
+        if obj:
+            os.close(obj)
+    os.close(link)
+    os.close(prog)
+    return True, f"fentry on {fn} loads and attaches (BTF of {module or 'vmlinux'})"
 
 
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
@@ -202,10 +225,9 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
     else:
         bcc_ok, bcc_why = _bcc_importable()
     funcs = _kallsyms()
-    target = "kvm_set_memslot" if "kvm_set_memslot" in funcs else "do_sys_openat2"
     if try_kfunc is None:
         try_kfunc = not kprobes
-    kfunc, kfunc_why = _kfunc(bcc_ok, target) if try_kfunc else (False, "not tried")
+    kfunc, kfunc_why = _kfunc() if try_kfunc else (False, "not tried")
     header, matches = _header_tree()
     return Capabilities(
         kernel=platform.release(), tracefs=tracefs, btf=BTF_VMLINUX.exists(),
