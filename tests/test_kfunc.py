@@ -1,0 +1,118 @@
+"""The kfunc backend's host-side pieces: BTF function ids, the compiled
+fentry/fexit programs, and what the capability check says.
+
+This host refuses tracing programs (EPERM), so loading and attaching are
+tested for real in the nested lab VM (tests/test_labvm_e2e.py); here the
+parts that do not need the kernel's consent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_bcc, needs_root
+
+from tracer import TracerError, bpfsys, btf
+from tracer.capabilities import probe
+
+SLOTSCOPE = [sys.executable, "-m", "slotscope"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kvm_btf() -> btf.BTF:
+    if not btf.BTF_DIR.joinpath("vmlinux").exists():
+        pytest.skip("no /sys/kernel/btf/vmlinux")
+    return btf.load("kvm")
+
+
+def test_find_func_ids_name_func_records(kvm_btf: btf.BTF) -> None:
+    try:
+        found = {fn: btf.find_func(fn, kvm_btf)
+                 for fn in ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")}
+    except TracerError as e:
+        pytest.skip(f"kvm functions not in this kernel's BTF: {e}")
+    for fn, (tid, nargs, module) in found.items():
+        t = kvm_btf.type(tid)
+        assert t.kind == btf.KIND_FUNC and kvm_btf.name(t.name_off) == fn
+        # a built-in kvm is in vmlinux; a module's ids continue after vmlinux's
+        assert module == ("kvm" if Path("/sys/kernel/btf/kvm").exists() else None)
+        if module:
+            assert kvm_btf.base is not None and tid >= kvm_btf.first_id
+        assert nargs == {"kvm_set_memslot": 4, "kvm_mmu_invalidate_mmio_sptes": 2}[fn]
+
+
+def test_find_func_says_why(kvm_btf: btf.BTF) -> None:
+    with pytest.raises(TracerError, match="^no_such_fn_xyz not in BTF: "):
+        btf.find_func("no_such_fn_xyz", kvm_btf)
+
+
+@needs_root
+def test_btf_objects_by_name() -> None:
+    fd = bpfsys.btf_obj_fd("vmlinux")
+    assert fd is not None
+    os.close(fd)
+    assert bpfsys.btf_obj_fd("no_such_module_xyz") is None
+    kvm = bpfsys.btf_obj_fd("kvm")
+    assert (kvm is not None) == Path("/sys/kernel/btf/kvm").exists()
+    if kvm is not None:
+        os.close(kvm)
+
+
+@needs_root
+@needs_bcc
+def test_kfunc_programs_compile_without_autoload() -> None:
+    """bcc builds the fentry/fexit programs but loads only its own
+    (tracepoint) ones: the three are left for the raw bpf(2) load."""
+    from bcc.libbcc import lib
+
+    from tracer.probes import KFUNCS, _compile, _kfunc_targets, program_text
+    caps = probe(try_kfunc=False, try_bpf=False)
+    try:
+        targets, offsets = _kfunc_targets(None)
+    except TracerError as e:
+        pytest.skip(str(e))
+    assert [t[:3] for t in targets] == [k[:3] for k in KFUNCS]
+    text, flags, attached, _ = program_text("kfunc", caps, [1], offsets=offsets)
+    assert attached[-3:] == ["fentry:kvm_set_memslot", "fexit:kvm_set_memslot",
+                             "fentry:kvm_mmu_invalidate_mmio_sptes"]
+    bpf, _ = _compile(text, flags)
+    try:
+        for _, _, prog, _ in KFUNCS:
+            name = prog.encode()
+            assert lib.bpf_function_size(bpf.module, name) > 0
+            assert name not in bpf.funcs
+        assert all(n.startswith(b"tracepoint__") for n in bpf.funcs)
+    finally:
+        bpf.cleanup()
+
+
+@needs_root
+def test_unavailable_kfunc_fails_with_the_capability_reason(tmp_path: Path) -> None:
+    caps = probe(try_bpf=False)
+    if caps.kfunc:
+        pytest.skip("fentry works here; the lab VM test records with it")
+    assert caps.kfunc_why and "\n" not in caps.kfunc_why
+    before = set(bpfsys.prog_ids())
+    p = subprocess.run([*SLOTSCOPE, "record", "--backend", "kfunc", "-d", "1",
+                        "-o", str(tmp_path / "r")], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().endswith(f"backend kfunc unavailable: {caps.kfunc_why}"), p.stderr
+    assert not (tmp_path / "r").exists()
+    assert set(bpfsys.prog_ids()) <= before  # the trial program is gone
+
+
+@needs_root
+def test_doctor_reports_the_same_kfunc_verdict() -> None:
+    caps = probe(try_bpf=False)
+    p = subprocess.run([*SLOTSCOPE, "doctor", "--json"], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    row = next(c for c in json.loads(p.stdout)["checks"] if c["name"] == "kfunc/fentry")
+    assert (row["status"] == "OK") == caps.kfunc
+    assert row["detail"] == caps.kfunc_why
