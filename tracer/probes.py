@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +66,10 @@ class RingReader:
         self.prod = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
                               offset=page)
         self.data = np.frombuffer(self.prod, dtype=np.uint8, offset=page)
+        # positions as one 8-byte load/store each: struct's byte-wise copy can
+        # tear, and a torn consumer_pos makes the kernel's reserve fail (lost)
+        self._cpos = np.frombuffer(self.cons, dtype=np.uint64, count=1)
+        self._ppos = np.frombuffer(self.prod, dtype=np.uint64, count=1)
         self.records = 0
         self.max_fill = 0.0        # highest fraction of the ring found in use
         self.max_gap_s = 0.0       # longest time between two reads
@@ -76,8 +79,8 @@ class RingReader:
         now = time.monotonic()
         self.max_gap_s = max(self.max_gap_s, now - self._last)
         self._last = now
-        cpos = struct.unpack_from("<Q", self.cons, 0)[0]
-        ppos = struct.unpack_from("<Q", self.prod, 0)[0]
+        cpos = int(self._cpos[0])
+        ppos = int(self._ppos[0])
         self.max_fill = max(self.max_fill, (ppos - cpos) / self.size)
         n = (ppos - cpos) // self.slot
         if n <= 0:
@@ -91,12 +94,12 @@ class RingReader:
             raw, hdr = raw[:n], hdr[:n]
         keep = (hdr & self.DISCARD) == 0
         out = np.ascontiguousarray(raw[keep, self.HDR:self.HDR + EVENT_DTYPE.itemsize])
-        struct.pack_into("<Q", self.cons, 0, cpos + n * self.slot)
+        self._cpos[0] = cpos + n * self.slot
         self.records += len(out)
         return out.view(EVENT_DTYPE).ravel()
 
     def close(self) -> None:
-        del self.data
+        del self.data, self._cpos, self._ppos
         self.prod.close()
         self.cons.close()
 
