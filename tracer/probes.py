@@ -22,7 +22,7 @@ from . import TracerError
 from .capabilities import Capabilities, _quiet_stderr
 
 BPF_DIR = Path(__file__).parent / "bpf"
-RINGBUF_PAGES = 2048  # 8 MiB: ~95k records, seconds of headroom at 30k/s
+RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
 
 # Tracepoints a backend can do without (absent on some kernels): define name.
 OPTIONAL_TPS = {
