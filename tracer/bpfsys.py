@@ -33,6 +33,8 @@ BTF_INFO_SIZE = 32  # struct bpf_btf_info (btf, btf_size, id, name, name_len, ke
 # core_relo_cnt; the kernel takes a shorter attr and zero-fills the rest.
 PROG_LOAD_SIZE = 120
 LOG_SIZE = 1 << 22  # verifier log on a failed load (6.1 fails with ENOSPC when it fills)
+# Lines the verifier appends after the error (print_verification_stats)
+VERIFIER_STATS = ("processed ", "verification time", "stack depth")
 # r0 = 0; exit: a program that only proves load + attach work.
 RETURN_ZERO = struct.pack("<BBhiBBhi", 0xB7, 0, 0, 0, 0x95, 0, 0, 0)
 
@@ -125,7 +127,7 @@ def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
     with BTF id ``btf_id`` of the BTF object ``btf_obj_fd`` (0: vmlinux).
 
     Returns the program fd.  OSError on refusal; when the verifier rejected
-    the program, its strerror ends with the verifier log's last line."""
+    the program, its strerror ends with the verifier's error line."""
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(b"GPL")  # bpf_probe_read_kernel & co are GPL-only
 
@@ -150,10 +152,11 @@ def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
     try:
         return attempt(log)
     except OSError as e:
-        lines = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.value.decode(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith(VERIFIER_STATS)]
         if not lines:
             raise
-        raise OSError(e.errno, f"{e.strerror}: {lines[-1].strip()}") from None
+        raise OSError(e.errno, f"{e.strerror}: {lines[-1]}") from None
 
 
 def attach_tracing(prog_fd: int) -> int:
