@@ -3,8 +3,11 @@
 Inside the L1 (Debian 6.1, kprobes, MMIO caching on), ``slotscope record
 --backend kprobe`` traces an L2 micro-VMM whose memslot changes and MMIO
 accesses are known, while the kernel's own tracefs records the same probes
-independently.  On the host the run directory must load with the schema and
-satisfy the kernel's rules, checked against the 6.1 source
+independently.  A second, short micro-VMM is traced by ``--backend kfunc``
+(fentry/fexit on kvm.ko's functions, loaded by hand: bcc 0.26 cannot) and,
+at the same time, by the kprobe recorder: both must see the same rows.
+On the host the run directories must load with the schema and satisfy
+the kernel's rules, checked against the 6.1 source
 (virt/kvm/kvm_main.c: kvm_set_memslot, kvm_swap_active_memslots;
 arch/x86/kvm/mmu/mmu.c: kvm_mmu_invalidate_mmio_sptes,
 kvm_mmu_invalidate_zap_pages_in_memslot -> kvm_mmu_zap_all_fast):
@@ -17,6 +20,8 @@ kvm_mmu_invalidate_zap_pages_in_memslot -> kvm_mmu_zap_all_fast):
   no stale check follows and new SPTEs are marked with the new generation.
 
 Run alone:  sudo .venv/bin/pytest -m labvm tests/test_labvm_e2e.py -s
+(SLOTSCOPE_E2E_QEMU=0 / SLOTSCOPE_E2E_KFUNC=0 leave the QEMU L2 / the kfunc
+recorder out.)
 The module doubles as the L1-side driver: ``python tests/test_labvm_e2e.py
 inner OUTDIR`` (what the test runs inside the L1).
 """
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # The L2 workload: 2 MMIO pages, one change of each type after the setup CREATE.
@@ -38,6 +44,7 @@ MMIO_ACCESSES = 4000
 EVERY = 500
 SCHEDULE = "create:1,flags:1,flags:1,move:1,delete:1"
 DIMM_CYCLES = 2  # pc-dimm plug/unplug cycles of 128 MiB in the QEMU L2
+KFUNC_ACCESSES = 1500  # the kfunc recorder's micro-VMM: same schedule, shorter
 TRACEFS = Path("/sys/kernel/tracing")
 KPROBES = ("p:ss_memslot kvm_set_memslot change=%cx:u32",
            "p:ss_invmmio kvm_mmu_invalidate_mmio_sptes gen=%si:u64",
@@ -108,48 +115,121 @@ def _run_rig(out: Path, scratch: Path, times: dict[str, float]) -> int:
     return rc
 
 
-def inner(out: Path) -> int:
-    """In the L1: two L2s traced by one ``slotscope record --backend kprobe``.
-
-    The micro-VMM runs first, also captured by tracefs; then the QEMU rig.
-    Statuses go to ``inner.json``; exit 0 when the recording was made.
-    """
-    scratch = Path(os.environ.get("SLOTSCOPE_LABVM_SCRATCH", "/run/labvm-scratch"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    run = scratch / "run"
-    times: dict[str, float] = {}
-    status: dict[str, int | None] = {"microvm": None, "record": None, "rig": None}
-    t0 = time.monotonic()
+def _microvm(n: int, truth: Path) -> subprocess.Popen[str] | None:
+    """A micro-VMM L2 held at its start line (None if it did not get ready)."""
     vm = subprocess.Popen(
-        [sys.executable, "-m", "vmrig.microvm", "-n", str(MMIO_ACCESSES), "--pages", "2",
-         "--every", str(EVERY), "--schedule", SCHEDULE, "--wait",
-         "-o", str(scratch / "truth.json")],
+        [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", "2",
+         "--every", str(EVERY), "--schedule", SCHEDULE, "--wait", "-o", str(truth)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert vm.stdin is not None and vm.stdout is not None
+    assert vm.stdout is not None
     ready = vm.stdout.readline().split()
     if ready[:1] != ["ready"]:
         print(f"micro-VMM did not get ready: {ready}", file=sys.stderr)
-        return 2
-    _tracefs_start()
-    # No -p: one recorder (one BPF compile, minutes under TCG) for both L2s.
-    rec = subprocess.Popen(
-        [sys.executable, "-m", "slotscope", "record", "--backend", "kprobe", "-o", str(run)],
-        stderr=subprocess.PIPE, text=True, cwd=REPO)
+        vm.kill()
+        return None
+    return vm
+
+
+def _go(vm: subprocess.Popen[str]) -> int:
+    assert vm.stdin is not None
+    vm.stdin.write("go\n")
+    vm.stdin.flush()
+    return vm.wait(timeout=300)
+
+
+def _recorder(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "slotscope", "record", *args],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _attached(rec: subprocess.Popen[str]) -> str | None:
+    """Wait for the recorder's "attached" line; None (recorder ended) if it failed."""
     assert rec.stderr is not None
     line = rec.stderr.readline()  # "slotscope record: kprobe backend ..." once attached
     sys.stderr.write(line)
+    return line if "backend" in line else None
+
+
+def _still_loaded(manifest: Path, timeout: float = 10.0) -> list[int]:
+    """The recorder's BPF programs still loaded after it exited (freeing is deferred)."""
+    from tracer.bpfsys import prog_loaded
+    ids = json.loads(manifest.read_text())["bpf_prog_ids"]
+    deadline = time.monotonic() + timeout
+    while (left := [i for i in ids if prog_loaded(i)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def inner(out: Path) -> int:
+    """In the L1: two L2s traced by one ``slotscope record --backend kprobe``,
+    and a third (a short micro-VMM) by it and a ``--backend kfunc`` recorder.
+
+    Both recorders start together, so their bcc compiles (a minute or more
+    each under TCG) overlap.  The first micro-VMM runs first, also captured
+    by tracefs; then the kfunc one; then the QEMU rig.  Statuses go to
+    ``inner.json``; exit 0 when the kprobe recording was made (the kfunc
+    test judges its own part).
+    """
+    scratch = Path(os.environ.get("SLOTSCOPE_LABVM_SCRATCH", "/run/labvm-scratch"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    run, kfunc_run = scratch / "run", scratch / "run-kfunc"
+    times: dict[str, float] = {}
+    status: dict[str, object] = {"microvm": None, "record": None, "rig": None,
+                                 "microvm_kfunc": None, "kfunc": None}
+    t0 = time.monotonic()
+    vm = _microvm(MMIO_ACCESSES, scratch / "truth.json")
+    if vm is None:
+        return 2
+    vm2 = kfunc_rec = None
+    if os.environ.get("SLOTSCOPE_E2E_KFUNC", "1") == "1":
+        vm2 = _microvm(KFUNC_ACCESSES, scratch / "truth-kfunc.json")
+        if vm2 is None:
+            vm.kill()
+            return 2
+    _tracefs_start()
+    # No -p: one recorder (one BPF compile, minutes under TCG) for all L2s.
+    rec = _recorder("--backend", "kprobe", "-o", str(run))
+    if vm2 is not None:
+        kfunc_rec = _recorder("--backend", "kfunc", "-p", str(vm2.pid), "-o", str(kfunc_run))
+    line = _attached(rec)
     times["record_attach_s"] = time.monotonic() - t0
-    if "backend" not in line:
+    if line is None:
+        assert rec.stderr is not None
         sys.stderr.write(rec.stderr.read())
-        vm.kill()
+        for p in (vm, vm2, kfunc_rec):
+            if p is not None:
+                p.kill()
         return 3
+    if kfunc_rec is not None:
+        if _attached(kfunc_rec) is None:
+            status["kfunc"] = kfunc_rec.wait()
+            assert kfunc_rec.stderr is not None
+            (out / "kfunc.log").write_text(kfunc_rec.stderr.read())
+            kfunc_rec = None
+        else:  # its compile ran alongside the kprobe one's: usually done too
+            times["kfunc_attach_s"] = time.monotonic() - t0
     t1 = time.monotonic()
-    vm.stdin.write("go\n")
-    vm.stdin.flush()
-    status["microvm"] = vm.wait(timeout=300)
+    status["microvm"] = _go(vm)
     times["microvm_s"] = time.monotonic() - t1
     time.sleep(1.5)  # past the recorder's next flush
     _tracefs_stop(scratch / "trace.txt")
+    if vm2 is not None and kfunc_rec is not None:
+        t1 = time.monotonic()
+        status["microvm_kfunc"] = _go(vm2)
+        try:  # with -p it stops by itself once the micro-VMM is gone
+            err = kfunc_rec.communicate(timeout=300)[1]
+        except subprocess.TimeoutExpired:
+            kfunc_rec.kill()
+            err = kfunc_rec.communicate()[1]
+        (out / "kfunc.log").write_text(err)
+        status["kfunc"] = kfunc_rec.returncode
+        times["microvm_kfunc_s"] = time.monotonic() - t1
+        if kfunc_run.exists():
+            status["kfunc_left_loaded"] = _still_loaded(kfunc_run / "manifest.json")
+        from test_kfunc import bad_fentry_error
+        status["kfunc_verifier"] = bad_fentry_error()
+    elif vm2 is not None:
+        vm2.kill()
     if os.environ.get("SLOTSCOPE_E2E_QEMU", "1") == "1":
         status["rig"] = _run_rig(out, scratch, times)
     rec.send_signal(signal.SIGINT)
@@ -164,13 +244,16 @@ def inner(out: Path) -> int:
     (out / "times.json").write_text(json.dumps(times, indent=1))
     (out / "inner.json").write_text(json.dumps(status, indent=1))
     # Copy from the tmpfs out to the shared directory in one go.
-    for name in ("truth.json", "trace.txt"):
-        shutil.copyfile(scratch / name, out / name)
+    for name in ("truth.json", "trace.txt", "truth-kfunc.json"):
+        if (scratch / name).exists():
+            shutil.copyfile(scratch / name, out / name)
     if run.exists():
         add_workload(run, json.loads((scratch / "truth.json").read_text()),
                      {"mmio_accesses": MMIO_ACCESSES, "every": EVERY, "schedule": SCHEDULE,
                       "pages": 2})
         shutil.copytree(run, out / "run", dirs_exist_ok=True)
+    if kfunc_run.exists():
+        shutil.copytree(kfunc_run, out / "run-kfunc", dirs_exist_ok=True)
     return 0 if status["microvm"] == 0 and status["record"] == 0 else 4
 
 
@@ -182,6 +265,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["inner"]:
 
 import pytest  # noqa: E402
 from conftest import needs_root  # noqa: E402
+from test_kfunc import assert_verifier_refusal  # noqa: E402
 from test_labvm import (  # noqa: E402
     LAB_KERNEL,
     _address_spaces,
@@ -201,13 +285,50 @@ CHANGE_CODES = {"create": 0, "delete": 1, "move": 2, "flags_only": 3}
 pytestmark = [pytest.mark.labvm, needs_root, needs_lab_kernel, needs_lab_parts]
 
 
+def memslot_rows_follow_truth(run: Any, pid: int, changes: list[dict], step: int
+                              ) -> list[dict]:
+    """``pid``'s memslot_update rows are exactly the micro-VMM's changes (slot,
+    address space, change type, range, flags), each moving the generation by
+    ``step`` per swap: two swaps for DELETE and MOVE.  The rows, in order."""
+    mu = sorted((r for r in run.tables["memslot_update"].to_pylist() if r["pid"] == pid),
+                key=lambda r: r["begin_ns"])
+    assert len(mu) == len(changes), (mu, changes)
+    for r, c in zip(mu, changes, strict=True):
+        assert r["change"] == c["change"], (r, c)
+        assert r["slot_id"] == c["slot"] and r["as_id"] == 0
+        assert r["ret"] == c["ret"] == 0
+        if c["change"] != "delete":
+            assert r["base_gfn"] == c["gpa"] >> 12
+            assert r["npages"] == c["size"] >> 12
+            assert r["flags"] == c["flags"]
+        assert r["gen_after"] - r["gen_before"] == step * SWAPS[c["change"]], r
+        assert r["end_ns"] > r["begin_ns"]
+    return mu
+
+
+def invalidate_gens(run: Any, pid: int) -> list[int]:
+    """Generations from kvm_mmu_invalidate_mmio_sptes rows of ``pid``, in order."""
+    rows = sorted((r for r in run.tables["generation"].to_pylist()
+                   if r["source"] == "invalidate" and r["pid"] == pid), key=lambda r: r["ns"])
+    return [r["gen"] for r in rows]
+
+
+def swap_gens(mu: list[dict], step: int) -> list[int]:
+    """What kvm_mmu_invalidate_mmio_sptes must be called with: once per swap
+    (kvm_swap_active_memslots), with the generation after that swap."""
+    return [g for r in mu for g in range(r["gen_before"] + step, r["gen_after"] + 1, step)]
+
+
 @pytest.fixture(scope="module")
 def l1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One L1 boot for both L2 workloads; the shared output directory."""
     out = tmp_path_factory.mktemp("labvm-e2e") / "out"
     t0 = time.monotonic()
-    res = labvm.run_in_labvm([sys.executable, str(Path(__file__)), "inner", str(out)],
-                             timeout=1500, outdir=out, cwd=REPO, echo=False)
+    # The L1 does not inherit our environment: hand the part switches over.
+    switches = [f"{k}={os.environ[k]}" for k in ("SLOTSCOPE_E2E_QEMU", "SLOTSCOPE_E2E_KFUNC")
+                if k in os.environ]
+    res = labvm.run_in_labvm(["env", *switches, sys.executable, str(Path(__file__)), "inner",
+                              str(out)], timeout=1500, outdir=out, cwd=REPO, echo=False)
     wall = time.monotonic() - t0
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
     print(f"\nlabvm e2e: {res.accel}, wall {wall:.1f} s, L1 command at uptime {res.boot_s} s, "
@@ -232,29 +353,13 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     assert sum(run.tables["lost"]["count"].to_pylist()) == 0
 
     # Every memslot update the L2 made, with slot, address space and change type.
-    mu = run.tables["memslot_update"].to_pylist()
-    mu = [r for r in mu if r["pid"] == pid]
     changes = truth["memslot_changes"]
-    assert len(mu) == len(changes)
-    mu.sort(key=lambda r: r["begin_ns"])
-    for r, c in zip(mu, changes, strict=True):
-        assert r["change"] == c["change"], (r, c)
-        assert r["slot_id"] == c["slot"] and r["as_id"] == 0
-        assert r["ret"] == c["ret"] == 0
-        if c["change"] != "delete":
-            assert r["base_gfn"] == c["gpa"] >> 12
-            assert r["npages"] == c["size"] >> 12
-            assert r["flags"] == c["flags"]
-        # Generation: +step per swap, two swaps for DELETE and MOVE.
-        assert r["gen_after"] - r["gen_before"] == step * SWAPS[c["change"]], r
-        assert r["end_ns"] > r["begin_ns"]
+    mu = memslot_rows_follow_truth(run, pid, changes, step)
 
     # Generation rows from kvm_mmu_invalidate_mmio_sptes agree with tracefs.
     events = _parse_trace(out / "trace.txt")
-    gen = [r for r in run.tables["generation"].to_pylist()
-           if r["source"] == "invalidate" and r["pid"] == pid]
     fs_gens = [int(f["gen"]) for e, f in events if e == "ss_invmmio"]
-    assert [r["gen"] for r in gen] == fs_gens
+    assert invalidate_gens(run, pid) == fs_gens == swap_gens(mu, step)
     assert len(fs_gens) == sum(SWAPS[c["change"]] for c in changes)
 
     # The kernel's lazy invalidation, per the independent tracefs capture.
@@ -285,6 +390,51 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     # The rig's side: the workload table and config, as in a direct run.
     assert run.tables["workload"].num_rows == len(changes)
     assert run.manifest["workload"]["result"]["pid"] == pid
+
+
+def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
+    """The third L2, a short micro-VMM, recorded with --backend kfunc (fentry/
+    fexit attached by hand to kvm.ko's functions) and, at the same time, by
+    the kprobe recorder."""
+    out = l1
+    status = json.loads((out / "inner.json").read_text())
+    log = (out / "kfunc.log").read_text() if (out / "kfunc.log").exists() else ""
+    if status["kfunc"] is None and status["microvm_kfunc"] is None:
+        pytest.skip("kfunc recorder disabled (SLOTSCOPE_E2E_KFUNC=0)")
+    assert status["kfunc"] == 0 and status["microvm_kfunc"] == 0, log
+    assert status["kfunc_left_loaded"] == []  # every fentry/fexit detached on exit
+    assert_verifier_refusal(status["kfunc_verifier"])  # a bad program: one line, why
+    k = LAB_KERNEL
+    assert k is not None
+    step = _address_spaces(k)
+    truth = json.loads((out / "truth-kfunc.json").read_text())
+    pid = truth["pid"]
+    run = read_run(out / "run-kfunc")
+    m = run.manifest
+    assert m["backend"] == "kfunc" and m["backend_reason"] == "requested with --backend"
+    assert m["complete"] and m["stop_reason"] == "targets exited"
+    assert m["filters"]["pids"] == [pid] and m["kernel"] == k.release
+    assert m["probes_attached"][-3:] == ["fentry:kvm_set_memslot", "fexit:kvm_set_memslot",
+                                         "fentry:kvm_mmu_invalidate_mmio_sptes"]
+    # The hand-loaded programs are listed by id like bcc's own.
+    assert len(m["bpf_prog_ids"]) == len(m["probes_attached"])
+    assert sum(m["lost"].values()) == 0, m["lost"]
+    assert sum(run.tables["lost"]["count"].to_pylist()) == 0
+
+    mu = memslot_rows_follow_truth(run, pid, truth["memslot_changes"], step)
+    gens = invalidate_gens(run, pid)
+    assert gens == swap_gens(mu, step)
+    assert len(gens) == sum(SWAPS[c["change"]] for c in truth["memslot_changes"])
+    acc = [r["type"] for r in run.tables["mmio_access"].to_pylist()]
+    assert acc.count("unsatisfied-read") + acc.count("write") == KFUNC_ACCESSES
+
+    # The kprobe recorder saw the same micro-VMM: the same updates and generations.
+    both = read_run(out / "run")
+    cols = ("vm", "change", "slot_id", "as_id", "base_gfn", "npages", "flags",
+            "userspace_addr", "gen_before", "gen_after", "ret")
+    kp = memslot_rows_follow_truth(both, pid, truth["memslot_changes"], step)
+    assert [[r[c] for c in cols] for r in mu] == [[r[c] for c in cols] for r in kp]
+    assert invalidate_gens(both, pid) == gens
 
 
 def test_qemu_pcdimm_recording_in_l1(l1: Path) -> None:
