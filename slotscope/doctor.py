@@ -100,7 +100,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
         Check("kprobes", OK if caps.kprobes else WARN, caps.kprobes_why,
               "" if caps.kprobes else "a distro kernel has them; or use `slotscope labvm`"),
         Check("kfunc/fentry", OK if caps.kfunc else WARN, caps.kfunc_why,
-              "" if caps.kfunc else "needs BTF and BPF trampolines (x86-64, >= 5.5)"),
+              "" if caps.kfunc else
+              "the kernel may refuse tracing programs (lockdown, a vendor patch); "
+              "kprobe or the tracepoint backend still run, or use `slotscope labvm`"),
         *_tracepoint_checks(caps),
         Check("bcc", OK if caps.bcc_ok else FAIL, caps.bcc_why,
               "" if caps.bcc_ok else "sudo ./setup.sh, and run as root"),

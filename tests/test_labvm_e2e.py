@@ -412,6 +412,8 @@ def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     run = read_run(out / "run-kfunc")
     m = run.manifest
     assert m["backend"] == "kfunc" and m["backend_reason"] == "requested with --backend"
+    # the generation step the analysis uses, read from BTF, agrees with the headers
+    assert m["address_spaces"] == step
     assert m["complete"] and m["stop_reason"] == "targets exited"
     assert m["filters"]["pids"] == [pid] and m["kernel"] == k.release
     assert m["probes_attached"][-3:] == ["fentry:kvm_set_memslot", "fexit:kvm_set_memslot",
