@@ -231,7 +231,9 @@ def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
 def test_nested_lab_short_config(tmp_path: Path) -> None:
     """The CI run of the main job: nested mode (TCG here), one micro-VMM
     scenario and one QEMU pc-dimm scenario in the L2."""
-    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + PCDIMM, mode="nested")
+    # pcdimm in aggregate mode: real MMIO SPTE evidence counted in kernel
+    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + PCDIMM + "aggregate = true\n",
+                  mode="nested")
     out = tmp_path / "out"
     t0 = time.monotonic()
     p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp_path, timeout=1500)
@@ -245,4 +247,12 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
         assert s["memslot_updates"] > 0 and s["mmio_faults"] > 0
         run = read_run(out / "runs" / name / "1")
         assert run.tables["generation"].num_rows > 0
+    # Aggregated: no fault rows; the histograms hold fast-path hits and the
+    # stale faults each plug's generation bump causes, and the summary agrees.
+    run = read_run(out / "runs" / "pcdimm" / "1")
+    assert run.tables["mmio_fault"].num_rows == 0
+    h = run.tables["mmio_hist"].to_pandas()
+    s = summary["scenarios"]["pcdimm"]
+    assert int(h["count"].sum()) == s["mmio_faults"]
+    assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
     assert (out / "index.html").stat().st_size > 10_000
