@@ -565,7 +565,9 @@ class MicroVM:
                         raise RigError(f"unexpected coalesced MMIO entry: {phys:#x}, "
                                        f"{length} bytes, data {vcpu}")
                     self._in_kernel[vcpu][page] += c
-            struct.pack_into("<I", ring, off, last)
+            # one aligned 4-byte store (struct.pack_into may write byte by
+            # byte, and another vCPU's KVM reads `first` concurrently)
+            memoryview(ring)[off:off + 4].cast("I")[0] = last
 
     def close(self) -> None:
         for fd, run_map in self.vcpus:
