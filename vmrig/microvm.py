@@ -425,16 +425,13 @@ class MicroVM:
     def _run(self, index: int, limit: int, schedule: Sequence[tuple[str, int]],
              every: int, duration: float) -> dict[str, Any]:
         """One vCPU's loop; vCPU 0 also applies the memslot schedule."""
-        if not every and schedule:
-            every = max(1, limit // (len(schedule) + 1)) if limit else 1000
+        every, limit, deadline = _bounds(limit, schedule, every, duration)
         vcpu, run_map = self.vcpus[index]
         unpack = struct.unpack_from
         pending = list(schedule)
         next_change = every if pending else -1
         by_page = [[0, 0] for _ in range(self.pages)]
         reads = writes = pio = completed = 0
-        limit = limit if limit > 0 else 1 << 62
-        deadline = time.monotonic() + duration if duration > 0 else float("inf")
         last_was_read = False
         n = 0
         ioctl = fcntl.ioctl
@@ -468,12 +465,7 @@ class MicroVM:
                 last_was_read = False
                 pio += 1
             else:
-                name = {KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
-                        KVM_EXIT_FAIL_ENTRY: "fail_entry",
-                        KVM_EXIT_INTERNAL_ERROR: "internal_error"}.get(reason, str(reason))
-                self.result.other_exits[name] = self.result.other_exits.get(name, 0) + 1
-                raise RigError(f"guest stopped unexpectedly: KVM exit {name} on vCPU "
-                               f"{index} after {n} MMIO exits")
+                raise self._stopped(reason, index, f"{n} MMIO exits")
         self._exits0 = n if index == 0 else self._exits0
         for change in pending:
             self.apply(*change)
@@ -485,16 +477,13 @@ class MicroVM:
                        every: int, duration: float) -> dict[str, Any]:
         """One vCPU's loop in coalesced mode: hand out write batches at each
         ``in`` exit; count ring-full exits here and ring entries in _drain."""
-        if not every and schedule:
-            every = max(1, limit // (len(schedule) + 1)) if limit else 1000
+        every, limit, deadline = _bounds(limit, schedule, every, duration)
         vcpu, run_map = self.vcpus[index]
         unpack = struct.unpack_from
         pending = list(schedule)
         next_change = every if pending else -1
         by_page = [[0, 0] for _ in range(self.pages)]  # ring-full exits (writes)
         user = pio = 0
-        limit = limit if limit > 0 else 1 << 62
-        deadline = time.monotonic() + duration if duration > 0 else float("inf")
         mine = self._in_kernel[index]
         pages, body = self.pages, CODE_GPA + self._body
         ioctl = fcntl.ioctl
@@ -511,12 +500,7 @@ class MicroVM:
                 user += 1
                 continue
             if reason != KVM_EXIT_IO:
-                name = {KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
-                        KVM_EXIT_FAIL_ENTRY: "fail_entry",
-                        KVM_EXIT_INTERNAL_ERROR: "internal_error"}.get(reason, str(reason))
-                self.result.other_exits[name] = self.result.other_exits.get(name, 0) + 1
-                raise RigError(f"guest stopped unexpectedly: KVM exit {name} on vCPU "
-                               f"{index} after {user + sum(mine)} MMIO accesses")
+                raise self._stopped(reason, index, f"{user + sum(mine)} MMIO accesses")
             direction, size, port, _, data_off = unpack("<BBHIQ", run_map, RUN_IO)
             if (direction, size, port) != (0, 4, SIGNAL_PORT):
                 raise RigError(f"guest made an unexpected port access ({port:#x})")
@@ -542,6 +526,16 @@ class MicroVM:
         return {"vcpu": index, "tid": _gettid(), "mmio_exits": user, "mmio_reads": 0,
                 "mmio_writes": user, "reads_completed": 0, "pio_exits": pio,
                 "mmio_user_exits": user, "by_page": by_page}
+
+    def _stopped(self, reason: int, index: int, done: str) -> RigError:
+        """A vCPU left its loop for an exit it should never take: counted, and
+        the error to raise."""
+        name = {KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
+                KVM_EXIT_FAIL_ENTRY: "fail_entry",
+                KVM_EXIT_INTERNAL_ERROR: "internal_error"}.get(reason, str(reason))
+        self.result.other_exits[name] = self.result.other_exits.get(name, 0) + 1
+        return RigError(f"guest stopped unexpectedly: KVM exit {name} on vCPU {index} "
+                        f"after {done}")
 
     def _drain(self) -> None:
         """Take every entry off the VM's coalesced MMIO ring, counted by vCPU
@@ -595,6 +589,16 @@ class _ignore:
 
     def __exit__(self, et: object, e: BaseException | None, tb: object) -> bool:
         return isinstance(e, OSError) and e.errno in self.errnos
+
+
+def _bounds(limit: int, schedule: Sequence[tuple[str, int]], every: int,
+            duration: float) -> tuple[int, int, float]:
+    """A vCPU loop's (changes every N accesses, access limit, deadline):
+    changes spread evenly by default; no limit or deadline when 0."""
+    if not every and schedule:
+        every = max(1, limit // (len(schedule) + 1)) if limit else 1000
+    return (every, limit if limit > 0 else 1 << 62,
+            time.monotonic() + duration if duration > 0 else float("inf"))
 
 
 def _cpu_seconds() -> float:
