@@ -115,6 +115,7 @@ class Probes:
     missing: list[str]
     offsets: dict[str, int] = field(default_factory=dict)
     links: list[int] = field(default_factory=list)  # fentry/fexit link fds
+    aggregate: bool = False           # MMIO intervals in the mmio_hist map
     perf_lost: int = 0
     _chunks: list[bytes] = field(default_factory=list)
     _ring: RingReader | None = None
@@ -176,12 +177,10 @@ class Probes:
     def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
         """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns),
         summed over CPUs; empty unless loaded with ``aggregate``."""
-        try:
-            table = self.bpf[b"mmio_hist"]
-        except KeyError:
+        if not self.aggregate:  # the programs have no such map
             return {}
         out = {}
-        for k, per_cpu in table.items():
+        for k, per_cpu in self.bpf[b"mmio_hist"].items():
             out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
                 sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
         return out
@@ -367,7 +366,7 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         bpf.cleanup()
         raise
     offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
-    probes = Probes(bpf, backend, buffer, attached, missing, offs, links)
+    probes = Probes(bpf, backend, buffer, attached, missing, offs, links, aggregate=aggregate)
     probes.open()
     return probes
 
