@@ -338,19 +338,27 @@ def l1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
-    out = l1
+def complete_recording(truth_json: Path, run_dir: Path) -> tuple[int, dict[str, Any], Any]:
+    """(generation step per swap, the micro-VMM's truth, the run) of a
+    finalized L1 recording made on the lab kernel with nothing lost."""
     k = LAB_KERNEL
     assert k is not None
     step = _address_spaces(k)
-    truth = json.loads((out / "truth.json").read_text())
-    pid = truth["pid"]
-    run = read_run(out / "run")
+    run = read_run(run_dir)
     m = run.manifest
-    assert m["backend"] == "kprobe" and m["complete"]
-    assert m["kernel"] == k.release
+    assert m["complete"] and m["kernel"] == k.release
+    # the step the analysis uses, read from BTF, agrees with the headers
+    assert m["address_spaces"] == step
     assert sum(m["lost"].values()) == 0, m["lost"]
     assert sum(run.tables["lost"]["count"].to_pylist()) == 0
+    return step, json.loads(truth_json.read_text()), run
+
+
+def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
+    out = l1
+    step, truth, run = complete_recording(out / "truth.json", out / "run")
+    pid = truth["pid"]
+    assert run.manifest["backend"] == "kprobe"
 
     # Every memslot update the L2 made, with slot, address space and change type.
     changes = truth["memslot_changes"]
@@ -404,24 +412,15 @@ def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     assert status["kfunc"] == 0 and status["microvm_kfunc"] == 0, log
     assert status["kfunc_left_loaded"] == []  # every fentry/fexit detached on exit
     assert_verifier_refusal(status["kfunc_verifier"])  # a bad program: one line, why
-    k = LAB_KERNEL
-    assert k is not None
-    step = _address_spaces(k)
-    truth = json.loads((out / "truth-kfunc.json").read_text())
+    step, truth, run = complete_recording(out / "truth-kfunc.json", out / "run-kfunc")
     pid = truth["pid"]
-    run = read_run(out / "run-kfunc")
     m = run.manifest
     assert m["backend"] == "kfunc" and m["backend_reason"] == "requested with --backend"
-    # the generation step the analysis uses, read from BTF, agrees with the headers
-    assert m["address_spaces"] == step
-    assert m["complete"] and m["stop_reason"] == "targets exited"
-    assert m["filters"]["pids"] == [pid] and m["kernel"] == k.release
+    assert m["stop_reason"] == "targets exited" and m["filters"]["pids"] == [pid]
     assert m["probes_attached"][-3:] == ["fentry:kvm_set_memslot", "fexit:kvm_set_memslot",
                                          "fentry:kvm_mmu_invalidate_mmio_sptes"]
     # The hand-loaded programs are listed by id like bcc's own.
     assert len(m["bpf_prog_ids"]) == len(m["probes_attached"])
-    assert sum(m["lost"].values()) == 0, m["lost"]
-    assert sum(run.tables["lost"]["count"].to_pylist()) == 0
 
     mu = memslot_rows_follow_truth(run, pid, truth["memslot_changes"], step)
     gens = invalidate_gens(run, pid)
