@@ -231,8 +231,10 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
             log = WorkloadLog(tmp_path)
             dev = await plug_dimm(rig, log, 128 * MiB)
             await rig.require_qmp().execute("stop")  # a guest that never answers
-            with pytest.raises(RigError, match="did not eject within 0.5 s"):
+            with pytest.raises(RigError, match="did not eject within 0.5 s") as e:
                 await unplug_dimm(rig, log, dev, timeout=0.5)
+            # ...and the error says why: the paused vCPU thread did not run.
+            assert "vCPU 0 (tid" in str(e.value) and "used no CPU in 0.5 s" in str(e.value)
             # Consistent: QEMU still has the dimm, the table says the unplug failed.
             assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
     run(body())

@@ -118,6 +118,36 @@ def vcpu_threads(pid: int) -> dict[int, int]:
     return out
 
 
+def thread_cpu_s(pid: int, tid: int) -> float | None:
+    """CPU seconds (user + system) of one thread, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float | None],
+                  window_s: float) -> str:
+    """Why a guest may not have answered: the vCPU threads that used no CPU
+    since ``before`` (from ``thread_cpu_s``), with their state and where
+    they sleep in the kernel.  Empty when every vCPU ran."""
+    parts = []
+    for idx, tid in sorted(vcpu_tids.items()):
+        now, then = thread_cpu_s(pid, tid), before.get(idx)
+        if now is None or then is None or now > then:
+            continue
+        task = Path(f"/proc/{pid}/task/{tid}")
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except (OSError, IndexError):
+            state, wchan = "?", "?"
+        parts.append(f"vCPU {idx} (tid {tid}) used no CPU in {window_s:g} s, "
+                     f"state {state}, wchan {wchan}")
+    return "; ".join(parts)
+
+
 @dataclass
 class RigState:
     """What ``rig up`` leaves behind so ``hotplug``/``down`` can find QEMU."""
