@@ -234,7 +234,8 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
             with pytest.raises(RigError, match="did not eject within 0.5 s") as e:
                 await unplug_dimm(rig, log, dev, timeout=0.5)
             # ...and the error says why: the paused vCPU thread did not run.
-            assert "vCPU 0 (tid" in str(e.value) and "used no CPU in 0.5 s" in str(e.value)
+            assert "(VM paused; vCPU 0 (tid" in str(e.value), e.value
+            assert "used no CPU in 0.5 s" in str(e.value)
             # Consistent: QEMU still has the dimm, the table says the unplug failed.
             assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
     run(body())
@@ -264,6 +265,19 @@ def test_qemu_killed_mid_hotplug(tmp_path: Path) -> None:
     assert_clean(private, pid)
     ev = [r for r in table(tmp_path) if r["action"] == "event:DEVICE_DELETED"]
     assert len(ev) == 1 and not ev[0]["ok"]
+
+
+def test_qemu_death_named_with_its_status(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg"), record_dir=tmp_path) as rig:
+            assert rig.pid is not None
+            os.kill(rig.pid, signal.SIGKILL)
+            await rig.memory_devices()
+    with pytest.raises(RigError) as e:
+        run(body())
+    # The QMP symptom and its cause, in one line.
+    assert "QEMU closed the QMP connection" in str(e.value)
+    assert str(e.value).endswith("QEMU exited with status -9"), e.value
 
 
 def test_exception_inside_rig_cleans_up() -> None:

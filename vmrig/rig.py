@@ -32,7 +32,7 @@ import psutil
 from analysis.schema import monotonic_ns
 from vmrig import RigError, bareguest, host
 from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
-from vmrig.qmp import Qmp
+from vmrig.qmp import QemuGone, Qmp
 
 STATE_FILE = "state.json"
 SAMPLES_FILE = "qemu-samples.csv"
@@ -235,8 +235,20 @@ class Rig:
     async def __aexit__(self, *exc: object) -> None:
         if self.detach and exc[0] is None:
             await self._detach()
-        else:
-            await self.stop()
+            return
+        died = ""
+        if isinstance(exc[1], QemuGone) and self.proc is not None:
+            # QMP going away first is the symptom; QEMU's status and last
+            # stderr line are the cause.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.proc.wait, 5)
+            if self.proc.returncode is not None:
+                tail = self._stderr_tail()
+                died = f"QEMU exited with status {self.proc.returncode}" + \
+                    (f": {tail}" if tail else "")
+        await self.stop()
+        if died:
+            raise RigError(f"{exc[1]}; {died}") from None
 
     def _make_private_dir(self) -> Path:
         if self._private_arg is None:
@@ -387,6 +399,32 @@ class Rig:
         lines = [ln for ln in lines if "warning:" not in ln]
         return lines[-1].strip() if lines else ""
 
+    async def why_silent(self, cpu_before: dict[int, float | None], window_s: float) -> str:
+        """Why the guest may not have answered in ``window_s``: QEMU stopped
+        the VM (a KVM internal error pauses it, with QEMU's first stderr
+        line about it), or vCPU threads that used no CPU since
+        ``cpu_before`` (``thread_cpu_s`` per vCPU).  Empty if neither."""
+        parts = []
+        with contextlib.suppress(RigError):
+            status = str((await self.require_qmp().execute("query-status"))["status"])
+            if status != "running":
+                said = ""
+                with contextlib.suppress(OSError, AssertionError):
+                    assert self.private_dir is not None
+                    lines = (self.private_dir / "qemu.stderr").read_text(
+                        errors="replace").splitlines()
+                    said = next((ln.strip() for ln in lines if "error" in ln.lower()), "")
+                parts.append(f"VM {status}" + (f": QEMU said {said!r}" if said else ""))
+        if self.pid is not None:
+            stalled = stalled_vcpus(self.pid, self.vcpu_tids, cpu_before, window_s)
+            if stalled:
+                parts.append(stalled)
+        return "; ".join(parts)
+
+    def vcpu_cpu(self) -> dict[int, float | None]:
+        """CPU seconds per vCPU thread now (for ``why_silent``)."""
+        return {i: thread_cpu_s(self.pid or 0, tid) for i, tid in self.vcpu_tids.items()}
+
     def _check_alive(self, phase: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             tail = self._stderr_tail()
@@ -516,6 +554,10 @@ class Rig:
             await asyncio.to_thread(tap.delete, self.tap_created)
             self.tap_created = None
         if self.private_dir is not None:
+            err = self.private_dir / "qemu.stderr"
+            if self.record_dir is not None and err.exists() and err.stat().st_size:
+                with contextlib.suppress(OSError):  # what QEMU said, kept with the run
+                    shutil.copyfile(err, self.record_dir / "qemu.stderr")
             shutil.rmtree(self.private_dir, ignore_errors=True)
             self.private_dir = None
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_config
 from vmrig import RigError
 from vmrig.config import MiB, fmt_size
-from vmrig.rig import Rig, stalled_vcpus, thread_cpu_s
+from vmrig.rig import Rig
 
 T = TypeVar("T")
 DIMM_ALIGN = 2 * MiB  # QEMU: "backend memory size must be multiple of 0x200000"
@@ -192,8 +192,7 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
     size, mem_id = int(dimm["size"]), str(dimm["memdev"]).rsplit("/", 1)[-1]
     with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR",
                       "ACPI_DEVICE_OST") as listener:
-        pid = rig.pid or 0
-        cpu = {i: thread_cpu_s(pid, tid) for i, tid in rig.vcpu_tids.items()}
+        cpu = rig.vcpu_cpu()
         await log.step("device_del", dev_id, qmp.execute("device_del", {"id": dev_id}), size)
         begin = log.rows[-1]["begin_ns"]  # latency counts from sending device_del
         while True:
@@ -205,9 +204,9 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
                 if "no event" in msg:
                     # A guest that never ran cannot eject: say so, it is
                     # the host's (or the hypervisor's) problem then.
-                    stalled = stalled_vcpus(pid, rig.vcpu_tids, cpu, timeout)
+                    why = await rig.why_silent(cpu, timeout)
                     msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
-                           + (f" ({stalled})" if stalled else ""))
+                           + (f" ({why})" if why else ""))
                 log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
                         error=msg)
                 log.flush()
