@@ -234,7 +234,7 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
             with pytest.raises(RigError, match="did not eject within 0.5 s") as e:
                 await unplug_dimm(rig, log, dev, timeout=0.5)
             # ...and the error says why: the paused vCPU thread did not run.
-            assert "(VM paused; vCPU 0 (tid" in str(e.value), e.value
+            assert "(VM paused after STOP; vCPU 0 (tid" in str(e.value), e.value
             assert "used no CPU in 0.5 s" in str(e.value)
             # Consistent: QEMU still has the dimm, the table says the unplug failed.
             assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
@@ -278,6 +278,20 @@ def test_qemu_death_named_with_its_status(tmp_path: Path) -> None:
     # The QMP symptom and its cause, in one line.
     assert "QEMU closed the QMP connection" in str(e.value)
     assert str(e.value).endswith("QEMU exited with status -9"), e.value
+
+
+def test_guest_reset_named_with_its_event() -> None:
+    async def body() -> None:
+        async with Rig(RigConfig(accel="tcg")) as rig:
+            # With -no-reboot a reset is a clean exit, as a guest triple fault is.
+            await rig.require_qmp().execute("system_reset")
+            for _ in range(100):
+                await rig.memory_devices()
+                await asyncio.sleep(0.05)
+    with pytest.raises(RigError) as e:
+        run(body())
+    assert str(e.value).endswith(
+        "QEMU exited with status 0 after SHUTDOWN (host-qmp-system-reset)"), e.value
 
 
 def test_exception_inside_rig_cleans_up() -> None:

@@ -28,6 +28,9 @@ class QemuGone(RigError):
     """QEMU exited or closed the QMP connection."""
 
 
+LIFECYCLE_EVENTS = ("SHUTDOWN", "RESET", "STOP", "GUEST_PANICKED", "GUEST_CRASHLOADED")
+
+
 class Qmp:
     """A connected QMP session to one QEMU."""
 
@@ -35,6 +38,10 @@ class Qmp:
         self.client = QMPClient(name)
         self.timeout = timeout
         self.version: dict[str, Any] = {}
+        # Registered for the whole session, never drained (these are rare):
+        # what QEMU said about the VM's run state, for errors that need a cause.
+        self.lifecycle = EventListener(LIFECYCLE_EVENTS)
+        self.client.register_listener(self.lifecycle)
 
     async def connect(self, socket_path: str, timeout: float | None = None) -> None:
         try:
@@ -67,6 +74,15 @@ class Qmp:
         except (StateError, ExecInterruptedError, EOFError, ConnectionError) as e:
             raise QemuGone(f"{cmd}: QEMU closed the QMP connection ({type(e).__name__})") \
                 from None
+
+    def last_lifecycle(self) -> str:
+        """The newest run-state event, e.g. 'SHUTDOWN (guest-reset)'; '' if none."""
+        if not self.lifecycle.history:
+            return ""
+        ev = self.lifecycle.history[-1]
+        data = ev.get("data", {})
+        why = data.get("reason") or data.get("action") or ""
+        return f"{ev['event']} ({why})" if why else str(ev["event"])
 
     def listener(self, *names: str) -> contextlib.AbstractContextManager[EventListener]:
         """``with qmp.listener('DEVICE_DELETED') as l: ... await qmp.wait(l, ...)``."""

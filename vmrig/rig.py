@@ -244,8 +244,11 @@ class Rig:
                 await asyncio.to_thread(self.proc.wait, 5)
             if self.proc.returncode is not None:
                 tail = self._stderr_tail()
+                event = self.qmp.last_lifecycle() if self.qmp is not None else ""
+                # -no-reboot: a guest reset (a triple fault, for the bare
+                # guest) is a clean exit 0 after SHUTDOWN (guest-reset).
                 died = f"QEMU exited with status {self.proc.returncode}" + \
-                    (f": {tail}" if tail else "")
+                    (f" after {event}" if event else "") + (f": {tail}" if tail else "")
         await self.stop()
         if died:
             raise RigError(f"{exc[1]}; {died}") from None
@@ -414,7 +417,9 @@ class Rig:
                     lines = (self.private_dir / "qemu.stderr").read_text(
                         errors="replace").splitlines()
                     said = next((ln.strip() for ln in lines if "error" in ln.lower()), "")
-                parts.append(f"VM {status}" + (f": QEMU said {said!r}" if said else ""))
+                event = self.require_qmp().last_lifecycle()
+                parts.append(f"VM {status}" + (f" after {event}" if event else "")
+                             + (f": QEMU said {said!r}" if said else ""))
         if self.pid is not None:
             stalled = stalled_vcpus(self.pid, self.vcpu_tids, cpu_before, window_s)
             if stalled:
