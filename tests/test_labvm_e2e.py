@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +99,30 @@ def add_workload(run: Path, truth: dict, params: dict) -> None:
                                 "where": "L2 inside the nested lab VM"})
 
 
-def _run_rig(out: Path, scratch: Path, times: dict[str, float]) -> int:
-    """L2 #2: QEMU -accel kvm (bare guest) with pc-dimm plug/unplug cycles."""
+# How the L2 itself fails under TCG-emulated SVM, untraced too (2 of 22
+# plain rig runs in one L1 boot): a guest reset (the bare guest's triple
+# fault; exit 0 under -no-reboot) or a vCPU that stops being scheduled.
+L2_FAULTS = ("QEMU exited with status", "VM paused", "VM internal-error", "used no CPU")
+
+
+def _run_rig(out: Path, scratch: Path, times: dict[str, float],
+             status: dict[str, object]) -> int:
+    """L2 #2: QEMU -accel kvm (bare guest) with pc-dimm plug/unplug cycles,
+    run a second time (and reported) only if the L2 itself failed."""
     t = time.monotonic()
-    rig_dir = scratch / "rig"
-    with open(scratch / "rig.log", "w") as log:
-        rc = subprocess.call(
-            [sys.executable, "-m", "slotscope", "rig", "run", "--workload", "hotplug",
-             "--accel", "kvm", "--cycles", str(DIMM_CYCLES), "--duration", "120",
-             "-o", str(rig_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            timeout=600)
+    for attempt in (1, 2):
+        rig_dir = scratch / f"rig-{attempt}"
+        with open(scratch / "rig.log", "w") as log:
+            rc = subprocess.call(
+                [sys.executable, "-m", "slotscope", "rig", "run", "--workload", "hotplug",
+                 "--accel", "kvm", "--cycles", str(DIMM_CYCLES), "--duration", "120",
+                 "-o", str(rig_dir)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                timeout=600)
+        said = (scratch / "rig.log").read_text()
+        if rc == 0 or attempt == 2 or not any(f in said for f in L2_FAULTS):
+            break
+        status["rig_rerun_because"] = next(
+            (ln for ln in said.splitlines() if "error:" in ln), said.strip()[-200:])
     times["rig_s"] = time.monotonic() - t
     shutil.copyfile(scratch / "rig.log", out / "rig.log")
     if rig_dir.exists():
@@ -134,7 +149,13 @@ def _go(vm: subprocess.Popen[str]) -> int:
     assert vm.stdin is not None
     vm.stdin.write("go\n")
     vm.stdin.flush()
-    return vm.wait(timeout=300)
+    try:
+        return vm.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # an L2 that stopped running: say so, go on
+        vm.kill()
+        vm.wait()
+        print("micro-VMM: no exit within 300 s (killed)", file=sys.stderr)
+        return 124
 
 
 def _recorder(*args: str) -> subprocess.Popen[str]:
@@ -231,7 +252,7 @@ def inner(out: Path) -> int:
     elif vm2 is not None:
         vm2.kill()
     if os.environ.get("SLOTSCOPE_E2E_QEMU", "1") == "1":
-        status["rig"] = _run_rig(out, scratch, times)
+        status["rig"] = _run_rig(out, scratch, times, status)
     rec.send_signal(signal.SIGINT)
     try:
         rest = rec.communicate(timeout=300)[1]
@@ -446,6 +467,9 @@ def test_qemu_pcdimm_recording_in_l1(l1: Path) -> None:
     if status["rig"] is None:
         pytest.skip("QEMU L2 disabled (SLOTSCOPE_E2E_QEMU=0)")
     assert status["rig"] == 0, log[-3000:]
+    if "rig_rerun_because" in status:
+        warnings.warn(f"the L2 QEMU failed once and was rerun: {status['rig_rerun_because']}",
+                      stacklevel=1)
     k = LAB_KERNEL
     assert k is not None
     step = _address_spaces(k)

@@ -21,7 +21,7 @@ from conftest import HAS_KVM, needs_kvm, needs_qemu, needs_root
 
 from analysis.schema import read_table
 from vmrig import RigError, tap
-from vmrig.config import MemoryConfig, MiB, NetConfig, RigConfig
+from vmrig.config import BareGuestConfig, MemoryConfig, MiB, NetConfig, RigConfig
 from vmrig.rig import Rig
 from vmrig.workloads import (
     WorkloadLog,
@@ -242,6 +242,29 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
     rows = table(tmp_path)
     ev = [r for r in rows if r["action"] == "event:DEVICE_DELETED"]
     assert len(ev) == 1 and not ev[0]["ok"] and "did not eject" in ev[0]["error"]
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_guest_exception_reported(accel: str, tmp_path: Path) -> None:
+    """A CPU exception in the bare guest is printed, not a silent triple
+    fault, and an eject timeout quotes it."""
+    from vmrig import bareguest
+    cfg = RigConfig(accel=accel, bare=BareGuestConfig(trap_after=300))
+
+    async def body() -> str:
+        async with Rig(cfg, record_dir=tmp_path) as rig:
+            log = WorkloadLog(tmp_path)
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            with pytest.raises(RigError, match="did not eject") as e:
+                await unplug_dimm(rig, log, dev, timeout=1.0)
+            # The loop stopped exactly where it was told to fault.
+            assert await rig.read_counter() == 300
+            return str(e.value)
+    err = run(body())
+    image = bareguest.build().read_bytes()
+    ud2 = bareguest.LINK_BASE + image.index(b"\x0f\x0b")
+    assert f"guest said '!exc 06 err 00000000 eip {ud2:08x}'" in err, err
+    assert "vCPU 0 (tid" in err  # halted: its thread sleeps
 
 
 def test_qemu_killed_mid_hotplug(tmp_path: Path) -> None:

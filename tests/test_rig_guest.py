@@ -52,7 +52,8 @@ def test_broken_source_is_a_rig_error(cache: Path, tmp_path: Path,
 def test_params_patched(cache: Path, tmp_path: Path) -> None:
     cfg = BareGuestConfig(mmio_base=0xD000_0000, npages=7, stride=8192)
     img = bareguest.image_for(cfg, nslots=3, dest=tmp_path / "bare.bin").read_bytes()
-    magic, version, base, npages, stride, nslots, counter = bareguest.PARAMS.unpack_from(
+    magic, version, base, npages, stride, nslots, counter, trap = bareguest.PARAMS.unpack_from(
         img, bareguest.PARAMS_OFFSET)
     assert (magic, base, npages, stride, nslots) == (b"SLOTSCOP", 0xD000_0000, 7, 8192, 3)
     assert counter == bareguest.COUNTER_GPA and version == bareguest.PARAMS_VERSION
+    assert trap == 0  # no deliberate exception unless asked

@@ -24,8 +24,9 @@ IMAGE_SIZE = 0x10000
 LINK_BASE = 0xFFFF0000  # -bios maps the image at the top of 4 GiB
 PARAMS_OFFSET = 0x10
 PARAMS_MAGIC = b"SLOTSCOP"
-PARAMS = struct.Struct("<8sIIIIII")  # magic, version, mmio_base, npages, stride, nslots, counter
-PARAMS_VERSION = 1
+# magic, version, mmio_base, npages, stride, nslots, counter, trap_after
+PARAMS = struct.Struct("<8sIIIIIII")
+PARAMS_VERSION = 2
 COUNTER_GPA = 0x7000
 READY_LINE = "slotscope-bare ready"
 
@@ -75,6 +76,7 @@ def image_for(config: BareGuestConfig, nslots: int, dest: Path) -> Path:
     config.validate()
     data = bytearray(build().read_bytes())
     PARAMS.pack_into(data, PARAMS_OFFSET, PARAMS_MAGIC, PARAMS_VERSION, config.mmio_base,
-                     config.npages, config.stride, max(nslots, 1), COUNTER_GPA)
+                     config.npages, config.stride, max(nslots, 1), COUNTER_GPA,
+                     config.trap_after)
     dest.write_bytes(data)
     return dest

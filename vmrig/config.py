@@ -100,6 +100,7 @@ class BareGuestConfig:
     mmio_base: int = 0xC000_0000  # in the PCI hole, unbacked: every access is MMIO
     npages: int = 4
     stride: int = 4096
+    trap_after: int = 0  # > 0: ud2 at that loop count (tests the guest's exception report)
 
     def validate(self) -> None:
         if self.npages < 2:
@@ -111,6 +112,8 @@ class BareGuestConfig:
         if self.mmio_base < 0x10_0000 or end > 0xFEC0_0000:
             raise RigError(f"MMIO range {self.mmio_base:#x}..{end:#x} must lie below "
                            "0xfec00000 (IOAPIC) and above 1 MiB")
+        if not 0 <= self.trap_after < 2**32:
+            raise RigError(f"trap_after {self.trap_after}: need 0..2^32-1")
 
 
 @dataclass(frozen=True)

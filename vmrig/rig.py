@@ -223,6 +223,11 @@ class Rig:
         except OSError:
             return ""
 
+    def guest_exception(self) -> str:
+        """The bare guest's report of a CPU exception ('!exc 06 err ...
+        eip ...'), '' if it printed none."""
+        return next((ln for ln in self.serial().splitlines() if ln.startswith("!exc ")), "")
+
     # -- lifecycle -----------------------------------------------------------
     async def __aenter__(self) -> Rig:
         try:
@@ -403,11 +408,14 @@ class Rig:
         return lines[-1].strip() if lines else ""
 
     async def why_silent(self, cpu_before: dict[int, float | None], window_s: float) -> str:
-        """Why the guest may not have answered in ``window_s``: QEMU stopped
-        the VM (a KVM internal error pauses it, with QEMU's first stderr
-        line about it), or vCPU threads that used no CPU since
-        ``cpu_before`` (``thread_cpu_s`` per vCPU).  Empty if neither."""
+        """Why the guest may not have answered in ``window_s``: a CPU
+        exception the bare guest reported; QEMU stopped the VM (a KVM
+        internal error pauses it: QEMU's first stderr line about it); vCPU
+        threads that used no CPU since ``cpu_before`` (``thread_cpu_s`` per
+        vCPU).  Empty if none of these."""
         parts = []
+        if exc := self.guest_exception():
+            parts.append(f"guest said {exc!r}")
         with contextlib.suppress(RigError):
             status = str((await self.require_qmp().execute("query-status"))["status"])
             if status != "running":

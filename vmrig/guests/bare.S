@@ -18,6 +18,13 @@
  * acknowledged and "-N" per eject.  With -smp N the other vCPUs run the
  * MMIO loop too (see start_aps), each with its own counter.
  *
+ * No exception is expected.  One that happens anyway (under nested
+ * emulation, say) is not left to triple-fault silently: an IDT in RAM
+ * sends every vector 0..31 to a handler that prints
+ * "!exc VV err EEEEEEEE eip EEEEEEEE" and halts that vCPU.  A non-zero
+ * trap_after parameter executes ud2 once the loop count reaches it, to
+ * test exactly that path.
+ *
  * The launcher patches the parameter block (magic "SLOTSCOP") per run.
  */
 	.set	IMAGE_BASE, 0xffff0000
@@ -38,12 +45,13 @@ _start:
 	.org	0x10
 params:
 	.ascii	"SLOTSCOP"
-p_version:	.long	1
+p_version:	.long	2
 p_mmio_base:	.long	0xc0000000
 p_npages:	.long	4
 p_stride:	.long	4096
 p_nslots:	.long	32
 p_counter:	.long	0x7000
+p_trap_after:	.long	0
 
 	.org	0x100
 gdt:
@@ -59,6 +67,14 @@ gdtr:
 	.long	gdt
 
 banner:	.asciz	"slotscope-bare ready\n"
+exc_msg:	.asciz	"!exc "
+exc_err:	.asciz	" err "
+exc_eip:	.asciz	" eip "
+
+	.set	IDT_RAM, 0x5000		/* 32 gates, built at boot */
+idtr:
+	.word	32 * 8 - 1
+	.long	IDT_RAM
 
 	.code16
 start16:
@@ -82,6 +98,7 @@ start32:
 	movl	p_counter, %edi
 	movl	$0, (%edi)
 	movl	$0, 4(%edi)
+	call	setup_idt
 	call	start_aps
 	movl	$banner, %esi
 	call	puts
@@ -96,7 +113,13 @@ main_loop:
 	movl	p_counter, %edi
 	addl	$1, (%edi)
 	adcl	$0, 4(%edi)
-
+	movl	p_trap_after, %eax
+	testl	%eax, %eax
+	jz	9f
+	cmpl	(%edi), %eax
+	jne	9f
+	ud2				/* the test's deliberate exception */
+9:
 	movw	$GPE0_STS, %dx
 	inb	%dx, %al
 	testb	$GPE_MEM_HOTPLUG, %al
@@ -187,6 +210,7 @@ ap32:
 	movw	%ax, %ds
 	movw	%ax, %es
 	movw	%ax, %ss
+	lidtl	idtr
 	movl	$1, %edi
 	lock xaddl %edi, AP_NEXT
 	shll	$3, %edi
@@ -218,6 +242,76 @@ tramp_gdtr:
 	.long	gdt
 tramp_end:
 	.code32
+
+/* 32 interrupt gates (selector 0x08) at IDT_RAM, one per 16-byte stub. */
+setup_idt:
+	movl	$IDT_RAM, %edi
+	movl	$exc_stubs, %eax
+	xorl	%ecx, %ecx
+1:	movl	%eax, %edx
+	andl	$0xffff, %edx
+	orl	$0x00080000, %edx
+	movl	%edx, (%edi)
+	movl	%eax, %edx
+	andl	$0xffff0000, %edx
+	orl	$0x8e00, %edx		/* present, DPL 0, 32-bit interrupt gate */
+	movl	%edx, 4(%edi)
+	addl	$8, %edi
+	addl	$16, %eax
+	incl	%ecx
+	cmpl	$32, %ecx
+	jb	1b
+	lidtl	idtr
+	ret
+
+/* Stub n pushes a 0 error code where the CPU pushes none, then n. */
+	.balign	16
+exc_stubs:
+	.irp	n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+	.balign	16
+	.if	!((\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30))
+	pushl	$0
+	.endif
+	pushl	$\n
+	jmp	exc_common
+	.endr
+
+exc_common:
+	movl	$exc_msg, %esi
+	call	puts
+	popl	%eax			/* vector */
+	shll	$24, %eax
+	movl	$2, %ecx
+	call	put_hex
+	movl	$exc_err, %esi
+	call	puts
+	popl	%eax			/* error code */
+	movl	$8, %ecx
+	call	put_hex
+	movl	$exc_eip, %esi
+	call	puts
+	popl	%eax			/* faulting eip */
+	movl	$8, %ecx
+	call	put_hex
+	movb	$'\n', %al
+	call	putc
+	cli
+9:	hlt
+	jmp	9b
+
+/* The top %ecx nibbles of %eax in hex. */
+put_hex:
+	roll	$4, %eax
+	pushl	%eax
+	andb	$0xf, %al
+	addb	$'0', %al
+	cmpb	$'9', %al
+	jbe	1f
+	addb	$('a' - '9' - 1), %al
+1:	call	putc
+	popl	%eax
+	loop	put_hex
+	ret
 
 puts:
 	lodsb
