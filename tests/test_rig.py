@@ -234,7 +234,8 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
             with pytest.raises(RigError, match="did not eject within 0.5 s") as e:
                 await unplug_dimm(rig, log, dev, timeout=0.5)
             # ...and the error says why: the paused vCPU thread did not run.
-            assert "(VM paused after STOP; vCPU 0 (tid" in str(e.value), e.value
+            assert "(VM paused after STOP, vCPU 0 at EIP=ffff" in str(e.value), e.value
+            assert "; vCPU 0 (tid" in str(e.value), e.value
             assert "used no CPU in 0.5 s" in str(e.value)
             # Consistent: QEMU still has the dimm, the table says the unplug failed.
             assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
@@ -249,16 +250,20 @@ def test_guest_exception_reported(accel: str, tmp_path: Path) -> None:
     """A CPU exception in the bare guest is printed, not a silent triple
     fault, and an eject timeout quotes it."""
     from vmrig import bareguest
-    cfg = RigConfig(accel=accel, bare=BareGuestConfig(trap_after=300))
+    cfg = RigConfig(accel=accel, bare=BareGuestConfig(trap_after=50))
 
     async def body() -> str:
         async with Rig(cfg, record_dir=tmp_path) as rig:
             log = WorkloadLog(tmp_path)
             dev = await plug_dimm(rig, log, 128 * MiB)
+            for _ in range(200):  # loop 50 comes within ms, or s on a busy host
+                if rig.guest_exception():
+                    break
+                await asyncio.sleep(0.05)
             with pytest.raises(RigError, match="did not eject") as e:
                 await unplug_dimm(rig, log, dev, timeout=1.0)
             # The loop stopped exactly where it was told to fault.
-            assert await rig.read_counter() == 300
+            assert await rig.read_counter() == 50
             return str(e.value)
     err = run(body())
     image = bareguest.build().read_bytes()
@@ -303,18 +308,21 @@ def test_qemu_death_named_with_its_status(tmp_path: Path) -> None:
     assert str(e.value).endswith("QEMU exited with status -9"), e.value
 
 
-def test_guest_reset_named_with_its_event() -> None:
-    async def body() -> None:
-        async with Rig(RigConfig(accel="tcg")) as rig:
-            # With -no-reboot a reset is a clean exit, as a guest triple fault is.
+def test_guest_reset_pauses_and_is_named(tmp_path: Path) -> None:
+    async def body() -> str:
+        async with Rig(RigConfig(accel="tcg"), record_dir=tmp_path) as rig:
+            log = WorkloadLog(tmp_path)
+            dev = await plug_dimm(rig, log, 128 * MiB)
+            # A reset (as a guest triple fault is) pauses the VM; QEMU stays.
             await rig.require_qmp().execute("system_reset")
-            for _ in range(100):
-                await rig.memory_devices()
-                await asyncio.sleep(0.05)
-    with pytest.raises(RigError) as e:
-        run(body())
-    assert str(e.value).endswith(
-        "QEMU exited with status 0 after SHUTDOWN (host-qmp-system-reset)"), e.value
+            with pytest.raises(RigError, match="did not eject") as e:
+                await unplug_dimm(rig, log, dev, timeout=0.5)
+            assert rig.alive()
+            return str(e.value)
+    err = run(body())
+    assert "(VM shutdown after SHUTDOWN (host-qmp-system-reset), vCPU 0 at EIP=ffff" in err, err
+    # The guest's serial output is kept with the run.
+    assert (tmp_path / "serial.log").read_text().startswith("slotscope-bare ready")
 
 
 def test_exception_inside_rig_cleans_up() -> None:

@@ -204,7 +204,11 @@ def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
             "-cpu", cpu_model(config, accel, host_vendor),
             "-smp", str(config.vcpus),
             *config.memory.argv(),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            # A guest reset (a triple fault) or poweroff pauses the VM instead
+            # of ending QEMU: the rig can still say what happened, registers
+            # included, rather than see the QMP socket vanish.
+            "-action", "reboot=shutdown,shutdown=pause",
             "-serial", f"file:{files.serial_log}",
             "-qmp", f"unix:{files.qmp_socket},server=on,wait=off",
             "-pidfile", str(files.pidfile)]

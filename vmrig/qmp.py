@@ -76,10 +76,12 @@ class Qmp:
                 from None
 
     def last_lifecycle(self) -> str:
-        """The newest run-state event, e.g. 'SHUTDOWN (guest-reset)'; '' if none."""
+        """The newest run-state event that says why, e.g. 'SHUTDOWN
+        (guest-reset)' rather than the STOP that follows it; '' if none."""
         if not self.lifecycle.history:
             return ""
-        ev = self.lifecycle.history[-1]
+        ev = next((e for e in reversed(self.lifecycle.history) if e["event"] != "STOP"),
+                  self.lifecycle.history[-1])
         data = ev.get("data", {})
         why = data.get("reason") or data.get("action") or ""
         return f"{ev['event']} ({why})" if why else str(ev["event"])

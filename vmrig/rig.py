@@ -250,8 +250,6 @@ class Rig:
             if self.proc.returncode is not None:
                 tail = self._stderr_tail()
                 event = self.qmp.last_lifecycle() if self.qmp is not None else ""
-                # -no-reboot: a guest reset (a triple fault, for the bare
-                # guest) is a clean exit 0 after SHUTDOWN (guest-reset).
                 died = f"QEMU exited with status {self.proc.returncode}" + \
                     (f" after {event}" if event else "") + (f": {tail}" if tail else "")
         await self.stop()
@@ -427,12 +425,22 @@ class Rig:
                     said = next((ln.strip() for ln in lines if "error" in ln.lower()), "")
                 event = self.require_qmp().last_lifecycle()
                 parts.append(f"VM {status}" + (f" after {event}" if event else "")
-                             + (f": QEMU said {said!r}" if said else ""))
+                             + (f": QEMU said {said!r}" if said else "")
+                             + await self._where_stopped())
         if self.pid is not None:
             stalled = stalled_vcpus(self.pid, self.vcpu_tids, cpu_before, window_s)
             if stalled:
                 parts.append(stalled)
         return "; ".join(parts)
+
+    async def _where_stopped(self) -> str:
+        """', vCPU 0 at EIP=...' from HMP info registers of a stopped VM."""
+        with contextlib.suppress(RigError):
+            regs = str(await self.require_qmp().execute(
+                "human-monitor-command", {"command-line": "info registers"}))
+            if m := re.search(r"\b([ER]IP=[0-9a-f]+)", regs):
+                return f", vCPU 0 at {m[1]}"
+        return ""
 
     def vcpu_cpu(self) -> dict[int, float | None]:
         """CPU seconds per vCPU thread now (for ``why_silent``)."""
@@ -567,10 +575,11 @@ class Rig:
             await asyncio.to_thread(tap.delete, self.tap_created)
             self.tap_created = None
         if self.private_dir is not None:
-            err = self.private_dir / "qemu.stderr"
-            if self.record_dir is not None and err.exists() and err.stat().st_size:
-                with contextlib.suppress(OSError):  # what QEMU said, kept with the run
-                    shutil.copyfile(err, self.record_dir / "qemu.stderr")
+            for name in ("qemu.stderr", "serial.log"):  # what QEMU and the guest said
+                src = self.private_dir / name
+                if self.record_dir is not None and src.exists() and src.stat().st_size:
+                    with contextlib.suppress(OSError):
+                        shutil.copyfile(src, self.record_dir / name)
             shutil.rmtree(self.private_dir, ignore_errors=True)
             self.private_dir = None
 
