@@ -149,6 +149,14 @@ def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float |
 
 
 @dataclass
+class Progress:
+    """CPU seconds per vCPU thread, and the bare guest's vCPU 0 loop count."""
+
+    cpu: dict[int, float | None]
+    loops: int | None
+
+
+@dataclass
 class RigState:
     """What ``rig up`` leaves behind so ``hotplug``/``down`` can find QEMU."""
 
@@ -405,15 +413,16 @@ class Rig:
         lines = [ln for ln in lines if "warning:" not in ln]
         return lines[-1].strip() if lines else ""
 
-    async def why_silent(self, cpu_before: dict[int, float | None], window_s: float) -> str:
-        """Why the guest may not have answered in ``window_s``: a CPU
-        exception the bare guest reported; QEMU stopped the VM (a KVM
-        internal error pauses it: QEMU's first stderr line about it); vCPU
-        threads that used no CPU since ``cpu_before`` (``thread_cpu_s`` per
-        vCPU).  Empty if none of these."""
+    async def why_silent(self, before: Progress, window_s: float) -> str:
+        """Why the guest may not have answered in ``window_s`` since
+        ``before``: a CPU exception the bare guest reported; QEMU stopped
+        the VM (a KVM internal error pauses it: QEMU's first stderr line
+        about it); vCPU threads that used no CPU; a bare guest whose loop
+        did not advance although its vCPU ran.  Empty if none of these."""
         parts = []
         if exc := self.guest_exception():
             parts.append(f"guest said {exc!r}")
+        status = ""
         with contextlib.suppress(RigError):
             status = str((await self.require_qmp().execute("query-status"))["status"])
             if status != "running":
@@ -427,24 +436,33 @@ class Rig:
                 parts.append(f"VM {status}" + (f" after {event}" if event else "")
                              + (f": QEMU said {said!r}" if said else "")
                              + await self._where_stopped())
-        if self.pid is not None:
-            stalled = stalled_vcpus(self.pid, self.vcpu_tids, cpu_before, window_s)
-            if stalled:
-                parts.append(stalled)
+        stalled = stalled_vcpus(self.pid or 0, self.vcpu_tids, before.cpu, window_s)
+        if stalled:
+            parts.append(stalled)
+        elif status == "running" and before.loops is not None and not parts:
+            now = await self.progress()
+            if now.loops == before.loops:
+                parts.append(f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
+                             + await self._where_stopped())
         return "; ".join(parts)
 
+    async def progress(self) -> Progress:
+        """A snapshot to compare against when the guest goes quiet."""
+        loops = None
+        if self.config.guest == "bare":
+            with contextlib.suppress(RigError, ValueError, IndexError):
+                loops = await self.read_counter()
+        return Progress({i: thread_cpu_s(self.pid or 0, tid)
+                         for i, tid in self.vcpu_tids.items()}, loops)
+
     async def _where_stopped(self) -> str:
-        """', vCPU 0 at EIP=...' from HMP info registers of a stopped VM."""
+        """', vCPU 0 at EIP=...' from HMP info registers."""
         with contextlib.suppress(RigError):
             regs = str(await self.require_qmp().execute(
                 "human-monitor-command", {"command-line": "info registers"}))
             if m := re.search(r"\b([ER]IP=[0-9a-f]+)", regs):
                 return f", vCPU 0 at {m[1]}"
         return ""
-
-    def vcpu_cpu(self) -> dict[int, float | None]:
-        """CPU seconds per vCPU thread now (for ``why_silent``)."""
-        return {i: thread_cpu_s(self.pid or 0, tid) for i, tid in self.vcpu_tids.items()}
 
     def _check_alive(self, phase: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:

@@ -192,7 +192,7 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
     size, mem_id = int(dimm["size"]), str(dimm["memdev"]).rsplit("/", 1)[-1]
     with qmp.listener("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR",
                       "ACPI_DEVICE_OST") as listener:
-        cpu = rig.vcpu_cpu()
+        before = await rig.progress()
         await log.step("device_del", dev_id, qmp.execute("device_del", {"id": dev_id}), size)
         begin = log.rows[-1]["begin_ns"]  # latency counts from sending device_del
         while True:
@@ -204,7 +204,7 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
                 if "no event" in msg:
                     # A guest that never ran cannot eject: say so, it is
                     # the host's (or the hypervisor's) problem then.
-                    why = await rig.why_silent(cpu, timeout)
+                    why = await rig.why_silent(before, timeout)
                     msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
                            + (f" ({why})" if why else ""))
                 log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
