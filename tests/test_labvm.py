@@ -433,3 +433,21 @@ def test_labvm_cli_reports_a_hang(tmp_path: Path) -> None:
     assert "Traceback" not in p.stderr
     result = json.loads((tmp_path / "o/labvm/result.json").read_text())
     assert result["timed_out"] is True and result["returncode"] is None
+
+
+@pytest.mark.labvm
+@needs_root
+@needs_lab_kernel
+@needs_lab_parts
+def test_labvm_cli_reports_an_l1_panic(tmp_path: Path) -> None:
+    # A real panic of the L1 kernel, as seen under TCG nesting (a corrupted
+    # stack end in an L2 vCPU thread): named in one line, not "exit 255".
+    p = subprocess.run(SLOTSCOPE + ["labvm", "run", "--timeout", "300", "-o", str(tmp_path / "o"),
+                                    "--", "sh", "-c", "echo c > /proc/sysrq-trigger"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("slotscope labvm: error: the L1 kernel panicked after "), last
+    assert "Kernel panic - not syncing: sysrq triggered crash (task sh)" in last, last
+    result = json.loads((tmp_path / "o/labvm/result.json").read_text())
+    assert result["panic"].startswith("Kernel panic - not syncing: sysrq triggered crash")

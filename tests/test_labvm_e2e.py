@@ -346,18 +346,27 @@ def swap_gens(mu: list[dict], step: int) -> list[int]:
 @pytest.fixture(scope="module")
 def l1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One L1 boot for both L2 workloads; the shared output directory."""
-    out = tmp_path_factory.mktemp("labvm-e2e") / "out"
+    base = tmp_path_factory.mktemp("labvm-e2e")
     t0 = time.monotonic()
     # The L1 does not inherit our environment: hand the part switches over.
     switches = [f"{k}={os.environ[k]}" for k in ("SLOTSCOPE_E2E_QEMU", "SLOTSCOPE_E2E_KFUNC")
                 if k in os.environ]
-    res = labvm.run_in_labvm(["env", *switches, sys.executable, str(Path(__file__)), "inner",
-                              str(out)], timeout=1500, outdir=out, cwd=REPO, echo=False)
+    for attempt in (1, 2):
+        out = base / ("out" if attempt == 1 else "out-rerun")
+        res = labvm.run_in_labvm(["env", *switches, sys.executable, str(Path(__file__)),
+                                  "inner", str(out)], timeout=1500, outdir=out, cwd=REPO,
+                                 echo=False)
+        if not res.panic or attempt == 2:
+            break
+        # The TCG-nested L1 panics now and then with no tracer loaded at all
+        # (a corrupted stack end in an L2 vCPU thread): one more boot, reported.
+        warnings.warn(f"the L1 kernel panicked, booted it again: {res.panic}", stacklevel=1)
     wall = time.monotonic() - t0
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
     print(f"\nlabvm e2e: {res.accel}, wall {wall:.1f} s, L1 command at uptime {res.boot_s} s, "
           f"inner {times}")
     assert not res.timed_out, "L1 hung:\n" + "\n".join(res.console_tail)
+    assert not res.panic, f"the L1 kernel panicked twice: {res.panic}"
     assert res.returncode == 0, (out / "labvm/console.log").read_text()[-4000:]
     return out
 

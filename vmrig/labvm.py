@@ -23,6 +23,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -63,6 +64,8 @@ class LabResult:
     console_tail: list[str] = field(default_factory=list)
     # L1 uptime when COMMAND started: the boot cost of this run.
     boot_s: float | None = None
+    # "Kernel panic - not syncing: ... (task ...)" if the L1 panicked.
+    panic: str = ""
 
     @property
     def ok(self) -> bool:
@@ -304,9 +307,26 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
         boot_s = float((state / "guest-start").read_text().split()[0])
     result = LabResult(returncode=None if timed_out else rc, accel=accel,
                        elapsed_s=round(elapsed, 3), timed_out=timed_out, outdir=out,
-                       console_tail=list(tail), boot_s=boot_s)
+                       console_tail=list(tail), boot_s=boot_s,
+                       panic=_panic(state / "console.log"))
     (state / "result.json").write_text(json.dumps(
         {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
          "timed_out": timed_out, "boot_s": boot_s, "kernel": str(kernel_path),
-         "command": list(command)}, indent=2) + "\n")
+         "command": list(command), "panic": result.panic}, indent=2) + "\n")
     return result
+
+
+def _panic(console: Path) -> str:
+    """The L1's panic line and the task it hit, '' if it did not panic
+    (panic=-1 makes the L1 reboot at once, and -no-reboot ends QEMU)."""
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for i, line in enumerate(lines):
+        if "Kernel panic - " in line:
+            why = line.split("] ", 1)[-1].strip()
+            task = next((m[1] for ln in lines[i + 1:i + 3]
+                         if (m := re.search(r"Comm: (.+?) (?:Not tainted|Tainted)", ln))), "")
+            return why + (f" (task {task})" if task else "")
+    return ""

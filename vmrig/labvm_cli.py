@@ -49,6 +49,10 @@ def _run(args: argparse.Namespace) -> int:
               f"({res.accel}{boot}); VM killed; last console lines above, "
               f"full log {res.outdir}/labvm/console.log", file=sys.stderr)
         return HANG_EXIT
+    if res.panic:
+        print(f"slotscope labvm: error: the L1 kernel panicked after {res.elapsed_s:.1f} s: "
+              f"{res.panic}; full log {res.outdir}/labvm/console.log", file=sys.stderr)
+        return 1
     print(f"slotscope labvm: exit {res.returncode} after {res.elapsed_s:.1f} s "
           f"({res.accel}{boot}); output in {res.outdir}", file=sys.stderr)
     if res.returncode is None:
