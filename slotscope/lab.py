@@ -20,12 +20,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from analysis.schema import RecordingError
+from vmrig.rig import guest_fault
 
 from . import labverdict
 from .labconfig import ConfigError, LabConfig, Scenario, load
@@ -86,6 +87,8 @@ class RunStatus:
     elapsed_s: float
     error: str | None = None
     accel: str | None = None
+    # Why a first attempt was thrown away (a TCG-nested L1/L2 fault), if one was.
+    retried: str | None = None
 
 
 def _read_status(run_dir: Path) -> RunStatus | None:
@@ -111,7 +114,25 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> RunStatus:
+def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float,
+            log: Callable[[str], None] = print) -> RunStatus:
+    """One repetition.  In a TCG-nested lab, an L1 panic or an L2 guest fault
+    the rig names (vmrig.rig.guest_fault) is not the scenario's doing: that
+    run is done once more, and the status keeps why."""
+    t0 = time.monotonic()
+    st = _attempt(s, rep, run_dir, mode, timeout)
+    if not st.ok and st.accel == "tcg" and st.error and (
+            st.error.startswith("L1 kernel panic") or guest_fault(st.error)):
+        log(f"{s.name}/{rep}: lab fault, run again: {st.error}")
+        first = st.error
+        st = _attempt(s, rep, run_dir, mode, timeout)
+        st.retried = first
+    st.elapsed_s = time.monotonic() - t0
+    _write_status(run_dir, st)
+    return st
+
+
+def _attempt(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> RunStatus:
     if run_dir.exists():  # an unfinished earlier attempt: start clean
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -122,7 +143,9 @@ def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> 
         res = run_in_labvm(_inner_argv(s, run_dir), timeout=timeout, outdir=run_dir,
                            echo=False)
         accel = res.accel
-        if res.timed_out:
+        if res.panic:
+            err = f"L1 kernel panic: {res.panic}"
+        elif res.timed_out:
             # The L1's last words, not QEMU's own note that we killed it.
             last = _last_line("\n".join(ln for ln in res.console_tail
                                          if not ln.startswith("qemu-system")))
@@ -138,9 +161,7 @@ def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> 
             err = None
     else:
         err = _run_child(_inner_argv(s, run_dir), timeout)
-    st = RunStatus(s.name, rep, err is None, mode, time.monotonic() - t0, err, accel)
-    _write_status(run_dir, st)
-    return st
+    return RunStatus(s.name, rep, err is None, mode, time.monotonic() - t0, err, accel)
 
 
 def _run_child(argv: list[str], timeout: float) -> str | None:
@@ -261,7 +282,7 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
                 continue
             progress.step(f"{s.name} {rep}/{s.repetitions}")
             progress.log(f"{s.name}/{rep}: {s.workload} ...")
-            st = run_one(s, rep, run_dir, mode, cfg.run_timeout)
+            st = run_one(s, rep, run_dir, mode, cfg.run_timeout, progress.log)
             statuses[s.name].append(st)
             state = "ok" if st.ok else f"FAILED: {st.error}"
             progress.log(f"{s.name}/{rep}: {state} ({st.elapsed_s:.0f} s)")
@@ -277,6 +298,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
         summary["scenarios"][name] = labverdict.scenario_summary(good, failed)
+        summary["scenarios"][name]["retried_runs"] = [f"{st.rep}: {st.retried}"
+                                                      for st in sts if st.retried]
         ok_dirs += [Path(r["path"]) for r in good]
     regressions = []
     if baseline is not None:
@@ -290,6 +313,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     for r in regressions:
         print(f"regression: {r}")
     for name, s in summary["scenarios"].items():
+        for r in s["retried_runs"]:
+            print(f"lab fault, run again: {name}/{r}")
         if not s["ok"]:
             print(f"failed: {name}: {'; '.join(s['failed_runs'])}")
     print(f"summary: {out / 'summary.json'}; report: {out / 'index.html'}")

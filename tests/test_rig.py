@@ -22,7 +22,7 @@ from conftest import HAS_KVM, needs_kvm, needs_qemu, needs_root
 from analysis.schema import read_table
 from vmrig import RigError, tap
 from vmrig.config import BareGuestConfig, MemoryConfig, MiB, NetConfig, RigConfig
-from vmrig.rig import Rig
+from vmrig.rig import Rig, guest_fault
 from vmrig.workloads import (
     WorkloadLog,
     dirty_log_toggles,
@@ -264,8 +264,12 @@ def test_guest_exception_reported(accel: str, tmp_path: Path) -> None:
                 await unplug_dimm(rig, log, dev, timeout=1.0)
             # The loop stopped exactly where it was told to fault.
             assert await rig.read_counter() == 50
+            with pytest.raises(RigError) as bad:  # the workload's own error is not one
+                await unplug_dimm(rig, log, "nodimm")
+            assert not guest_fault(str(bad.value)), bad.value
             return str(e.value)
     err = run(body())
+    assert guest_fault(err)  # what the lab job reruns under TCG nesting
     image = bareguest.build().read_bytes()
     ud2 = bareguest.LINK_BASE + image.index(b"\x0f\x0b")
     assert f"guest said '!exc 06 err 00000000 eip {ud2:08x}'" in err, err

@@ -118,6 +118,18 @@ def vcpu_threads(pid: int) -> dict[int, int]:
     return out
 
 
+# Phrases of rig errors that mean the guest or the hypervisor under it
+# failed, not the workload.  Under TCG-emulated nesting these happen on their
+# own (vmrig/README.md, "The nested lab under TCG").
+GUEST_FAULTS = ("QEMU exited with status", "VM shutdown", "VM paused", "VM internal-error",
+                "VM guest-panicked", "used no CPU", "the guest's loop stayed", "guest said '!exc")
+
+
+def guest_fault(error: str) -> bool:
+    """Whether a rig error names a failure of the guest or its hypervisor."""
+    return any(f in error for f in GUEST_FAULTS)
+
+
 def thread_cpu_s(pid: int, tid: int) -> float | None:
     """CPU seconds (user + system) of one thread, None if it is gone."""
     try:
