@@ -130,30 +130,34 @@ def guest_fault(error: str) -> bool:
     return any(f in error for f in GUEST_FAULTS)
 
 
-def thread_cpu_s(pid: int, tid: int) -> float | None:
-    """CPU seconds (user + system) of one thread, None if it is gone."""
+def _cpu_by_tid(p: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of ``p``."""
+    return {th.id: th.user_time + th.system_time for th in p.threads()}
+
+
+def vcpu_cpu_s(pid: int, vcpu_tids: dict[int, int]) -> dict[int, float]:
+    """CPU seconds per vCPU index; threads that are gone are left out."""
     try:
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        times = _cpu_by_tid(psutil.Process(pid))
+    except psutil.Error:
+        return {}
+    return {i: times[tid] for i, tid in vcpu_tids.items() if tid in times}
 
 
-def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float | None],
+def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float],
                   window_s: float) -> str:
     """Why a guest may not have answered: the vCPU threads that used no CPU
-    since ``before`` (from ``thread_cpu_s``), with their state and where
+    since ``before`` (from ``vcpu_cpu_s``), with their state and where
     they sleep in the kernel.  Empty when every vCPU ran."""
+    now = vcpu_cpu_s(pid, vcpu_tids)
     parts = []
     for idx, tid in sorted(vcpu_tids.items()):
-        now, then = thread_cpu_s(pid, tid), before.get(idx)
-        if now is None or then is None or now > then:
+        if idx not in now or idx not in before or now[idx] > before[idx]:
             continue
-        task = Path(f"/proc/{pid}/task/{tid}")
         try:
-            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            wchan = (task / "wchan").read_text().strip() or "-"
-        except (OSError, IndexError):
+            state = psutil.Process(tid).status()
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip() or "-"
+        except (OSError, psutil.Error):
             state, wchan = "?", "?"
         parts.append(f"vCPU {idx} (tid {tid}) used no CPU in {window_s:g} s, "
                      f"state {state}, wchan {wchan}")
@@ -164,7 +168,7 @@ def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float |
 class Progress:
     """CPU seconds per vCPU thread, and the bare guest's vCPU 0 loop count."""
 
-    cpu: dict[int, float | None]
+    cpu: dict[int, float]
     loops: int | None
 
 
@@ -416,14 +420,19 @@ class Rig:
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
         self.vcpu_tids = vcpu_threads(self.pid)
 
-    def _stderr_tail(self) -> str:
-        assert self.private_dir is not None
+    def _stderr_lines(self) -> list[str]:
+        """What QEMU printed, warnings left out."""
+        if self.private_dir is None:
+            return []
         try:
             lines = (self.private_dir / "qemu.stderr").read_text(errors="replace").splitlines()
         except OSError:
-            return ""
-        lines = [ln for ln in lines if "warning:" not in ln]
-        return lines[-1].strip() if lines else ""
+            return []
+        return [ln.strip() for ln in lines if "warning:" not in ln]
+
+    def _stderr_tail(self) -> str:
+        lines = self._stderr_lines()
+        return lines[-1] if lines else ""
 
     async def why_silent(self, before: Progress, window_s: float) -> str:
         """Why the guest may not have answered in ``window_s`` since
@@ -438,16 +447,11 @@ class Rig:
         with contextlib.suppress(RigError):
             status = str((await self.require_qmp().execute("query-status"))["status"])
             if status != "running":
-                said = ""
-                with contextlib.suppress(OSError, AssertionError):
-                    assert self.private_dir is not None
-                    lines = (self.private_dir / "qemu.stderr").read_text(
-                        errors="replace").splitlines()
-                    said = next((ln.strip() for ln in lines if "error" in ln.lower()), "")
+                said = next((ln for ln in self._stderr_lines() if "error" in ln.lower()), "")
                 event = self.require_qmp().last_lifecycle()
                 parts.append(f"VM {status}" + (f" after {event}" if event else "")
                              + (f": QEMU said {said!r}" if said else "")
-                             + await self._where_stopped())
+                             + await self._where_vcpu0())
         stalled = stalled_vcpus(self.pid or 0, self.vcpu_tids, before.cpu, window_s)
         if stalled:
             parts.append(stalled)
@@ -455,7 +459,7 @@ class Rig:
             now = await self.progress()
             if now.loops == before.loops:
                 parts.append(f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
-                             + await self._where_stopped())
+                             + await self._where_vcpu0())
         return "; ".join(parts)
 
     async def progress(self) -> Progress:
@@ -464,10 +468,9 @@ class Rig:
         if self.config.guest == "bare":
             with contextlib.suppress(RigError, ValueError, IndexError):
                 loops = await self.read_counter()
-        return Progress({i: thread_cpu_s(self.pid or 0, tid)
-                         for i, tid in self.vcpu_tids.items()}, loops)
+        return Progress(vcpu_cpu_s(self.pid or 0, self.vcpu_tids), loops)
 
-    async def _where_stopped(self) -> str:
+    async def _where_vcpu0(self) -> str:
         """', vCPU 0 at EIP=...' from HMP info registers."""
         with contextlib.suppress(RigError):
             regs = str(await self.require_qmp().execute(
@@ -497,7 +500,7 @@ class Rig:
             with p.oneshot():
                 t = p.cpu_times()
                 rss = p.memory_info().rss
-                threads = {th.id: th.user_time + th.system_time for th in p.threads()}
+                threads = _cpu_by_tid(p)
         except psutil.Error:
             return None
         vcpu = [round(threads.get(tid, 0.0), 3) for _, tid in sorted(self.vcpu_tids.items())]
