@@ -146,6 +146,14 @@ class Correlation:
     recording: Recording
 
 
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    """MMIO intervals closed by re-entering the guest (mmio_fault, mmio_hist):
+    a vCPU thread's last exit, cut short by the thread exiting, has no whole
+    latency and is only counted (``unfinished_faults``)."""
+    done = _np(df["reentered"], bool, True)
+    return df if done.all() else df[done].reset_index(drop=True)
+
+
 def _valid_updates(upd: pd.DataFrame) -> np.ndarray:
     return _np(upd["ret"], np.int64, 0) == 0
 
@@ -301,7 +309,7 @@ def correlate(rec: Recording) -> Correlation:
     the slow ones to the memslot update (or zap-all) that caused them."""
     upd = update_frame(rec)
     tl = generation_timeline(rec, upd)
-    f = rec.mmio_fault
+    f = finished(rec.mmio_fault)
     n = len(f)
     ok = upd["ok"].to_numpy()
     u = upd[ok]

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import schema
 from .schema import RecordingError
@@ -107,7 +106,7 @@ def _read_tolerant(run_dir: Path, event: str, problems: list[str]) -> pa.Table:
         if not f.exists():
             continue
         try:
-            good.append(pq.read_table(f, schema=sch))
+            good.append(schema.read_file(f, event))
         except (pa.ArrowInvalid, OSError):
             bad.append(f.name)
     problems.append(f"{event}: unreadable file(s) {', '.join(bad)} (truncated or corrupt); "

@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this module reads; columns added since (absent in older files) are
+# filled with what they meant then: v1 had only intervals closed by re-entry.
+READABLE_VERSIONS = (1, 2)
+ADDED_COLUMNS = {("mmio_fault", "reentered"): True, ("mmio_hist", "reentered"): True}
 MANIFEST = "manifest.json"
 
 # Kernel constants shared by writer and reader.
@@ -90,6 +95,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("vcpu", i32), ("exit_reason", u32), ("gpa", u64), ("gfn", u64),
         ("kvm_gen", u32), ("spte_gen", u32), ("stale", b), ("remarked", b),
         ("fast_hit", b), ("is_write", b), ("len", u8), ("to_user", b),
+        # False: the vCPU thread exited before re-entering the guest (its
+        # last exit); latency_ns then ends where KVM_RUN returned to the VMM.
+        ("reentered", b),
     ]),
     "mmio_access": pa.schema([
         ("ns", i64), ("pid", u32), ("tid", u32), ("vm", u64), ("vcpu", i32),
@@ -108,7 +116,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "mmio_hist": pa.schema([
         ("ns", i64), ("pid", u32), ("vm", u64), ("vcpu", i32), ("exit_reason", u32),
         ("checked", b), ("stale", b), ("remarked", b), ("fast_hit", b), ("is_write", b),
-        ("to_user", b), ("log2_ns", u8), ("count", u64), ("sum_ns", u64),
+        ("to_user", b), ("reentered", b), ("log2_ns", u8), ("count", u64), ("sum_ns", u64),
     ]),
     "lost": pa.schema([("ns", i64), ("event", s), ("count", u64)]),
     "workload": pa.schema([
@@ -284,13 +292,25 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RecordingError(f"{path}: unreadable manifest ({e})") from None
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise RecordingError(f"{path}: schema version {version!r}, this slotscope reads "
-                             f"{SCHEMA_VERSION}; use a matching slotscope release")
+                             f"{readable}; use a matching slotscope release")
     wl = Path(run_dir) / WORKLOAD_CONFIG
     if wl.exists():
         manifest["workload"] = json.loads(wl.read_text())
     return manifest
+
+
+def read_file(path: Path, event: str) -> pa.Table:
+    """One Parquet file of ``event`` in this schema, older files included."""
+    table = pq.read_table(path, schema=SCHEMAS[event])
+    for (ev, name), default in ADDED_COLUMNS.items():
+        i = table.schema.get_field_index(name) if ev == event else -1
+        if i >= 0 and table.column(i).null_count:
+            table = table.set_column(i, table.schema.field(i),
+                                     pc.fill_null(table.column(i), default))
+    return table
 
 
 def read_table(run_dir: str | os.PathLike[str], event: str) -> pa.Table:
@@ -300,10 +320,10 @@ def read_table(run_dir: str | os.PathLike[str], event: str) -> pa.Table:
     final = run_dir / f"{event}.parquet"
     try:
         if final.exists():
-            return pq.read_table(final, schema=schema)
+            return read_file(final, event)
         parts = run_dir / f"{event}.parts"
         segs = sorted(parts.glob("*.parquet")) if parts.exists() else []
-        tables = [pq.read_table(p, schema=schema) for p in segs]
+        tables = [read_file(p, event) for p in segs]
     except (pa.ArrowInvalid, OSError) as e:
         raise RecordingError(f"{run_dir}: {event} data is unreadable ({e})") from None
     return pa.concat_tables(tables) if tables else schema.empty_table()

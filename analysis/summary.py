@@ -19,6 +19,7 @@ from .epochs import (
     Correlation,
     class_codes,
     correlate,
+    finished,
     rows_of,
     run_span_ns,
     wrap_forecast,
@@ -207,7 +208,11 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
                 for c, v in class_stats(corr, run).items()}
     cost_q, lat_q = quantiles(cost), quantiles(lat)
-    hist = rows_of(rec.mmio_hist, run)
+    all_hist = rows_of(rec.mmio_hist, run)
+    hist = finished(all_hist)
+    # A vCPU thread's last exit, cut short by the thread exiting: counted only.
+    unfinished = (len(rows_of(rec.mmio_fault, run)) - nf
+                  + int(all_hist["count"].sum() - hist["count"].sum()))
     from_hist = not nf and len(hist) > 0
     if from_hist:  # aggregate mode: the same figures from the histograms
         nf = int(hist["count"].sum())
@@ -222,7 +227,8 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         "memslot_updates": len(upd), "failed_updates": int((~upd["ok"]).sum()),
         "updates_by_change": {str(k): int(v) for k, v in
                               upd["change"].value_counts().items() if v},
-        "mmio_faults": nf, "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
+        "mmio_faults": nf, "unfinished_faults": unfinished,
+        "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
         "slow_faults": n_slow, "caused_faults": None if from_hist else n_caused,
         "classified_faults": n_known,
         "slow_share": n_slow / n_known if n_known else None,
@@ -305,7 +311,7 @@ def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
     memo = corr.__dict__.setdefault("_class_stats", {})
     if run not in memo:
         f = rows_of(corr.faults, run)
-        h = rows_of(corr.recording.mmio_hist, run)
+        h = finished(rows_of(corr.recording.mmio_hist, run))
         if not len(f) and len(h):
             memo[run] = _hist_class_stats(h)
             return memo[run]

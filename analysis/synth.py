@@ -113,14 +113,14 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
             add("mmio_fault", exit_ns=t, latency_ns=int(lat), pid=m.pid, tid=m.pid + 1 + vcpu,
                 vm=m.vm, vcpu=vcpu, exit_reason=None, gpa=gfn << 12, gfn=gfn, kvm_gen=None,
                 spte_gen=None, stale=False, remarked=False, fast_hit=False,
-                is_write=is_write, len=4, to_user=True)
+                is_write=is_write, len=4, to_user=True, reentered=True)
             truth.classes.append("unknown")
             truth.causes.append(-1)
         else:
             add("mmio_fault", exit_ns=t, latency_ns=int(lat), pid=m.pid, tid=m.pid + 1 + vcpu,
                 vm=m.vm, vcpu=vcpu, exit_reason=0x400, gpa=gfn << 12, gfn=gfn,
                 kvm_gen=kvm_gen, spte_gen=spte_gen, stale=stale, remarked=remarked,
-                fast_hit=fast, is_write=is_write, len=4, to_user=True)
+                fast_hit=fast, is_write=is_write, len=4, to_user=True, reentered=True)
             truth.classes.append(klass)
             truth.causes.append(cause)
             if inprog_update < 0 and rng.random() < p_cache:
@@ -130,7 +130,8 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
                 add("mmio_fault", exit_ns=t, latency_ns=int(fast_base[(m.vm, vcpu)] * 0.8),
                     pid=m.pid, tid=m.pid + 1 + vcpu, vm=m.vm, vcpu=vcpu, exit_reason=0x400,
                     gpa=gfn << 12, gfn=gfn, kvm_gen=None, spte_gen=None, stale=False,
-                    remarked=False, fast_hit=False, is_write=True, len=4, to_user=True)
+                    remarked=False, fast_hit=False, is_write=True, len=4, to_user=True,
+                    reentered=True)
                 truth.classes.append("vcpu_cache")
                 truth.causes.append(-1)
         add("mmio_access", ns=t + int(lat) // 2, pid=m.pid, tid=m.pid + 1 + vcpu, vm=m.vm,

@@ -16,7 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_REGRESSION = 0, 1, 3
 # counts are summed).
 FIGURES = ("slow_share", "update_cost_p50_ns", "update_cost_p99_ns",
            "mmio_latency_p50_ns", "mmio_latency_p99_ns")
-COUNTS = ("memslot_updates", "mmio_faults", "slow_faults", "lost_events")
+COUNTS = ("memslot_updates", "mmio_faults", "unfinished_faults", "slow_faults", "lost_events")
 
 
 def scenario_summary(runs: list[dict[str, Any]], failed: list[str]) -> dict[str, Any]:

@@ -248,7 +248,8 @@ def test_live_run_from_segments(tmp_path: Path) -> None:
                                 "pid": 1, "tid": 2, "vm": 1, "vcpu": 0, "exit_reason": 0,
                                 "gpa": 0x1000, "gfn": 1, "kvm_gen": 2, "spte_gen": 0,
                                 "stale": stale, "remarked": not fast, "fast_hit": fast,
-                                "is_write": False, "len": 4, "to_user": False})
+                                "is_write": False, "len": 4, "to_user": False,
+                                "reentered": True})
     w.flush()  # a crash here leaves only segments and complete=False
     s = analysis.summarize(run)
     assert s["memslot_updates"] == 1 and s["mmio_faults"] == 3

@@ -70,7 +70,7 @@ def test_epoch_join_on_generated_streams(stream) -> None:
                 "tid": 2, "vm": 100 + vm, "vcpu": 0, "exit_reason": 0, "gpa": gfn << 12,
                 "gfn": gfn, "kvm_gen": 0, "spte_gen": 0, "stale": kind == "stale",
                 "remarked": kind in ("stale", "mark"), "fast_hit": kind == "fast",
-                "is_write": False, "len": 4, "to_user": False})
+                "is_write": False, "len": 4, "to_user": False, "reentered": True})
         w.close()
         corr = analysis.correlate(analysis.load(run))
     f = corr.faults

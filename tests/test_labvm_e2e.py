@@ -412,6 +412,10 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     assert all(r["kvm_gen"] - r["spte_gen"] == step and r["remarked"] for r in stale)
     fs_checks = sum(1 for e, _ in events if e == "check_mmio_spte")
     assert sum(1 for r in faults if r["fast_hit"] or r["stale"]) == fs_checks
+    # The micro-VMM stops after its last MMIO exit: that interval, closed
+    # when the vCPU thread exited, is the one row not re-entered.
+    last = max(faults, key=lambda r: r["exit_ns"])
+    assert [r for r in faults if not r["reentered"]] == [last] and last["to_user"]
     zaps = [r for r in run.tables["zap_all"].to_pylist() if r["pid"] == pid]
     assert len(zaps) == sum(c["change"] in ("delete", "move") for c in changes)
     # MMIO accesses: exactly what the L2 did.  kvm:kvm_mmio fires twice per

@@ -22,12 +22,12 @@ BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 BACKENDS = ("kprobe", "kfunc", "tracepoint")
 
 # The tracepoints slotscope uses; syscalls:* carry the tracepoint-only
-# backend's memslot updates.
+# backend's memslot updates, sched_process_exit ends a vCPU thread's last exit.
 TRACEPOINTS = (
     "kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_mmio",
     "kvmmmu:check_mmio_spte", "kvmmmu:mark_mmio_spte",
     "kvmmmu:handle_mmio_page_fault", "kvmmmu:kvm_mmu_zap_all_fast",
-    "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl",
+    "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "sched:sched_process_exit",
 )
 # Functions the kprobe/kfunc backends attach to.
 KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")

@@ -22,6 +22,7 @@ IN_PROGRESS = 1 << 63
 MMIO_GEN_MASK = (1 << MMIO_GEN_BITS_DEFAULT) - 1
 # mmio_fault bits (common.bpf.c)
 F_CHECKED, F_STALE, F_REMARKED, F_FAST_HIT, F_WRITE, F_TO_USER = (1 << i for i in range(6))
+F_UNFINISHED = 1 << 8
 EXIT_REASON_NONE = 0xFFFFFFFF
 
 
@@ -186,6 +187,7 @@ class Decoder:
             "stale": (bits & F_STALE) != 0, "remarked": (bits & F_REMARKED) != 0,
             "fast_hit": (bits & F_FAST_HIT) != 0, "is_write": (bits & F_WRITE) != 0,
             "len": sel["f"].astype(np.uint8), "to_user": (bits & F_TO_USER) != 0,
+            "reentered": (bits & F_UNFINISHED) == 0,
         }
 
     def _gens(self, sel: np.ndarray) -> tuple[str, dict[str, Any]]:
@@ -246,4 +248,5 @@ def mmio_hist_table(now: int, rows: HistRows) -> pa.Table:
                        ("fast_hit", F_FAST_HIT), ("is_write", F_WRITE),
                        ("to_user", F_TO_USER)):
         c[name] = (bits & flag) != 0
+    c["reentered"] = (bits & F_UNFINISHED) == 0
     return table("mmio_hist", {**c, "ns": [now] * len(rows)})

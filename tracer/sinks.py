@@ -12,7 +12,8 @@ import pyarrow as pa
 
 from analysis.schema import hist_quantile
 
-_LIVE_COLUMNS = {"latency_ns", "vm", "vcpu", "stale", "mmio_gen", "count", "log2_ns"}
+_LIVE_COLUMNS = {"latency_ns", "vm", "vcpu", "stale", "mmio_gen", "count", "log2_ns",
+                 "reentered"}
 
 
 class JsonLines:
@@ -81,14 +82,17 @@ class LiveStats:
                 v = self._vm(vm).vcpus.setdefault(vcpu, _Vcpu())
                 v.faults += 1
                 v.stale += bool(cols["stale"][i])
-                v.lat.append(lat[i:i + 1])
+                if cols["reentered"][i]:  # a thread's cut-short last exit: no latency
+                    v.lat.append(lat[i:i + 1])
         elif event == "mmio_hist":
-            for vm, vcpu, k, n, stale in zip(cols["vm"], cols["vcpu"], cols["log2_ns"],
-                                             cols["count"], cols["stale"], strict=True):
+            for vm, vcpu, k, n, stale, done in zip(
+                    cols["vm"], cols["vcpu"], cols["log2_ns"], cols["count"], cols["stale"],
+                    cols["reentered"], strict=True):
                 v = self._vm(vm).vcpus.setdefault(vcpu, _Vcpu())
                 v.faults += n
                 v.stale += n if stale else 0
-                v.hist[k] = v.hist.get(k, 0) + n
+                if done:
+                    v.hist[k] = v.hist.get(k, 0) + n
         elif event == "mmio_access":
             for vm, vcpu in zip(cols["vm"], cols["vcpu"], strict=True):
                 self._vm(vm).vcpus.setdefault(vcpu, _Vcpu()).accesses += 1

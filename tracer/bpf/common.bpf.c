@@ -46,6 +46,7 @@ struct event {
 #define F_TO_USER   (1 << 5)
 #define F_ACCESS    (1 << 6)   /* kvm_mmio seen */
 #define F_SYNTH     (1 << 7)   /* no kvm_exit: interval kvm_mmio -> next KVM_RUN */
+#define F_UNFINISHED (1 << 8)  /* the vCPU thread exited before re-entering */
 #define F_MMIO (F_CHECKED | F_REMARKED | F_FAST_HIT | F_ACCESS)
 
 #define EXIT_REASON_NONE 0xffffffff
@@ -75,6 +76,7 @@ struct exit_state {
 	u32 spte_gen;
 	u32 len;
 	s32 vcpu;
+	u64 user_ns;  /* KVM_RUN first returned to the VMM in this exit */
 };
 BPF_TABLE("lru_hash", u32, struct exit_state, exits, 4096);
 
@@ -181,7 +183,7 @@ static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st,
 		k.vcpu = st->vcpu >= 0 ? st->vcpu : vcpu;
 		k.pid = id >> 32;
 		k.reason = st->reason;
-		k.bits = st->bits & 0xff;
+		k.bits = st->bits & 0x1ff;
 		k.slot = log2_u64(ns - st->exit_ns);
 		struct hist_val zero = {};
 		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);

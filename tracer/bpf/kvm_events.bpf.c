@@ -77,8 +77,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	if (!traced(pid))
 		return 0;
 	struct exit_state *st = exits.lookup(&tid);
-	if (st)
+	if (st && !(st->bits & F_TO_USER)) {
 		st->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
+		st->user_ns = bpf_ktime_get_ns();
+	}
 	struct pending_ioctl *p = pending.lookup(&tid);
 	if (!p)
 		return 0;
@@ -293,3 +295,24 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 	return 0;
 }
 #endif
+
+/* A vCPU thread that exits mid-exit (the VMM stopped after an MMIO exit, or
+ * was killed) never reaches kvm_entry: close its interval here, marked, and
+ * ended where KVM_RUN returned to the VMM (the VMM's own share is unknown). */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tid = (u32)id;
+	if (!traced(id >> 32))
+		return 0;
+	struct exit_state *st = exits.lookup(&tid);
+	if (!st)
+		return 0;
+	if (!(st->bits & F_MMIO)) {
+		exits.delete(&tid);  /* an unfinished non-MMIO exit has no latency */
+		return 0;
+	}
+	st->bits |= F_UNFINISHED;
+	close_exit(args, id, st, st->user_ns ? st->user_ns : bpf_ktime_get_ns());
+	return 0;
+}
