@@ -80,7 +80,9 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     lines += _wrap(f"memslot updates {s['memslot_updates']:,}"
                    + (f" ({by})" if by else "")
                    + (f", {s['failed_updates']} failed" if s["failed_updates"] else ""))
-    lines += _wrap(f"MMIO faults {s['mmio_faults']:,}  kvm_mmio accesses "
+    cut = s.get("unfinished_faults") or 0  # a vCPU thread's last exit, cut short
+    lines += _wrap(f"MMIO faults {s['mmio_faults']:,}"
+                   + (f" (+{cut} unfinished)" if cut else "") + "  kvm_mmio accesses "
                    f"{s['mmio_accesses']:,}  slow {_num(s['slow_share'], pct=True)}  "
                    f"charged to updates {_num(s['caused_share'], pct=True)}")
     if s["classes"]:

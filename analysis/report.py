@@ -126,6 +126,7 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
         ("workload", (m.get("workload") or {}).get("workload")
          if isinstance(m.get("workload"), dict) else None),
         ("lost events", s["lost_events"]),
+        ("unfinished MMIO exits", s.get("unfinished_faults")),
     ]))
     if s["missing"]:
         items = "".join(f"<li>{_esc(x)}</li>" for x in s["missing"])

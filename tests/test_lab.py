@@ -263,3 +263,48 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert int(h.loc[~h.reentered, "count"].sum()) == s["unfinished_faults"]
     assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
     assert (out / "index.html").stat().st_size > 10_000
+
+
+# A TCG-nesting fault as the nested lab test met it (an L2 reset).
+L2_RESET = ("exit 1: slotscope lab-run: error: device_del ssdimm253x4: the guest did not "
+            "eject within 5 s (VM shutdown after SHUTDOWN (guest-reset), vCPU 0 at "
+            "EIP=0000fff0; vCPU 0 (tid 266) used no CPU in 5 s, state sleeping, wchan "
+            "futex_wait_queue)")
+
+
+@pytest.mark.parametrize("outcomes,ok", [
+    ([L2_RESET, L2_RESET, None], True),
+    ([L2_RESET, "L1 kernel panic: Kernel panic - not syncing: x", L2_RESET], False),
+    (["exit 1: slotscope lab-run: error: bad scenario", None], False),
+])
+def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          outcomes: list[str | None], ok: bool) -> None:
+    """Only TCG-nesting faults are run again, at most LAB_FAULT_RERUNS times,
+    each lost attempt kept beside the run.  The attempts are scripted: such
+    faults cannot be made on demand (the rig's classifier is tested on real
+    ones in test_rig.py)."""
+    from slotscope import lab
+    from slotscope.labconfig import Scenario
+    left = list(outcomes)
+
+    def attempt(s: Scenario, rep: int, run_dir: Path, mode: str,
+                timeout: float) -> lab.RunStatus:
+        run_dir.mkdir(parents=True)
+        err = left.pop(0)
+        (run_dir / "attempt").write_text(str(len(outcomes) - len(left)))
+        return lab.RunStatus(s.name, rep, err is None, mode, 1.0, err, "tcg")
+
+    monkeypatch.setattr(lab, "_attempt", attempt)
+    said: list[str] = []
+    run = tmp_path / "runs" / "pc" / "1"
+    st = lab.run_one(Scenario("pc", "hotplug"), 1, run, "nested", 60, log=said.append)
+    assert st.ok is ok
+    if left:  # not a lab fault: no rerun
+        assert st.retried is None and not said and st.error == outcomes[0]
+        return
+    assert st.retried == " | ".join(str(o) for o in outcomes[:2]) and len(said) == 2
+    assert st.error == outcomes[2]
+    for n in (1, 2):
+        assert (run.with_name(f"1.fault{n}") / "attempt").read_text() == str(n)
+    assert (run / "attempt").read_text() == "3"
+    assert json.loads((run / lab.STATUS).read_text())["retried"] == st.retried

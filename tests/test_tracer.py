@@ -154,6 +154,11 @@ def test_mmio_fault_intervals(recording: tuple[Any, dict[str, Any], str]) -> Non
     assert (df.latency_ns > 0).all() and df.to_user.all()
     assert list(df.reentered) == [True] * (M - 1) + [False]
     assert df.exit_ns.is_monotonic_increasing
+    # the analysis counts it apart, out of the latency figures
+    out = subprocess.run([sys.executable, "-m", "slotscope", "analyze", str(run.path)],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert f"MMIO faults {M - 1:,} (+1 unfinished)" in out
     assert abs(int(df.is_write.sum()) - truth["mmio_writes"]) <= 1
     assert {f"{g:#x}" for g in df.gpa} == set(truth["mmio_by_page"])
     assert set(df.vcpu) == {0}
