@@ -360,12 +360,23 @@ def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
     (out / "kept.txt").write_text("still here\n")
     timeout = 75.0
     t0 = time.monotonic()
-    res = labvm.run_in_labvm(["sh", "-c", "echo started > started; sleep 3600"],
+    # A slotscope process that does not end: a micro-VMM run of an hour.
+    res = labvm.run_in_labvm(["sh", "-c", "echo started > started; exec python -m slotscope "
+                              "rig run --workload microvm --duration 3600"],
                              timeout=timeout, outdir=out, echo=False)
     wall = time.monotonic() - t0
     assert res.timed_out and res.returncode is None
     assert timeout <= wall < timeout + 20
     assert res.console_tail, "the hang report needs the last console lines"
+    # Before the kill, the L1's watchdog said what every task was doing:
+    # ps, the kernel's blocked-task and per-CPU reports, and the slotscope
+    # process's Python stacks (faulthandler on SIGUSR1).
+    console = (out / "labvm/console.log").read_text(errors="replace")
+    report = console.split(f"labvm: deadline in {labvm.HANG_REPORT_S} s", 1)
+    assert len(report) == 2, console[-2000:]
+    assert "-m slotscope rig run --workload microvm" in report[1]
+    assert "sysrq: Show Blocked State" in report[1]
+    assert "(most recent call first)" in report[1] and "vmrig/" in report[1]
     assert (out / "kept.txt").read_text() == "still here\n"
     if (out / "started").exists():  # the command got going before the deadline
         assert (out / "started").read_text() == "started\n"
