@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import importlib
+import io
 import signal
 import sys
 from collections.abc import Sequence
@@ -58,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     # kill -USR1 prints every thread's Python stack on stderr: where a stuck
     # run is (the lab VM's deadline watchdog does this before the kill).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Not where stderr has no fd (main() called in-process, output captured).
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
