@@ -119,10 +119,12 @@ def _last_line(text: str) -> str:
 
 
 def _lab_fault(st: RunStatus) -> bool:
-    """An L1 panic or an L2 guest fault the rig names (vmrig.rig.guest_fault)
-    under TCG-emulated nesting: not the scenario's doing."""
+    """An L1 panic or soft lockup, or an L2 guest fault the rig names
+    (vmrig.rig.guest_fault), under TCG-emulated nesting: not the scenario's
+    doing."""
     return bool(not st.ok and st.accel == "tcg" and st.error and (
-        st.error.startswith("L1 kernel panic") or guest_fault(st.error)))
+        st.error.startswith(("L1 kernel panic", "L1 soft lockup"))
+        or guest_fault(st.error)))
 
 
 def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float,
@@ -160,6 +162,8 @@ def _attempt(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) ->
         accel = res.accel
         if res.panic:
             err = f"L1 kernel panic: {res.panic}"
+        elif res.timed_out and res.lockup:
+            err = f"L1 soft lockup: {res.lockup}"
         elif res.timed_out:
             # The L1's last words, not QEMU's own note that we killed it.
             last = _last_line("\n".join(ln for ln in res.console_tail

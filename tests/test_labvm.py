@@ -358,7 +358,7 @@ def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "kept.txt").write_text("still here\n")
-    timeout = 75.0
+    timeout = 110.0  # the watchdog reports at L1 uptime 65 s, the command well up
     t0 = time.monotonic()
     # A slotscope process that does not end: a micro-VMM run of an hour.
     res = labvm.run_in_labvm(["sh", "-c", "echo started > started; exec python -m slotscope "
@@ -462,3 +462,18 @@ def test_labvm_cli_reports_an_l1_panic(tmp_path: Path) -> None:
     assert "Kernel panic - not syncing: sysrq triggered crash (task sh)" in last, last
     result = json.loads((tmp_path / "o/labvm/result.json").read_text())
     assert result["panic"].startswith("Kernel panic - not syncing: sysrq triggered crash")
+
+
+def test_l1_lockup_is_read_from_the_console(tmp_path: Path) -> None:
+    """The soft-lockup report of an L1 that hung in the nested lab test
+    (lines from that console.log); the last one is kept."""
+    console = tmp_path / "console.log"
+    console.write_text(
+        "lab-run: +41.3 s probes attached\n"
+        "[  248.441756] watchdog: BUG: soft lockup - CPU#0 stuck for 157s! [swapper/0:0]\n"
+        "[  248.441819] RIP: 0010:finish_task_switch.isra.0+0x9f/0x2d0\n"
+        "[  276.553484] watchdog: BUG: soft lockup - CPU#1 stuck for 182s! [slotscope:260]\n"
+        "[  276.553484]  </TASK>\n")
+    assert labvm._lockup(console) == "soft lockup - CPU#1 stuck for 182s! [slotscope:260]"
+    console.write_text("[    1.0] nothing wrong\n")
+    assert labvm._lockup(console) == "" == labvm._lockup(tmp_path / "absent")

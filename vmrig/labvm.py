@@ -43,7 +43,9 @@ ACCELS = ("auto", "kvm", "tcg")
 DEFAULT_TIMEOUT = 900.0
 DEFAULT_MEMORY = "2G"
 CONSOLE_TAIL = 30
-HANG_REPORT_S = 20  # the in-L1 watchdog reports this long before the deadline
+# The in-L1 watchdog reports this long before the deadline, by the L1's
+# uptime, which lags the host's clock by its start (23 s seen under load).
+HANG_REPORT_S = 45
 STATE_DIR = "labvm"  # inside the output directory: script, logs, result
 # The project's venv: its bin/ holds vng, virtme-run and slotscope.
 VENV_BIN = Path(sys.prefix) / "bin"
@@ -67,6 +69,8 @@ class LabResult:
     boot_s: float | None = None
     # "Kernel panic - not syncing: ... (task ...)" if the L1 panicked.
     panic: str = ""
+    # The L1's last "soft lockup - CPU#n stuck for Ns! [task:pid]" report.
+    lockup: str = ""
 
     @property
     def ok(self) -> bool:
@@ -188,7 +192,12 @@ cd {q(str(cwd))} || exit 125
   echo "labvm: deadline in {HANG_REPORT_S} s: what every task is doing" >&2
   ps -eo pid,stat,wchan:24,pcpu,etimes,args >&2
   echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger
-  pkill -USR1 -f '(bin/slotscope|-m slotscope) ' ) &
+  # SIGUSR1 only where the stack dump is installed (SigCgt bit 9): before
+  # that, it would kill the process.
+  for p in $(pgrep -f '(bin/slotscope|-m slotscope) '); do
+    c=$(awk '/^SigCgt/ {{print $2}}' /proc/$p/status 2>/dev/null)
+    [ -n "$c" ] && [ $(( 0x$c & 0x200 )) -ne 0 ] && kill -USR1 $p
+  done ) &
 watchdog=$!
 {shlex.join(command)}
 rc=$?
@@ -322,21 +331,35 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     result = LabResult(returncode=None if timed_out else rc, accel=accel,
                        elapsed_s=round(elapsed, 3), timed_out=timed_out, outdir=out,
                        console_tail=list(tail), boot_s=boot_s,
-                       panic=_panic(state / "console.log"))
+                       panic=_panic(state / "console.log"),
+                       lockup=_lockup(state / "console.log"))
     (state / "result.json").write_text(json.dumps(
         {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
          "timed_out": timed_out, "boot_s": boot_s, "kernel": str(kernel_path),
-         "command": list(command), "panic": result.panic}, indent=2) + "\n")
+         "command": list(command), "panic": result.panic, "lockup": result.lockup},
+        indent=2) + "\n")
     return result
+
+
+def _console_lines(console: Path) -> list[str]:
+    try:
+        return console.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _lockup(console: Path) -> str:
+    """The L1's last soft-lockup report, '' if none: under TCG, L1 vCPUs
+    have been seen stuck at one instruction for minutes (interrupts only)."""
+    found = [ln.split("] ", 1)[-1].strip() for ln in _console_lines(console)
+             if "soft lockup - " in ln]
+    return found[-1].removeprefix("watchdog: BUG: ") if found else ""
 
 
 def _panic(console: Path) -> str:
     """The L1's panic line and the task it hit, '' if it did not panic
     (panic=-1 makes the L1 reboot at once, and -no-reboot ends QEMU)."""
-    try:
-        lines = console.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
+    lines = _console_lines(console)
     for i, line in enumerate(lines):
         if "Kernel panic - " in line:
             why = line.split("] ", 1)[-1].strip()
