@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import RigError
+from vmrig import RigError
 
 # <linux/kvm.h> ioctl numbers (x86-64).
 KVM_GET_API_VERSION = 0xAE00
@@ -707,6 +707,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
