@@ -51,6 +51,15 @@ struct event {
 
 #define EXIT_REASON_NONE 0xffffffff
 
+/* What every tracepoint program returns, on every path.  The kernel runs a
+ * BPF program on a tracepoint as a filter for all perf users of that
+ * tracepoint: a 0 drops the event for every other perf event on it
+ * (perf_trace_run_bpf_submit), so `perf record -e kvm:kvm_mmio` or
+ * `perf kvm stat` beside slotscope would silently see nothing.  1 passes the
+ * event on.  kprobe programs keep 0: bcc's kprobe event is its own, not shared
+ * with other tools; fentry/fexit must return 0 (the verifier says so). */
+#define TP_KEEP 1
+
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else

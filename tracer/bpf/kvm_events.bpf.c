@@ -40,7 +40,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	if (!traced(pid))
-		return 0;
+		return TP_KEEP;
 	u32 cmd = (u32)args->cmd;
 	u32 fd = (u32)args->fd;
 	if (cmd == KVM_RUN) {
@@ -54,11 +54,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 			if (vi)
 				tid_vcpu.update(&tid, vi);
 		}
-		return 0;
+		return TP_KEEP;
 	}
 	if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
 	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
-		return 0;
+		return TP_KEEP;
 	struct pending_ioctl p = {};
 	p.begin_ns = bpf_ktime_get_ns();
 	p.cmd = cmd;
@@ -67,7 +67,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
 		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)args->arg);
 	pending.update(&tid, &p);
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
@@ -75,7 +75,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	if (!traced(pid))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (st && !(st->bits & F_TO_USER)) {
 		st->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
@@ -83,7 +83,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	}
 	struct pending_ioctl *p = pending.lookup(&tid);
 	if (!p)
-		return 0;
+		return TP_KEEP;
 	long ret = args->ret;
 	u64 ns = bpf_ktime_get_ns();
 	if (p->cmd == KVM_CREATE_VCPU) {
@@ -121,7 +121,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		}
 	}
 	pending.delete(&tid);
-	return 0;
+	return TP_KEEP;
 }
 
 TRACEPOINT_PROBE(kvm, kvm_mmio)
@@ -129,7 +129,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	if (!traced(pid))
-		return 0;
+		return TP_KEEP;
 	u64 ns = bpf_ktime_get_ns();
 	u32 type = args->type;
 	s32 vcpu;
@@ -165,7 +165,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 		n.vcpu = vcpu;
 		exits.update(&tid, &n);
 	}
-	return 0;
+	return TP_KEEP;
 }
 
 #ifdef HAVE_KVM_EXIT
@@ -174,7 +174,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state n = {};
 	n.exit_ns = bpf_ktime_get_ns();
 	n.reason = args->exit_reason;
@@ -183,7 +183,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 	if (args->isa == 2 && n.reason == 0x400)
 		n.gpa = args->info2;
 	exits.update(&tid, &n);
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -193,11 +193,11 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (st)
 		close_exit(args, id, st, bpf_ktime_get_ns());
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -226,7 +226,7 @@ TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (st) {
 		st->bits |= F_CHECKED;
@@ -236,7 +236,7 @@ TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 			st->bits |= F_STALE;
 	}
 	gen_seen(args, id, args->kvm_gen, GEN_SRC_CHECK);
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -246,7 +246,7 @@ TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (st) {
 		st->bits |= F_REMARKED;
@@ -254,7 +254,7 @@ TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 			st->gpa = args->gfn << 12;
 	}
 	gen_seen(args, id, args->gen, GEN_SRC_MARK);
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -264,13 +264,13 @@ TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (st) {
 		st->bits |= F_FAST_HIT;
 		st->gpa = args->addr;
 	}
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -280,7 +280,7 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32;
 	if (!traced(pid))
-		return 0;
+		return TP_KEEP;
 	struct event buf;
 	struct event *e = ev_reserve(args, &buf, LOST_ZAP);
 	if (e) {
@@ -292,7 +292,7 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 		e->d = ((u64)pid << 32) | (p ? p->fd : 0);
 		ev_submit(args, e);
 	}
-	return 0;
+	return TP_KEEP;
 }
 #endif
 
@@ -304,15 +304,15 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
-		return 0;
+		return TP_KEEP;
 	struct exit_state *st = exits.lookup(&tid);
 	if (!st)
-		return 0;
+		return TP_KEEP;
 	if (!(st->bits & F_MMIO)) {
 		exits.delete(&tid);  /* an unfinished non-MMIO exit has no latency */
-		return 0;
+		return TP_KEEP;
 	}
 	st->bits |= F_UNFINISHED;
 	close_exit(args, id, st, st->user_ns ? st->user_ns : bpf_ktime_get_ns());
-	return 0;
+	return TP_KEEP;
 }
