@@ -9,10 +9,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vmrig.config import RigConfigError, parse_size
+
 WORKLOADS = ("microvm", "hotplug", "virtio-mem", "dirty-log")
 MODES = ("auto", "direct", "nested")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-SIZE_RE = re.compile(r"^(\d+)([KMG]?)$")
 
 
 class ConfigError(Exception):
@@ -37,9 +38,7 @@ class Scenario:
 
     @property
     def size_bytes(self) -> int:
-        m = SIZE_RE.match(self.size)
-        assert m, self.size
-        return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+        return parse_size(self.size, "size")  # checked when the config was read
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,10 @@ def _check_scenario(where: str, s: Scenario) -> None:
                           "hides a loop on one page)")
     if s.repetitions < 1 or s.vcpus < 1:
         raise ConfigError(f"{where}: repetitions and vcpus must be >= 1")
-    if not SIZE_RE.match(s.size):
-        raise ConfigError(f"{where}: size {s.size!r} is not like 128M")
+    try:
+        parse_size(s.size, "size")
+    except RigConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if s.guest not in ("bare", "linux"):
         raise ConfigError(f"{where}: guest must be bare or linux")
     if s.rate <= 0:

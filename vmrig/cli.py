@@ -15,6 +15,7 @@ from vmrig.config import (
     MemoryConfig,
     NetConfig,
     RigConfig,
+    RigConfigError,
     VirtioMemConfig,
     fmt_size,
     parse_size,
@@ -24,9 +25,11 @@ WORKLOADS = ("hotplug", "virtio-mem", "dirty-log", "microvm")
 
 
 def _size(text: str) -> int:
+    """``parse_size`` as an argparse type: argparse prints only an
+    ArgumentTypeError's own message (exit 2)."""
     try:
         return parse_size(text)
-    except RigError as e:
+    except RigConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

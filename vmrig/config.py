@@ -22,19 +22,35 @@ GiB = 1 << 30
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
 
 
-def parse_size(text: str | int) -> int:
-    """'128M', '2G', '4096' -> bytes (binary units, as QEMU reads them)."""
-    if isinstance(text, int):
+class RigConfigError(RigError):
+    """A rig setting that cannot be used.  ``key`` names the setting (may be
+    empty), ``value`` is what was given; the message is one line."""
+
+    def __init__(self, message: str, key: str = "", value: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+
+
+def parse_size(text: str | int, key: str = "") -> int:
+    """'128M', '2G', '4096' -> bytes (binary units, as QEMU reads them).
+
+    The one size parser: the rig's config, its command line and the lab
+    config all read sizes here.  ``key`` names the setting in the error."""
+    where = f"{key}: " if key else ""
+    if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise RigError(f"size must not be negative: {text}")
+            raise RigConfigError(f"{where}size must not be negative: {text}", key, text)
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.I) \
+        if isinstance(text, str) else None
     if not m:
-        raise RigError(f"bad size {text!r} (expected e.g. 128M, 2G)")
+        raise RigConfigError(f"{where}bad size {text!r} (expected e.g. 128M, 2G)", key, text)
     return int(m[1]) * _UNITS[m[2].upper()]
 
 
 def fmt_size(n: int) -> str:
+    """Bytes as the shortest exact size ``parse_size`` reads back ('2G')."""
     for unit in ("T", "G", "M", "K"):
         if n and n % _UNITS[unit] == 0:
             return f"{n // _UNITS[unit]}{unit}"
@@ -51,12 +67,12 @@ class MemoryConfig:
 
     def validate(self) -> None:
         if self.base < 16 * MiB or self.base % MiB:
-            raise RigError(f"memory base {fmt_size(self.base)}: need a whole number of MiB "
+            raise RigConfigError(f"memory base {fmt_size(self.base)}: need a whole number of MiB "
                            ">= 16M")
         if not 0 <= self.slots <= 256:
-            raise RigError(f"memory slots {self.slots}: QEMU allows 0..256")
+            raise RigConfigError(f"memory slots {self.slots}: QEMU allows 0..256")
         if self.slots and self.maxmem <= self.base:
-            raise RigError(f"maxmem {fmt_size(self.maxmem)} must exceed base memory "
+            raise RigConfigError(f"maxmem {fmt_size(self.maxmem)} must exceed base memory "
                            f"{fmt_size(self.base)} when slots > 0")
 
     @property
@@ -104,16 +120,16 @@ class BareGuestConfig:
 
     def validate(self) -> None:
         if self.npages < 2:
-            raise RigError("the MMIO loop needs >= 2 pages (KVM's per-vCPU MMIO cache "
+            raise RigConfigError("the MMIO loop needs >= 2 pages (KVM's per-vCPU MMIO cache "
                            "hides a single-address loop)")
         if self.stride < 4096 or self.stride % 4096:
-            raise RigError(f"MMIO stride {self.stride}: need a multiple of 4096")
+            raise RigConfigError(f"MMIO stride {self.stride}: need a multiple of 4096")
         end = self.mmio_base + self.npages * self.stride
         if self.mmio_base < 0x10_0000 or end > 0xFEC0_0000:
-            raise RigError(f"MMIO range {self.mmio_base:#x}..{end:#x} must lie below "
+            raise RigConfigError(f"MMIO range {self.mmio_base:#x}..{end:#x} must lie below "
                            "0xfec00000 (IOAPIC) and above 1 MiB")
         if not 0 <= self.trap_after < 2**32:
-            raise RigError(f"trap_after {self.trap_after}: need 0..2^32-1")
+            raise RigConfigError(f"trap_after {self.trap_after}: need 0..2^32-1")
 
 
 @dataclass(frozen=True)
@@ -137,25 +153,25 @@ class RigConfig:
         self.memory.validate()
         self.bare.validate()
         if self.guest not in ("bare", "linux"):
-            raise RigError(f"unknown guest {self.guest!r} (bare or linux)")
+            raise RigConfigError(f"unknown guest {self.guest!r} (bare or linux)")
         if self.accel not in ("auto", "kvm", "tcg"):
-            raise RigError(f"unknown accelerator {self.accel!r} (auto, kvm or tcg)")
+            raise RigConfigError(f"unknown accelerator {self.accel!r} (auto, kvm or tcg)")
         if not 1 <= self.vcpus <= 64:
-            raise RigError(f"vcpus {self.vcpus}: need 1..64")
+            raise RigConfigError(f"vcpus {self.vcpus}: need 1..64")
         for dev in self.mmio_devices:
             if dev not in ("pci-testdev", "edu"):
-                raise RigError(f"unknown MMIO device {dev!r} (pci-testdev or edu)")
+                raise RigConfigError(f"unknown MMIO device {dev!r} (pci-testdev or edu)")
         vm = self.virtio_mem
         if vm is not None:
             if vm.requested > vm.size:
-                raise RigError(f"virtio-mem requested {fmt_size(vm.requested)} exceeds its "
+                raise RigConfigError(f"virtio-mem requested {fmt_size(vm.requested)} exceeds its "
                                f"size {fmt_size(vm.size)}")
             if vm.size > self.memory.hotplug_bytes:
-                raise RigError(f"virtio-mem size {fmt_size(vm.size)} does not fit the "
+                raise RigConfigError(f"virtio-mem size {fmt_size(vm.size)} does not fit the "
                                f"hotplug area ({fmt_size(self.memory.hotplug_bytes)} = maxmem "
                                "- base)")
             if vm.size % vm.block_size or vm.requested % vm.block_size:
-                raise RigError(f"virtio-mem sizes must be multiples of the block size "
+                raise RigConfigError(f"virtio-mem sizes must be multiples of the block size "
                                f"{fmt_size(vm.block_size)}")
 
 
@@ -234,7 +250,7 @@ def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
                f"requested-size={vm.requested},block-size={vm.block_size}")
         if vm.dynamic_memslots or (vm.dynamic_memslots is None and dynamic_memslots_supported):
             if not dynamic_memslots_supported:
-                raise RigError("this QEMU's virtio-mem has no dynamic-memslots property "
+                raise RigConfigError("this QEMU's virtio-mem has no dynamic-memslots property "
                                "(needs QEMU >= 8.2)")
             dev += ",dynamic-memslots=on"
         argv += ["-device", dev]
