@@ -12,7 +12,9 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from .epochs import CLASSES, Correlation, class_codes, rows_of
+from . import manifest
+from .epochs import CLASSES, Correlation, class_codes
+from .joins import rows_of
 
 COLORS = {"fast": "#4c72b0", "vcpu_cache": "#64b5cd", "stale": "#dd8452", "first_touch": "#55a868",
           "during_update": "#c44e52", "after_zap": "#8172b3", "unknown": "#937860"}
@@ -54,7 +56,7 @@ def _t0(corr: Correlation, run: str) -> int:
         v = rows_of(df, run)[col]
         if len(v):
             cands.append(int(v.min()))
-    start = corr.recording.manifests[run].get("start_ns")
+    start = manifest.start_ns(corr.recording.manifests[run])
     return min(cands) if cands else int(start or 0)
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import schema
+from . import manifest, schema
+from .joins import as_numpy, rows_of
 from .schema import RecordingError
 
 PathLike = str | os.PathLike[str]
@@ -202,3 +203,23 @@ def load(run_dirs: PathLike | Iterable[PathLike],
         else:
             frames[event] = dfs[0]
     return Recording(frames, manifests, dict(zip(names, paths, strict=True)), problems)
+
+
+def run_span_ns(rec: Recording, run: str) -> int:
+    """Recording length: manifest start/stop, else first to last event."""
+    m = rec.manifests[run]
+    lo, hi = manifest.start_ns(m), manifest.stop_ns(m)
+    if lo is None or hi is None:
+        ts = []
+        for name, col in (("memslot_update", "begin_ns"), ("memslot_update", "end_ns"),
+                          ("mmio_fault", "exit_ns"), ("mmio_access", "ns"),
+                          ("generation", "ns")):
+            df = rec.frames[name]
+            v = as_numpy(rows_of(df, run)[col])
+            if len(v):
+                ts += [v.min(), v.max()]
+        if not ts:
+            return 0
+        lo = lo if lo is not None else min(ts)
+        hi = hi if hi is not None else max(ts)
+    return max(int(hi) - int(lo), 0)

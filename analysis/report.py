@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import plots
+from . import manifest, plots
 from .epochs import Correlation, correlate
 from .recording import Recording, load, one_line_errors
 from .schema import RecordingError, read_manifest
@@ -113,18 +113,17 @@ def top_updates(corr: Correlation, run: str, n: int = 15) -> pd.DataFrame:
 def _run_section(corr: Correlation, run: str, s: dict[str, Any],
                  tables: dict[str, pd.DataFrame]) -> str:
     m = corr.recording.manifests[run]
-    host = m.get("host") or {}
+    host = manifest.host(m)
     parts = [f'<h2 id="{_esc(run)}">Run {_esc(run)}</h2>']
-    started = m.get("start_wall")
+    started = manifest.start_wall(m)
     parts.append(_kv([
         ("path", s["path"]), ("host", host.get("hostname")), ("kernel", host.get("kernel")),
-        ("machine", host.get("machine")), ("backend", m.get("backend")),
+        ("machine", host.get("machine")), ("backend", manifest.backend(m)),
         ("started", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
-         if isinstance(started, int | float) else None),
+         if started is not None else None),
         ("duration s", s["duration_s"]), ("complete", s["complete"]),
-        ("rows", ", ".join(f"{k} {v:,}" for k, v in (m.get("rows") or {}).items())),
-        ("workload", (m.get("workload") or {}).get("workload")
-         if isinstance(m.get("workload"), dict) else None),
+        ("rows", ", ".join(f"{k} {v:,}" for k, v in manifest.rows(m).items())),
+        ("workload", manifest.workload_name(m)),
         ("lost events", s["lost_events"]),
         ("unfinished MMIO exits", s.get("unfinished_faults")),
     ]))

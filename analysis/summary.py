@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import manifest
 from .epochs import (
     CAUSED,
     CLASSES,
@@ -20,11 +21,10 @@ from .epochs import (
     class_codes,
     correlate,
     finished,
-    rows_of,
-    run_span_ns,
-    wrap_forecast,
 )
-from .recording import Recording, load, one_line_errors
+from .forecast import wrap_forecast
+from .joins import rows_of
+from .recording import Recording, load, one_line_errors, run_span_ns
 from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -116,23 +116,18 @@ def lost_events(rec: Recording, run: str) -> dict[str, int]:
     lost = rec.lost[rec.lost["run"] == run]
     table = lost.groupby(lost["event"].astype(str))["count"].sum() if len(lost) else {}
     out = {str(k): int(v) for k, v in dict(table).items()}
-    man = rec.manifests[run].get("lost") or {}
-    if isinstance(man, dict):
-        for k, v in man.items():
-            try:
-                out[str(k)] = max(out.get(str(k), 0), int(v))
-            except (TypeError, ValueError):
-                continue
+    for k, v in manifest.lost(rec.manifests[run]).items():
+        out[k] = max(out.get(k, 0), v)
     return out
 
 
 def missing(rec: Recording, run: str) -> list[str]:
     """What the run lacks and why, one line each (for reports and the CLI)."""
     m = rec.manifests[run]
-    backend = m.get("backend") or "unknown backend"
+    backend = manifest.backend(m) or "unknown backend"
     n = {e: int((df["run"] == run).sum()) for e, df in rec.frames.items()}
     out: list[str] = []
-    if not m.get("complete"):
+    if not manifest.complete(m):
         out.append("recording not finalized (live, crashed or killed): "
                    "read up to its last flush")
     if not any(n[e] for e in n if e != "workload"):
@@ -140,9 +135,7 @@ def missing(rec: Recording, run: str) -> list[str]:
         return out + list(rec.problems.get(run, []))
     if not n["memslot_update"]:
         out.append("no memslot_update events: nothing to attribute MMIO costs to")
-    caching = (m.get("kvm_params") or {}).get("kvm.mmio_caching", m.get("mmio_caching"))
-    caching_off = str(caching).upper().startswith(("N", "0", "FALSE"))
-    why = ("kvm.mmio_caching=N: KVM keeps no MMIO SPTEs" if caching_off else
+    why = ("kvm.mmio_caching=N: KVM keeps no MMIO SPTEs" if manifest.mmio_caching_off(m) else
            f"{backend}: the MMIO SPTE tracepoints did not fire or are absent")
     if not n["mmio_fault"] and n["mmio_hist"]:
         out.append("aggregate mode: MMIO faults counted in kernel histograms; latency "
@@ -168,9 +161,7 @@ def missing(rec: Recording, run: str) -> list[str]:
                     "unknown (steps show the update count)"))
     if not n["workload"]:
         out.append("no workload table: updates not matched to rig actions")
-    for item in (m.get("missing") or []) + (m.get("missing_data") or []):
-        text = item if isinstance(item, str) else ", ".join(f"{k}: {v}" for k, v in
-                                                             dict(item).items())
+    for text in manifest.missing_data(m):
         if not any(text in o for o in out):
             out.append(f"tracer reports missing: {text}")
     out += list(rec.problems.get(run, []))
@@ -219,11 +210,11 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         n_known = nf - by_class.get("unknown", {}).get("n", 0)
         n_slow = n_known - sum(by_class.get(c, {}).get("n", 0) for c in HIST_FAST)
         lat_q = [hist_quantile(hist["log2_ns"], hist["count"], q) for q in (.5, .99)]
-    host = m.get("host") or {}
+    host = manifest.host(m)
     out = {
-        "run": run, "path": str(rec.paths[run]), "backend": m.get("backend"),
+        "run": run, "path": str(rec.paths[run]), "backend": manifest.backend(m),
         "hostname": host.get("hostname"), "kernel": host.get("kernel"),
-        "complete": bool(m.get("complete")), "duration_s": run_span_ns(rec, run) / 1e9,
+        "complete": manifest.complete(m), "duration_s": run_span_ns(rec, run) / 1e9,
         "memslot_updates": len(upd), "failed_updates": int((~upd["ok"]).sum()),
         "updates_by_change": {str(k): int(v) for k, v in
                               upd["change"].value_counts().items() if v},

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import analysis
 from analysis import schema
-from analysis.epochs import asof_index
+from analysis.joins import asof_index
 
 keys_times = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), max_size=60)
 
@@ -102,10 +102,10 @@ def test_epoch_join_on_generated_streams(stream) -> None:
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2**40 - 1)), min_size=1,
                 max_size=80))
 def test_group_medians(pairs) -> None:
-    from analysis.epochs import _group_medians
+    from analysis.joins import group_medians
     k = np.array([a for a, _ in pairs], dtype=np.int64)
     v = np.array([b for _, b in pairs], dtype=np.int64)
-    ids, meds = _group_medians(k, v)
+    ids, meds = group_medians(k, v)
     assert list(ids) == sorted(set(k.tolist()))
     for i, m in zip(ids, meds, strict=True):
         assert m == np.median(v[k == i])
