@@ -7,21 +7,12 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from analysis.hostfacts import FAIL, OK, WARN, Check, param_on
 from tracer import TracerError
 from tracer.capabilities import TRACEPOINTS, Capabilities, choose_backend, probe
-
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    detail: str
-    fix: str = ""
 
 
 def _tracepoint_checks(caps: Capabilities) -> list[Check]:
@@ -63,7 +54,7 @@ def _kvm_checks(caps: Capabilities) -> list[Check]:
         out.append(Check("kvm.tdp_mmu", OK, p["kvm.tdp_mmu"]))
     for key in ("kvm_intel.nested", "kvm_amd.nested", "kvm_intel.ept", "kvm_amd.npt"):
         if key in p:
-            on = p[key].upper() in ("Y", "1")
+            on = param_on(p[key])
             out.append(Check(key, OK if on else WARN, p[key],
                              "" if on else f"modprobe {key.split('.')[0]} {key.split('.')[1]}=1"))
     return out
@@ -76,7 +67,7 @@ def _rig_checks() -> list[Check]:
     except ImportError:
         out.append(Check("qemu", WARN, "vmrig.host not available", "reinstall slotscope"))
     else:
-        out.extend(Check(*c) for c in qemu_checks())
+        out.extend(qemu_checks())
     try:
         from vmrig.labvm import labvm_check
     except ImportError:

@@ -6,6 +6,7 @@ import psutil
 import pytest
 from conftest import HAS_KVM, needs_qemu
 
+from analysis.hostfacts import Check
 from vmrig import host
 
 
@@ -18,11 +19,11 @@ def _qemu_children() -> set[int]:
 def test_qemu_checks_real_qemu() -> None:
     before = _qemu_children()
     rows = host.qemu_checks(timeout=20)
-    by_name = {r[0]: r for r in rows}
-    assert all(len(r) == 4 and r[1] in ("OK", "WARN", "FAIL") for r in rows)
-    assert by_name["qemu binary"][1] == "OK"
-    assert by_name["qemu version"][1] == "OK"
-    assert by_name["qemu -accel tcg"][1] == "OK", by_name["qemu -accel tcg"]
+    by_name = {r.name: r for r in rows}
+    assert all(isinstance(r, Check) and r.status in ("OK", "WARN", "FAIL") for r in rows)
+    assert by_name["qemu binary"].status == "OK"
+    assert by_name["qemu version"].status == "OK"
+    assert by_name["qemu -accel tcg"].status == "OK", by_name["qemu -accel tcg"]
     if HAS_KVM:
         # kvm may WARN (kvm_pvm) but must say it starts, or say why not.
         assert "qemu -accel kvm" in by_name
@@ -33,8 +34,8 @@ def test_qemu_checks_real_qemu() -> None:
 def test_qemu_checks_missing_binary(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLOTSCOPE_QEMU", "/nonexistent/qemu-system-x86_64")
     rows = host.qemu_checks()
-    assert rows[0][:2] == ("qemu binary", "FAIL")
-    assert rows[0][3]  # a fix is offered
+    assert (rows[0].name, rows[0].status) == ("qemu binary", "FAIL")
+    assert rows[0].fix  # a fix is offered
 
 
 @needs_qemu

@@ -1,8 +1,9 @@
 """What this host lets the tracer see, found by trying rather than by version.
 
-``probe()`` reads the system (tracefs, BTF, /sys/module, /dev/kvm) and tries
-to compile and load tiny BPF programs; ``choose_backend()`` turns the answer
-into the attach backend the tracer will use and the data it will lack.
+``probe()`` reads the system (tracefs, BTF, /dev/kvm, and the KVM modules
+through analysis.hostfacts, which the rig shares) and tries to compile and
+load tiny BPF programs; ``choose_backend()`` turns the answer into the
+attach backend the tracer will use and the data it will lack.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from analysis.hostfacts import kvm_params, kvm_vendor_module
 
 from . import TracerError
 
@@ -31,12 +34,6 @@ TRACEPOINTS = (
 )
 # Functions the kprobe/kfunc backends attach to.
 KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")
-KVM_VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
-KVM_PARAMS = {
-    "kvm": ("mmio_caching", "tdp_mmu"),
-    "kvm_intel": ("nested", "ept"),
-    "kvm_amd": ("nested", "npt"),
-}
 
 
 @dataclass
@@ -156,25 +153,6 @@ def _header_tree() -> tuple[str, bool]:
     return str(real), platform.release() in real.name
 
 
-def _kvm_module() -> str | None:
-    for name in KVM_VENDOR_MODULES:
-        if Path("/sys/module", name).exists():
-            return name
-    return None
-
-
-def _kvm_params() -> dict[str, str]:
-    out = {}
-    for module, names in KVM_PARAMS.items():
-        for n in names:
-            p = Path("/sys/module", module, "parameters", n)
-            try:
-                out[f"{module}.{n}"] = p.read_text().strip()
-            except OSError:
-                continue
-    return out
-
-
 def _kfunc() -> tuple[bool, str]:
     """Load and attach a trivial fentry program on kvm_set_memslot the way the
     kfunc backend does (raw bpf(2) against the kvm module's BTF object), then
@@ -236,7 +214,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         or (BTF_VMLINUX.exists() and not Path("/sys/module/kvm/initstate").exists()),
         kprobes=kprobes, kprobes_why=kprobes_why, kfunc=kfunc, kfunc_why=kfunc_why,
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
-        header_matches=matches, kvm_module=_kvm_module(), kvm_params=_kvm_params(),
+        header_matches=matches, kvm_module=kvm_vendor_module(), kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
     )
 

@@ -20,6 +20,9 @@ GuestKind = Literal["bare", "linux"]
 MiB = 1 << 20
 GiB = 1 << 30
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+# kvm_pvm hosts reject MSR 0x10a with -cpu host/max on some kernels; this model
+# starts on every KVM we have met, so the rig uses it unless told otherwise.
+KVM_SAFE_CPU = "qemu64,-cx16,-xsave"
 
 
 class RigConfigError(RigError):
@@ -180,8 +183,7 @@ def cpu_model(config: RigConfig, accel: str, host_vendor: str) -> str:
     if config.cpu:
         model = config.cpu
     elif accel == "kvm":
-        # -cpu host/max abort on some kvm_pvm hosts (MSR 0x10a); this starts.
-        model = "qemu64,-cx16,-xsave"
+        model = KVM_SAFE_CPU
     else:
         model = "max" if config.nested else "qemu64"
     if config.nested and accel == "kvm":

@@ -1,31 +1,30 @@
 """Host checks for QEMU: binary, version, and whether each accelerator starts.
 
 Checks start QEMU for real (drgn style: try it rather than guess from
-versions) and talk raw QMP over the child's stdio, so they need nothing but
-the standard library and can run from ``slotscope doctor``.
+versions) and talk to it over QMP with qemu.qmp (vmrig.qmp), so they can run
+from ``slotscope doctor``; each reports an ``analysis.hostfacts.Check`` row.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import os
 import re
-import select
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-QEMU_BINARY = "qemu-system-x86_64"
-# kvm_pvm hosts reject MSR 0x10a with -cpu host/max on some kernels; this model
-# starts on every KVM we have met, so the rig uses it unless told otherwise.
-KVM_SAFE_CPU = "qemu64,-cx16,-xsave"
-MIN_VERSION = (7, 0)
-DYNAMIC_MEMSLOTS_VERSION = (8, 2)
+from analysis.hostfacts import FAIL, OK, WARN, Check, pvm_host
+from vmrig import RigError
+from vmrig.config import KVM_SAFE_CPU
+from vmrig.qmp import QemuGone, Qmp
 
-Check = tuple[str, str, str, str]
+QEMU_BINARY = "qemu-system-x86_64"
+MIN_VERSION = (7, 0)
 
 
 def qemu_binary(explicit: str | None = None) -> str | None:
@@ -66,74 +65,68 @@ class Probe:
     replies: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_json_line(proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    buf = b""
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if not ready:
-            raise TimeoutError
-        chunk = os.read(proc.stdout.fileno(), 1)
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return json.loads(buf)
-
-
-def _command(proc: subprocess.Popen[bytes], cmd: str, deadline: float) -> Any:
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps({"execute": cmd}).encode() + b"\n")
-    proc.stdin.flush()
-    while True:
-        msg = _read_json_line(proc, deadline)
-        if "event" in msg:
-            continue
-        if "error" in msg:
-            raise RuntimeError(f"{cmd}: {msg['error'].get('desc')}")
-        return msg.get("return")
-
-
 def probe_accel(binary: str, accel: str, cpu: str = KVM_SAFE_CPU, run: float = 0.5,
                 timeout: float = 10.0) -> Probe:
     """Start a diskless PC under ``accel``, let its firmware run for ``run``
-    seconds and check over QMP that it is still running."""
+    seconds and check over QMP that it is still running.  The one "does
+    QEMU start" check; synchronous (it runs its own event loop)."""
+    return asyncio.run(_probe_accel(binary, accel, cpu, run, timeout))
+
+
+async def _probe_accel(binary: str, accel: str, cpu: str, run: float,
+                       timeout: float) -> Probe:
+    # QMP on one end of a socket pair, QEMU holding the other: no socket
+    # file to wait for or clean up.
+    ours, theirs = socket.socketpair()
     argv = [binary, "-accel", accel, "-machine", "pc", "-cpu", cpu, "-m", "64M",
             "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
-            "-qmp", "stdio", "-no-reboot"]
+            "-chardev", f"socket,id=qmp,fd={theirs.fileno()}",
+            "-mon", "chardev=qmp,mode=control", "-no-reboot"]
     start = time.monotonic()
-    deadline = start + timeout
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=[theirs.fileno()])
     except OSError as e:
+        ours.close()
         return Probe(False, f"cannot run {binary}: {e.strerror}")
+    finally:
+        theirs.close()
+    qmp = Qmp("slotscope-probe", timeout=timeout)
     replies: dict[str, Any] = {}
     try:
-        _read_json_line(proc, deadline)  # greeting
-        _command(proc, "qmp_capabilities", deadline)
-        replies["query-kvm"] = _command(proc, "query-kvm", deadline)
-        time.sleep(run)
-        replies["query-status"] = _command(proc, "query-status", deadline)
-        _command(proc, "quit", deadline)
-        proc.wait(max(0.1, deadline - time.monotonic()))
-    except (TimeoutError, EOFError, RuntimeError, json.JSONDecodeError,
-            subprocess.TimeoutExpired, BrokenPipeError) as e:
+        async with asyncio.timeout(timeout):
+            await qmp.connect(ours)
+            replies["query-kvm"] = await qmp.execute("query-kvm")
+            await asyncio.sleep(run)
+            replies["query-status"] = await qmp.execute("query-status")
+            with contextlib.suppress(QemuGone):  # QEMU may hang up before replying
+                await qmp.execute("quit")
+        await asyncio.to_thread(proc.wait, max(0.1, start + timeout - time.monotonic()))
+    except (RigError, TimeoutError, subprocess.TimeoutExpired) as e:
+        exited = proc.poll()
         proc.kill()
-        _, err = proc.communicate()
+        try:
+            _, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # a child of it holds stderr open
+            err = b""
         why = err.decode(errors="replace").strip().splitlines()
-        reason = why[-1] if why else ("timed out" if isinstance(e, TimeoutError)
-                                      else str(e) or type(e).__name__)
+        # QEMU's own last words (e.g. "unable to find CPU model") say more
+        # than the QMP side of its exit.
+        if why:
+            reason = why[-1]
+        elif exited is not None:
+            reason = f"{binary} exited with status {exited}"
+        else:
+            reason = "timed out" if isinstance(e, TimeoutError) else str(e)
         return Probe(False, reason, time.monotonic() - start, replies)
     finally:
+        await qmp.close()
+        ours.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            if f:
-                f.close()
+        if proc.stderr:
+            proc.stderr.close()
     seconds = time.monotonic() - start
     status = replies["query-status"].get("status")
     if status != "running":
@@ -144,62 +137,59 @@ def probe_accel(binary: str, accel: str, cpu: str = KVM_SAFE_CPU, run: float = 0
 
 
 def kvm_flavour() -> str:
-    """'kvm_pvm' when /dev/kvm comes from the PVM module (it emulates every
-    guest instruction: Linux guests do not boot), else 'kvm'."""
-    return "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "kvm"
+    """'kvm_pvm' when /dev/kvm may come from the PVM module (it emulates
+    every guest instruction: Linux guests do not boot), else 'kvm'."""
+    return "kvm_pvm" if pvm_host() else "kvm"
 
 
 def qemu_checks(timeout: float = 10.0) -> list[Check]:
-    """(name, 'OK'|'WARN'|'FAIL', detail, fix) rows for ``slotscope doctor``."""
-    checks: list[Check] = []
+    """The QEMU rows of ``slotscope doctor``."""
     binary = qemu_binary()
     if binary is None:
-        checks.append(("qemu binary", "FAIL", f"{QEMU_BINARY} not found",
-                       "run ./setup.sh (apt qemu-system-x86) or set SLOTSCOPE_QEMU"))
-        return checks
-    checks.append(("qemu binary", "OK", binary, ""))
+        return [Check("qemu binary", FAIL, f"{QEMU_BINARY} not found",
+                      "run ./setup.sh (apt qemu-system-x86) or set SLOTSCOPE_QEMU")]
+    checks = [Check("qemu binary", OK, binary)]
     version = qemu_version(binary, timeout)
     if version is None:
-        checks.append(("qemu version", "FAIL", f"{binary} --version gave no version",
-                       "reinstall qemu-system-x86"))
-        return checks
+        return [*checks, Check("qemu version", FAIL, f"{binary} --version gave no version",
+                               "reinstall qemu-system-x86")]
     vtext = ".".join(map(str, version))
     if version[:2] < MIN_VERSION:
-        checks.append(("qemu version", "FAIL", vtext,
-                       f"the rig needs QEMU >= {'.'.join(map(str, MIN_VERSION))}"))
+        checks.append(Check("qemu version", FAIL, vtext,
+                            f"the rig needs QEMU >= {'.'.join(map(str, MIN_VERSION))}"))
     else:
-        checks.append(("qemu version", "OK", vtext, ""))
+        checks.append(Check("qemu version", OK, vtext))
     if "dynamic-memslots" in device_properties(binary, "virtio-mem-pci", timeout):
-        checks.append(("virtio-mem memslots", "OK", "dynamic-memslots supported", ""))
+        checks.append(Check("virtio-mem memslots", OK, "dynamic-memslots supported"))
     else:
-        checks.append(("virtio-mem memslots", "WARN",
-                       f"no dynamic-memslots in QEMU {vtext}: a virtio-mem device is "
-                       "one memslot, resizes change none",
-                       "QEMU >= 8.2; pc-dimm workloads work anyway"))
-
-    if not os.path.exists("/dev/kvm"):
-        checks.append(("qemu -accel kvm", "WARN", "no /dev/kvm; the rig uses TCG",
-                       "load kvm-intel/kvm-amd, or run on a KVM host"))
-    elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        checks.append(("qemu -accel kvm", "WARN", "/dev/kvm not read/writable; using TCG",
-                       "run as root or join the kvm group"))
-    else:
-        p = probe_accel(binary, "kvm", timeout=timeout)
-        if p.ok:
-            detail = f"{p.detail}, {p.seconds:.1f} s"
-            if kvm_flavour() == "kvm_pvm":
-                checks.append(("qemu -accel kvm", "WARN", detail + "; kvm_pvm: the bare "
-                               "guest runs, Linux guests use TCG",
-                               "a hardware-virt KVM host (or the nested lab VM) for Linux"))
-            else:
-                checks.append(("qemu -accel kvm", "OK", detail, ""))
-        else:
-            checks.append(("qemu -accel kvm", "WARN", f"does not start: {p.detail}",
-                           "the rig falls back to TCG; check dmesg for KVM errors"))
+        checks.append(Check("virtio-mem memslots", WARN,
+                            f"no dynamic-memslots in QEMU {vtext}: a virtio-mem device is "
+                            "one memslot, resizes change none",
+                            "QEMU >= 8.2; pc-dimm workloads work anyway"))
+    checks.append(_kvm_check(binary, timeout))
     p = probe_accel(binary, "tcg", timeout=timeout)
     if p.ok:
-        checks.append(("qemu -accel tcg", "OK", f"{p.detail}, {p.seconds:.1f} s", ""))
+        checks.append(Check("qemu -accel tcg", OK, f"{p.detail}, {p.seconds:.1f} s"))
     else:
-        checks.append(("qemu -accel tcg", "FAIL", f"does not start: {p.detail}",
-                       "reinstall qemu-system-x86"))
+        checks.append(Check("qemu -accel tcg", FAIL, f"does not start: {p.detail}",
+                            "reinstall qemu-system-x86"))
     return checks
+
+
+def _kvm_check(binary: str, timeout: float) -> Check:
+    name = "qemu -accel kvm"
+    if not os.path.exists("/dev/kvm"):
+        return Check(name, WARN, "no /dev/kvm; the rig uses TCG",
+                     "load kvm-intel/kvm-amd, or run on a KVM host")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Check(name, WARN, "/dev/kvm not read/writable; using TCG",
+                     "run as root or join the kvm group")
+    p = probe_accel(binary, "kvm", timeout=timeout)
+    if not p.ok:
+        return Check(name, WARN, f"does not start: {p.detail}",
+                     "the rig falls back to TCG; check dmesg for KVM errors")
+    detail = f"{p.detail}, {p.seconds:.1f} s"
+    if pvm_host():
+        return Check(name, WARN, detail + "; kvm_pvm: the bare guest runs, Linux guests use TCG",
+                     "a hardware-virt KVM host (or the nested lab VM) for Linux")
+    return Check(name, OK, detail)
