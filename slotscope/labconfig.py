@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from vmrig.config import RigConfigError, parse_size
+from vmrig.workloads import WORKLOADS
 
-WORKLOADS = ("microvm", "hotplug", "virtio-mem", "dirty-log")
 MODES = ("auto", "direct", "nested")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -20,8 +20,7 @@ from vmrig.config import (
     fmt_size,
     parse_size,
 )
-
-WORKLOADS = ("hotplug", "virtio-mem", "dirty-log", "microvm")
+from vmrig.workloads import WORKLOADS
 
 
 def _size(text: str) -> int:
@@ -299,9 +298,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     down.set_defaults(func=_sync(_down))
 
     run = sub.add_parser("run", help="boot, run one workload, record it, tear down")
-    run.add_argument("--workload", choices=WORKLOADS, required=True,
-                     help="pc-dimm cycles, virtio-mem resizes (Linux guest), "
-                     "dirty-log toggles (kvm), or the micro-VMM (no QEMU)")
+    run.add_argument("--workload", choices=tuple(WORKLOADS), required=True,
+                     help=", ".join(f"{name}: {what}" for name, what in WORKLOADS.items()))
     run.add_argument("--duration", type=float, default=5.0, metavar="S",
                      help="run the workload this long (default 5)")
     run.add_argument("-o", "--output", metavar="RUN_DIR", help="write the workload table here")

@@ -5,6 +5,9 @@ Each action becomes a row of the ``workload`` table (analysis/schema.py):
 awaited event) arrived.  Events get their own rows (``action`` =
 ``event:NAME``, begin = end = arrival).  The table is rewritten atomically
 after each step, so an interrupted run keeps every finished action.
+
+``WORKLOADS`` is the one list of workload names: ``slotscope rig run`` offers
+it and the lab config is checked against it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,24 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_config
 from vmrig import RigError
 from vmrig.config import MiB, fmt_size
-from vmrig.rig import Rig
+
+if TYPE_CHECKING:
+    # Only annotations need Rig: reading WORKLOADS (the CLI's parser, the lab
+    # config) must not import QEMU lifecycle code and qemu.qmp.
+    from vmrig.rig import Rig
+
+# Every workload, with the phrase ``rig run --help`` shows for it.
+WORKLOADS: dict[str, str] = {
+    "hotplug": "pc-dimm cycles",
+    "virtio-mem": "virtio-mem resizes (Linux guest)",
+    "dirty-log": "dirty-log toggles (kvm)",
+    "microvm": "the micro-VMM (no QEMU)",
+}
 
 T = TypeVar("T")
 DIMM_ALIGN = 2 * MiB  # QEMU: "backend memory size must be multiple of 0x200000"
