@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import queue
-import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -211,7 +210,7 @@ class Recorder:
             if self.writer is not None:
                 self.writer.close(error="probes failed to load")
             raise
-        self._cpu0 = _cpu_seconds()
+        self._cpu0 = time.process_time()  # user + system CPU, all threads
         from .probes import seed_vcpus
         seeded = seed_vcpus(self.probes, pids, self.decoder.sole_vm)
         self.manifest.update({
@@ -303,7 +302,7 @@ class Recorder:
     def flush(self) -> None:
         self._intervals()
         self.manifest["lost"] = dict(self.lost)
-        self.manifest["tracer_cpu_s"] = round(_cpu_seconds() - self._cpu0, 4)
+        self.manifest["tracer_cpu_s"] = round(time.process_time() - self._cpu0, 4)
         self.manifest["events"] = dict(self.counts)
         if self.aggregate:
             self.manifest["mmio_faults_aggregated"] = self.aggregated_faults
@@ -409,11 +408,6 @@ def _generation_facts() -> dict[str, Any]:
         "mmio_gen_bits": MMIO_GEN_BITS_DEFAULT,
         "mmio_gen_bits_source": "x86 MMIO_SPTE_GEN_MASK (19 bits since 5.5; not in BTF)",
     }
-
-
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _warm_up() -> None:
