@@ -21,12 +21,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from analysis.schema import RecordingError
-from vmrig.rig import guest_fault
+from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
 from . import labverdict
 from .labconfig import ConfigError, LabConfig, Scenario, load
@@ -42,6 +42,17 @@ VENV_BIN = Path(sys.executable).parent
 
 class LabError(Exception):
     """The lab job cannot start or finish; one line for the user."""
+
+
+class RunFailed(LabError):
+    """A run's inner command failed without a typed report from the rig: it
+    exited non-zero (``returncode``) or, in direct mode, hung (None)."""
+
+    kind_tag = "run_failed"
+
+    def __init__(self, message: str, returncode: int | None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 # -- mode ---------------------------------------------------------------------
@@ -93,6 +104,18 @@ class RunStatus:
     accel: str | None = None
     # Why earlier attempts were thrown away (TCG-nested L1/L2 faults), " | "-joined.
     retried: str | None = None
+    # The failure's type and kind, e.g. "guest_fault:reset", "l1_fault:lockup".
+    kind: str | None = None
+    # The kinds of the attempts thrown away, in the order of ``retried``.
+    retried_kinds: list[str] = field(default_factory=list)
+    # The typed failure itself, in the process that met it; lab-run.json
+    # keeps its message (``error``) and ``kind``.
+    failure: RigError | RunFailed | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.failure is not None:
+            self.error = str(self.failure)
+            self.kind = self.failure.kind_tag
 
 
 def _read_status(run_dir: Path) -> RunStatus | None:
@@ -104,7 +127,8 @@ def _read_status(run_dir: Path) -> RunStatus | None:
 
 def _write_status(run_dir: Path, st: RunStatus) -> None:
     tmp = run_dir / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(asdict(st), indent=1) + "\n")
+    record = {f.name: getattr(st, f.name) for f in fields(st) if f.name != "failure"}
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, run_dir / STATUS)
 
 
@@ -119,12 +143,12 @@ def _last_line(text: str) -> str:
 
 
 def _lab_fault(st: RunStatus) -> bool:
-    """An L1 panic or soft lockup, or an L2 guest fault the rig names
-    (vmrig.rig.guest_fault), under TCG-emulated nesting: not the scenario's
-    doing."""
-    return bool(not st.ok and st.accel == "tcg" and st.error and (
-        st.error.startswith(("L1 kernel panic", "L1 soft lockup"))
-        or guest_fault(st.error)))
+    """An L1 panic or soft lockup, or an L2 guest fault the rig names, under
+    TCG-emulated nesting: not the scenario's doing.  An L1 that merely hung
+    (no lockup report) may have been waiting on the run itself: not rerun."""
+    f = st.failure
+    return st.accel == "tcg" and (
+        isinstance(f, GuestFault) or (isinstance(f, L1Fault) and f.kind != "hang"))
 
 
 def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float,
@@ -135,15 +159,18 @@ def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float,
     t0 = time.monotonic()
     st = _attempt(s, rep, run_dir, mode, timeout)
     why: list[str] = []
+    kinds: list[str] = []
     while _lab_fault(st) and len(why) < LAB_FAULT_RERUNS:
-        assert st.error is not None
+        assert st.error is not None and st.kind is not None
         why.append(st.error)
-        log(f"{s.name}/{rep}: lab fault, run again: {st.error}")
+        kinds.append(st.kind)
+        log(f"{s.name}/{rep}: lab fault ({st.kind}), run again: {st.error}")
         kept = run_dir.with_name(f"{run_dir.name}.fault{len(why)}")
         shutil.rmtree(kept, ignore_errors=True)
         run_dir.rename(kept)
         st = _attempt(s, rep, run_dir, mode, timeout)
     st.retried = " | ".join(why) or None
+    st.retried_kinds = kinds
     st.elapsed_s = time.monotonic() - t0
     _write_status(run_dir, st)
     return st
@@ -155,35 +182,35 @@ def _attempt(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) ->
     run_dir.mkdir(parents=True)
     t0 = time.monotonic()
     accel = None
+    failure: RigError | RunFailed | None
     if mode == "nested":
         from vmrig.labvm import run_in_labvm
         res = run_in_labvm(_inner_argv(s, run_dir), timeout=timeout, outdir=run_dir,
                            echo=False)
         accel = res.accel
-        if res.panic:
-            err = f"L1 kernel panic: {res.panic}"
-        elif res.timed_out and res.lockup:
-            err = f"L1 soft lockup: {res.lockup}"
-        elif res.timed_out:
-            # The L1's last words, not QEMU's own note that we killed it.
-            last = _last_line("\n".join(ln for ln in res.console_tail
-                                         if not ln.startswith("qemu-system")))
-            err = f"lab VM hung: killed after {timeout:.0f} s; last console: {last}"
-        elif res.returncode != 0:
+        failure = res.fault()
+        if failure is None and res.returncode != 0:
             log = run_dir / "labvm" / "console.log"
             text = log.read_text(errors="replace") if log.exists() else ""
             # The command's own last words, not the L1 kernel's printk lines.
             tail = _last_line("\n".join(ln for ln in text.splitlines()
                                          if not ln.startswith("[")))
-            err = f"exit {res.returncode}: {tail}"
-        else:
-            err = None
+            failure = _exited(run_dir, res.returncode, tail)
     else:
-        err = _run_child(_inner_argv(s, run_dir), timeout)
-    return RunStatus(s.name, rep, err is None, mode, time.monotonic() - t0, err, accel)
+        failure = _run_child(_inner_argv(s, run_dir), run_dir, timeout)
+    return RunStatus(s.name, rep, failure is None, mode, time.monotonic() - t0,
+                     accel=accel, failure=failure)
 
 
-def _run_child(argv: list[str], timeout: float) -> str | None:
+def _exited(run_dir: Path, returncode: int | None, tail: str) -> RigError | RunFailed:
+    """The failure of an inner run that exited non-zero: the typed error its
+    rig left in the run directory (kind and all), in our words; RunFailed
+    if it left none."""
+    message = f"exit {returncode}: {tail}"
+    return read_record(run_dir, message) or RunFailed(message, returncode)
+
+
+def _run_child(argv: list[str], run_dir: Path, timeout: float) -> RigError | RunFailed | None:
     """Run the inner command in its own process group; None, or why it failed."""
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -199,9 +226,9 @@ def _run_child(argv: list[str], timeout: float) -> str | None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         if isinstance(e, subprocess.TimeoutExpired):
-            return f"run hung: killed after {timeout:.0f} s"
+            return RunFailed(f"run hung: killed after {timeout:.0f} s", None)
         raise
-    return None if p.returncode == 0 else f"exit {p.returncode}: {_last_line(stderr)}"
+    return None if p.returncode == 0 else _exited(run_dir, p.returncode, _last_line(stderr))
 
 
 # -- the inner run (host or L1) ------------------------------------------------
@@ -317,8 +344,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
         summary["scenarios"][name] = labverdict.scenario_summary(good, failed)
-        summary["scenarios"][name]["retried_runs"] = [f"{st.rep}: {st.retried}"
-                                                      for st in sts if st.retried]
+        summary["scenarios"][name]["retried_runs"] = [
+            f"{st.rep}: [{', '.join(st.retried_kinds)}] {st.retried}" for st in sts if st.retried]
         ok_dirs += [Path(r["path"]) for r in good]
     regressions = []
     if baseline is not None:

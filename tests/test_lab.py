@@ -15,6 +15,7 @@ import pytest
 from conftest import needs_bcc, needs_kvm, needs_qemu, needs_root
 
 from analysis.schema import read_run
+from vmrig.errors import GuestFault, L1Fault, RigError
 
 SLOTSCOPE = [sys.executable, "-m", "slotscope"]
 MICROVM = """
@@ -266,24 +267,19 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
 
 
 # A TCG-nesting fault as the nested lab test met it (an L2 reset).
-L2_RESET = ("exit 1: slotscope lab-run: error: device_del ssdimm253x4: the guest did not "
-            "eject within 5 s (VM shutdown after SHUTDOWN (guest-reset), vCPU 0 at "
-            "EIP=0000fff0; vCPU 0 (tid 266) used no CPU in 5 s, state sleeping, wchan "
-            "futex_wait_queue)")
+L2_RESET = GuestFault(
+    "exit 1: slotscope lab-run: error: device_del ssdimm253x4: the guest did not "
+    "eject within 5 s (VM shutdown after SHUTDOWN (guest-reset), vCPU 0 at "
+    "EIP=0000fff0; vCPU 0 (tid 266) used no CPU in 5 s, state sleeping, wchan "
+    "futex_wait_queue)", "reset")
+LOCKUP = "soft lockup - CPU#1 stuck for 182s! [slotscope:260]"
+PANIC = "Kernel panic - not syncing: x"
 
 
-@pytest.mark.parametrize("outcomes,ok", [
-    ([L2_RESET, "L1 soft lockup: soft lockup - CPU#1 stuck for 182s! [slotscope:260]",
-      None], True),
-    ([L2_RESET, "L1 kernel panic: Kernel panic - not syncing: x", L2_RESET], False),
-    (["exit 1: slotscope lab-run: error: bad scenario", None], False),
-])
-def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                          outcomes: list[str | None], ok: bool) -> None:
-    """Only TCG-nesting faults are run again, at most LAB_FAULT_RERUNS times,
-    each lost attempt kept beside the run.  The attempts are scripted: such
-    faults cannot be made on demand (the rig's classifier is tested on real
-    ones in test_rig.py)."""
+def _scripted_attempts(monkeypatch: pytest.MonkeyPatch,
+                       outcomes: list[Exception | None]) -> list[Exception | None]:
+    """Replace the lab's attempts by ``outcomes`` in turn (None: the run
+    succeeded), each attempt leaving its number in its directory."""
     from slotscope import lab
     from slotscope.labconfig import Scenario
     left = list(outcomes)
@@ -293,19 +289,73 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         run_dir.mkdir(parents=True)
         err = left.pop(0)
         (run_dir / "attempt").write_text(str(len(outcomes) - len(left)))
-        return lab.RunStatus(s.name, rep, err is None, mode, 1.0, err, "tcg")
+        return lab.RunStatus(s.name, rep, err is None, mode, 1.0, accel="tcg", failure=err)
 
     monkeypatch.setattr(lab, "_attempt", attempt)
+    return left
+
+
+@pytest.mark.parametrize("outcomes,ok", [
+    ([L2_RESET, L1Fault(f"L1 soft lockup: {LOCKUP}", "lockup", LOCKUP), None], True),
+    ([L2_RESET, L1Fault(f"L1 kernel panic: {PANIC}", "panic", PANIC), L2_RESET], False),
+    ([RigError("exit 1: slotscope lab-run: error: bad scenario"), None], False),
+])
+def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          outcomes: list[Exception | None], ok: bool) -> None:
+    """Only TCG-nesting faults are run again, at most LAB_FAULT_RERUNS times,
+    each lost attempt kept beside the run.  The attempts are scripted: such
+    faults cannot be made on demand (the rig's classifier is tested on real
+    ones in test_rig.py)."""
+    from slotscope import lab
+    from slotscope.labconfig import Scenario
+    left = _scripted_attempts(monkeypatch, outcomes)
     said: list[str] = []
     run = tmp_path / "runs" / "pc" / "1"
     st = lab.run_one(Scenario("pc", "hotplug"), 1, run, "nested", 60, log=said.append)
     assert st.ok is ok
     if left:  # not a lab fault: no rerun
-        assert st.retried is None and not said and st.error == outcomes[0]
+        assert st.retried is None and not said and st.error == str(outcomes[0])
         return
     assert st.retried == " | ".join(str(o) for o in outcomes[:2]) and len(said) == 2
-    assert st.error == outcomes[2]
+    assert st.error == (None if outcomes[2] is None else str(outcomes[2]))
     for n in (1, 2):
         assert (run.with_name(f"1.fault{n}") / "attempt").read_text() == str(n)
     assert (run / "attempt").read_text() == "3"
-    assert json.loads((run / lab.STATUS).read_text())["retried"] == st.retried
+    status = json.loads((run / lab.STATUS).read_text())
+    assert status["retried"] == st.retried
+    # Each thrown-away attempt's kind is kept beside its message.
+    assert status["retried_kinds"] == ["guest_fault:reset", outcomes[1].kind_tag]
+    assert status["kind"] == (None if outcomes[2] is None else "guest_fault:reset")
+
+
+@pytest.mark.parametrize("failure", [
+    # The words of a guest fault in an error that is not one: not rerun.
+    RigError("device_del d1: VM shutdown after SHUTDOWN (guest-reset); vCPU 0 used no CPU"),
+    # A hung L1 without a lockup report may have waited on the run itself.
+    L1Fault("lab VM hung: killed after 60 s; last console: L1 soft lockup", "hang"),
+])
+def test_lab_fault_is_decided_by_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      failure: Exception) -> None:
+    from slotscope import lab
+    from slotscope.labconfig import Scenario
+    left = _scripted_attempts(monkeypatch, [failure, None])
+    st = lab.run_one(Scenario("pc", "hotplug"), 1, tmp_path / "1", "nested", 60,
+                     log=lambda _: None)
+    assert not st.ok and st.retried is None and left == [None]
+    assert st.kind == failure.kind_tag  # type: ignore[attr-defined]
+
+
+def test_lab_rebuilds_the_rigs_fault_from_its_record(tmp_path: Path) -> None:
+    """A lab-run that fails in another process (the lab VM) leaves its rig's
+    error as a record; the host rebuilds the typed fault from the kind it
+    names, in its own words."""
+    from slotscope import lab
+    from vmrig.errors import write_record
+    write_record(tmp_path, GuestFault("device_del d1: the guest did not eject", "reset",
+                                      "VM shutdown"))
+    f = lab._exited(tmp_path, 1, "slotscope lab-run: error: device_del d1: ...")
+    assert isinstance(f, GuestFault) and f.kind == "reset" and f.detail == "VM shutdown"
+    assert str(f) == "exit 1: slotscope lab-run: error: device_del d1: ..."
+    (tmp_path / "rig-error.json").unlink()
+    f = lab._exited(tmp_path, 2, "boom")
+    assert isinstance(f, lab.RunFailed) and f.returncode == 2 and str(f) == "exit 2: boom"

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from vmrig import RigError
-from vmrig.qmp import QemuGone, Qmp
+from vmrig.errors import QemuGone, QmpCommandError, QmpConnectError, QmpTimeout
+from vmrig.qmp import Qmp
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
                                 "package": ""}, "capabilities": []}}
@@ -78,8 +79,10 @@ def test_reply_error_and_version(tmp_path: Path) -> None:
     async def body(qmp: Qmp) -> None:
         assert qmp.version == {"major": 7, "minor": 2, "micro": 0}
         assert (await qmp.execute("query-status"))["status"] == "running"
-        with pytest.raises(RigError, match=r"^object-del: no such thing$"):
+        with pytest.raises(RigError, match=r"^object-del: no such thing$") as e:
             await qmp.execute("object-del", {"id": "x"})
+        assert isinstance(e.value, QmpCommandError)
+        assert (e.value.command, e.value.desc) == ("object-del", "no such thing")
     run_with_peer(tmp_path, handler, body)
 
 
@@ -88,8 +91,9 @@ def test_silence_is_a_timeout(tmp_path: Path) -> None:
         return None  # never replies
 
     async def body(qmp: Qmp) -> None:
-        with pytest.raises(RigError, match="device_del: no reply within 0.2 s"):
+        with pytest.raises(RigError, match="device_del: no reply within 0.2 s") as e:
             await qmp.execute("device_del", {"id": "d"}, timeout=0.2)
+        assert isinstance(e.value, QmpTimeout) and e.value.awaited == "reply"
     run_with_peer(tmp_path, handler, body)
 
 
@@ -116,8 +120,10 @@ def test_wait_times_out_without_event(tmp_path: Path) -> None:
     async def body(qmp: Qmp) -> None:
         with qmp.listener("DEVICE_DELETED") as listener:
             await qmp.execute("device_del", {"id": "d1"})
-            with pytest.raises(RigError, match="no event within 0.3 s"):
+            with pytest.raises(RigError, match="no event within 0.3 s") as e:
                 await qmp.wait(listener, "device_del d1", 0.3, match={"device": "d1"})
+            assert isinstance(e.value, QmpTimeout) and e.value.awaited == "event"
+            assert (e.value.what, e.value.timeout_s) == ("device_del d1", 0.3)
     run_with_peer(tmp_path, handler, body)
 
 
@@ -141,6 +147,8 @@ def test_peer_vanishing_is_qemu_gone(tmp_path: Path) -> None:
 
 def test_connect_refused(tmp_path: Path) -> None:
     async def main() -> None:
-        with pytest.raises(RigError, match="QMP connect to"):
+        with pytest.raises(RigError, match="QMP connect to") as e:
             await Qmp().connect(str(tmp_path / "absent.sock"))
+        assert isinstance(e.value, QmpConnectError)
+        assert e.value.socket == str(tmp_path / "absent.sock")
     asyncio.run(main())

@@ -20,9 +20,10 @@ import pytest
 from conftest import HAS_KVM, needs_kvm, needs_qemu, needs_root
 
 from analysis.schema import read_table
-from vmrig import RigError, tap
+from vmrig import GuestFault, RigError, tap
 from vmrig.config import BareGuestConfig, MemoryConfig, MiB, NetConfig, RigConfig
-from vmrig.rig import Rig, guest_fault
+from vmrig.errors import read_record
+from vmrig.rig import Rig
 from vmrig.workloads import (
     WorkloadLog,
     dirty_log_toggles,
@@ -237,6 +238,7 @@ def test_guest_that_never_ejects(tmp_path: Path) -> None:
             assert "(VM paused after STOP, vCPU 0 at EIP=ffff" in str(e.value), e.value
             assert "; vCPU 0 (tid" in str(e.value), e.value
             assert "used no CPU in 0.5 s" in str(e.value)
+            assert isinstance(e.value, GuestFault) and e.value.kind == "paused", repr(e.value)
             # Consistent: QEMU still has the dimm, the table says the unplug failed.
             assert [d["data"]["id"] for d in await rig.memory_devices()] == [dev]
     run(body())
@@ -252,7 +254,7 @@ def test_guest_exception_reported(accel: str, tmp_path: Path) -> None:
     from vmrig import bareguest
     cfg = RigConfig(accel=accel, bare=BareGuestConfig(trap_after=50))
 
-    async def body() -> str:
+    async def body() -> RigError:
         async with Rig(cfg, record_dir=tmp_path) as rig:
             log = WorkloadLog(tmp_path)
             dev = await plug_dimm(rig, log, 128 * MiB)
@@ -266,10 +268,12 @@ def test_guest_exception_reported(accel: str, tmp_path: Path) -> None:
             assert await rig.read_counter() == 50
             with pytest.raises(RigError) as bad:  # the workload's own error is not one
                 await unplug_dimm(rig, log, "nodimm")
-            assert not guest_fault(str(bad.value)), bad.value
-            return str(e.value)
-    err = run(body())
-    assert guest_fault(err)  # what the lab job reruns under TCG nesting
+            assert not isinstance(bad.value, GuestFault), bad.value
+            return e.value
+    fault = run(body())
+    # What the lab job reruns under TCG nesting: the guest's exception first.
+    assert isinstance(fault, GuestFault) and fault.kind == "exception", repr(fault)
+    err = str(fault)
     image = bareguest.build().read_bytes()
     ud2 = bareguest.LINK_BASE + image.index(b"\x0f\x0b")
     assert f"guest said '!exc 06 err 00000000 eip {ud2:08x}'" in err, err
@@ -310,6 +314,11 @@ def test_qemu_death_named_with_its_status(tmp_path: Path) -> None:
     # The QMP symptom and its cause, in one line.
     assert "QEMU closed the QMP connection" in str(e.value)
     assert str(e.value).endswith("QEMU exited with status -9"), e.value
+    assert isinstance(e.value, GuestFault) and e.value.kind == "qemu_exit"
+    # Left for a reader in another process (the lab job), kind and all.
+    again = read_record(tmp_path)
+    assert isinstance(again, GuestFault) and again.kind == "qemu_exit"
+    assert str(again) == str(e.value)
 
 
 def test_guest_reset_pauses_and_is_named(tmp_path: Path) -> None:
@@ -322,6 +331,8 @@ def test_guest_reset_pauses_and_is_named(tmp_path: Path) -> None:
             with pytest.raises(RigError, match="did not eject") as e:
                 await unplug_dimm(rig, log, dev, timeout=0.5)
             assert rig.alive()
+            # The host reset it, not the guest: a shutdown, not a guest reset.
+            assert isinstance(e.value, GuestFault) and e.value.kind == "shutdown"
             return str(e.value)
     err = run(body())
     assert "(VM shutdown after SHUTDOWN (host-qmp-system-reset), vCPU 0 at EIP=ffff" in err, err

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# The error tree is cheap and needed by every caller: imported eagerly.
+from vmrig.errors import GuestFault, L1Fault, QemuGone, RigError
 
-class RigError(Exception):
-    """A rig request that cannot be met; the message is one line for the user."""
-
+__all__ = ["GuestFault", "L1Fault", "QemuGone", "RigError"]
 
 _LAZY = {
     "Rig": "vmrig.rig", "RigConfig": "vmrig.config", "MemoryConfig": "vmrig.config",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from vmrig import RigError
+from vmrig.errors import L1Fault, RigError
 from vmrig.kernel import LabKernel, lab_kernel
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -71,10 +71,26 @@ class LabResult:
     panic: str = ""
     # The L1's last "soft lockup - CPU#n stuck for Ns! [task:pid]" report.
     lockup: str = ""
+    timeout_s: float = 0.0   # the deadline it was given
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
+
+    def fault(self) -> L1Fault | None:
+        """The L1's own failure, if it had one: a kernel panic, or at the
+        deadline a soft lockup it reported, else a plain hang."""
+        if self.panic:
+            return L1Fault(f"L1 kernel panic: {self.panic}", "panic", self.panic)
+        if self.timed_out and self.lockup:
+            return L1Fault(f"L1 soft lockup: {self.lockup}", "lockup", self.lockup)
+        if self.timed_out:
+            # The L1's last words, not QEMU's own note that we killed it.
+            last = next((ln for ln in reversed(self.console_tail)
+                         if ln.strip() and not ln.startswith("qemu-system")), "")
+            return L1Fault(f"lab VM hung: killed after {self.timeout_s:.0f} s; "
+                           f"last console: {last.rstrip()}", "hang", last.rstrip())
+        return None
 
 
 def _tool(name: str) -> str | None:
@@ -332,7 +348,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
                        elapsed_s=round(elapsed, 3), timed_out=timed_out, outdir=out,
                        console_tail=list(tail), boot_s=boot_s,
                        panic=_panic(state / "console.log"),
-                       lockup=_lockup(state / "console.log"))
+                       lockup=_lockup(state / "console.log"), timeout_s=timeout)
     (state / "result.json").write_text(json.dumps(
         {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
          "timed_out": timed_out, "boot_s": boot_s, "kernel": str(kernel_path),

@@ -1,7 +1,8 @@
-"""QMP over qemu.qmp's asyncio ``QMPClient``, with every failure a RigError.
+"""QMP over qemu.qmp's asyncio ``QMPClient``, with every failure a typed RigError.
 
-Timeouts, QEMU going away, and error replies all surface as one-line
-``RigError``s naming the command, so CLI handlers can print them as-is.
+Timeouts (``QmpTimeout``), QEMU going away (``QemuGone``), and error replies
+(``QmpCommandError``) are one-line errors naming the command, so CLI
+handlers can print them as-is (vmrig/errors.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from vmrig import RigError
-
-
-class QemuGone(RigError):
-    """QEMU exited or closed the QMP connection."""
-
+from vmrig.errors import QemuGone, QmpCommandError, QmpConnectError, QmpTimeout
 
 LIFECYCLE_EVENTS = ("SHUTDOWN", "RESET", "STOP", "GUEST_PANICKED", "GUEST_CRASHLOADED")
 
@@ -48,9 +44,9 @@ class Qmp:
             async with asyncio.timeout(timeout if timeout is not None else self.timeout):
                 await self.client.connect(socket_path)
         except TimeoutError:
-            raise RigError(f"QMP connect to {socket_path}: timed out") from None
+            raise QmpConnectError(socket_path, "timed out") from None
         except (ConnectError, OSError) as e:
-            raise RigError(f"QMP connect to {socket_path}: {e}") from None
+            raise QmpConnectError(socket_path, str(e)) from None
         greeting = self.client.greeting
         self.version = dict(greeting.QMP.version["qemu"]) if greeting else {}
 
@@ -60,7 +56,8 @@ class Qmp:
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
-        """Run ``cmd``; its reply's ``return`` value, or RigError."""
+        """Run ``cmd``; its reply's ``return`` value, or QmpCommandError,
+        QmpTimeout, QemuGone."""
         limit = self.timeout if timeout is None else timeout
         try:
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
@@ -68,20 +65,26 @@ class Qmp:
             async with asyncio.timeout(limit):
                 return await self.client.execute(cmd, args)
         except ExecuteError as e:
-            raise RigError(f"{cmd}: {e.error.error.desc}") from None
+            raise QmpCommandError(cmd, e.error.error.desc) from None
         except TimeoutError:
-            raise RigError(f"{cmd}: no reply within {limit:g} s") from None
+            raise QmpTimeout(cmd, "reply", limit) from None
         except (StateError, ExecInterruptedError, EOFError, ConnectionError) as e:
-            raise QemuGone(f"{cmd}: QEMU closed the QMP connection ({type(e).__name__})") \
-                from None
+            raise QemuGone(cmd, type(e).__name__) from None
+
+    def last_lifecycle_event(self) -> dict[str, Any] | None:
+        """The newest run-state event that says why, e.g. SHUTDOWN with
+        reason guest-reset rather than the STOP that follows it."""
+        if not self.lifecycle.history:
+            return None
+        return dict(next((e for e in reversed(self.lifecycle.history) if e["event"] != "STOP"),
+                         self.lifecycle.history[-1]))
 
     def last_lifecycle(self) -> str:
-        """The newest run-state event that says why, e.g. 'SHUTDOWN
-        (guest-reset)' rather than the STOP that follows it; '' if none."""
-        if not self.lifecycle.history:
+        """``last_lifecycle_event`` for a message, e.g. 'SHUTDOWN
+        (guest-reset)'; '' if none."""
+        ev = self.last_lifecycle_event()
+        if ev is None:
             return ""
-        ev = next((e for e in reversed(self.lifecycle.history) if e["event"] != "STOP"),
-                  self.lifecycle.history[-1])
         data = ev.get("data", {})
         why = data.get("reason") or data.get("action") or ""
         return f"{ev['event']} ({why})" if why else str(ev["event"])
@@ -100,7 +103,7 @@ class Qmp:
         while True:
             left = deadline - loop.time()
             if left <= 0:
-                raise RigError(f"{what}: no event within {timeout:g} s")
+                raise QmpTimeout(what, "event", timeout)
             get = asyncio.ensure_future(listener.get())
             # A disconnect does not wake listeners: watch the runstate too.
             done, _ = await asyncio.wait({get}, timeout=min(left, 0.2))
@@ -109,7 +112,7 @@ class Qmp:
                 with contextlib.suppress(asyncio.CancelledError):
                     await get
                 if not self.connected:
-                    raise QemuGone(f"{what}: QEMU closed the QMP connection")
+                    raise QemuGone(what)
                 continue
             event = get.result()
             data = event.get("data", {})

@@ -30,9 +30,10 @@ from typing import Any
 import psutil
 
 from analysis.schema import monotonic_ns
-from vmrig import RigError, bareguest, host
+from vmrig import bareguest, host
 from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
-from vmrig.qmp import QemuGone, Qmp
+from vmrig.errors import GuestFault, GuestFaultKind, QemuGone, RigError, write_record
+from vmrig.qmp import Qmp
 
 STATE_FILE = "state.json"
 SAMPLES_FILE = "qemu-samples.csv"
@@ -118,18 +119,6 @@ def vcpu_threads(pid: int) -> dict[int, int]:
     return out
 
 
-# Phrases of rig errors that mean the guest or the hypervisor under it
-# failed, not the workload.  Under TCG-emulated nesting these happen on their
-# own (vmrig/README.md, "The nested lab under TCG").
-GUEST_FAULTS = ("QEMU exited with status", "VM shutdown", "VM paused", "VM internal-error",
-                "VM guest-panicked", "used no CPU", "the guest's loop stayed", "guest said '!exc")
-
-
-def guest_fault(error: str) -> bool:
-    """Whether a rig error names a failure of the guest or its hypervisor."""
-    return any(f in error for f in GUEST_FAULTS)
-
-
 def _cpu_by_tid(p: psutil.Process) -> dict[int, float]:
     """CPU seconds (user + system) of each thread of ``p``."""
     return {th.id: th.user_time + th.system_time for th in p.threads()}
@@ -170,6 +159,40 @@ class Progress:
 
     cpu: dict[int, float]
     loops: int | None
+
+
+# QEMU run states (query-status) that mean the guest stopped by itself, as
+# GuestFault kinds; 'shutdown' is a reset when the SHUTDOWN event says so.
+_STOPPED_KINDS: dict[str, GuestFaultKind] = {
+    "shutdown": "shutdown", "paused": "paused", "internal-error": "internal_error",
+    "guest-panicked": "panicked"}
+
+
+@dataclass(frozen=True)
+class Silence:
+    """Why a guest did not answer, as far as the rig can tell: its causes in
+    order of weight, each a guest-fault kind (or None: seen, but not a fault
+    the rig can name) with its text.  Formats as the causes' text, and is
+    false when none was found."""
+
+    causes: tuple[tuple[GuestFaultKind | None, str], ...] = ()
+
+    def __str__(self) -> str:
+        return "; ".join(text for _, text in self.causes)
+
+    def __bool__(self) -> bool:
+        return bool(self.causes)
+
+    @property
+    def kind(self) -> GuestFaultKind | None:
+        """The first cause that is a guest fault."""
+        return next((k for k, _ in self.causes if k is not None), None)
+
+    def error(self, message: str) -> RigError:
+        """The error for a wait that ended in this silence: a GuestFault
+        when a cause is one, else a plain RigError."""
+        kind = self.kind
+        return GuestFault(message, kind, str(self)) if kind else RigError(message)
 
 
 @dataclass
@@ -265,8 +288,8 @@ class Rig:
         if self.detach and exc[0] is None:
             await self._detach()
             return
-        died = ""
-        if isinstance(exc[1], QemuGone) and self.proc is not None:
+        error = exc[1] if isinstance(exc[1], RigError) else None
+        if isinstance(error, QemuGone) and self.proc is not None:
             # QMP going away first is the symptom; QEMU's status and last
             # stderr line are the cause.
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -276,9 +299,15 @@ class Rig:
                 event = self.qmp.last_lifecycle() if self.qmp is not None else ""
                 died = f"QEMU exited with status {self.proc.returncode}" + \
                     (f" after {event}" if event else "") + (f": {tail}" if tail else "")
+                error = GuestFault(f"{error}; {died}", "qemu_exit", died)
+        record_dir = self.record_dir
         await self.stop()
-        if died:
-            raise RigError(f"{exc[1]}; {died}") from None
+        if error is not None and record_dir is not None:
+            # For a reader in another process (the lab job on the host).
+            with contextlib.suppress(OSError):
+                write_record(record_dir, error)
+        if error is not None and error is not exc[1]:
+            raise error from None
 
     def _make_private_dir(self) -> Path:
         if self._private_arg is None:
@@ -434,33 +463,39 @@ class Rig:
         lines = self._stderr_lines()
         return lines[-1] if lines else ""
 
-    async def why_silent(self, before: Progress, window_s: float) -> str:
+    async def why_silent(self, before: Progress, window_s: float) -> Silence:
         """Why the guest may not have answered in ``window_s`` since
         ``before``: a CPU exception the bare guest reported; QEMU stopped
         the VM (a KVM internal error pauses it: QEMU's first stderr line
         about it); vCPU threads that used no CPU; a bare guest whose loop
         did not advance although its vCPU ran.  Empty if none of these."""
-        parts = []
+        causes: list[tuple[GuestFaultKind | None, str]] = []
         if exc := self.guest_exception():
-            parts.append(f"guest said {exc!r}")
+            causes.append(("exception", f"guest said {exc!r}"))
         status = ""
         with contextlib.suppress(RigError):
-            status = str((await self.require_qmp().execute("query-status"))["status"])
+            qmp = self.require_qmp()
+            status = str((await qmp.execute("query-status"))["status"])
             if status != "running":
                 said = next((ln for ln in self._stderr_lines() if "error" in ln.lower()), "")
-                event = self.require_qmp().last_lifecycle()
-                parts.append(f"VM {status}" + (f" after {event}" if event else "")
-                             + (f": QEMU said {said!r}" if said else "")
-                             + await self._where_vcpu0())
+                event = qmp.last_lifecycle()
+                kind = _STOPPED_KINDS.get(status)
+                if kind == "shutdown" and (qmp.last_lifecycle_event() or {}).get(
+                        "data", {}).get("reason") == "guest-reset":
+                    kind = "reset"
+                causes.append((kind, f"VM {status}" + (f" after {event}" if event else "")
+                               + (f": QEMU said {said!r}" if said else "")
+                               + await self._where_vcpu0()))
         stalled = stalled_vcpus(self.pid or 0, self.vcpu_tids, before.cpu, window_s)
         if stalled:
-            parts.append(stalled)
-        elif status == "running" and before.loops is not None and not parts:
+            causes.append(("stalled_vcpu", stalled))
+        elif status == "running" and before.loops is not None and not causes:
             now = await self.progress()
             if now.loops == before.loops:
-                parts.append(f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
-                             + await self._where_vcpu0())
-        return "; ".join(parts)
+                causes.append(("stuck_loop",
+                               f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
+                               + await self._where_vcpu0()))
+        return Silence(tuple(causes))
 
     async def progress(self) -> Progress:
         """A snapshot to compare against when the guest goes quiet."""
