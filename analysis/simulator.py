@@ -1,4 +1,4 @@
-"""Synthetic recordings that follow the kernel's MMIO generation rules.
+"""A simulator of recordings that follow the kernel's MMIO generation rules.
 
 For tests, demos and benchmarks where no real recording fits.  The model is
 KVM's (virt/kvm/kvm_main.c, arch/x86/kvm/mmu): each memslot swap sets the

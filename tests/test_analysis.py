@@ -15,7 +15,7 @@ import pytest
 from analysis_ref import reference
 
 import analysis
-from analysis import schema, synth
+from analysis import schema, simulator
 from analysis.report import write_report
 from analysis.schema import RecordingError
 from slotscope.cli import main
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, synth.Truth]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, simulator.Truth]]:
     base = tmp_path_factory.mktemp("runs")
     out = {}
     for name, kw in {
@@ -34,11 +34,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, synt
                      changes=("create", "flags_only")),
         "host": dict(seed=3, events=1500, host_style=True),
     }.items():
-        out[name] = (base / name, synth.simulate(base / name, **kw))
+        out[name] = (base / name, simulator.simulate(base / name, **kw))
     return out
 
 
-def _assert_matches(run_dir: Path, truth: synth.Truth) -> analysis.Correlation:
+def _assert_matches(run_dir: Path, truth: simulator.Truth) -> analysis.Correlation:
     corr = analysis.correlate(analysis.load(run_dir))
     ref = reference(run_dir)
     got = corr.faults["klass"].astype(str).tolist()
