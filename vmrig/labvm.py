@@ -53,10 +53,6 @@ NESTED_PARAMS = ("/sys/module/kvm_amd/parameters/nested",
                  "/sys/module/kvm_intel/parameters/nested")
 
 
-class LabVMHang(RigError):
-    """The L1 did not finish before its deadline."""
-
-
 @dataclass
 class LabResult:
     returncode: int | None   # COMMAND's exit status; None if the L1 hung

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from qemu.qmp import (
@@ -125,12 +125,3 @@ class Qmp:
             async with asyncio.timeout(5):
                 await self.client.disconnect()
 
-
-@contextlib.asynccontextmanager
-async def session(socket_path: str, timeout: float = 10.0) -> AsyncIterator[Qmp]:
-    qmp = Qmp(timeout=timeout)
-    await qmp.connect(socket_path)
-    try:
-        yield qmp
-    finally:
-        await qmp.close()
