@@ -1,7 +1,7 @@
-"""``python -m vmrig.microvm``: the micro-VMM's command line."""
+"""``python -m vmrig.microvm``: see cli.py."""
 
 import sys
 
-from vmrig.microvm.vmm import main
+from vmrig.microvm.cli import main
 
 sys.exit(main())

@@ -1,0 +1,68 @@
+"""``python -m vmrig.microvm``: run the micro-VMM, print or store its ground truth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from vmrig.microvm.changes import parse_schedule
+from vmrig.microvm.errors import BadRequest, MicroVMError
+from vmrig.microvm.guest import ACCESSES, MAX_PAGES
+from vmrig.microvm.truth import write_workload
+from vmrig.microvm.vmm import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vmrig.microvm",
+        description="A micro-VMM on /dev/kvm: exact memslot changes while a vCPU touches MMIO.")
+    p.add_argument("--mmio-accesses", "-n", type=int, default=0, metavar="M",
+                   help="stop after M MMIO exits (accesses with --coalesced)")
+    p.add_argument("--duration", "-d", type=float, default=0.0, help="or stop after S seconds")
+    p.add_argument("--pages", type=int, default=2, help=f"distinct MMIO pages (2..{MAX_PAGES})")
+    p.add_argument("--access", choices=ACCESSES, help="default rw (write with --coalesced)")
+    p.add_argument("--coalesced", action="store_true",
+                   help="writes only, most completed in the kernel through a coalesced MMIO "
+                   "ring (no exit to user space): >=100k accesses/s")
+    p.add_argument("--schedule", default="",
+                   help="e.g. create:1,flags_only:1,move:1,delete:1 ('flags' = flags_only)")
+    p.add_argument("--every", type=int, default=0, help="MMIO exits between changes")
+    p.add_argument("--slot-size", type=int, default=0x100000, help="bytes per extra slot")
+    p.add_argument("--vcpus", type=int, default=1,
+                   help="vCPUs (threads 'CPU n/KVM'), sharing the MMIO accesses")
+    p.add_argument("--wait", action="store_true",
+                   help="print 'ready PID' and wait for a line on stdin before starting")
+    p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
+    p.add_argument("--run-dir", help="also write workload.json + workload.parquet into this "
+                   "run directory (e.g. the one `slotscope record` writes)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sched = parse_schedule(args.schedule)
+        if args.mmio_accesses <= 0 and args.duration <= 0:
+            raise BadRequest("give --mmio-accesses M or --duration S")
+        if args.wait:
+            print(f"ready {os.getpid()}", flush=True)
+            sys.stdin.readline()
+        r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
+                args.duration, args.slot_size, args.vcpus, args.coalesced)
+    except MicroVMError as e:
+        print(f"microvm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.run_dir:
+        write_workload(args.run_dir, r)
+    text = json.dumps(r.as_dict(), indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0

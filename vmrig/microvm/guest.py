@@ -1,0 +1,115 @@
+"""The micro-VMM's guest: the guest-physical map and the code, from guests/microvm.S.
+
+The loops are assembled with GNU as + ld (binutils) into a flat image per
+variant (--defsym: page count, access mode, loop), cached by the hash of
+the source and the symbols, so editing microvm.S rebuilds them.  The
+image's header says where the code starts and, for the coalesced loop,
+where its unrolled round is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmrig.bareguest import cache_dir
+from vmrig.microvm.errors import GuestBuildError
+
+# Guest-physical map: slot 0 is RAM with the code; the MMIO pages are
+# unbacked (no slot covers them), so every access to them is MMIO.
+PAGE = 0x1000
+RAM_SIZE = 0x10000
+CODE_GPA = 0x1000
+MMIO_GPA = 0x20000
+MAX_PAGES = 16           # one 64 KiB real-mode segment (ES)
+SIGNAL_PORT = 0x10       # the guest's "round done" / "next batch" port
+ACCESSES = ("read", "write", "rw")
+
+SOURCE = Path(__file__).resolve().parent.parent / "guests" / "microvm.S"
+HEADER = struct.Struct("<8sHHHH")  # magic, version, entry, round, round_end
+MAGIC = b"SLSMICRO"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class GuestCode:
+    """One assembled loop, loaded at CODE_GPA."""
+
+    image: bytes
+    entry: int            # GPA every vCPU starts at
+    pages: int
+    round: int = 0        # coalesced: GPA of the unrolled round
+    write_len: int = 0    # coalesced: bytes of one write in that round
+
+    def batch_entry(self, part: int) -> int:
+        """The IP to enter the round at so its first pass does only the
+        last ``part`` writes (the whole round when 0)."""
+        return self.round + (self.pages - part) * self.write_len if part else self.round
+
+
+def exit_program(pages: int, access: str) -> GuestCode:
+    """Each round reads and/or writes one byte of each page, then ``out``."""
+    return _load(pages, COALESCED=0, READS=int(access in ("read", "rw")),
+                 WRITES=int(access in ("write", "rw")))
+
+
+def coalesced_program(pages: int) -> GuestCode:
+    """Batches of one-byte writes (the byte: BL, the vCPU index) the VMM
+    asks for through ``in eax``; see microvm.S."""
+    return _load(pages, COALESCED=1, READS=0, WRITES=1)
+
+
+def _load(pages: int, **symbols: int) -> GuestCode:
+    image = assemble(dict(symbols, PAGES=pages, PAGE=PAGE, SIGNAL_PORT=SIGNAL_PORT))
+    magic, version, entry, round_, round_end = HEADER.unpack_from(image)
+    if (magic, version) != (MAGIC, VERSION):
+        raise GuestBuildError("ld", f"image header {magic!r} v{version}, not {MAGIC!r} v{VERSION}")
+    write_len, rest = divmod(round_end - round_, pages)
+    if rest:
+        raise GuestBuildError("as", "the coalesced round's writes differ in length")
+    return GuestCode(image, CODE_GPA + entry, pages,
+                     CODE_GPA + round_ if round_ else 0, write_len)
+
+
+def assemble(symbols: dict[str, int]) -> bytes:
+    """The flat image of microvm.S with these --defsym values, from the
+    cache or built (and cached where the cache is writable)."""
+    src = SOURCE.read_bytes()
+    defs = [f"{k}={v:#x}" for k, v in sorted(symbols.items())]
+    key = hashlib.sha256(src + "\0".join(defs).encode()).hexdigest()[:16]
+    out = cache_dir() / f"microvm-{key}.bin"
+    if out.exists():
+        return out.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="slotscope-microvm-") as tmp:
+        obj, img = Path(tmp) / "microvm.o", Path(tmp) / "microvm.bin"
+        defsyms = [a for d in defs for a in ("--defsym", d)]
+        _tool_run(["as", "--32", *defsyms, "-o", str(obj), str(SOURCE)])
+        _tool_run(["ld", "-m", "elf_i386", "-nostdlib", f"-Ttext={CODE_GPA:#x}",
+                   "--oformat", "binary", "-e", "_start", "-o", str(img), str(obj)])
+        data = img.read_bytes()
+    if len(data) > RAM_SIZE - CODE_GPA:
+        raise GuestBuildError("ld", f"image of {len(data)} bytes does not fit in RAM")
+    try:  # a read-only cache (the nested lab's L1) just means building each run
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
+        tmp_out.write_bytes(data)
+        os.replace(tmp_out, out)
+    except OSError:
+        pass
+    return data
+
+
+def _tool_run(cmd: list[str]) -> None:
+    path = shutil.which(cmd[0])
+    if path is None:
+        raise GuestBuildError(cmd[0], "not found: the micro-VMM needs binutils (./setup.sh)")
+    p = subprocess.run([path, *cmd[1:]], capture_output=True, text=True, check=False)
+    if p.returncode:
+        last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise GuestBuildError(cmd[0], last)
