@@ -1,21 +1,28 @@
-"""The micro-VMM on the real /dev/kvm: its own counts are exact."""
+"""The micro-VMM on the real /dev/kvm: its own counts are exact; its guest
+code is assembled from guests/microvm.S; its schedule uses the schema's names."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import needs_kvm
 
+from analysis.schema import CHANGE_TYPES
 from vmrig import RigError, microvm
+from vmrig.microvm import guest
 
-pytestmark = needs_kvm
+needs_binutils = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
+                                    reason="needs binutils (as, ld): ./setup.sh")
 
 SCHEDULE = "create:1,create:2,flags:1,move:2,flags:1,move:2,delete:1,delete:2"
 
 
+@needs_kvm
 def test_counts_and_schedule() -> None:
     r = microvm.run(3000, pages=3, schedule=SCHEDULE)
     assert r.mmio_exits == 3000
@@ -42,12 +49,14 @@ def test_counts_and_schedule() -> None:
     assert r.memslot_counts == {"create": 3, "flags_only": 2, "move": 2, "delete": 2}
 
 
+@needs_kvm
 def test_write_only_and_duration() -> None:
     r = microvm.run(0, pages=2, access="write", duration=0.3)
     assert r.mmio_exits > 100 and r.mmio_reads == 0 and r.reads_completed == 0
     assert r.mmio_exits_per_s > 0
 
 
+@needs_kvm
 def test_coalesced_counts_and_schedule() -> None:
     r = microvm.run(20000, pages=2, schedule=SCHEDULE, coalesced=True)
     assert r.mode == "coalesced" and r.access == "write"
@@ -66,6 +75,7 @@ def test_coalesced_counts_and_schedule() -> None:
     assert r.pio_exits >= 9 and not r.other_exits
 
 
+@needs_kvm
 def test_coalesced_vcpus_and_odd_counts() -> None:
     # 3 pages and an odd share: partial rounds, per-vCPU counts from the written byte
     r = microvm.run(30001, pages=3, schedule="create:1,delete:1", every=777, vcpus=2,
@@ -77,12 +87,14 @@ def test_coalesced_vcpus_and_odd_counts() -> None:
     assert [c.after_mmio for c in r.memslot_changes[1:]] == [777, 1554]
 
 
+@needs_kvm
 def test_coalesced_duration() -> None:
     r = microvm.run(pages=2, duration=0.3, coalesced=True)
     assert r.mmio_exits == r.mmio_user_exits + r.mmio_in_kernel > 10000
     assert r.mmio_in_kernel > 100 * r.mmio_user_exits / 2
 
 
+@needs_kvm
 @pytest.mark.parametrize(("kwargs", "msg"), [
     ({"pages": 1}, "pages must be 2..16"),
     ({"coalesced": True, "access": "rw"}, "coalesced MMIO needs access 'write'"),
@@ -96,6 +108,7 @@ def test_bad_input(kwargs: dict, msg: str) -> None:
         microvm.run(100, **kwargs)
 
 
+@needs_kvm
 def test_cli_json_and_errors() -> None:
     out = subprocess.run([sys.executable, "-m", "vmrig.microvm", "-n", "400", "--pages", "2",
                           "--schedule", "create:3,move:3,delete:3"],
@@ -114,3 +127,59 @@ def test_cli_json_and_errors() -> None:
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "error: pages must be" in bad.stderr
+
+
+def test_schedule_names_are_the_schemas() -> None:
+    assert set(microvm.CHANGES) <= set(CHANGE_TYPES)
+    # "flags" is the spelling schedules had before the schema's
+    assert (microvm.parse_schedule("create:2,flags:2,flags_only:2,move:2,delete:2")
+            == [("create", 2), ("flags_only", 2), ("flags_only", 2), ("move", 2),
+                ("delete", 2)])
+    assert microvm.parse_schedule("create") == [("create", 1)]
+    # DELETE and MOVE invalidate the slot first: two memslot swaps
+    assert {k.name: k.swaps for k in microvm.CHANGES.values()} == {
+        "create": 1, "delete": 2, "move": 2, "flags_only": 1}
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("grow:1", microvm.ScheduleError), ("create:x", microvm.ScheduleError),
+    ("move:65", microvm.ScheduleError),
+])
+def test_schedule_errors_are_typed(text: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        microvm.parse_schedule(text)
+
+
+@needs_kvm
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"pages": 17}, microvm.BadRequest), ({"schedule": "move:1"}, microvm.ScheduleError),
+    ({"schedule": [("flags", 1)]}, microvm.ScheduleError),
+])
+def test_run_errors_are_typed(kwargs: dict, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        microvm.run(100, **kwargs)
+
+
+@needs_kvm
+def test_flags_alias_in_pairs() -> None:
+    r = microvm.run(600, pages=2, schedule=[("create", 1), ("flags", 1), ("delete", 1)])
+    assert [c.change for c in r.memslot_changes] == ["create", "create", "flags_only",
+                                                     "delete"]
+
+
+@needs_binutils
+def test_guest_built_into_cache_and_without_one(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "cache"))
+    g = guest.coalesced_program(3)
+    assert len(list((tmp_path / "cache" / "guests").glob("microvm-*.bin"))) == 1
+    assert guest.coalesced_program(3) == g  # from the cache
+    # the round: one 5-byte write per page; a partial round skips the first
+    assert g.entry == guest.CODE_GPA + guest.HEADER.size
+    assert (g.write_len, g.batch_entry(0), g.batch_entry(1)) == (5, g.round, g.round + 10)
+    loop = guest.exit_program(3, "read")
+    assert loop.round == 0 and loop.image != guest.exit_program(3, "rw").image
+    # no writable cache (a read-only root, as in the nested lab VM): built each time
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "file" / "cache"))
+    assert guest.coalesced_program(3) == g
