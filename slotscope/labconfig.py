@@ -1,29 +1,41 @@
-"""The lab job's scenario matrix: a TOML file, checked key by key."""
+"""The lab job's scenario matrix: a TOML file, checked key by key.
+
+Each TOML table becomes a frozen dataclass; every value is checked against
+the field's annotation (``typing.get_type_hints``: int, float, str, bool or
+a Literal of strings) before the dataclass is made, so a bad file gives one
+line naming the file, the table and the key.
+"""
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from vmrig.config import RigConfigError, parse_size
+from vmrig.config import GuestKind, RigConfigError, parse_size
 from vmrig.workloads import WORKLOADS
 
-MODES = ("auto", "direct", "nested")
+Mode = Literal["auto", "direct", "nested"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+TABLES = ("lab", "thresholds", "scenario")
 
 
 class ConfigError(Exception):
-    """A malformed lab config; the message names the file and the key."""
+    """A malformed lab config.  The message is one line naming the file and
+    the key; ``key`` holds the key ('' when the fault is not one key's)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    workload: str
+    workload: str                # a name in vmrig.workloads.WORKLOADS
     repetitions: int = 1
     mmio_pages: int = 2
     vcpus: int = 1
@@ -31,7 +43,7 @@ class Scenario:
     rate: float = 1.0            # workload actions per second
     size: str = "128M"           # hotplugged memory per action
     cycles: int = 3              # pc-dimm plug/unplug cycles
-    guest: str = "bare"          # bare | linux
+    guest: GuestKind = "bare"
     schedule: str = "create:1,flags:1,flags:1,move:1,delete:1"  # microvm
     mmio_accesses: int = 20000   # microvm
     aggregate: bool = False      # MMIO faults as kernel histograms (record --aggregate)
@@ -50,63 +62,75 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class LabTable:
+    """The ``[lab]`` table."""
+
+    mode: Mode = "auto"
+    run_timeout: float = 420.0
+
+
+@dataclass(frozen=True)
 class LabConfig:
     scenarios: tuple[Scenario, ...]
     thresholds: Thresholds = field(default_factory=Thresholds)
-    mode: str = "auto"
+    mode: Mode = "auto"
     run_timeout: float = 420.0
     source: str = "<default>"
 
 
-def _typed(where: str, key: str, value: Any, want: type) -> Any:
+def _typed(where: str, key: str, value: Any, want: Any) -> Any:
+    """``value`` as the annotation ``want`` asks, or a ConfigError."""
+    if get_origin(want) is Literal:
+        choices = get_args(want)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key} {value!r} is not one of "
+                              f"{', '.join(map(str, choices))}", key)
+        return value
+    if want not in (int, float, str, bool):
+        raise TypeError(f"no TOML check for {key}: {want!r}")  # a new field's type
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    # bool is an int to isinstance: a TOML true is no count, 1 is no flag.
     if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
-        raise ConfigError(f"{where}: {key} must be {want.__name__}, not {value!r}")
+        raise ConfigError(f"{where}: {key} must be {want.__name__}, not {value!r}", key)
     if want in (int, float) and value < 0:
-        raise ConfigError(f"{where}: {key} must not be negative")
+        raise ConfigError(f"{where}: {key} must not be negative", key)
     return value
 
 
 def _build(cls: type, where: str, table: Any) -> Any:
+    """The dataclass ``cls`` from a TOML table, every key checked."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    known = {f.name: f for f in fields(cls)}
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
     for key in table:
-        if key not in known or key == "source":
-            raise ConfigError(f"{where}: unknown key {key!r} "
-                              f"(known: {', '.join(k for k in known if k != 'source')})")
-    kwargs = {}
-    for key, value in table.items():
-        want = {"int": int, "float": float, "str": str, "bool": bool}.get(
-            str(known[key].type), str)
-        kwargs[key] = _typed(where, key, value, want)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required key is missing
-        missing = str(e).rsplit(":", 1)[-1].strip().strip("'")
-        raise ConfigError(f"{where}: missing key {missing}") from None
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(known)})", key)
+    for f in fields(cls):
+        if f.name not in table and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{where}: missing key {f.name}", f.name)
+    return cls(**{key: _typed(where, key, value, hints[key]) for key, value in table.items()})
 
 
 def _check_scenario(where: str, s: Scenario) -> None:
     if not NAME_RE.match(s.name):
-        raise ConfigError(f"{where}: name {s.name!r} must be letters, digits, - _ .")
+        raise ConfigError(f"{where}: name {s.name!r} must be letters, digits, - _ .", "name")
     if s.workload not in WORKLOADS:
         raise ConfigError(f"{where}: workload {s.workload!r} is not one of "
-                          f"{', '.join(WORKLOADS)}")
+                          f"{', '.join(WORKLOADS)}", "workload")
     if s.mmio_pages < 2:
         raise ConfigError(f"{where}: mmio_pages must be >= 2 (KVM's per-vCPU MMIO cache "
-                          "hides a loop on one page)")
-    if s.repetitions < 1 or s.vcpus < 1:
-        raise ConfigError(f"{where}: repetitions and vcpus must be >= 1")
+                          "hides a loop on one page)", "mmio_pages")
+    for key in ("repetitions", "vcpus"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{where}: {key} must be >= 1", key)
     try:
         parse_size(s.size, "size")
     except RigConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if s.guest not in ("bare", "linux"):
-        raise ConfigError(f"{where}: guest must be bare or linux")
+        raise ConfigError(f"{where}: {e}", "size") from None
     if s.rate <= 0:
-        raise ConfigError(f"{where}: rate must be > 0")
+        raise ConfigError(f"{where}: rate must be > 0", "rate")
 
 
 def parse(text: str, source: str) -> LabConfig:
@@ -115,23 +139,14 @@ def parse(text: str, source: str) -> LabConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     for key in doc:
-        if key not in ("lab", "thresholds", "scenario"):
-            raise ConfigError(f"{source}: unknown table {key!r} (known: lab, thresholds, "
-                              "scenario)")
-    lab = doc.get("lab", {})
-    if not isinstance(lab, dict):
-        raise ConfigError(f"{source}: [lab] must be a table")
-    for key in lab:
-        if key not in ("mode", "run_timeout"):
-            raise ConfigError(f"{source}: [lab]: unknown key {key!r} (known: mode, run_timeout)")
-    mode = _typed(f"{source}: [lab]", "mode", lab.get("mode", "auto"), str)
-    if mode not in MODES:
-        raise ConfigError(f"{source}: [lab]: mode {mode!r} is not one of {', '.join(MODES)}")
-    timeout = _typed(f"{source}: [lab]", "run_timeout", lab.get("run_timeout", 420.0), float)
+        if key not in TABLES:
+            raise ConfigError(f"{source}: unknown table {key!r} (known: {', '.join(TABLES)})",
+                              key)
+    lab = _build(LabTable, f"{source}: [lab]", doc.get("lab", {}))
     thresholds = _build(Thresholds, f"{source}: [thresholds]", doc.get("thresholds", {}))
     raw = doc.get("scenario")
     if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{source}: no [[scenario]] tables")
+        raise ConfigError(f"{source}: no [[scenario]] tables", "scenario")
     scenarios = []
     for i, table in enumerate(raw):
         name = table.get("name", f"#{i + 1}") if isinstance(table, dict) else f"#{i + 1}"
@@ -142,8 +157,8 @@ def parse(text: str, source: str) -> LabConfig:
     names = [s.name for s in scenarios]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ConfigError(f"{source}: scenario names repeat: {', '.join(sorted(dup))}")
-    return LabConfig(tuple(scenarios), thresholds, mode, timeout, source)
+        raise ConfigError(f"{source}: scenario names repeat: {', '.join(sorted(dup))}", "name")
+    return LabConfig(tuple(scenarios), thresholds, lab.mode, lab.run_timeout, source)
 
 
 def default_text() -> str:
