@@ -11,6 +11,8 @@ from typing import Any
 
 from vmrig import RigError
 from vmrig.config import (
+    ACCELS,
+    GUESTS,
     BareGuestConfig,
     MemoryConfig,
     NetConfig,
@@ -34,9 +36,9 @@ def _size(text: str) -> int:
 
 def _add_rig_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rig")
-    g.add_argument("--guest", choices=("bare", "linux"), default=None,
+    g.add_argument("--guest", choices=GUESTS, default=None,
                    help="bare-metal loop (default) or Linux + busybox")
-    g.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    g.add_argument("--accel", choices=ACCELS, default="auto")
     g.add_argument("--cpu", help="QEMU -cpu model (default: one that starts)")
     g.add_argument("--nested", action="store_true", help="expose vmx/svm to the guest")
     g.add_argument("--vcpus", type=int, default=1)

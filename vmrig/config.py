@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from vmrig import RigError
 
 Accel = Literal["auto", "kvm", "tcg"]
 GuestKind = Literal["bare", "linux"]
+ACCELS: tuple[Accel, ...] = get_args(Accel)
+GUESTS: tuple[GuestKind, ...] = get_args(GuestKind)
+MMIO_DEVICES = ("pci-testdev", "edu")  # QEMU devices with MMIO BARs the guests loop over
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -143,7 +146,7 @@ class RigConfig:
     nested: bool = False     # expose vmx/svm to the guest
     vcpus: int = 1
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    mmio_devices: tuple[str, ...] = ("pci-testdev", "edu")
+    mmio_devices: tuple[str, ...] = MMIO_DEVICES
     virtio_mem: VirtioMemConfig | None = None
     net: NetConfig | None = None
     bare: BareGuestConfig = field(default_factory=BareGuestConfig)
@@ -155,15 +158,18 @@ class RigConfig:
     def validate(self) -> None:
         self.memory.validate()
         self.bare.validate()
-        if self.guest not in ("bare", "linux"):
-            raise RigConfigError(f"unknown guest {self.guest!r} (bare or linux)")
-        if self.accel not in ("auto", "kvm", "tcg"):
-            raise RigConfigError(f"unknown accelerator {self.accel!r} (auto, kvm or tcg)")
+        if self.guest not in GUESTS:
+            raise RigConfigError(f"unknown guest {self.guest!r} ({' or '.join(GUESTS)})",
+                                 "guest", self.guest)
+        if self.accel not in ACCELS:
+            raise RigConfigError(f"unknown accelerator {self.accel!r} ({', '.join(ACCELS)})",
+                                 "accel", self.accel)
         if not 1 <= self.vcpus <= 64:
             raise RigConfigError(f"vcpus {self.vcpus}: need 1..64")
         for dev in self.mmio_devices:
-            if dev not in ("pci-testdev", "edu"):
-                raise RigConfigError(f"unknown MMIO device {dev!r} (pci-testdev or edu)")
+            if dev not in MMIO_DEVICES:
+                raise RigConfigError(f"unknown MMIO device {dev!r} ({' or '.join(MMIO_DEVICES)})",
+                                     "mmio_devices", dev)
         vm = self.virtio_mem
         if vm is not None:
             if vm.requested > vm.size:
