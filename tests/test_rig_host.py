@@ -10,12 +10,12 @@ from analysis.hostfacts import Check
 from vmrig import host
 
 
-@needs_qemu
 def _qemu_children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)
             if "qemu" in p.name() and p.status() != psutil.STATUS_ZOMBIE}
 
 
+@needs_qemu
 def test_qemu_checks_real_qemu() -> None:
     before = _qemu_children()
     rows = host.qemu_checks(timeout=20)
