@@ -5,9 +5,6 @@ Each action becomes a row of the ``workload`` table (analysis/schema.py):
 awaited event) arrived.  Events get their own rows (``action`` =
 ``event:NAME``, begin = end = arrival).  The table is rewritten atomically
 after each step, so an interrupted run keeps every finished action.
-
-``WORKLOADS`` is the one list of workload names: ``slotscope rig run`` offers
-it and the lab config is checked against it.
 """
 
 from __future__ import annotations
@@ -24,12 +21,11 @@ from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_c
 from vmrig import RigError
 from vmrig.config import MiB, fmt_size
 
-if TYPE_CHECKING:
-    # Only annotations need Rig: reading WORKLOADS (the CLI's parser, the lab
-    # config) must not import QEMU lifecycle code and qemu.qmp.
+if TYPE_CHECKING:  # reading WORKLOADS must not import the QEMU lifecycle
     from vmrig.rig import Rig
 
-# Every workload, with the phrase ``rig run --help`` shows for it.
+# The one list of workloads (rig run offers it, the lab config checks against
+# it), with the phrase ``rig run --help`` shows for each.
 WORKLOADS: dict[str, str] = {
     "hotplug": "pc-dimm cycles",
     "virtio-mem": "virtio-mem resizes (Linux guest)",
