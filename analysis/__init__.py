@@ -18,7 +18,8 @@ from typing import Any
 _EXPORTS = {
     "load": "recording", "Recording": "recording",
     "correlate": "epochs", "Correlation": "epochs",
-    "generation_timeline": "epochs", "CLASSES": "epochs", "wrap_forecast": "forecast",
+    "correlate_runs": "epochs", "generation_timeline": "timeline", "CLASSES": "epochs",
+    "wrap_forecast": "forecast",
     "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
     "compare": "summary",
 }

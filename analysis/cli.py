@@ -43,14 +43,14 @@ def _guard(fn: Any, *a: Any) -> Any:
 
 
 def _load(runs: list[str]) -> Any:
-    from .epochs import correlate
+    from .epochs import correlate_runs
     from .recording import load
     from .summary import missing
     rec = load(runs)
     for run in rec.runs:
         if any("empty run" in m for m in missing(rec, run)):
             raise RecordingError(f"{rec.paths[run]}: empty run: no trace events recorded")
-    return correlate(rec)
+    return correlate_runs(rec)
 
 
 def _num(v: Any, scale: float = 1.0, pct: bool = False) -> str:

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from . import manifest, plots
-from .epochs import Correlation, correlate
-from .recording import Recording, load, one_line_errors
+from .epochs import Correlation, RunSource, correlate_runs
+from .recording import Recording, one_line_errors
 from .schema import RecordingError, read_manifest
 from .summary import compare, run_summary, summary_tables
 
@@ -182,8 +182,7 @@ def render(corr: Correlation, title: str | None = None,
     return "\n".join(parts)
 
 
-def write_report(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Recording
-                 | Correlation, out_html: str | os.PathLike[str],
+def write_report(src: RunSource, out_html: str | os.PathLike[str],
                  title: str | None = None, names: Sequence[str] | None = None) -> Path:
     """Analyse ``src`` (run dirs, a Recording or a Correlation) and write one
     self-contained HTML file; returns its path.
@@ -196,13 +195,11 @@ def write_report(src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] 
         return _write_report(src, out_html, title, names)
 
 
-def _write_report(src: Any, out_html: str | os.PathLike[str], title: str | None,
+def _write_report(src: RunSource, out_html: str | os.PathLike[str], title: str | None,
                   names: Sequence[str] | None) -> Path:
     skipped: list[tuple[str, str]] = []
-    if isinstance(src, Correlation):
-        corr = src
-    elif isinstance(src, Recording):
-        corr = correlate(src)
+    if isinstance(src, Correlation | Recording):
+        corr = correlate_runs(src)
     else:
         paths = [src] if isinstance(src, str | os.PathLike) else list(src)
         labels = list(names) if names is not None else None
@@ -220,7 +217,7 @@ def _write_report(src: Any, out_html: str | os.PathLike[str], title: str | None,
                 good_names.append(labels[i])
         if not good:
             raise RecordingError("no readable run: " + "; ".join(w for _, w in skipped))
-        corr = correlate(load(good, names=good_names if labels is not None else None))
+        corr = correlate_runs(good, names=good_names if labels is not None else None)
     text = render(corr, title, skipped)
     out = Path(out_html)
     tmp = out.with_name(f".{out.name}.tmp")

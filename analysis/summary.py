@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,13 +18,14 @@ from .epochs import (
     FAST,
     SLOW,
     Correlation,
+    RunSource,
     class_codes,
-    correlate,
+    correlate_runs,
     finished,
 )
 from .forecast import wrap_forecast
 from .joins import rows_of
-from .recording import Recording, load, one_line_errors, run_span_ns
+from .recording import Recording, one_line_errors, run_span_ns
 from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -240,19 +241,11 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     return _clean(out)
 
 
-def _as_correlation(src: Any) -> Correlation:
-    if isinstance(src, Correlation):
-        return src
-    if isinstance(src, Recording):
-        return correlate(src)
-    return correlate(load(src))
-
-
 def summarize(src: str | os.PathLike[str] | Recording | Correlation) -> dict[str, Any]:
     """One run's summary dict (JSON-safe).  ``src``: a run dir, or a loaded
     Recording/Correlation of a single run."""
     with one_line_errors(str(src) if isinstance(src, str | os.PathLike) else "summarize"):
-        corr = _as_correlation(src)
+        corr = correlate_runs(src)
         runs = corr.recording.runs
         if len(runs) != 1:
             raise RecordingError(f"summarize takes one run, got {len(runs)}; "
@@ -260,9 +253,9 @@ def summarize(src: str | os.PathLike[str] | Recording | Correlation) -> dict[str
         return run_summary(corr, runs[0])
 
 
-def summarize_all(src: Iterable[str | os.PathLike[str]] | Recording | Correlation
-                  ) -> list[dict[str, Any]]:
-    corr = _as_correlation(src if isinstance(src, Recording | Correlation) else list(src))
+def summarize_all(src: RunSource) -> list[dict[str, Any]]:
+    """One summary dict per run of ``src`` (run dirs, a Recording or a Correlation)."""
+    corr = correlate_runs(src)
     return [run_summary(corr, r) for r in corr.recording.runs]
 
 
@@ -351,12 +344,11 @@ def cost_table(corr: Correlation, by: str = "change") -> pd.DataFrame:
     return t.reset_index()[cols]
 
 
-def compare(src: Sequence[str | os.PathLike[str]] | Recording | Correlation,
-            *, samples: int = BOOT_SAMPLES) -> pd.DataFrame:
+def compare(src: RunSource, *, samples: int = BOOT_SAMPLES) -> pd.DataFrame:
     """Runs side by side: per-update cost and MMIO latency medians and p99
     with 95% bootstrap CIs, and the median's change vs the first run that
     has the metric."""
-    corr = _as_correlation(src)
+    corr = correlate_runs(src)
     runs = corr.recording.runs
     rows = []
     ref: dict[str, np.ndarray] = {}
