@@ -540,7 +540,7 @@ def test_kvm_memslot_ioctls_per_action() -> None:
 def test_owner_sigkilled_leaves_nothing_after_sweep() -> None:
     """SIGKILL cannot be cleaned up in-process: QEMU dies with its owner
     (PR_SET_PDEATHSIG) and the next rig sweeps the private dir and TAP."""
-    from vmrig.rig import sweep_stale
+    from vmrig.privatedir import sweep_stale
     name = f"ssk{os.getpid() % 100000}"
     code = (
         "import asyncio\n"

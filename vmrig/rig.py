@@ -8,208 +8,44 @@ guest image and pidfile.  QEMU runs in its own session (a terminal's Ctrl-C
 reaches only us; we shut it down in order) and, unless detached for
 ``rig up``, with PR_SET_PDEATHSIG so it dies even if we are SIGKILLed.
 Stopping removes the process, socket, TAP and private directory.
+
+The class reads top to bottom as its lifecycle (paths, start, supervision,
+QMP helpers, stop, detach/attach), hence one module of ~430 lines.  What
+it uses lives beside it: ``spawn`` (QEMU's process), ``privatedir`` (the
+private directory and the sweep of stale ones), ``vcpus`` and ``samples``
+(what QEMU's threads do), ``silence`` (why a guest stopped answering),
+``rigstate`` (what ``rig up`` leaves behind) and ``errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from analysis.schema import monotonic_ns
-from vmrig import bareguest, host
+from vmrig import bareguest, host, silence
 from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
-from vmrig.errors import GuestFault, GuestFaultKind, QemuGone, RigError, write_record
+from vmrig.errors import GuestFault, QemuGone, RigError, write_record
+from vmrig.privatedir import make_private_dir, sweep_stale, write_owner
 from vmrig.qmp import Qmp
+from vmrig.rigstate import RigState, config_from_dict, default_state_dir
+from vmrig.samples import SAMPLES_FILE, sample, write_samples
+from vmrig.silence import Progress, Silence
+from vmrig.spawn import spawn_qemu
+from vmrig.vcpus import vcpu_threads
 
-STATE_FILE = "state.json"
-SAMPLES_FILE = "qemu-samples.csv"
 RIG_FILE = "rig.json"
-_VCPU_COMM = re.compile(r"CPU (\d+)/(\w+)")
-_PR_SET_PDEATHSIG = 1
-
-
-def default_state_dir() -> Path:
-    """Where ``rig up`` keeps a running rig for later commands."""
-    env = os.environ.get("SLOTSCOPE_RIG_DIR")
-    if env:
-        return Path(env)
-    base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
-    return base / "slotscope" / "rig"
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-PRIVATE_PREFIX = "slotscope-rig-"
-OWNER_FILE = "owner.json"
-
-
-def _write_owner(d: Path, tap_name: str | None) -> None:
-    me = psutil.Process()
-    (d / OWNER_FILE).write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(),
-                                            "tap": tap_name}))
-
-
-def _alive(pid: int, create_time: float | None = None) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (
-            create_time is None or p.create_time() == create_time)
-    except psutil.Error:
-        return False
-
-
-def sweep_stale(root: Path | None = None) -> list[Path]:
-    """Remove private dirs (and their TAPs) left by rigs whose owner was
-    SIGKILLed: the owner is gone and so is its QEMU (PR_SET_PDEATHSIG)."""
-    removed = []
-    for d in (root or Path(tempfile.gettempdir())).glob(PRIVATE_PREFIX + "*"):
-        try:
-            owner = json.loads((d / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if _alive(int(owner["pid"]), owner.get("create_time")):
-            continue
-        try:
-            qpid = int((d / "qemu.pid").read_text())
-        except (OSError, ValueError):
-            qpid = 0
-        if qpid and _alive(qpid):
-            continue
-        if owner.get("tap"):
-            from vmrig import tap
-            with contextlib.suppress(RigError, OSError):
-                tap.delete(owner["tap"])
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    return removed
-
-
-def vcpu_threads(pid: int) -> dict[int, int]:
-    """vCPU index -> thread id, from QEMU's thread names (debug-threads=on)."""
-    out: dict[int, int] = {}
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        except OSError:
-            continue
-        m = _VCPU_COMM.fullmatch(comm)
-        if m:
-            out[int(m[1])] = int(tid)
-    return out
-
-
-def _cpu_by_tid(p: psutil.Process) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of ``p``."""
-    return {th.id: th.user_time + th.system_time for th in p.threads()}
-
-
-def vcpu_cpu_s(pid: int, vcpu_tids: dict[int, int]) -> dict[int, float]:
-    """CPU seconds per vCPU index; threads that are gone are left out."""
-    try:
-        times = _cpu_by_tid(psutil.Process(pid))
-    except psutil.Error:
-        return {}
-    return {i: times[tid] for i, tid in vcpu_tids.items() if tid in times}
-
-
-def stalled_vcpus(pid: int, vcpu_tids: dict[int, int], before: dict[int, float],
-                  window_s: float) -> str:
-    """Why a guest may not have answered: the vCPU threads that used no CPU
-    since ``before`` (from ``vcpu_cpu_s``), with their state and where
-    they sleep in the kernel.  Empty when every vCPU ran."""
-    now = vcpu_cpu_s(pid, vcpu_tids)
-    parts = []
-    for idx, tid in sorted(vcpu_tids.items()):
-        if idx not in now or idx not in before or now[idx] > before[idx]:
-            continue
-        try:
-            state = psutil.Process(tid).status()
-            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text().strip() or "-"
-        except (OSError, psutil.Error):
-            state, wchan = "?", "?"
-        parts.append(f"vCPU {idx} (tid {tid}) used no CPU in {window_s:g} s, "
-                     f"state {state}, wchan {wchan}")
-    return "; ".join(parts)
-
-
-@dataclass
-class Progress:
-    """CPU seconds per vCPU thread, and the bare guest's vCPU 0 loop count."""
-
-    cpu: dict[int, float]
-    loops: int | None
-
-
-# QEMU run states (query-status) that mean the guest stopped by itself, as
-# GuestFault kinds; 'shutdown' is a reset when the SHUTDOWN event says so.
-_STOPPED_KINDS: dict[str, GuestFaultKind] = {
-    "shutdown": "shutdown", "paused": "paused", "internal-error": "internal_error",
-    "guest-panicked": "panicked"}
-
-
-@dataclass(frozen=True)
-class Silence:
-    """Why a guest did not answer, as far as the rig can tell: its causes in
-    order of weight, each a guest-fault kind (or None: seen, but not a fault
-    the rig can name) with its text.  Formats as the causes' text, and is
-    false when none was found."""
-
-    causes: tuple[tuple[GuestFaultKind | None, str], ...] = ()
-
-    def __str__(self) -> str:
-        return "; ".join(text for _, text in self.causes)
-
-    def __bool__(self) -> bool:
-        return bool(self.causes)
-
-    @property
-    def kind(self) -> GuestFaultKind | None:
-        """The first cause that is a guest fault."""
-        return next((k for k, _ in self.causes if k is not None), None)
-
-    def error(self, message: str) -> RigError:
-        """The error for a wait that ended in this silence: a GuestFault
-        when a cause is one, else a plain RigError."""
-        kind = self.kind
-        return GuestFault(message, kind, str(self)) if kind else RigError(message)
-
-
-@dataclass
-class RigState:
-    """What ``rig up`` leaves behind so ``hotplug``/``down`` can find QEMU."""
-
-    pid: int
-    create_time: float
-    accel: str
-    guest: str
-    qmp_socket: str
-    private_dir: str
-    tap: str | None
-    argv: list[str]
-    boot_s: float
-    vcpu_tids: dict[int, int]
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 class Rig:
@@ -300,27 +136,13 @@ class Rig:
                 died = f"QEMU exited with status {self.proc.returncode}" + \
                     (f" after {event}" if event else "") + (f": {tail}" if tail else "")
                 error = GuestFault(f"{error}; {died}", "qemu_exit", died)
-        record_dir = self.record_dir
         await self.stop()
-        if error is not None and record_dir is not None:
+        if error is not None and self.record_dir is not None:
             # For a reader in another process (the lab job on the host).
             with contextlib.suppress(OSError):
-                write_record(record_dir, error)
+                write_record(self.record_dir, error)
         if error is not None and error is not exc[1]:
             raise error from None
-
-    def _make_private_dir(self) -> Path:
-        if self._private_arg is None:
-            d = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
-            _write_owner(d, None)
-            return d
-        d = self._private_arg
-        if (d / STATE_FILE).exists():
-            raise RigError(f"a rig is already up ({d}); run: slotscope rig down")
-        d.parent.mkdir(parents=True, exist_ok=True)
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        return d
 
     def _accel_candidates(self) -> list[str]:
         kvm_ok = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -347,7 +169,7 @@ class Rig:
             self.record_dir.mkdir(parents=True, exist_ok=True)
         if self._private_arg is None:
             await asyncio.to_thread(sweep_stale)  # pyroute2 runs its own loop
-        self.private_dir = self._make_private_dir()
+        self.private_dir = make_private_dir(self._private_arg)
         files = self._files()
         if self.config.virtio_mem is not None:
             self.dynamic_memslots = ("dynamic-memslots"
@@ -362,7 +184,7 @@ class Rig:
             from vmrig import tap
             # pyroute2's sync API runs its own event loop: keep it off ours.
             if self._private_arg is None:
-                _write_owner(self.private_dir, self.config.net.tap)  # before it exists
+                write_owner(self.private_dir, self.config.net.tap)  # before it exists
             await asyncio.to_thread(tap.create, self.config.net.tap)
             self.tap_created = self.config.net.tap
         errors: list[str] = []
@@ -388,32 +210,10 @@ class Rig:
                               dynamic_memslots_supported=self.dynamic_memslots,
                               host_vendor=host_cpu_vendor())
         self.spawn_ns = monotonic_ns()
-        argv, hold = self.argv, None
-        if self.on_spawn is not None:
-            # A shell holds the new process until on_spawn returns, then
-            # execs QEMU in place (same pid).  preexec_fn cannot wait:
-            # Popen itself waits for the exec.
-            hold = os.pipe()
-            argv = ["/bin/sh", "-c", 'read _ && exec "$@" </dev/null', "qemu-held", *self.argv]
-        try:
-            self.proc = subprocess.Popen(
-                argv, stdin=hold[0] if hold else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(self.private_dir / "qemu.stderr", "wb"),  # noqa: SIM115
-                start_new_session=True, umask=0o077,
-                preexec_fn=None if self.detach else _die_with_parent)
-        except OSError as e:
-            raise RigError(f"cannot run {binary}: {e.strerror}") from None
-        finally:
-            if hold:
-                os.close(hold[0])
+        assert self.private_dir is not None
+        self.proc = spawn_qemu(self.argv, self.private_dir / "qemu.stderr",
+                               die_with_parent=not self.detach, on_spawn=self.on_spawn)
         self.pid = self.proc.pid
-        if hold:
-            try:
-                assert self.on_spawn is not None
-                self.on_spawn(self.pid)
-                os.write(hold[1], b"go\n")
-            finally:
-                os.close(hold[1])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.boot_timeout
         # QMP first (QEMU creates the socket before the guest runs), then
@@ -449,7 +249,7 @@ class Rig:
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
         self.vcpu_tids = vcpu_threads(self.pid)
 
-    def _stderr_lines(self) -> list[str]:
+    def stderr_lines(self) -> list[str]:
         """What QEMU printed, warnings left out."""
         if self.private_dir is None:
             return []
@@ -460,59 +260,17 @@ class Rig:
         return [ln.strip() for ln in lines if "warning:" not in ln]
 
     def _stderr_tail(self) -> str:
-        lines = self._stderr_lines()
+        lines = self.stderr_lines()
         return lines[-1] if lines else ""
 
     async def why_silent(self, before: Progress, window_s: float) -> Silence:
-        """Why the guest may not have answered in ``window_s`` since
-        ``before``: a CPU exception the bare guest reported; QEMU stopped
-        the VM (a KVM internal error pauses it: QEMU's first stderr line
-        about it); vCPU threads that used no CPU; a bare guest whose loop
-        did not advance although its vCPU ran.  Empty if none of these."""
-        causes: list[tuple[GuestFaultKind | None, str]] = []
-        if exc := self.guest_exception():
-            causes.append(("exception", f"guest said {exc!r}"))
-        status = ""
-        with contextlib.suppress(RigError):
-            qmp = self.require_qmp()
-            status = str((await qmp.execute("query-status"))["status"])
-            if status != "running":
-                said = next((ln for ln in self._stderr_lines() if "error" in ln.lower()), "")
-                event = qmp.last_lifecycle()
-                kind = _STOPPED_KINDS.get(status)
-                if kind == "shutdown" and (qmp.last_lifecycle_event() or {}).get(
-                        "data", {}).get("reason") == "guest-reset":
-                    kind = "reset"
-                causes.append((kind, f"VM {status}" + (f" after {event}" if event else "")
-                               + (f": QEMU said {said!r}" if said else "")
-                               + await self._where_vcpu0()))
-        stalled = stalled_vcpus(self.pid or 0, self.vcpu_tids, before.cpu, window_s)
-        if stalled:
-            causes.append(("stalled_vcpu", stalled))
-        elif status == "running" and before.loops is not None and not causes:
-            now = await self.progress()
-            if now.loops == before.loops:
-                causes.append(("stuck_loop",
-                               f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
-                               + await self._where_vcpu0()))
-        return Silence(tuple(causes))
+        """Why the guest may not have answered in ``window_s`` since ``before``
+        (vmrig/silence.py)."""
+        return await silence.why_silent(self, before, window_s)
 
     async def progress(self) -> Progress:
         """A snapshot to compare against when the guest goes quiet."""
-        loops = None
-        if self.config.guest == "bare":
-            with contextlib.suppress(RigError, ValueError, IndexError):
-                loops = await self.read_counter()
-        return Progress(vcpu_cpu_s(self.pid or 0, self.vcpu_tids), loops)
-
-    async def _where_vcpu0(self) -> str:
-        """', vCPU 0 at EIP=...' from HMP info registers."""
-        with contextlib.suppress(RigError):
-            regs = str(await self.require_qmp().execute(
-                "human-monitor-command", {"command-line": "info registers"}))
-            if m := re.search(r"\b([ER]IP=[0-9a-f]+)", regs):
-                return f", vCPU 0 at {m[1]}"
-        return ""
+        return await silence.progress(self)
 
     def _check_alive(self, phase: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -527,19 +285,8 @@ class Rig:
 
     # -- supervision ---------------------------------------------------------
     def sample(self) -> tuple[Any, ...] | None:
-        """(ns, cpu_user_s, cpu_system_s, rss_bytes, threads, vcpu_cpu_s...)."""
-        if self.pid is None:
-            return None
-        try:
-            p = psutil.Process(self.pid)
-            with p.oneshot():
-                t = p.cpu_times()
-                rss = p.memory_info().rss
-                threads = _cpu_by_tid(p)
-        except psutil.Error:
-            return None
-        vcpu = [round(threads.get(tid, 0.0), 3) for _, tid in sorted(self.vcpu_tids.items())]
-        return (monotonic_ns(), t.user, t.system, rss, len(threads), *vcpu)
+        """QEMU's CPU, RSS and vCPU times now (vmrig/samples.py)."""
+        return sample(self.pid, self.vcpu_tids) if self.pid is not None else None
 
     async def _sample_loop(self) -> None:
         while True:
@@ -554,12 +301,8 @@ class Rig:
 
     def _write_samples(self) -> None:
         path = self._samples_path()
-        if path is None or not self._samples:
-            return
-        head = ["ns", "cpu_user_s", "cpu_system_s", "rss_bytes", "threads"]
-        head += [f"vcpu{i}_cpu_s" for i in sorted(self.vcpu_tids)]
-        lines = [",".join(head)] + [",".join(map(str, s)) for s in self._samples]
-        path.write_text("\n".join(lines) + "\n")
+        if path is not None:
+            write_samples(path, self._samples, self.vcpu_tids)
 
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "guest": self.config.guest,
@@ -659,9 +402,7 @@ class Rig:
                          qmp_socket=str(self.qmp_socket), private_dir=str(self.private_dir),
                          tap=self.tap_created, argv=self.argv, boot_s=self.boot_s,
                          vcpu_tids=self.vcpu_tids, config=asdict(self.config))
-        tmp = self.private_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2))
-        os.replace(tmp, self.private_dir / STATE_FILE)
+        state.write(self.private_dir)
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None
@@ -671,18 +412,12 @@ class Rig:
     async def attach(cls, private_dir: str | os.PathLike[str] | None = None) -> Rig:
         """The rig a ``rig up`` left running, with QMP connected."""
         d = Path(private_dir) if private_dir is not None else default_state_dir()
-        try:
-            raw = json.loads((d / STATE_FILE).read_text())
-        except FileNotFoundError:
-            raise RigError(f"no rig is up ({d}); run: slotscope rig up") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise RigError(f"{d / STATE_FILE}: unreadable ({e})") from None
-        state = RigState(**raw)
+        state = RigState.read(d)
         config = config_from_dict(state.config)
         rig = cls(config, private_dir=d)
         rig.private_dir, rig.pid, rig.accel, rig.argv = d, state.pid, state.accel, state.argv
         rig.boot_s, rig.tap_created = state.boot_s, state.tap
-        rig.vcpu_tids = {int(k): v for k, v in state.vcpu_tids.items()}
+        rig.vcpu_tids = state.vcpu_tids
         rig._attached = True
         try:
             same = psutil.Process(state.pid).create_time() == state.create_time
@@ -698,14 +433,3 @@ class Rig:
             rig.qmp = None
         return rig
 
-
-def config_from_dict(d: dict[str, Any]) -> RigConfig:
-    from vmrig.config import BareGuestConfig, MemoryConfig, NetConfig, VirtioMemConfig
-    d = dict(d)
-    d["memory"] = MemoryConfig(**d["memory"])
-    d["bare"] = BareGuestConfig(**d["bare"])
-    d["mmio_devices"] = tuple(d["mmio_devices"])
-    d["extra_args"] = tuple(d.get("extra_args", ()))
-    d["virtio_mem"] = VirtioMemConfig(**d["virtio_mem"]) if d.get("virtio_mem") else None
-    d["net"] = NetConfig(**d["net"]) if d.get("net") else None
-    return RigConfig(**d)
