@@ -23,13 +23,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analysis.schema import RecordingError
 from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
 from . import labverdict
 from .labconfig import ConfigError, LabConfig, Scenario, load
+
+if TYPE_CHECKING:
+    from analysis.epochs import Correlation
 
 STATUS = "lab-run.json"
 DEFAULT_LOCK = Path("/run/lock/slotscope-lab.lock")
@@ -298,15 +301,33 @@ def job_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _summarize(run_dirs: list[Path]) -> list[dict[str, Any]]:
-    from analysis.summary import summarize
-    out = []
+def _analyse(run_dirs: list[Path]) -> tuple[Correlation | None, dict[Path, dict[str, Any]]]:
+    """Every completed run correlated once, for summary.json and the report
+    alike: the correlation of the readable runs, and each run's summary (or
+    ``{"path", "error"}`` for one that cannot be analysed)."""
+    from analysis.epochs import correlate_runs
+    from analysis.recording import one_line_errors
+    from analysis.schema import read_manifest
+    from analysis.summary import summarize_all
+    out: dict[Path, dict[str, Any]] = {}
+    good = []
     for d in run_dirs:
         try:
-            out.append(summarize(d))
+            read_manifest(d)  # not a run, or a schema we do not read
+            good.append(d)
         except RecordingError as e:
-            out.append({"path": str(d), "error": str(e)})
-    return out
+            out[d] = {"path": str(d), "error": str(e)}
+    if not good:
+        return None, out
+    try:
+        with one_line_errors("lab analysis"):
+            corr = correlate_runs(good)
+            summaries = summarize_all(corr)
+    except RecordingError as e:  # all were analysed together: none has figures
+        out.update({d: {"path": str(d), "error": str(e)} for d in good})
+        return None, out
+    out.update({Path(r["path"]): r for r in summaries})
+    return corr, out
 
 
 def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
@@ -336,25 +357,24 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     progress.step("analysis")
     summary: dict[str, Any] = {"mode": mode, "mode_reason": why, "config": cfg.source,
                                "finished_wall": time.time(), "scenarios": {}}
-    ok_dirs: list[Path] = []
+    corr, analysed = _analyse([out / "runs" / name / str(st.rep)
+                               for name, sts in statuses.items() for st in sts if st.ok])
     for name, sts in statuses.items():
-        dirs = [out / "runs" / name / str(st.rep) for st in sts if st.ok]
-        per_run = _summarize(dirs)
+        per_run = [analysed[out / "runs" / name / str(st.rep)] for st in sts if st.ok]
         good = [r for r in per_run if "error" not in r]
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
         summary["scenarios"][name] = labverdict.scenario_summary(good, failed)
         summary["scenarios"][name]["retried_runs"] = [
             f"{st.rep}: [{', '.join(st.retried_kinds)}] {st.retried}" for st in sts if st.retried]
-        ok_dirs += [Path(r["path"]) for r in good]
     regressions = []
     if baseline is not None:
         regressions = labverdict.compare(summary, baseline, cfg.thresholds)
         summary["regressions"] = [str(r) for r in regressions]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    if ok_dirs:
+    if corr is not None:
         from analysis.report import write_report
-        write_report(ok_dirs, out / "index.html", title=f"slotscope lab: {out.name}")
+        write_report(corr, out / "index.html", title=f"slotscope lab: {out.name}")
     progress.close()
     for r in regressions:
         print(f"regression: {r}")

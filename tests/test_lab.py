@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import needs_bcc, needs_kvm, needs_qemu, needs_root
@@ -359,3 +360,35 @@ def test_lab_rebuilds_the_rigs_fault_from_its_record(tmp_path: Path) -> None:
     (tmp_path / "rig-error.json").unlink()
     f = lab._exited(tmp_path, 2, "boom")
     assert isinstance(f, lab.RunFailed) and f.returncode == 2 and str(f) == "exit 2: boom"
+
+
+def test_lab_correlates_each_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """summary.json and the report come from one correlation of all completed
+    runs, with the same figures as each run analysed on its own; a directory
+    that is not a run is named, not fatal."""
+    from analysis import epochs
+    from analysis.report import write_report
+    from analysis.simulator import simulate
+    from analysis.summary import summarize
+    from slotscope import lab
+    dirs = [tmp_path / "runs" / name / "1" for name in ("a", "b")]
+    for seed, d in enumerate(dirs):
+        simulate(d, seed=seed)
+    bad = tmp_path / "runs" / "c" / "1"
+    bad.mkdir(parents=True)
+    alone = {d: summarize(d) for d in dirs}
+    real, calls = epochs.correlate, []
+
+    def counted(rec: Any) -> Any:
+        calls.append(list(rec.runs))
+        return real(rec)
+
+    monkeypatch.setattr(epochs, "correlate", counted)
+    corr, analysed = lab._analyse([*dirs, bad])
+    assert corr is not None
+    write_report(corr, tmp_path / "index.html")
+    assert calls == [["a/1", "b/1"]]
+    assert "not a slotscope run directory" in analysed[bad]["error"]
+    for d in dirs:
+        assert {k: v for k, v in analysed[d].items() if k != "run"} == \
+            {k: v for k, v in alone[d].items() if k != "run"}
