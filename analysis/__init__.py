@@ -7,6 +7,7 @@ function)::
     import analysis
     rec = analysis.load("runs/a")              # typed DataFrames
     corr = analysis.correlate(rec)             # epochs, classes, per-update cost
+    corr = analysis.correlate_runs("runs/a")   # the same from dirs; a Correlation as is
     analysis.summarize("runs/a")               # one dict per run
     analysis.report.write_report(["runs/a", "runs/b"], "report.html")
 """
@@ -22,6 +23,7 @@ _EXPORTS = {
     "wrap_forecast": "forecast",
     "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
     "compare": "summary",
+    "EmptyRun": "errors", "AnalysisFailed": "errors",
 }
 
 

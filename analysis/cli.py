@@ -12,8 +12,6 @@ import os
 import sys
 from typing import Any
 
-from .schema import RecordingError
-
 WIDTH = 80
 
 
@@ -43,13 +41,12 @@ def _guard(fn: Any, *a: Any) -> Any:
 
 
 def _load(runs: list[str]) -> Any:
+    """Load and correlate; a run without trace events is an error here
+    (EmptyRun), while summaries and reports list it as missing data."""
     from .epochs import correlate_runs
-    from .recording import load
-    from .summary import missing
+    from .recording import load, require_events
     rec = load(runs)
-    for run in rec.runs:
-        if any("empty run" in m for m in missing(rec, run)):
-            raise RecordingError(f"{rec.paths[run]}: empty run: no trace events recorded")
+    require_events(rec)
     return correlate_runs(rec)
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import manifest, schema
+from .errors import AnalysisFailed, EmptyRun
 from .joins import as_numpy, rows_of
 from .schema import RecordingError
 
@@ -45,20 +46,20 @@ _ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
 
 @contextlib.contextmanager
 def one_line_errors(what: str) -> Iterator[None]:
-    """Unexpected failures while analysing become a RecordingError naming the
-    exception, so a caller (a CLI, the lab job) can report one line and carry
-    on with other runs; SLOTSCOPE_DEBUG=1 lets them through with a traceback."""
+    """Unexpected failures while analysing become AnalysisFailed (a
+    RecordingError) naming the exception, so a caller (a CLI, the lab job)
+    can report one line and carry on with other runs; SLOTSCOPE_DEBUG=1 lets
+    them through with a traceback."""
     try:
         yield
     except (RecordingError, KeyboardInterrupt, BrokenPipeError):
         raise
-    except MemoryError:
-        raise RecordingError(f"{what}: out of memory while analysing") from None
+    except MemoryError as e:
+        raise AnalysisFailed(what, e) from None
     except Exception as e:
         if os.environ.get("SLOTSCOPE_DEBUG"):
             raise
-        raise RecordingError(f"{what}: analysis failed: {type(e).__name__}: {e} "
-                             "(SLOTSCOPE_DEBUG=1 shows the traceback)") from None
+        raise AnalysisFailed(what, e) from None
 
 
 @dataclass
@@ -203,6 +204,20 @@ def load(run_dirs: PathLike | Iterable[PathLike],
         else:
             frames[event] = dfs[0]
     return Recording(frames, manifests, dict(zip(names, paths, strict=True)), problems)
+
+
+def has_trace_events(rec: Recording, run: str) -> bool:
+    """Whether any table of the run holds a row; the rig's workload table
+    alone does not count (the tracer recorded nothing)."""
+    return any(len(rows_of(df, run)) for event, df in rec.frames.items()
+               if event != "workload")
+
+
+def require_events(rec: Recording) -> None:
+    """Raise EmptyRun for the first run without a single trace event."""
+    for run in rec.runs:
+        if not has_trace_events(rec, run):
+            raise EmptyRun(rec.paths[run])
 
 
 def run_span_ns(rec: Recording, run: str) -> int:

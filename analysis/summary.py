@@ -25,7 +25,7 @@ from .epochs import (
 )
 from .forecast import wrap_forecast
 from .joins import rows_of
-from .recording import Recording, one_line_errors, run_span_ns
+from .recording import Recording, has_trace_events, one_line_errors, run_span_ns
 from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -131,7 +131,7 @@ def missing(rec: Recording, run: str) -> list[str]:
     if not manifest.complete(m):
         out.append("recording not finalized (live, crashed or killed): "
                    "read up to its last flush")
-    if not any(n[e] for e in n if e != "workload"):
+    if not has_trace_events(rec, run):
         out.append("empty run: no trace events recorded")
         return out + list(rec.problems.get(run, []))
     if not n["memslot_update"]:
@@ -162,9 +162,9 @@ def missing(rec: Recording, run: str) -> list[str]:
                     "unknown (steps show the update count)"))
     if not n["workload"]:
         out.append("no workload table: updates not matched to rig actions")
-    for text in manifest.missing_data(m):
-        if not any(text in o for o in out):
-            out.append(f"tracer reports missing: {text}")
+    # The tracer's own list, each item once.
+    for text in dict.fromkeys(manifest.missing_data(m)):
+        out.append(f"tracer reports missing: {text}")
     out += list(rec.problems.get(run, []))
     return out
 

@@ -224,6 +224,32 @@ def test_bad_input_one_line(runs, tmp_path: Path, capsys, case: str) -> None:
             RecordingError("empty"))
 
 
+def test_empty_run_and_analysis_failures_are_typed(runs, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers decide by class: EmptyRun carries the run, AnalysisFailed the cause."""
+    from analysis.recording import one_line_errors, require_events
+    run = tmp_path / "empty"
+    schema.RunWriter(run, {"backend": "tracepoint"}).close()
+    with pytest.raises(analysis.EmptyRun) as e:
+        require_events(analysis.load([runs["nested"][0], run]))
+    assert e.value.path == run and e.value.missing == "trace events"
+    assert isinstance(e.value, RecordingError)
+    monkeypatch.delenv("SLOTSCOPE_DEBUG", raising=False)
+    with pytest.raises(analysis.AnalysisFailed) as f, one_line_errors("x"):
+        raise ValueError("boom")
+    assert isinstance(f.value.cause, ValueError) and f.value.what == "x"
+    assert "\n" not in str(f.value)
+
+
+def test_correlate_runs_never_recomputes(runs) -> None:
+    rec = analysis.load(runs["nested"][0])
+    corr = analysis.correlate_runs(rec)
+    assert analysis.correlate_runs(corr) is corr
+    assert corr.recording is rec
+    again = analysis.correlate_runs([runs["nested"][0]], names=["n"])
+    assert again.recording.runs == ["n"] and len(again.faults) == len(corr.faults)
+
+
 def test_truncated_table_is_partial_not_fatal(runs, tmp_path: Path, capsys) -> None:
     run = _copy(runs["nested"][0], tmp_path / "run")
     f = run / "mmio_fault.parquet"
