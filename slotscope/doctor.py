@@ -73,7 +73,7 @@ def _rig_checks() -> list[Check]:
     except ImportError:
         out.append(Check("nested lab VM", WARN, "vmrig.labvm not available", "reinstall slotscope"))
     else:
-        out.append(Check(*labvm_check()))
+        out.append(labvm_check())
     return out
 
 

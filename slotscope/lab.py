@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analysis.hostfacts import FAIL
 from analysis.schema import RecordingError
 from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
@@ -87,11 +88,11 @@ def choose_mode(requested: str) -> tuple[str, str]:
         return "direct", "requested" + ("; but " + "; ".join(reasons) if reasons else "")
     if requested == "nested" or not direct_ok:
         from vmrig.labvm import labvm_check
-        name, status, detail, fix = labvm_check()
-        if status == "FAIL":
-            raise LabError(f"nested lab VM unavailable: {detail} ({fix})")
+        row = labvm_check()
+        if row.status == FAIL:
+            raise LabError(f"nested lab VM unavailable: {row.detail} ({row.fix})")
         why = "requested" if requested == "nested" else "; ".join(reasons)
-        return "nested", f"{why}; {detail}"
+        return "nested", f"{why}; {row.detail}"
     return "direct", f"host KVM {caps.kvm_module} caches MMIO, backend {backend}"
 
 

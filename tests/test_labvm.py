@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
+from analysis import hostfacts
 from vmrig import RigError, labvm
 from vmrig import kernel as vk
 
@@ -109,7 +110,7 @@ def test_kernel_cli_show() -> None:
 
 def test_accel_choice_follows_host_nested_support() -> None:
     accel, why = labvm.choose_accel("auto")
-    nested = labvm._nested_enabled()
+    nested = hostfacts.nested_vendor()
     if nested is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         assert accel == "tcg" and why.startswith("TCG")
         with pytest.raises(RigError, match="--accel kvm unavailable"):
@@ -122,7 +123,8 @@ def test_accel_choice_follows_host_nested_support() -> None:
 
 
 def test_labvm_check_row() -> None:
-    name, status, detail, fix = labvm.labvm_check()
+    row = labvm.labvm_check()
+    name, status, detail, fix = row.name, row.status, row.detail, row.fix
     assert name == "nested lab VM"
     assert status in ("OK", "WARN", "FAIL")
     if status == "FAIL":

@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from analysis.hostfacts import FAIL, OK, Check, kvm_vendor_module, nested_vendor
+from vmrig import config, host
 from vmrig.errors import L1Fault, RigError
 from vmrig.kernel import LabKernel, lab_kernel
 
-ACCELS = ("auto", "kvm", "tcg")
+ACCELS = config.ACCELS
 DEFAULT_TIMEOUT = 900.0
 DEFAULT_MEMORY = "2G"
 CONSOLE_TAIL = 30
@@ -49,8 +51,6 @@ HANG_REPORT_S = 45
 STATE_DIR = "labvm"  # inside the output directory: script, logs, result
 # The project's venv: its bin/ holds vng, virtme-run and slotscope.
 VENV_BIN = Path(sys.prefix) / "bin"
-NESTED_PARAMS = ("/sys/module/kvm_amd/parameters/nested",
-                 "/sys/module/kvm_intel/parameters/nested")
 
 
 @dataclass
@@ -94,42 +94,6 @@ def _tool(name: str) -> str | None:
     return str(p) if p.exists() else shutil.which(name)
 
 
-def _nested_enabled() -> str | None:
-    """The host vendor KVM module with nested virtualization on, if any."""
-    for path in NESTED_PARAMS:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if value in ("1", "Y", "y"):
-            return path.split("/")[3]
-    return None
-
-
-def _kvm_module() -> str:
-    mods = [m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if Path("/sys/module", m).exists()]
-    return mods[0] if mods else "no vendor module"
-
-
-def _qemu_kvm_host_starts(qemu: str) -> str | None:
-    """Run QEMU -accel kvm -cpu host (SeaBIOS, no disks) for 3 s; None if it stays up."""
-    cmd = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults",
-           "-display", "none", "-m", "64M"]
-    try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    except OSError as e:
-        return str(e)
-    try:
-        _, err = p.communicate(timeout=3)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        return None  # still running after 3 s: vCPU setup and firmware passed
-    lines = err.strip().splitlines()
-    return lines[-1] if lines else f"exit status {p.returncode}"
-
-
 def choose_accel(requested: str = "auto") -> tuple[str, str]:
     """(accel, why): kvm only where the host can really run a nested L1."""
     if requested not in ACCELS:
@@ -139,14 +103,19 @@ def choose_accel(requested: str = "auto") -> tuple[str, str]:
     why = ""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         why = "no read/write /dev/kvm"
-    elif (vendor := _nested_enabled()) is None:
-        why = f"host {_kvm_module()} has no nested virt"
+    elif (vendor := nested_vendor()) is None:
+        why = f"host {kvm_vendor_module() or 'no vendor module'} has no nested virt"
     else:
+        # The QEMU on PATH: the one vng will start.  Its firmware must
+        # still run after 3 s with -cpu host, which is what the L1 needs.
         qemu = shutil.which("qemu-system-x86_64")
-        failed = _qemu_kvm_host_starts(qemu) if qemu else "qemu-system-x86_64 not found"
-        if failed is None:
-            return "kvm", f"KVM -cpu host, nested {vendor}"
-        why = f"qemu -cpu host fails: {failed}"
+        if qemu is None:
+            why = "qemu -cpu host fails: qemu-system-x86_64 not found"
+        else:
+            p = host.probe_accel(qemu, "kvm", cpu="host", run=3.0)
+            if p.ok:
+                return "kvm", f"KVM -cpu host, nested {vendor}"
+            why = f"qemu -cpu host fails: {p.detail}"
     if requested == "kvm":
         raise RigError(f"--accel kvm unavailable: {why}")
     return "tcg", f"TCG: {why}"
@@ -166,18 +135,18 @@ def _missing_parts() -> tuple[str, str] | None:
     return None
 
 
-def labvm_check() -> tuple[str, str, str, str]:
-    """doctor's row: (name, OK|WARN|FAIL, detail, fix)."""
+def labvm_check() -> Check:
+    """doctor's row for the nested lab VM."""
     name = "nested lab VM"
     missing = _missing_parts()
     if missing:
-        return name, "FAIL", missing[0], missing[1]
+        return Check(name, FAIL, missing[0], missing[1])
     try:
         k = lab_kernel()
     except RigError as e:
-        return name, "FAIL", str(e), "sudo .venv/bin/python -m vmrig.kernel fetch"
+        return Check(name, FAIL, str(e), "sudo .venv/bin/python -m vmrig.kernel fetch")
     accel, why = choose_accel("auto")
-    return name, "OK", f"{k.release}, {why}", ""
+    return Check(name, OK, f"{k.release}, {why}")
 
 
 def _script(command: Sequence[str], outdir: Path, state: Path, cwd: Path,

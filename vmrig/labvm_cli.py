@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from vmrig import RigError
+from vmrig.config import ACCELS
 
 HANG_EXIT = 124  # like timeout(1)
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lsub = p.add_subparsers(dest="labvm_command", metavar="ACTION", required=True)
     r = lsub.add_parser("run", help="boot the L1, run COMMAND, power off",
                         usage="slotscope labvm run [options] -- COMMAND...")
-    r.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+    r.add_argument("--accel", default="auto", choices=ACCELS,
                    help="auto: KVM where the host has nested virt, else TCG")
     r.add_argument("--kernel", metavar="PATH",
                    help="L1 kernel image (default: the fetched Debian 6.1 vmlinux)")
