@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from conftest import needs_qemu
 
+from analysis.hostfacts import pvm_host
 from analysis.schema import read_table
-from vmrig import RigError, host
+from vmrig import RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
 from vmrig.workloads import WorkloadLog, hotplug_cycles, virtio_mem_steps
@@ -36,7 +37,7 @@ def test_linux_guest_hotplug_and_virtio_mem(tmp_path: Path) -> None:
 
     async def body() -> dict[str, Any]:
         async with Rig(cfg, record_dir=tmp_path) as rig:
-            if host.kvm_flavour() == "kvm_pvm":
+            if pvm_host():
                 assert rig.accel == "tcg"  # auto never picks kvm_pvm for Linux
             serial = rig.serial()
             assert "slotscope-linux ready: 6.1" in serial

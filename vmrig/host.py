@@ -136,12 +136,6 @@ async def _probe_accel(binary: str, accel: str, cpu: str, run: float,
     return Probe(True, f"starts (-cpu {cpu})", seconds, replies)
 
 
-def kvm_flavour() -> str:
-    """'kvm_pvm' when /dev/kvm may come from the PVM module (it emulates
-    every guest instruction: Linux guests do not boot), else 'kvm'."""
-    return "kvm_pvm" if pvm_host() else "kvm"
-
-
 def qemu_checks(timeout: float = 10.0) -> list[Check]:
     """The QEMU rows of ``slotscope doctor``."""
     binary = qemu_binary()

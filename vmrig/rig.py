@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from analysis.hostfacts import pvm_host
 from analysis.schema import monotonic_ns
 from vmrig import bareguest, host, silence
 from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
@@ -155,7 +156,7 @@ class Rig:
         # auto: KVM only where this guest can run under it; kvm_pvm emulates
         # every instruction and cannot boot Linux (its emulator lacks
         # cmpxchg16b/xrstor), but runs the bare guest.
-        if kvm_ok and not (self.config.guest == "linux" and host.kvm_flavour() == "kvm_pvm"):
+        if kvm_ok and not (self.config.guest == "linux" and pvm_host()):
             return ["kvm", "tcg"]
         return ["tcg"]
 
