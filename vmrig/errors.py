@@ -46,7 +46,8 @@ class RigError(Exception):
 
 
 class QmpConnectError(RigError):
-    """The QMP socket at ``socket`` did not accept a connection (``reason``)."""
+    """The QMP socket at ``socket`` did not accept a connection (``reason``).
+    ``socket`` is its path, or "a socket pair" when QMP ran over one."""
 
     tag = "qmp_connect"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -39,14 +40,19 @@ class Qmp:
         self.lifecycle = EventListener(LIFECYCLE_EVENTS)
         self.client.register_listener(self.lifecycle)
 
-    async def connect(self, socket_path: str, timeout: float | None = None) -> None:
+    async def connect(self, address: str | socket.socket,
+                      timeout: float | None = None) -> None:
+        """Connect to the QMP socket at path ``address``, or over a socket
+        already connected to QEMU (one end of a socket pair)."""
+        # A socket object would print as its fds and addresses: say what it is.
+        where = address if isinstance(address, str) else "a socket pair"
         try:
             async with asyncio.timeout(timeout if timeout is not None else self.timeout):
-                await self.client.connect(socket_path)
+                await self.client.connect(address)
         except TimeoutError:
-            raise QmpConnectError(socket_path, "timed out") from None
+            raise QmpConnectError(where, "timed out") from None
         except (ConnectError, OSError) as e:
-            raise QmpConnectError(socket_path, str(e)) from None
+            raise QmpConnectError(where, str(e)) from None
         greeting = self.client.greeting
         self.version = dict(greeting.QMP.version["qemu"]) if greeting else {}
 
