@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vmrig import RigError
 from vmrig.config import (
     ACCELS,
     GUESTS,
@@ -17,11 +16,11 @@ from vmrig.config import (
     MemoryConfig,
     NetConfig,
     RigConfig,
-    RigConfigError,
     VirtioMemConfig,
     fmt_size,
     parse_size,
 )
+from vmrig.errors import RigConfigError, RigError
 from vmrig.workloads import WORKLOADS
 
 

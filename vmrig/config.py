@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from vmrig import RigError
+from vmrig.errors import RigConfigError, RigError
 
 Accel = Literal["auto", "kvm", "tcg"]
 GuestKind = Literal["bare", "linux"]
@@ -26,16 +26,6 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
 # kvm_pvm hosts reject MSR 0x10a with -cpu host/max on some kernels; this model
 # starts on every KVM we have met, so the rig uses it unless told otherwise.
 KVM_SAFE_CPU = "qemu64,-cx16,-xsave"
-
-
-class RigConfigError(RigError):
-    """A rig setting that cannot be used.  ``key`` names the setting (may be
-    empty), ``value`` is what was given; the message is one line."""
-
-    def __init__(self, message: str, key: str = "", value: object = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.value = value
 
 
 def parse_size(text: str | int, key: str = "") -> int:

@@ -1,6 +1,7 @@
 """The rig's errors: one tree under ``RigError``, each class carrying its cause.
 
     RigError                  a request that cannot be met (bad input, no QEMU, ...)
+    ├── RigConfigError        a rig setting that cannot be used (its key and value)
     ├── QmpConnectError       the QMP socket did not accept us
     ├── QmpCommandError       QEMU answered a command with an error
     ├── QmpTimeout            no reply, or no awaited event, in time
@@ -43,6 +44,18 @@ class RigError(Exception):
     def kind_tag(self) -> str:
         """Type and kind as a record names them, e.g. 'guest_fault:reset'."""
         return self.tag
+
+
+class RigConfigError(RigError):
+    """A rig setting that cannot be used.  ``key`` names the setting (may be
+    empty), ``value`` is what was given; the message is one line."""
+
+    tag = "rig_config"
+
+    def __init__(self, message: str, key: str = "", value: object = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
 
 
 class QmpConnectError(RigError):
