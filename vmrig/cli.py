@@ -77,7 +77,8 @@ def _ms(values: list[float]) -> str:
 
 # -- up / down ---------------------------------------------------------------
 async def _up(args: argparse.Namespace) -> int:
-    from vmrig.rig import Rig, default_state_dir
+    from vmrig.rig import Rig
+    from vmrig.rigstate import default_state_dir
     d = _state_dir(args) or default_state_dir()
     async with Rig(_config(args), private_dir=d, detach=True) as rig:
         print(f"rig up: pid {rig.pid}, {rig.config.guest} guest, accel {rig.accel}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from vmrig.errors import RigConfigError, RigError
 
@@ -172,6 +172,18 @@ class RigConfig:
             if vm.size % vm.block_size or vm.requested % vm.block_size:
                 raise RigConfigError(f"virtio-mem sizes must be multiples of the block size "
                                f"{fmt_size(vm.block_size)}")
+
+
+def config_from_dict(d: dict[str, Any]) -> RigConfig:
+    """The RigConfig that ``asdict`` turned into ``d`` (state.json's config)."""
+    d = dict(d)
+    d["memory"] = MemoryConfig(**d["memory"])
+    d["bare"] = BareGuestConfig(**d["bare"])
+    d["mmio_devices"] = tuple(d["mmio_devices"])
+    d["extra_args"] = tuple(d.get("extra_args", ()))
+    d["virtio_mem"] = VirtioMemConfig(**d["virtio_mem"]) if d.get("virtio_mem") else None
+    d["net"] = NetConfig(**d["net"]) if d.get("net") else None
+    return RigConfig(**d)
 
 
 def cpu_model(config: RigConfig, accel: str, host_vendor: str) -> str:

@@ -36,11 +36,11 @@ import psutil
 from analysis.hostfacts import pvm_host
 from analysis.schema import monotonic_ns
 from vmrig import bareguest, host, silence
-from vmrig.config import LaunchFiles, RigConfig, host_cpu_vendor, qemu_argv
+from vmrig.config import LaunchFiles, RigConfig, config_from_dict, host_cpu_vendor, qemu_argv
 from vmrig.errors import GuestFault, QemuGone, RigError, write_record
 from vmrig.privatedir import make_private_dir, sweep_stale, write_owner
 from vmrig.qmp import Qmp
-from vmrig.rigstate import RigState, config_from_dict, default_state_dir
+from vmrig.rigstate import RigState, default_state_dir
 from vmrig.samples import SAMPLES_FILE, sample, write_samples
 from vmrig.silence import Progress, Silence
 from vmrig.spawn import spawn_qemu

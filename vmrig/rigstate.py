@@ -1,6 +1,6 @@
 """What ``slotscope rig up`` leaves behind so that later commands
 (``hotplug``, ``status``, ``down``) can find its QEMU: ``state.json`` in
-the state directory, and the RigConfig rebuilt from it."""
+the state directory (its config is rebuilt by vmrig.config.config_from_dict)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrig.config import BareGuestConfig, MemoryConfig, NetConfig, RigConfig, VirtioMemConfig
 from vmrig.errors import RigError
 
 STATE_FILE = "state.json"
@@ -59,15 +58,3 @@ class RigState:
         state = cls(**raw)
         state.vcpu_tids = {int(k): v for k, v in state.vcpu_tids.items()}  # JSON keys
         return state
-
-
-def config_from_dict(d: dict[str, Any]) -> RigConfig:
-    """The RigConfig that ``asdict`` turned into ``d`` (state.json's config)."""
-    d = dict(d)
-    d["memory"] = MemoryConfig(**d["memory"])
-    d["bare"] = BareGuestConfig(**d["bare"])
-    d["mmio_devices"] = tuple(d["mmio_devices"])
-    d["extra_args"] = tuple(d.get("extra_args", ()))
-    d["virtio_mem"] = VirtioMemConfig(**d["virtio_mem"]) if d.get("virtio_mem") else None
-    d["net"] = NetConfig(**d["net"]) if d.get("net") else None
-    return RigConfig(**d)
