@@ -57,3 +57,16 @@ def test_params_patched(cache: Path, tmp_path: Path) -> None:
     assert (magic, base, npages, stride, nslots) == (b"SLOTSCOP", 0xD000_0000, 7, 8192, 3)
     assert counter == bareguest.COUNTER_GPA and version == bareguest.PARAMS_VERSION
     assert trap == 0  # no deliberate exception unless asked
+
+
+def test_run_image_without_a_writable_cache(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only cache (the nested lab VM's root) means building each run;
+    only asking for the cached file itself is an error."""
+    from vmrig import RigError
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "file" / "cache"))
+    img = bareguest.image_for(BareGuestConfig(), nslots=2, dest=tmp_path / "bare.bin")
+    assert img.read_bytes()[0x10:0x18] == b"SLOTSCOP"
+    with pytest.raises(RigError, match="not writable"):
+        bareguest.build()

@@ -1,24 +1,19 @@
 """The micro-VMM's guest: the guest-physical map and the code, from guests/microvm.S.
 
-The loops are assembled with GNU as + ld (binutils) into a flat image per
-variant (--defsym: page count, access mode, loop), cached by the hash of
-the source and the symbols, so editing microvm.S rebuilds them.  The
+The loops are assembled with GNU as + ld (vmrig.guestbuild) into a flat
+image per variant (--defsym: page count, access mode, loop), cached by the
+hash of the source and the symbols, so editing microvm.S rebuilds them.  The
 image's header says where the code starts and, for the coalesced loop,
 where its unrolled round is.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmrig.bareguest import cache_dir
+from vmrig import guestbuild
 from vmrig.microvm.errors import GuestBuildError
 
 # Guest-physical map: slot 0 is RAM with the code; the MMIO pages are
@@ -80,36 +75,10 @@ def _load(pages: int, **symbols: int) -> GuestCode:
 def assemble(symbols: dict[str, int]) -> bytes:
     """The flat image of microvm.S with these --defsym values, from the
     cache or built (and cached where the cache is writable)."""
-    src = SOURCE.read_bytes()
-    defs = [f"{k}={v:#x}" for k, v in sorted(symbols.items())]
-    key = hashlib.sha256(src + "\0".join(defs).encode()).hexdigest()[:16]
-    out = cache_dir() / f"microvm-{key}.bin"
-    if out.exists():
-        return out.read_bytes()
-    with tempfile.TemporaryDirectory(prefix="slotscope-microvm-") as tmp:
-        obj, img = Path(tmp) / "microvm.o", Path(tmp) / "microvm.bin"
-        defsyms = [a for d in defs for a in ("--defsym", d)]
-        _tool_run(["as", "--32", *defsyms, "-o", str(obj), str(SOURCE)])
-        _tool_run(["ld", "-m", "elf_i386", "-nostdlib", f"-Ttext={CODE_GPA:#x}",
-                   "--oformat", "binary", "-e", "_start", "-o", str(img), str(obj)])
-        data = img.read_bytes()
+    return guestbuild.build(SOURCE, "microvm", CODE_GPA, GuestBuildError, symbols=symbols,
+                            check=_fits).data
+
+
+def _fits(data: bytes) -> None:
     if len(data) > RAM_SIZE - CODE_GPA:
         raise GuestBuildError("ld", f"image of {len(data)} bytes does not fit in RAM")
-    try:  # a read-only cache (the nested lab's L1) just means building each run
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
-        tmp_out.write_bytes(data)
-        os.replace(tmp_out, out)
-    except OSError:
-        pass
-    return data
-
-
-def _tool_run(cmd: list[str]) -> None:
-    path = shutil.which(cmd[0])
-    if path is None:
-        raise GuestBuildError(cmd[0], "not found: the micro-VMM needs binutils (./setup.sh)")
-    p = subprocess.run([path, *cmd[1:]], capture_output=True, text=True, check=False)
-    if p.returncode:
-        last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-        raise GuestBuildError(cmd[0], last)
