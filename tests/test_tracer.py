@@ -401,3 +401,20 @@ def test_attach_to_running_vm(tmp_path: Path) -> None:
     assert len(df) > 100
     assert set(df.vm) == {vm.pid << 32 | vm_fds[0]}
     assert set(df.vcpu) == {0, 1}
+
+
+def test_ebpf_prints_the_program_it_would_load() -> None:
+    """--ebpf (as bcc's tools have): the C text, defines included, that bcc compiles."""
+    out = subprocess.run([*SLOTSCOPE, "record", "--ebpf", "--aggregate", "-p", str(os.getpid())],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for define in ("FILTER_PIDS 1", "AGGREGATE 1", "EMIT_MMIO 0", "USE_RINGBUF 1"):
+        assert f"#define {define}\n" in text
+    assert "TRACEPOINT_PROBE(kvm, kvm_mmio)" in text
+    from bcc import BPF
+    bpf = BPF(text=text.encode())  # the text is whole: it compiles and loads as printed
+    try:
+        assert bpf.get_table("mmio_hist") is not None
+    finally:
+        bpf.cleanup()

@@ -25,6 +25,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregate", action="store_true",
                    help="count MMIO faults in kernel histograms (mmio_hist, per "
                    "interval) instead of a row each; implies --no-mmio-access")
+    p.add_argument("--ebpf", action="store_true",
+                   help="print the BPF C program this command would load, and exit")
 
 
 def register(sub: Any) -> None:
@@ -33,7 +35,7 @@ def register(sub: Any) -> None:
                        "processes exit.")
     _common(p)
     p.add_argument("-d", "--duration", type=float, help="stop after SECONDS")
-    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR")
+    p.add_argument("-o", "--output", metavar="RUN_DIR", help="required")
     p.add_argument("--flush-interval", type=float, default=1.0, metavar="S")
     p.set_defaults(func=cmd_record)
 
@@ -58,6 +60,15 @@ def _check(args: argparse.Namespace) -> None:
         raise TracerError("duration must be positive")
 
 
+def _print_ebpf(args: argparse.Namespace) -> int:
+    """--ebpf: the program text, defines included, for whoever debugs it."""
+    from .probes import pick_backend, program_source, resolve_pids
+    caps, choice = pick_backend(args.backend)
+    print(program_source(choice.name, caps, resolve_pids(args.pid),
+                         args.emit_mmio and not args.aggregate, args.aggregate))
+    return 0
+
+
 def _recorder(args: argparse.Namespace, run_dir: str | None, sinks: list[Any],
               flush: float = 1.0) -> Any:
     from .recorder import Recorder
@@ -75,6 +86,10 @@ def _finish(rec: Any, **final: Any) -> None:
 
 def cmd_record(args: argparse.Namespace) -> int:
     _check(args)
+    if args.ebpf:
+        return _print_ebpf(args)
+    if not args.output:
+        raise TracerError("record needs -o RUN_DIR")
     if args.flush_interval <= 0 or args.flush_interval > 1:
         raise TracerError("flush interval must be in (0, 1] seconds")
     rec = _recorder(args, args.output, [], args.flush_interval)
@@ -106,6 +121,8 @@ def _attached(rec: Any, what: str) -> None:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     _check(args)
+    if args.ebpf:
+        return _print_ebpf(args)
     from .sinks import JsonLines
     sink = JsonLines(sys.stdout, set(args.event) if args.event else None)
     rec = _recorder(args, None, [sink])
@@ -122,6 +139,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 def cmd_live(args: argparse.Namespace) -> int:
     _check(args)
+    if args.ebpf:
+        return _print_ebpf(args)
     if args.interval <= 0 or args.count < 0:
         raise TracerError("interval must be positive and count >= 0")
     from .sinks import LiveStats

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import TracerError
-from .capabilities import Capabilities, _quiet_stderr
+from .capabilities import BackendChoice, Capabilities, _quiet_stderr, choose_backend, probe
 
 BPF_DIR = Path(__file__).parent / "bpf"
 RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
@@ -254,16 +254,37 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     return text, flags, attached, missing
 
 
+def _with_buffer(text: str, flags: dict[str, int | str], buffer: str) -> str:
+    """The whole C text bcc compiles for output ``buffer`` (ringbuf or perf)."""
+    flags["USE_RINGBUF"] = int(buffer == "ringbuf")
+    return _defines(flags) + text
+
+
+def pick_backend(requested: str | None) -> tuple[Capabilities, BackendChoice]:
+    """This host's capabilities and the backend to load (``requested`` or the best)."""
+    # No trial compile: loading the real programs proves bcc works.
+    caps = probe(try_kfunc=None if requested is None else requested == "kfunc",
+                 try_bpf=False)
+    return caps, choose_backend(caps, requested)
+
+
+def program_source(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+                   emit_mmio: bool = True, aggregate: bool = False) -> str:
+    """The C program ``load`` would compile with the ring buffer (``--ebpf``)."""
+    offsets = _kfunc_targets(None)[1] if backend == "kfunc" else None
+    text, flags, _, _ = program_text(backend, caps, pids, emit_mmio, offsets, aggregate)
+    return _with_buffer(text, flags, "ringbuf")
+
+
 def _compile(text: str, flags: dict[str, int | str],
              buffers: Sequence[str] = ("ringbuf", "perf")) -> tuple[Any, str]:
     """BPF object and buffer kind: the ring buffer if the kernel takes it, else perf."""
     from bcc import BPF
     errors = []
     for buffer in buffers:
-        flags["USE_RINGBUF"] = int(buffer == "ringbuf")
         try:
             with _quiet_stderr():
-                return BPF(text=(_defines(flags) + text).encode()), buffer
+                return BPF(text=_with_buffer(text, flags, buffer).encode()), buffer
         except Exception as e:  # bcc raises bare Exception
             lines = str(e).strip().splitlines()
             errors.append(f"{buffer}: {lines[-1] if lines else type(e).__name__}")

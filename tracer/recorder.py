@@ -173,16 +173,15 @@ class Recorder:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> Recorder:
-        from .capabilities import choose_backend, probe
-        from .probes import load, resolve_pids
+        from .capabilities import choose_backend
+        from .probes import load, pick_backend, resolve_pids
         _warm_up()
         pids = resolve_pids(self.requested_pids)
         self.pids = pids
-        # No trial compile: loading the real programs proves bcc works.
-        want = self.requested_backend
-        caps = self.caps or probe(try_kfunc=None if want is None else want == "kfunc",
-                                  try_bpf=False)
-        choice = choose_backend(caps, self.requested_backend)
+        if self.caps is not None:
+            caps, choice = self.caps, choose_backend(self.caps, self.requested_backend)
+        else:
+            caps, choice = pick_backend(self.requested_backend)
         self.manifest = {
             "backend": choice.name, "backend_reason": choice.reason,
             "missing_data": choice.missing, "filters": {"pids": pids},
