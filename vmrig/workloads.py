@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_config
-from vmrig import RigError
 from vmrig.config import MiB, fmt_size
+from vmrig.errors import QmpTimeout, RigError
 
 if TYPE_CHECKING:  # reading WORKLOADS must not import the QEMU lifecycle
     from vmrig.rig import Rig
@@ -211,17 +211,17 @@ async def unplug_dimm(rig: Rig, log: WorkloadLog, dev_id: str, timeout: float = 
                 ev = await qmp.wait(listener, f"device_del {dev_id}", timeout,
                                     match=_ost_for(dev_id))
             except RigError as e:
-                msg = str(e)
-                if "no event" in msg:
+                error: RigError = e
+                if isinstance(e, QmpTimeout):
                     # A guest that never ran cannot eject: say so, it is
                     # the host's (or the hypervisor's) problem then.
                     why = await rig.why_silent(before, timeout)
-                    msg = (f"device_del {dev_id}: the guest did not eject within {timeout:g} s"
-                           + (f" ({why})" if why else ""))
+                    error = why.error(f"device_del {dev_id}: the guest did not eject within "
+                                      f"{timeout:g} s" + (f" ({why})" if why else ""))
                 log.add("event:DEVICE_DELETED", dev_id, begin, monotonic_ns(), size, ok=False,
-                        error=msg)
+                        error=str(error))
                 log.flush()
-                raise RigError(msg) from None
+                raise error from None
             end = monotonic_ns()
             if ev["event"] == "ACPI_DEVICE_OST":
                 status = int(ev["data"]["info"].get("status", 0))
