@@ -28,14 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory shared read-write with the L1 (default ./labvm-out)")
     r.add_argument("--memory", default="2G", help="L1 memory (default 2G)")
     r.add_argument("--cpus", type=int, help="L1 vCPUs (default: host CPUs)")
-    r.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
+    # Not dest "command": that is the top-level subcommand, which names the
+    # tool in error lines ("slotscope labvm: error: ...").
+    r.add_argument("run_command", nargs=argparse.REMAINDER, metavar="COMMAND")
     r.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from vmrig.labvm import run_in_labvm
 
-    command = list(args.command)
+    command = list(args.run_command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
