@@ -72,7 +72,7 @@ def test_kfunc_programs_compile_without_autoload() -> None:
     (tracepoint) ones: the three are left for the raw bpf(2) load."""
     from bcc.libbcc import lib
 
-    from tracer.probes import KFUNCS, _compile, _kfunc_targets, program_text
+    from tracer.loader import KFUNCS, _compile, _kfunc_targets, program_text
     caps = probe(try_kfunc=False, try_bpf=False)
     try:
         targets, offsets = _kfunc_targets(None)

@@ -261,7 +261,7 @@ def test_missing_tracepoint() -> None:
 
     from tracer import TracerError
     from tracer.capabilities import probe
-    from tracer.probes import load
+    from tracer.loader import load
     caps = probe(try_kfunc=False)
     # the kernel as the probe saw it, minus kvm:kvm_mmio (as on a kernel without it)
     gone = replace(caps, tracepoints={**caps.tracepoints, "kvm:kvm_mmio": False})
@@ -274,7 +274,7 @@ def test_kprobe_programs_verify() -> None:
     with struct offsets from this kernel's BTF (they attach in the lab VM)."""
     from tracer.btf import kvm_offsets
     from tracer.capabilities import probe
-    from tracer.probes import verify_kprobe_programs
+    from tracer.loader import verify_kprobe_programs
     offs = kvm_offsets()
     assert offs["OFF_SLOT_NPAGES"] == offs["OFF_SLOT_BASE_GFN"] + 8
     assert verify_kprobe_programs(probe(try_kfunc=False)) == [
@@ -361,7 +361,8 @@ def test_perf_buffer_fallback() -> None:
     from collections import Counter as C
 
     from tracer.capabilities import probe
-    from tracer.probes import EV_MEMSLOT, EV_MMIO, load
+    from tracer.events import EV_MEMSLOT, EV_MMIO
+    from tracer.loader import load
     from vmrig import microvm
     p = load("tracepoint", probe(try_kfunc=False), [os.getpid()], buffers=("perf",))
     try:
@@ -379,7 +380,7 @@ def test_perf_buffer_fallback() -> None:
 def test_attach_to_running_vm(tmp_path: Path) -> None:
     """A VM created before the tracer attached (like a running QEMU): its
     vCPU fds are read from /proc, so rows still carry the VM and vCPU ids."""
-    from tracer.probes import kvm_fds
+    from tracer.procfs import kvm_fds
     vm = subprocess.Popen([sys.executable, "-m", "vmrig.microvm", "-d", "60", "--vcpus", "2",
                            "--schedule", "create:1,flags:1", "--every", "3000",
                            "-o", str(tmp_path / "t.json")])

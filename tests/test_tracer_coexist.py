@@ -33,7 +33,7 @@ MICROVM = [sys.executable, "-m", "vmrig.microvm", "-n", "3000", "--pages", "2",
 def _attached_tracepoints() -> list[str]:
     """Every tracepoint the tracer attaches on this kernel."""
     from tracer.capabilities import probe
-    from tracer.probes import program_text
+    from tracer.loader import program_text
     return program_text("tracepoint", probe(try_kfunc=False))[2]
 
 

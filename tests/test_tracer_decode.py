@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tracer.decode import Decoder, SlotTracker
-from tracer.probes import EV_GEN, EV_SETMEM, EVENT_DTYPE
+from tracer.events import EV_GEN, EV_SETMEM, EVENT_DTYPE
 
 VM = 1234 << 32 | 7
 
@@ -54,3 +54,30 @@ def test_kprobe_memslot_and_generation_rows() -> None:
     assert g[0]["gen"] == 44 and g[0]["in_progress"] and g[0]["mmio_gen"] == 44
     assert g[0]["source"] == "invalidate" and not g[0]["zap_all"]
     assert g[1]["mmio_gen"] == 0 and g[1]["zap_all"]
+
+
+def test_event_layout_matches_the_c_struct() -> None:
+    """tracer/events.py and bpf/common.bpf.c declare the same record: fields in
+    order with their widths, event type numbers, lost kinds and fault bits."""
+    import re
+    from pathlib import Path
+
+    from tracer import events
+    c = (Path(events.__file__).parent / "bpf" / "common.bpf.c").read_text()
+    body = re.search(r"struct event \{(.*?)\};", c, re.S)
+    assert body is not None
+    ctypes_ = {"u32": "<u4", "s32": "<i4", "u64": "<u8"}
+    fields = [(name, ctypes_[t]) for t, names in re.findall(r"(\w+) ([\w, ]+);", body.group(1))
+              for name in (n.strip() for n in names.split(","))]
+    assert fields == [(n, EVENT_DTYPE[n].str) for n in EVENT_DTYPE.names]
+    kinds = dict(re.findall(r"\b(EV_\w+) = (\d+)", c))
+    assert {k: int(v) for k, v in kinds.items()} == {
+        k: getattr(events, k) for k in kinds}
+    lost = re.search(r"enum lost_kind \{([^}]*)\}", c)
+    assert lost is not None
+    assert len([x for x in lost.group(1).split(",") if x.strip() != "LOST_MAX"]) == len(
+        events.LOST_KINDS)
+    bits = {k: int(v) for k, v in re.findall(r"#define (F_\w+) +\(1 << (\d+)\)", c)}
+    # F_ACCESS and F_SYNTH steer the programs only; they never reach Python
+    shared = {k: 1 << v for k, v in bits.items() if k not in ("F_ACCESS", "F_SYNTH")}
+    assert len(shared) == 7 and shared == {k: getattr(events, k) for k in shared}

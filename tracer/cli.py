@@ -62,7 +62,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def _print_ebpf(args: argparse.Namespace) -> int:
     """--ebpf: the program text, defines included, for whoever debugs it."""
-    from .probes import pick_backend, program_source, resolve_pids
+    from .loader import pick_backend, program_source
+    from .procfs import resolve_pids
     caps, choice = pick_backend(args.backend)
     print(program_source(choice.name, caps, resolve_pids(args.pid),
                          args.emit_mmio and not args.aggregate, args.aggregate))

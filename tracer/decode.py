@@ -13,17 +13,36 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from analysis.schema import ACCESS_TYPES, CHANGE_TYPES, MMIO_GEN_BITS_DEFAULT, SCHEMAS
+from analysis.schema import (
+    ACCESS_TYPES,
+    CHANGE_TYPES,
+    GEN_IN_PROGRESS_BIT,
+    MMIO_GEN_BITS_DEFAULT,
+    SCHEMAS,
+)
 
-from .probes import EV_FAULT, EV_GEN, EV_MEMSLOT, EV_MMIO, EV_SETMEM, EV_VM, EV_ZAP, vcpu_from_comm
+from .events import (
+    EV_FAULT,
+    EV_GEN,
+    EV_MEMSLOT,
+    EV_MMIO,
+    EV_SETMEM,
+    EV_VM,
+    EV_ZAP,
+    EXIT_REASON_NONE,
+    F_CHECKED,
+    F_FAST_HIT,
+    F_REMARKED,
+    F_STALE,
+    F_TO_USER,
+    F_UNFINISHED,
+    F_WRITE,
+)
+from .procfs import vcpu_from_comm
 
 PAGE_SHIFT = 12
-IN_PROGRESS = 1 << 63
+IN_PROGRESS = 1 << GEN_IN_PROGRESS_BIT
 MMIO_GEN_MASK = (1 << MMIO_GEN_BITS_DEFAULT) - 1
-# mmio_fault bits (common.bpf.c)
-F_CHECKED, F_STALE, F_REMARKED, F_FAST_HIT, F_WRITE, F_TO_USER = (1 << i for i in range(6))
-F_UNFINISHED = 1 << 8
-EXIT_REASON_NONE = 0xFFFFFFFF
 
 
 

@@ -174,7 +174,8 @@ class Recorder:
     # -- lifecycle -------------------------------------------------------
     def start(self) -> Recorder:
         from .capabilities import choose_backend
-        from .probes import load, pick_backend, resolve_pids
+        from .loader import load, pick_backend
+        from .procfs import resolve_pids
         _warm_up()
         pids = resolve_pids(self.requested_pids)
         self.pids = pids
@@ -234,7 +235,7 @@ class Recorder:
         every process already."""
         import ctypes
 
-        from .probes import resolve_pids
+        from .procfs import resolve_pids
         if not self.pids:
             raise TracerError("this recorder traces every process; no pid filter to extend")
         from .probes import seed_vcpus
@@ -315,7 +316,7 @@ class Recorder:
         self._next_flush = time.monotonic() + self.flush_interval
 
     def targets_alive(self) -> bool:
-        from .probes import is_alive
+        from .procfs import is_alive
         return not self.pids or any(is_alive(p) for p in self.pids)
 
     def run(self, duration: float | None = None,

@@ -1,0 +1,242 @@
+"""Build, load and attach the BPF programs of one backend (bcc).
+
+The C lives in tracer/bpf/*.bpf.c; this module only chooses defines (pid
+filter, ring vs perf buffer, which optional tracepoints exist, BTF struct
+offsets), compiles, attaches, and hands back a ``probes.Probes``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import TracerError
+from .capabilities import BackendChoice, Capabilities, _quiet_stderr, choose_backend, probe
+from .probes import RINGBUF_PAGES, Probes
+
+BPF_DIR = Path(__file__).parent / "bpf"
+
+# Tracepoints a backend can do without (absent on some kernels): define name.
+OPTIONAL_TPS = {
+    "kvm:kvm_exit": "HAVE_KVM_EXIT",
+    "kvm:kvm_entry": "HAVE_KVM_ENTRY",
+    "kvmmmu:check_mmio_spte": "HAVE_CHECK_MMIO_SPTE",
+    "kvmmmu:mark_mmio_spte": "HAVE_MARK_MMIO_SPTE",
+    "kvmmmu:handle_mmio_page_fault": "HAVE_HANDLE_MMIO_PAGE_FAULT",
+    "kvmmmu:kvm_mmu_zap_all_fast": "HAVE_KVM_MMU_ZAP_ALL_FAST",
+}
+REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
+                "sched:sched_process_exit")
+
+
+def _source() -> str:
+    return "\n".join((BPF_DIR / name).read_text()
+                     for name in ("common.bpf.c", "kvm_events.bpf.c"))
+
+
+def _defines(flags: dict[str, int | str]) -> str:
+    return "".join(f"#define {k} {v}\n" for k, v in flags.items())
+
+
+KPROBES = (("kprobe", "kvm_set_memslot", "on_set_memslot"),
+           ("kretprobe", "kvm_set_memslot", "on_set_memslot_ret"),
+           ("kprobe", "kvm_mmu_invalidate_mmio_sptes", "on_invalidate_mmio_sptes"))
+# (attach type, function, program, parameters the program reads from ctx)
+KFUNCS = (("fentry", "kvm_set_memslot", "fentry_set_memslot", 4),
+          ("fexit", "kvm_set_memslot", "fexit_set_memslot", 4),
+          ("fentry", "kvm_mmu_invalidate_mmio_sptes", "fentry_invalidate_mmio", 2))
+KfuncTarget = tuple[str, str, str, int, str | None]  # kind, fn, program, BTF id, module
+
+
+def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+                 emit_mmio: bool = True, offsets: dict[str, int] | None = None,
+                 aggregate: bool = False
+                 ) -> tuple[str, dict[str, int | str], list[str], list[str]]:
+    """(C text without the buffer define, defines, probes attached, probes missing).
+
+    ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer."""
+    for tp in REQUIRED_TPS:
+        if not caps.tracepoints.get(tp):
+            raise TracerError(f"tracepoint {tp} is missing on this kernel")
+    flags: dict[str, int | str] = {
+        "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
+        "EMIT_MMIO": int(emit_mmio), "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
+        "AGGREGATE": int(aggregate),
+    }
+    attached = list(REQUIRED_TPS)
+    missing = []
+    for tp, define in OPTIONAL_TPS.items():
+        if caps.tracepoints.get(tp):
+            flags[define] = 1
+            attached.append(tp)
+        else:
+            missing.append(tp)
+    text = _source()
+    if backend in ("kprobe", "kfunc"):
+        from .btf import kvm_offsets
+        flags.update(offsets or kvm_offsets())
+        flags["USE_KFUNC"] = int(backend == "kfunc")
+        text += "\n" + (BPF_DIR / "memslot_fn.bpf.c").read_text()
+        if backend == "kfunc":
+            attached += [f"{kind}:{fn}" for kind, fn, _, _ in KFUNCS]
+        else:
+            attached += [f"{kind}:{fn}" for kind, fn, _ in KPROBES]
+    elif backend != "tracepoint":
+        raise TracerError(f"unknown backend {backend!r}")
+    return text, flags, attached, missing
+
+
+def _with_buffer(text: str, flags: dict[str, int | str], buffer: str) -> str:
+    """The whole C text bcc compiles for output ``buffer`` (ringbuf or perf)."""
+    flags["USE_RINGBUF"] = int(buffer == "ringbuf")
+    return _defines(flags) + text
+
+
+def pick_backend(requested: str | None) -> tuple[Capabilities, BackendChoice]:
+    """This host's capabilities and the backend to load (``requested`` or the best)."""
+    # No trial compile: loading the real programs proves bcc works.
+    caps = probe(try_kfunc=None if requested is None else requested == "kfunc",
+                 try_bpf=False)
+    return caps, choose_backend(caps, requested)
+
+
+def program_source(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+                   emit_mmio: bool = True, aggregate: bool = False) -> str:
+    """The C program ``load`` would compile with the ring buffer (``--ebpf``)."""
+    offsets = _kfunc_targets(None)[1] if backend == "kfunc" else None
+    text, flags, _, _ = program_text(backend, caps, pids, emit_mmio, offsets, aggregate)
+    return _with_buffer(text, flags, "ringbuf")
+
+
+def _compile(text: str, flags: dict[str, int | str],
+             buffers: Sequence[str] = ("ringbuf", "perf")) -> tuple[Any, str]:
+    """BPF object and buffer kind: the ring buffer if the kernel takes it, else perf."""
+    from bcc import BPF
+    errors = []
+    for buffer in buffers:
+        try:
+            with _quiet_stderr():
+                return BPF(text=_with_buffer(text, flags, buffer).encode()), buffer
+        except Exception as e:  # bcc raises bare Exception
+            lines = str(e).strip().splitlines()
+            errors.append(f"{buffer}: {lines[-1] if lines else type(e).__name__}")
+    raise TracerError("cannot load the BPF programs: " + "; ".join(errors))
+
+
+def _kfunc_targets(offsets: dict[str, int] | None
+                   ) -> tuple[list[KfuncTarget], dict[str, int]]:
+    """BTF ids of the kfunc backend's functions (found before a long compile)
+    and the struct offsets, from one parse of the kvm BTF."""
+    from .btf import find_func, kvm_offsets
+    from .btf import load as load_btf
+    btf = load_btf("kvm")
+    targets: list[KfuncTarget] = []
+    for kind, fn, prog, nargs in KFUNCS:
+        btf_id, n, module = find_func(fn, btf)
+        if n != nargs:  # the program would read the wrong ctx slots
+            raise TracerError(f"{fn} has {n} parameters in BTF; {prog} expects {nargs}")
+        targets.append((kind, fn, prog, btf_id, module))
+    return targets, offsets or kvm_offsets(btf)
+
+
+def _attach_kfuncs(bpf: Any, targets: Sequence[KfuncTarget]) -> list[int]:
+    """Load bcc's compiled fentry/fexit programs with bpf(2) against the
+    functions' BTF ids and attach them; the link fds.
+
+    bcc has created the maps and put their fds in the instructions; what
+    it cannot do before 0.28 is name a module's BTF object as the target."""
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    from .bpfsys import btf_obj_fd, fentry
+    obj_fds: dict[str, int] = {}
+    links: list[int] = []
+    try:
+        for kind, fn, prog, btf_id, module in targets:
+            if module and module not in obj_fds:
+                fd = btf_obj_fd(module)
+                if fd is None:
+                    raise TracerError(f"no kernel BTF object named {module} ({module} unloaded?)")
+                obj_fds[module] = fd
+            name = prog.encode()
+            start = lib.bpf_function_start(bpf.module, name)
+            if not start:
+                raise TracerError(f"program {prog} missing from the compiled object")
+            insns = ctypes.string_at(start, lib.bpf_function_size(bpf.module, name))
+            try:
+                pfd, link = fentry(insns, kind, btf_id, obj_fds[module] if module else 0, prog)
+            except OSError as e:
+                raise TracerError(f"cannot attach {kind} on {fn}: {e.strerror}") from None
+            # In bcc's table: cleanup() closes it and the recorder lists its id.
+            bpf.funcs[name] = BPF.Function(bpf, name, pfd)
+            links.append(link)
+    except BaseException:
+        for link in links:
+            os.close(link)
+        raise
+    finally:
+        for fd in obj_fds.values():  # the loaded programs hold their own reference
+            os.close(fd)
+    return links
+
+
+def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
+         emit_mmio: bool = True, offsets: dict[str, int] | None = None,
+         buffers: Sequence[str] = ("ringbuf", "perf"), aggregate: bool = False) -> Probes:
+    """Compile, load and attach ``backend``'s programs, filtered to ``pids``.
+
+    ``buffers``: the output buffers to try in order (tests force "perf")."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
+                          "with system site packages)") from None
+    kfuncs: list[KfuncTarget] = []
+    if backend == "kfunc":
+        kfuncs, offsets = _kfunc_targets(offsets)
+    text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets,
+                                                  aggregate)
+    bpf, buffer = _compile(text, flags, buffers)
+    links: list[int] = []
+    try:
+        if kfuncs:
+            links = _attach_kfuncs(bpf, kfuncs)
+        if backend == "kprobe":
+            for kind, fn, prog in KPROBES:
+                attach = bpf.attach_kretprobe if kind == "kretprobe" else bpf.attach_kprobe
+                try:
+                    with _quiet_stderr():
+                        attach(event=fn.encode(), fn_name=prog.encode())
+                except Exception as e:
+                    raise TracerError(f"cannot attach {kind} on {fn}: "
+                                      f"{str(e).strip().splitlines()[-1]}") from None
+        if pids:
+            table = bpf[b"pids"]
+            for pid in pids:
+                table[ctypes.c_uint(pid)] = ctypes.c_ubyte(1)
+    except BaseException:
+        for link in links:
+            os.close(link)
+        bpf.cleanup()
+        raise
+    offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
+    probes = Probes(bpf, backend, buffer, attached, missing, offs, links, aggregate=aggregate)
+    probes.open()
+    return probes
+
+
+def verify_kprobe_programs(caps: Capabilities) -> list[str]:
+    """Compile the kprobe backend and load (verify) its programs without
+    attaching: checks it on hosts that cannot attach kprobes."""
+    from bcc import BPF
+    text, flags, _, _ = program_text("kprobe", caps, [1])
+    bpf, _ = _compile(text, flags)
+    try:
+        for _, _, prog in KPROBES:
+            bpf.load_func(prog.encode(), BPF.KPROBE)
+        return [prog for _, _, prog in KPROBES]
+    finally:
+        bpf.cleanup()
