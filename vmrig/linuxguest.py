@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from vmrig import RigError
-from vmrig.bareguest import cache_dir
 from vmrig.config import LaunchFiles, RigConfig
+from vmrig.guestbuild import cache_dir
 
 GUESTS = Path(__file__).with_name("guests")
 INIT = GUESTS / "init"
