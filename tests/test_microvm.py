@@ -183,3 +183,34 @@ def test_guest_built_into_cache_and_without_one(tmp_path: Path,
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "file" / "cache"))
     assert guest.coalesced_program(3) == g
+
+
+TRUTH_KEYS = ("mmio_exits", "mmio_user_exits", "mmio_reads", "mmio_writes", "reads_completed",
+              "mmio_by_page", "pio_exits", "other_exits", "memslot_counts")
+
+
+@needs_kvm
+@pytest.mark.parametrize("args", [
+    dict(mmio_accesses=6000, pages=3, schedule=SCHEDULE),
+    dict(mmio_accesses=4001, pages=2, access="read", schedule="create:1,flags:1", every=1000),
+    dict(mmio_accesses=3000, pages=16, access="write", vcpus=2, schedule="create:3"),
+])
+def test_native_loop_same_truth(args: dict) -> None:
+    """--native runs the exit loop in C: the ground truth is the Python loop's."""
+    py, c = microvm.run(**args), microvm.run(**args, native=True)
+    assert (py.loop, c.loop) == ("python", "c")
+    for key in TRUTH_KEYS:
+        assert getattr(c, key) == getattr(py, key), key
+    strip = ("begin_ns", "end_ns", "userspace_addr")
+    assert ([{k: v for k, v in vars(x).items() if k not in strip} for x in c.memslot_changes]
+            == [{k: v for k, v in vars(x).items() if k not in strip}
+                for x in py.memslot_changes])
+
+
+@needs_kvm
+def test_native_loop_duration_and_refusals() -> None:
+    r = microvm.run(0, pages=2, duration=0.3, native=True, schedule="create:1", every=500)
+    assert r.mmio_exits > 1000 and r.mmio_reads + r.mmio_writes == r.mmio_exits
+    assert r.memslot_counts == {"create": 2}
+    with pytest.raises(RigError, match="coalesced"):
+        microvm.run(100, coalesced=True, native=True)

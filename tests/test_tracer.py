@@ -106,6 +106,24 @@ def test_coalesced_rate_exact(tmp_path: Path) -> None:
     assert_memslots_exact(run, truth)
 
 
+def test_native_loop_recorded_exactly(tmp_path: Path) -> None:
+    """The micro-VMM's exit loop in C (--native, the benches' fast L2): every
+    memslot update and MMIO exit recorded, against its truth."""
+    wl = Workload(20_000, truth=tmp_path / "t.json", native=True)
+    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    truth = wl.go()
+    _, err = rec.communicate(timeout=60)
+    assert rec.returncode == 0, err
+    assert truth["loop"] == "c" and truth["mmio_exits"] == 20_000
+    run = read_run(tmp_path / "run")
+    assert set(run.manifest["lost"].values()) == {0}
+    assert_memslots_exact(run, truth)
+    df = run.tables["mmio_access"].to_pandas()
+    assert (df["type"] != "read").sum() == truth["mmio_exits"]
+    assert (df["type"] == "read").sum() == truth["reads_completed"]
+    assert len(run.tables["mmio_fault"]) == truth["mmio_exits"]
+
+
 def test_mmio_fault_intervals(recording: tuple[Any, dict[str, Any], str]) -> None:
     run, truth, _ = recording
     df = run.tables["mmio_fault"].to_pandas()

@@ -18,11 +18,13 @@ class Workload:
     """A micro-VMM subprocess held at its start line until go()."""
 
     def __init__(self, n: int, schedule: str = SCHEDULE, pages: int = 3,
-                 truth: Path | None = None, vcpus: int = 1, coalesced: bool = False) -> None:
+                 truth: Path | None = None, vcpus: int = 1, coalesced: bool = False,
+                 native: bool = False) -> None:
         self.truth = truth
         args = [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", str(pages),
                 "--schedule", schedule, "--wait", "-o", str(truth or os.devnull),
-                "--vcpus", str(vcpus), *(["--coalesced"] if coalesced else [])]
+                "--vcpus", str(vcpus), *(["--coalesced"] if coalesced else []),
+                *(["--native"] if native else [])]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         assert self.proc.stdout is not None

@@ -1,4 +1,5 @@
-"""Flat guest images from guests/*.S: GNU as + ld (binutils), cached.
+"""Flat guest images from guests/*.S (GNU as + ld), and other build
+products of the rig (the micro-VMM's native loop), cached.
 
 The bare guest (bareguest.py) and the micro-VMM's loops (microvm/guest.py)
 are both built here.  An image is cached under a key hashed from the source
@@ -44,20 +45,30 @@ def build(source: Path, stem: str, link_base: int, error: BuildError, *,
     """``source`` assembled (32-bit) and linked flat at ``link_base``, from
     the cache unless ``force``.  ``check`` vets a fresh image before it is
     cached (raising the guest's own error); tool failures become ``error``."""
-    src = source.read_bytes()
     defs = [f"{k}={v:#x}" for k, v in sorted((symbols or {}).items())]
+
+    def make(tmp: Path) -> bytes:
+        obj, img = tmp / f"{stem}.o", tmp / f"{stem}.bin"
+        defsyms = [a for d in defs for a in ("--defsym", d)]
+        run_tool(["as", "--32", *defsyms, "-o", str(obj), str(source)], error)
+        run_tool(["ld", "-m", "elf_i386", "-nostdlib", f"-Ttext={link_base:#x}",
+                  "--oformat", "binary", "-e", "_start", "-o", str(img), str(obj)], error)
+        return img.read_bytes()
+
     # Without symbols the key is the source's hash alone.
-    key = hashlib.sha256(src + "\0".join(defs).encode()).hexdigest()[:16]
-    out = cache_dir() / f"{stem}-{key}.bin"
+    return cached(stem, ".bin", source.read_bytes() + "\0".join(defs).encode(), make,
+                  check=check, force=force)
+
+
+def cached(stem: str, suffix: str, key: bytes, make: Callable[[Path], bytes], *,
+           check: Callable[[bytes], None] | None = None, force: bool = False) -> GuestImage:
+    """The file ``make`` builds in a scratch directory, cached under a hash
+    of ``key`` (everything the build depends on)."""
+    out = cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}{suffix}"
     if out.exists() and not force:
         return GuestImage(out.read_bytes(), out)
     with tempfile.TemporaryDirectory(prefix=f"slotscope-{stem}-") as tmp:
-        obj, img = Path(tmp) / f"{stem}.o", Path(tmp) / f"{stem}.bin"
-        defsyms = [a for d in defs for a in ("--defsym", d)]
-        _run(["as", "--32", *defsyms, "-o", str(obj), str(source)], error)
-        _run(["ld", "-m", "elf_i386", "-nostdlib", f"-Ttext={link_base:#x}",
-              "--oformat", "binary", "-e", "_start", "-o", str(img), str(obj)], error)
-        data = img.read_bytes()
+        data = make(Path(tmp))
     if check is not None:
         check(data)
     try:
@@ -70,7 +81,7 @@ def build(source: Path, stem: str, link_base: int, error: BuildError, *,
     return GuestImage(data, out)
 
 
-def _run(cmd: list[str], error: BuildError) -> None:
+def run_tool(cmd: list[str], error: BuildError) -> None:
     path = shutil.which(cmd[0])
     if path is None:
         raise error(cmd[0], "not found: building guests needs binutils (./setup.sh)")

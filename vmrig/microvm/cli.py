@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coalesced", action="store_true",
                    help="writes only, most completed in the kernel through a coalesced MMIO "
                    "ring (no exit to user space): >=100k accesses/s")
+    p.add_argument("--native", action="store_true",
+                   help="run the exit loop in C (vmrig/microvm/exitloop.c, built with cc): "
+                   "the highest exit rate the host allows, the same ground truth")
     p.add_argument("--schedule", default="",
                    help="e.g. create:1,flags_only:1,move:1,delete:1 ('flags' = flags_only)")
     p.add_argument("--every", type=int, default=0, help="MMIO exits between changes")
@@ -51,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ready {os.getpid()}", flush=True)
             sys.stdin.readline()
         r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
-                args.duration, args.slot_size, args.vcpus, args.coalesced)
+                args.duration, args.slot_size, args.vcpus, args.coalesced, args.native)
     except MicroVMError as e:
         print(f"microvm: error: {e}", file=sys.stderr)
         return 1

@@ -66,6 +66,7 @@ class Result:
     access: str
     vcpus: int = 1
     mode: str = "exit"     # exit: every access exits to user space | coalesced
+    loop: str = "python"   # the exit loop's language: python | c (--native)
     # MMIO accesses (each one kvm:kvm_mmio event); in coalesced mode the sum
     # of mmio_user_exits (ring full) and mmio_in_kernel (ring entries)
     mmio_exits: int = 0

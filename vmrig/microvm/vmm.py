@@ -38,6 +38,7 @@ from vmrig.microvm.guest import (
     exit_program,
 )
 from vmrig.microvm.loops import COALESCED_BATCH, coalesced_loop, exit_loop
+from vmrig.microvm.native import native_exit_loop
 from vmrig.microvm.ring import CoalescedRing
 from vmrig.microvm.truth import MemslotChange, Result, VcpuCounts
 
@@ -46,10 +47,12 @@ class MicroVM:
     """One VM with ``vcpus`` vCPUs; use as a context manager to release its fds."""
 
     def __init__(self, pages: int = 2, access: str | None = None, slot_size: int = 0x100000,
-                 vcpus: int = 1, coalesced: bool = False) -> None:
+                 vcpus: int = 1, coalesced: bool = False, native: bool = False) -> None:
         access = access or ("write" if coalesced else "rw")
         if coalesced and access != "write":
             raise BadRequest("coalesced MMIO needs access 'write' (reads always exit)")
+        if coalesced and native:
+            raise BadRequest("--native runs the exit loop; coalesced mode has no C loop")
         if not 1 <= vcpus <= 64:
             raise BadRequest("vcpus must be 1..64")
         if not 2 <= pages <= MAX_PAGES:
@@ -71,10 +74,12 @@ class MicroVM:
         self.vm = -1
         self.vcpus: list[tuple[int, mmap.mmap]] = []
         self.coalesced = coalesced
+        self.native = native
         self.ring: CoalescedRing | None = None
         self.result = Result(pid=os.getpid(), tid=0, vm_fd=-1, pages=pages, access=access,
                              vcpus=vcpus, mode="coalesced" if coalesced else "exit",
-                             batch=COALESCED_BATCH if coalesced else 0)
+                             batch=COALESCED_BATCH if coalesced else 0,
+                             loop="c" if native else "python")
 
     # -- setup -----------------------------------------------------------
     def start(self) -> None:
@@ -177,7 +182,7 @@ class MicroVM:
         n = len(self.vcpus)
         shares = [mmio_accesses // n + (i < mmio_accesses % n) for i in range(n)]
         out: list[VcpuCounts | BaseException | None] = [None] * n
-        loop = coalesced_loop if self.coalesced else exit_loop
+        loop = coalesced_loop if self.coalesced else native_exit_loop if self.native else exit_loop
 
         def vcpu_thread(i: int) -> None:
             _set_thread_name(f"CPU {i}/KVM".encode())
@@ -249,10 +254,11 @@ def _set_thread_name(name: bytes) -> None:
 
 def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),
         every: int = 0, access: str | None = None, duration: float = 0.0,
-        slot_size: int = 0x100000, vcpus: int = 1, coalesced: bool = False) -> Result:
+        slot_size: int = 0x100000, vcpus: int = 1, coalesced: bool = False,
+        native: bool = False) -> Result:
     """Create a VM, run the workload, close it; returns the ground truth.
     ``access`` defaults to 'rw', or 'write' (the only choice) when ``coalesced``."""
     sched = parse_schedule(schedule) if isinstance(schedule, str) else schedule
-    with MicroVM(pages, access, slot_size, vcpus, coalesced) as vm:
+    with MicroVM(pages, access, slot_size, vcpus, coalesced, native) as vm:
         vm.start()
         return vm.run(mmio_accesses, sched, every, duration)
