@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "load": "recording", "Recording": "recording",
+    "load": "frames", "Recording": "frames",
     "correlate": "epochs", "Correlation": "epochs",
     "correlate_runs": "epochs", "generation_timeline": "timeline", "CLASSES": "epochs",
     "wrap_forecast": "forecast",

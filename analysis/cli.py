@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _guard(fn: Any, *a: Any) -> Any:
     """Analysis bugs become one-line errors too (SLOTSCOPE_DEBUG=1 re-raises)."""
-    from .recording import one_line_errors
+    from .frames import one_line_errors
     with one_line_errors("analysis"):
         return fn(*a)
 
@@ -44,7 +44,7 @@ def _load(runs: list[str]) -> Any:
     """Load and correlate; a run without trace events is an error here
     (EmptyRun), while summaries and reports list it as missing data."""
     from .epochs import correlate_runs
-    from .recording import load, require_events
+    from .frames import load, require_events
     rec = load(runs)
     require_events(rec)
     return correlate_runs(rec)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .frames import Recording, load
 from .joins import (
     as_numpy,
     asof_index,
@@ -33,7 +34,6 @@ from .joins import (
     vm_keys,
 )
 from .manifest import address_spaces, gen_bits
-from .recording import Recording, load
 from .timeline import generation_timeline, update_frame
 
 # A fault with no MMIO SPTE evidence (no fast-path hit, no stale check, no

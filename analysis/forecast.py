@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from .epochs import Correlation
+from .frames import run_span_ns
 from .joins import as_numpy
 from .manifest import address_spaces, gen_bits
-from .recording import run_span_ns
 
 # Memslot swaps per change type: DELETE and MOVE swap twice (first to a set
 # with the old slot marked invalid, then to the final set).

@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import manifest, plots
 from .epochs import Correlation, RunSource, correlate_runs
-from .recording import Recording, one_line_errors
+from .frames import Recording, one_line_errors
 from .schema import RecordingError, read_manifest
 from .summary import compare, run_summary, summary_tables
 

@@ -24,8 +24,8 @@ from .epochs import (
     finished,
 )
 from .forecast import wrap_forecast
+from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
-from .recording import Recording, has_trace_events, one_line_errors, run_span_ns
 from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]

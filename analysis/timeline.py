@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from . import schema
+from .frames import Recording
 from .joins import as_numpy, asof_index, vm_keys
-from .recording import Recording
 
 
 def _valid_updates(upd: pd.DataFrame) -> np.ndarray:

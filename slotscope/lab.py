@@ -307,7 +307,7 @@ def _analyse(run_dirs: list[Path]) -> tuple[Correlation | None, dict[Path, dict[
     alike: the correlation of the readable runs, and each run's summary (or
     ``{"path", "error"}`` for one that cannot be analysed)."""
     from analysis.epochs import correlate_runs
-    from analysis.recording import one_line_errors
+    from analysis.frames import one_line_errors
     from analysis.schema import read_manifest
     from analysis.summary import summarize_all
     out: dict[Path, dict[str, Any]] = {}

@@ -227,7 +227,7 @@ def test_bad_input_one_line(runs, tmp_path: Path, capsys, case: str) -> None:
 def test_empty_run_and_analysis_failures_are_typed(runs, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Callers decide by class: EmptyRun carries the run, AnalysisFailed the cause."""
-    from analysis.recording import one_line_errors, require_events
+    from analysis.frames import one_line_errors, require_events
     run = tmp_path / "empty"
     schema.RunWriter(run, {"backend": "tracepoint"}).close()
     with pytest.raises(analysis.EmptyRun) as e:
