@@ -19,6 +19,37 @@ APT_PKGS=(
   linux-headers-amd64 vagrant vagrant-libvirt               # lab VM, Vagrantfile
   sudo                                                      # README's commands
 )
+# QEMU >= 8.2 for the rig and the lab: virtio-mem dynamic-memslots, and a
+# TCG that runs the nested lab's L1 (under 7.2, Debian 12's own, a traced
+# L1 livelocked in 2 of 3 runs; under 10.0, 4 of 4 finished).  Debian 12
+# gets it from bookworm-backports, on the mirror its own sources name, with
+# only the QEMU packages pinned there; newer distros ship it themselves.
+QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils seabios)
+qemu_recent() {
+  local v
+  v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\.[0-9]*\).*/\1/p')
+  [ -n "$v" ] && [ "$(printf '%s\n8.2\n' "$v" | sort -V | head -1)" = 8.2 ]
+}
+debian_mirror() {  # the URI the system's own sources use for bookworm
+  awk '/^URIs:/ {u=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == "bookworm") {print u; exit}}' \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null
+  awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null
+  return 0  # either file may be missing
+}
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" = bookworm ] && ! qemu_recent; then
+  mirror=$(debian_mirror | head -1)
+  [ -n "$mirror" ] || { echo "setup: no bookworm entry in the apt sources" >&2; exit 1; }
+  printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+    "$mirror" /usr/share/keyrings/debian-archive-keyring.gpg \
+    > /etc/apt/sources.list.d/slotscope-backports.sources
+  printf '# slotscope: QEMU >= 8.2 from bookworm-backports; nothing else\nPackage: %s\nPin: release n=bookworm-backports\nPin-Priority: 990\n' \
+    "${QEMU_PKGS[*]}" > /etc/apt/preferences.d/slotscope-qemu
+  log "apt: QEMU from bookworm-backports (${QEMU_PKGS[*]})"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${QEMU_PKGS[@]}"
+fi
+
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -64,6 +95,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test,lab]'
 .venv/bin/python -c 'import bcc, slotscope' || { echo "setup: bcc not importable from .venv" >&2; exit 1; }
+qemu_recent || log "warning: $(qemu-system-x86_64 --version | head -1): the lab wants QEMU >= 8.2"
 # The nested lab VM's kernel: Debian's linux-image matching the installed
 # linux-headers-amd64, unpacked (not installed) into a cache, its modules in
 # /lib/modules/<release>; skipped when already there (vmrig/kernel.py).
