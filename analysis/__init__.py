@@ -1,6 +1,6 @@
 """Correlate memslot generations with MMIO fault latency (no root, no bcc).
 
-Notebook API (imported lazily, so ``analysis.schema`` stays light; no
+Notebook API (imported lazily, so ``import analysis`` stays light; no
 submodule shares a name with a function, so ``analysis.load`` is always the
 function)::
 

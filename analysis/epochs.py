@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from recording.manifest import address_spaces, gen_bits
+
 from .frames import Recording, load
 from .joins import (
     as_numpy,
@@ -33,7 +35,6 @@ from .joins import (
     partition,
     vm_keys,
 )
-from .manifest import address_spaces, gen_bits
 from .timeline import generation_timeline, update_frame
 
 # A fault with no MMIO SPTE evidence (no fast-path hit, no stale check, no

@@ -1,6 +1,6 @@
 """The analysis layer's errors: a small tree whose classes carry the cause.
 
-    RecordingError          (schema.py: a run that cannot be read or written)
+    RecordingError          (recording/errors.py: a run that cannot be read or written)
     ├── EmptyRun            a run directory without a single trace event
     └── AnalysisFailed      an unexpected exception while analysing
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .schema import RecordingError
+from recording.errors import RecordingError
 
 __all__ = ["AnalysisFailed", "EmptyRun", "RecordingError"]
 

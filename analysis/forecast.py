@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from recording.manifest import address_spaces, gen_bits
+
 from .epochs import Correlation
 from .frames import run_span_ns
 from .joins import as_numpy
-from .manifest import address_spaces, gen_bits
 
 # Memslot swaps per change type: DELETE and MOVE swap twice (first to a set
 # with the old slot marked invalid, then to the final set).

@@ -23,10 +23,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import manifest, schema
+from recording import manifest
+from recording.errors import RecordingError
+from recording.manifest import Manifest
+from recording.reader import read_manifest, read_tolerant
+from recording.schema import ENUMS, EVENT_TYPES
+
 from .errors import AnalysisFailed, EmptyRun
 from .joins import as_numpy, rows_of
-from .schema import RecordingError
 
 PathLike = str | os.PathLike[str]
 
@@ -39,9 +43,6 @@ _INT_DTYPES = {
 # The high-volume tables keep plain numpy columns (much faster joins, less
 # memory) unless a column does hold nulls; the others are nullable throughout.
 BULK = ("mmio_fault", "mmio_access", "exit_hist", "mmio_hist")
-_ENUM_CATEGORIES = {("memslot_update", "change"): schema.CHANGE_TYPES,
-                    ("mmio_access", "type"): schema.ACCESS_TYPES,
-                    ("generation", "source"): ("invalidate", "check", "mark")}
 
 
 @contextlib.contextmanager
@@ -67,7 +68,7 @@ class Recording:
     """One or more runs as DataFrames (all runs concatenated, ``run`` column)."""
 
     frames: dict[str, pd.DataFrame]
-    manifests: dict[str, dict[str, Any]]
+    manifests: dict[str, Manifest]
     paths: dict[str, Path]
     problems: dict[str, list[str]] = field(default_factory=dict)
 
@@ -92,30 +93,6 @@ class Recording:
                          {run: self.problems.get(run, [])})
 
 
-def _read_tolerant(run_dir: Path, event: str, problems: list[str]) -> pa.Table:
-    """schema.read_table, else every segment that still reads; never raises."""
-    try:
-        return schema.read_table(run_dir, event)
-    except RecordingError:
-        pass
-    sch = schema.SCHEMAS[event]
-    files = [run_dir / f"{event}.parquet"]
-    parts = run_dir / f"{event}.parts"
-    if parts.is_dir():
-        files += sorted(parts.glob("*.parquet"))
-    good, bad = [], []
-    for f in files:
-        if not f.exists():
-            continue
-        try:
-            good.append(schema.read_file(f, event))
-        except (pa.ArrowInvalid, OSError):
-            bad.append(f.name)
-    problems.append(f"{event}: unreadable file(s) {', '.join(bad)} (truncated or corrupt); "
-                    f"{'kept the readable segments' if good else 'table loaded empty'}")
-    return pa.concat_tables(good) if good else sch.empty_table()
-
-
 def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
     cols: dict[str, Any] = {}
     for name, col in zip(table.column_names, table.columns, strict=True):
@@ -123,7 +100,7 @@ def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
         if pa.types.is_dictionary(typ):
             # Arrow dictionaries become pandas categoricals without touching
             # every value; the enum's own order comes first.
-            enum = _ENUM_CATEGORIES.get((event, name)) or ()
+            enum = ENUMS.get((event, name)) or ()
             values = pd.Categorical(col.to_pandas()) if len(col) else pd.Categorical([])
             present = [str(x) for x in values.categories]
             cats = list(enum) + sorted(set(present) - set(enum))
@@ -179,15 +156,15 @@ def load(run_dirs: PathLike | Iterable[PathLike],
             raise RecordingError("run names must be unique, one per run directory")
     else:
         names = _run_names(paths)
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, Manifest] = {}
     problems: dict[str, list[str]] = {}
-    per_event: dict[str, list[pd.DataFrame]] = {e: [] for e in schema.EVENT_TYPES}
+    per_event: dict[str, list[pd.DataFrame]] = {e: [] for e in EVENT_TYPES}
     for name, path in zip(names, paths, strict=True):
-        manifests[name] = schema.read_manifest(path)
+        manifests[name] = read_manifest(path)
         probs = problems.setdefault(name, [])
         code = names.index(name)
-        for event in schema.EVENT_TYPES:
-            df = _to_pandas(_read_tolerant(path, event, probs), event)
+        for event in EVENT_TYPES:
+            df = _to_pandas(read_tolerant(path, event, probs), event)
             df.insert(0, "run", pd.Categorical.from_codes(
                 np.full(len(df), code, dtype=np.int8), categories=names))
             per_event[event].append(df)

@@ -12,7 +12,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from . import manifest
+from recording import manifest
+
 from .epochs import CLASSES, Correlation, class_codes
 from .joins import rows_of
 

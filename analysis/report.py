@@ -14,10 +14,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import manifest, plots
+from recording import manifest
+from recording.errors import RecordingError
+from recording.reader import read_manifest
+
+from . import plots
 from .epochs import Correlation, RunSource, correlate_runs
 from .frames import Recording, one_line_errors
-from .schema import RecordingError, read_manifest
 from .summary import compare, run_summary, summary_tables
 
 CSS = """

@@ -23,7 +23,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import schema
+from recording.manifest import Manifest
+from recording.schema import EVENT_TYPES, MMIO_GEN_BITS_DEFAULT, SCHEMAS, TRACE_EVENTS
+from recording.writer import RunWriter, write_table
 
 CHANGES = ("create", "delete", "move", "flags_only")
 ACTION_OF = {"create": "plug", "delete": "unplug", "move": "move", "flags_only": "dirty-log"}
@@ -54,10 +56,10 @@ class _VM:
 def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
              vcpus: int = 2, pages: int = 4, events: int = 2000, p_update: float = 0.02,
              changes: tuple[str, ...] = CHANGES, as_count: int = 2,
-             gen_bits: int = schema.MMIO_GEN_BITS_DEFAULT, start_gen: int = 0,
+             gen_bits: int = MMIO_GEN_BITS_DEFAULT, start_gen: int = 0,
              p_during: float = 0.3, p_cache: float = 0.2, fail_every: int = 0,
              host_style: bool = False,
-             manifest: dict[str, Any] | None = None) -> Truth:
+             manifest: Manifest | None = None) -> Truth:
     """Write a recording of ``events`` steps to ``run_dir``; return the truth.
 
     ``host_style`` records what this host's kvm_pvm shows (MMIO caching off):
@@ -69,7 +71,7 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
     t = 1_000_000_000
     truth = Truth()
     cols: dict[str, dict[str, list[Any]]] = {
-        e: {c: [] for c in schema.SCHEMAS[e].names} for e in schema.EVENT_TYPES}
+        e: {c: [] for c in SCHEMAS[e].names} for e in EVENT_TYPES}
 
     def add(event: str, **row: Any) -> None:
         for c, v in cols[event].items():
@@ -195,20 +197,17 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
         else:
             fault(m, rng.randrange(vcpus))
 
-    info = {"backend": "tracepoint" if host_style else "kprobe", "synthetic": True,
-            "mmio_gen_bits": gen_bits, "address_spaces": as_count, "start_ns": 1_000_000_000}
+    info: Manifest = {"backend": "tracepoint" if host_style else "kprobe", "synthetic": True,
+                      "mmio_gen_bits": gen_bits, "address_spaces": as_count}
     if host_style:
         info["kvm_params"] = {"kvm.mmio_caching": "N"}
         info["missing_data"] = ["MMIO SPTE events (kvm.mmio_caching=N)"]
     info.update(manifest or {})
-    events_written = list(schema.TRACE_EVENTS)
-    w = schema.RunWriter(run_dir, info, events=events_written)
-    for e in events_written:
+    # start and stop on the synthetic clock, not the writer's
+    w = RunWriter(run_dir, info, events=TRACE_EVENTS, start_ns=1_000_000_000)
+    for e in TRACE_EVENTS:
         w[e].extend(cols[e])
-        w[e].flush()
-    w.close()
-    w.manifest["stop_ns"] = t  # the synthetic clock, not the writer's
-    w.write_manifest()
+    w.close(stop_ns=t)
     if cols["workload"]["begin_ns"]:
-        schema.write_table(run_dir, "workload", cols["workload"])
+        write_table(run_dir, "workload", cols["workload"])
     return truth

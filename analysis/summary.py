@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import manifest
+from recording import manifest
+from recording.errors import RecordingError
+from recording.schema import hist_quantile
+
 from .epochs import (
     CAUSED,
     CLASSES,
@@ -26,7 +29,6 @@ from .epochs import (
 from .forecast import wrap_forecast
 from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
-from .schema import RecordingError, hist_quantile
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
 # Classes an aggregated run (mmio_hist) can tell without per-fault timing:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import schema
+from recording.schema import CHANGE_TYPES
+
 from .frames import Recording
 from .joins import as_numpy, asof_index, vm_keys
 
@@ -91,7 +92,7 @@ def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> 
     tl["vm"] = tl["vm"].astype("UInt64")
     tl["gen"] = tl["gen"].astype("UInt64")
     tl["kind"] = pd.Categorical(tl["kind"], categories=["begin", "invalidate", "end"])
-    tl["change"] = pd.Categorical(tl["change"], categories=list(schema.CHANGE_TYPES))
+    tl["change"] = pd.Categorical(tl["change"], categories=list(CHANGE_TYPES))
     tl["update"] = tl["update"].astype("Int64")
     tl.loc[tl["update"] < 0, "update"] = pd.NA
     kind_order = tl["kind"].cat.codes.to_numpy()

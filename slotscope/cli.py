@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from analysis.schema import RecordingError
+from recording.errors import RecordingError
 from tracer import TracerError
 from vmrig import RigError
 

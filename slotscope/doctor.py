@@ -10,7 +10,7 @@ import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
-from analysis.hostfacts import FAIL, OK, WARN, Check, param_on
+from recording.hostfacts import FAIL, OK, WARN, Check, param_on
 from tracer import TracerError
 from tracer.capabilities import TRACEPOINTS, Capabilities, choose_backend, probe
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analysis.hostfacts import FAIL
-from analysis.schema import RecordingError
+from recording.errors import RecordingError
+from recording.hostfacts import FAIL
 from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
 from . import labverdict
@@ -308,8 +308,8 @@ def _analyse(run_dirs: list[Path]) -> tuple[Correlation | None, dict[Path, dict[
     ``{"path", "error"}`` for one that cannot be analysed)."""
     from analysis.epochs import correlate_runs
     from analysis.frames import one_line_errors
-    from analysis.schema import read_manifest
     from analysis.summary import summarize_all
+    from recording.reader import read_manifest
     out: dict[Path, dict[str, Any]] = {}
     good = []
     for d in run_dirs:

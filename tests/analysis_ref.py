@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import schema
+from recording.reader import read_table
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Reference:
 
 
 def rows(run_dir: Path, event: str) -> list[dict[str, Any]]:
-    return schema.read_table(run_dir, event).to_pylist()
+    return read_table(run_dir, event).to_pylist()
 
 
 def reference(run_dir: Path) -> Reference:

@@ -15,9 +15,11 @@ import pytest
 from analysis_ref import reference
 
 import analysis
-from analysis import schema, simulator
+from analysis import simulator
 from analysis.report import write_report
-from analysis.schema import RecordingError
+from recording.errors import RecordingError
+from recording.reader import read_table
+from recording.writer import RunWriter
 from slotscope.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +105,7 @@ def test_timeline_steps(runs) -> None:
     run_dir, _ = runs["nested"]
     corr = analysis.correlate(analysis.load(run_dir))
     tl = corr.timeline
-    u = schema.read_table(run_dir, "memslot_update").to_pylist()
+    u = read_table(run_dir, "memslot_update").to_pylist()
     ok = [x for x in u if x["ret"] == 0]
     swaps = sum(2 if x["change"] in ("delete", "move") else 1 for x in ok)
     assert (tl["kind"] == "begin").sum() == (tl["kind"] == "end").sum() == len(ok)
@@ -211,7 +213,7 @@ def test_bad_input_one_line(runs, tmp_path: Path, capsys, case: str) -> None:
         m["schema_version"] = 99
         (run / "manifest.json").write_text(json.dumps(m))
     elif case == "empty":
-        schema.RunWriter(run, {"backend": "tracepoint"}).close()
+        RunWriter(run, {"backend": "tracepoint"}).close()
     rc, out, err = _cli(capsys, "analyze", str(run))
     assert rc == 1
     lines = err.strip().splitlines()
@@ -229,7 +231,7 @@ def test_empty_run_and_analysis_failures_are_typed(runs, tmp_path: Path,
     """Callers decide by class: EmptyRun carries the run, AnalysisFailed the cause."""
     from analysis.frames import one_line_errors, require_events
     run = tmp_path / "empty"
-    schema.RunWriter(run, {"backend": "tracepoint"}).close()
+    RunWriter(run, {"backend": "tracepoint"}).close()
     with pytest.raises(analysis.EmptyRun) as e:
         require_events(analysis.load([runs["nested"][0], run]))
     assert e.value.path == run and e.value.missing == "trace events"
@@ -264,7 +266,7 @@ def test_truncated_table_is_partial_not_fatal(runs, tmp_path: Path, capsys) -> N
 
 def test_live_run_from_segments(tmp_path: Path) -> None:
     run = tmp_path / "live"
-    w = schema.RunWriter(run, {"backend": "kprobe"})
+    w = RunWriter(run, {"backend": "kprobe"})
     w["memslot_update"].append({"begin_ns": 10, "end_ns": 20, "pid": 1, "tid": 1, "vm": 1,
                                 "as_id": 0, "slot_id": 0, "change": "create", "base_gfn": 0,
                                 "npages": 1, "flags": 0, "userspace_addr": 0,

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import analysis
-from analysis import schema
 from analysis.joins import asof_index
+from recording.schema import CHANGE_TYPES
+from recording.writer import RunWriter
 
 keys_times = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50)), max_size=60)
 
@@ -43,7 +44,7 @@ def streams(draw):
         for _ in range(draw(st.integers(0, 6))):
             begin = t + draw(st.integers(0, 30))
             end = begin + draw(st.integers(0, 10))
-            updates.append((vm, begin, end, draw(st.sampled_from(schema.CHANGE_TYPES[:4])),
+            updates.append((vm, begin, end, draw(st.sampled_from(CHANGE_TYPES[:4])),
                             draw(st.sampled_from([0, 0, 0, -22]))))
             t = end + 1
         for _ in range(draw(st.integers(0, 25))):
@@ -58,7 +59,7 @@ def test_epoch_join_on_generated_streams(stream) -> None:
     updates, faults = stream
     with tempfile.TemporaryDirectory() as d:
         run = Path(d) / "run"
-        w = schema.RunWriter(run, {"backend": "kprobe"})
+        w = RunWriter(run, {"backend": "kprobe"})
         for i, (vm, b, e, change, ret) in enumerate(updates):
             w["memslot_update"].append({
                 "begin_ns": b, "end_ns": e, "pid": 1, "tid": 1, "vm": 100 + vm, "as_id": 0,
@@ -118,7 +119,7 @@ def test_hist_quantile_within_its_bucket(lat: list[int], q: float) -> None:
     """A log2 histogram's quantile is at most one bucket (2x) from the exact one."""
     from collections import Counter
 
-    from analysis.schema import hist_quantile
+    from recording.schema import hist_quantile
     buckets = Counter(v.bit_length() - 1 for v in lat)  # bpf log2_u64: floor(log2)
     got = hist_quantile(list(buckets), list(buckets.values()), q)
     exact = float(np.quantile(np.array(lat, dtype=float), q, method="inverted_cdf"))

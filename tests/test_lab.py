@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import needs_bcc, needs_kvm, needs_qemu, needs_root
 
-from analysis.schema import read_run
+from recording.reader import read_run
 from vmrig.errors import GuestFault, L1Fault, RigError
 
 SLOTSCOPE = [sys.executable, "-m", "slotscope"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from analysis import hostfacts
+from recording import hostfacts
 from vmrig import RigError, labvm
 from vmrig import kernel as vk
 
@@ -395,7 +395,7 @@ SAVED = REPO / "tests/data/nested-microvm"
 
 def test_saved_nested_recording_follows_kernel_rules() -> None:
     """tests/data/nested-microvm: recorded in the L1 by the kprobe backend."""
-    from analysis.schema import read_run
+    from recording.reader import read_run
 
     run = read_run(SAVED)
     truth = json.loads((SAVED / "truth.json").read_text())

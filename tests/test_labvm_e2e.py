@@ -86,7 +86,7 @@ def _tracefs_stop(dest: Path) -> None:
 
 def add_workload(run: Path, truth: dict, params: dict) -> None:
     """The micro-VMM's ground truth as the rig writes it (workload table + json)."""
-    from analysis.schema import write_table, write_workload_config
+    from recording.writer import write_table, write_workload_config
     rows = [{"begin_ns": c["begin_ns"], "end_ns": c["end_ns"],
              "action": f"memslot:{c['change']}", "target": f"slot{c['slot']}",
              "size": c["size"], "ok": c["ret"] == 0,
@@ -322,7 +322,7 @@ from test_labvm import (  # noqa: E402
     spte_rule_violations,
 )
 
-from analysis.schema import read_run  # noqa: E402
+from recording.reader import read_run  # noqa: E402
 from vmrig import labvm  # noqa: E402
 
 SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_kvm
 
-from analysis.schema import CHANGE_TYPES
+from recording.schema import CHANGE_TYPES
 from vmrig import RigError, microvm
 from vmrig.microvm import guest
 

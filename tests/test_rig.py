@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import HAS_KVM, needs_kvm, needs_qemu, needs_root
 
-from analysis.schema import read_table
+from recording.reader import read_table
 from vmrig import GuestFault, RigError, tap
 from vmrig.config import BareGuestConfig, MemoryConfig, MiB, NetConfig, RigConfig
 from vmrig.errors import read_record

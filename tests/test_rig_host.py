@@ -6,7 +6,7 @@ import psutil
 import pytest
 from conftest import HAS_KVM, needs_qemu
 
-from analysis.hostfacts import Check
+from recording.hostfacts import Check
 from vmrig import host
 
 

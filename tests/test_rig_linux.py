@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import needs_qemu
 
-from analysis.hostfacts import pvm_host
-from analysis.schema import read_table
+from recording.hostfacts import pvm_host
+from recording.reader import read_table
 from vmrig import RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig

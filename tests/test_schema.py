@@ -14,8 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import schema
-from analysis.schema import RecordingError, RunWriter, read_run
+from recording import schema
+from recording.errors import RecordingError
+from recording.reader import read_run
+from recording.writer import RunWriter, write_table, write_workload_config
 
 
 def _update(i: int) -> dict:
@@ -70,16 +72,16 @@ def test_wrong_columns_are_refused(tmp_path: Path) -> None:
     w["lost"].append({"ns": 1, "event": "x", "count": 1, "bogus": 1})  # extra key ignored
     w["lost"].flush()
     with pytest.raises(RecordingError, match="missing"):
-        schema.write_table(tmp_path / "r", "workload", {"action": ["x"]})
+        write_table(tmp_path / "r", "workload", {"action": ["x"]})
 
 
 def test_workload_table_and_config_survive_tracer_close(tmp_path: Path) -> None:
     run = tmp_path / "r"
     w = RunWriter(run, {"backend": "tracepoint"})
-    schema.write_table(run, "workload", {
+    write_table(run, "workload", {
         "begin_ns": [1], "end_ns": [2], "action": ["device_add"], "target": ["dimm0"],
         "size": [128 << 20], "ok": [True], "error": [None], "detail": ["{}"]})
-    schema.write_workload_config(run, {"workload": "hotplug", "cycles": 1})
+    write_workload_config(run, {"workload": "hotplug", "cycles": 1})
     w.close()
     r = read_run(run)
     assert r.tables["workload"].num_rows == 1
@@ -90,7 +92,7 @@ def test_sigkilled_writer_is_readable_to_last_flush(tmp_path: Path) -> None:
     run = tmp_path / "r"
     code = textwrap.dedent(f"""
         import time
-        from analysis.schema import RunWriter
+        from recording.writer import RunWriter
         w = RunWriter({str(run)!r}, {{}})
         for i in range(5):
             w["lost"].append({{"ns": i, "event": "e", "count": i}})
@@ -119,3 +121,71 @@ def test_monotonic_clock_is_the_bpf_clock() -> None:
     a = schema.monotonic_ns()
     time.sleep(0.001)
     assert schema.monotonic_ns() - a >= 1_000_000
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_every_manifest_key_has_one_declared_writer() -> None:
+    """recording.manifest names each key's writer once; every key of the
+    committed recordings (v1, written by the tracer) is declared there."""
+    from itertools import combinations
+
+    from recording import manifest
+    for (a, ka), (b, kb) in combinations(manifest.OWNERS.items(), 2):
+        assert not ka & kb, f"{a} and {b} both write {sorted(ka & kb)}"
+    assert frozenset().union(*manifest.OWNERS.values()) == manifest.KEYS
+    runs = [d for d in DATA.iterdir() if (d / schema.MANIFEST).exists()]
+    assert runs
+    for d in runs:
+        assert set(read_run(d).manifest) <= manifest.KEYS, d.name
+
+
+def test_writer_refuses_undeclared_and_its_own_keys(tmp_path: Path) -> None:
+    from recording.errors import UndeclaredKeys
+    typo: dict = {"backend": "kprobe", "bakend": "kprobe"}
+    with pytest.raises(UndeclaredKeys) as e:
+        RunWriter(tmp_path / "a", typo)
+    assert e.value.keys == ["bakend"]
+    with pytest.raises(UndeclaredKeys) as e:
+        RunWriter(tmp_path / "b", {"start_ns": 5})
+    assert e.value.keys == ["start_ns"]
+    w = RunWriter(tmp_path / "c", {"backend": "kprobe"}, start_ns=5)
+    with pytest.raises(UndeclaredKeys):
+        w.flush({"complete": True})
+    w.close(stop_ns=9, error="probes failed to load")
+    m = read_run(tmp_path / "c").manifest
+    assert (m["start_ns"], m["stop_ns"], m["error"]) == (5, 9, "probes failed to load")
+
+
+def test_read_errors_carry_their_cause(tmp_path: Path) -> None:
+    from recording import errors
+    with pytest.raises(errors.NoManifest) as nm:
+        read_run(tmp_path)
+    assert nm.value.run_dir == tmp_path
+    RunWriter(tmp_path / "r", {}).close()
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps({**m, "schema_version": 999}))
+    with pytest.raises(errors.UnknownVersion) as uv:
+        read_run(tmp_path / "r")
+    assert uv.value.version == 999 and uv.value.readable == schema.READABLE_VERSIONS
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "r" / "lost.parquet").write_bytes(b"not parquet")
+    with pytest.raises(errors.CorruptTable) as ct:
+        read_run(tmp_path / "r")
+    assert ct.value.event == "lost" and ct.value.run_dir == tmp_path / "r"
+
+
+def test_background_flushes_write_in_order(tmp_path: Path) -> None:
+    """The tracer's path: Arrow tables added, segments and manifest written
+    by the Flusher thread, compacted at close."""
+    run = tmp_path / "r"
+    w = RunWriter(run, {"backend": "kprobe"}, background=True)
+    for i in range(3):
+        w["lost"].add(schema.columns_table("lost", {"ns": [i], "event": ["e"], "count": [i]}))
+        w.flush({"lost": {"e": i}}, wait=i == 0)
+    w.close({"stop_reason": "duration"})
+    r = read_run(run)
+    assert r.complete and r.manifest["lost"] == {"e": 2} and r.manifest["rows"]["lost"] == 3
+    assert r.manifest["stop_reason"] == "duration"
+    assert r.tables["lost"].column("ns").to_pylist() == [0, 1, 2]

@@ -21,7 +21,7 @@ import pytest
 from conftest import needs_bcc, needs_kvm, needs_root
 from tracer_procs import SLOTSCOPE, Workload, start_tracer
 
-from analysis.schema import read_run
+from recording.reader import read_run
 
 pytestmark = [needs_root, needs_kvm, needs_bcc]
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import needs_bcc, needs_kvm, needs_root
 from tracer_procs import Workload, start_tracer
 
-from analysis.schema import read_run
+from recording.reader import read_run
 
 PERF = shutil.which("perf")
 needs_perf = pytest.mark.skipif(PERF is None, reason="needs perf (apt linux-perf; ./setup.sh)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analysis.schema import read_run
+from recording.reader import read_run
 
 RUN = Path(__file__).parent / "data" / "host-microvm"
 

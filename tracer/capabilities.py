@@ -1,7 +1,7 @@
 """What this host lets the tracer see, found by trying rather than by version.
 
 ``probe()`` reads the system (tracefs, BTF, /dev/kvm, and the KVM modules
-through analysis.hostfacts, which the rig shares) and tries to compile and
+through recording.hostfacts, which the rig shares) and tries to compile and
 load tiny BPF programs; ``choose_backend()`` turns the answer into the
 attach backend the tracer will use and the data it will lack.
 """
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.hostfacts import kvm_params, kvm_vendor_module
+from recording.hostfacts import kvm_params, kvm_vendor_module
 
 from . import TracerError
 

@@ -1,4 +1,4 @@
-"""Raw BPF event records -> rows of the recording schema (analysis.schema).
+"""Raw BPF event records -> rows of the recording schema (recording/schema.py).
 
 Column-wise with numpy for the high-volume types; memslot updates go
 through ``SlotTracker``, which infers the change type of an ioctl-only
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from analysis.schema import (
+from recording.schema import (
     ACCESS_TYPES,
     CHANGE_TYPES,
     GEN_IN_PROGRESS_BIT,

@@ -8,14 +8,15 @@ The in-process API (the lab job and tests use it)::
 
 or drive it yourself: ``rec.start(); rec.run(duration=5); rec.close()``.
 Sinks receive ``write(event, columns)`` for every decoded batch; a run
-directory (analysis.schema.RunWriter) is flushed every ``flush_interval``
-seconds with the manifest (backend, probes, filters, lost counts) current.
+directory (recording.writer.RunWriter, written on its Flusher thread) is
+flushed every ``flush_interval`` seconds with the tracer's manifest keys
+(recording.manifest.TracerFields: backend, probes, filters, lost counts)
+current.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,16 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from analysis.schema import (
-    MMIO_GEN_BITS_DEFAULT,
-    SCHEMAS,
-    EventWriter,
-    RecordingError,
-    RunWriter,
-    monotonic_ns,
-)
+from recording.errors import RecordingError
+from recording.manifest import Manifest
+from recording.schema import MMIO_GEN_BITS_DEFAULT, SCHEMAS, monotonic_ns
+from recording.writer import RunWriter
 
 from . import TracerError
 from .decode import Decoder, exit_hist_table, hist_delta, mmio_hist_table, table
@@ -44,96 +40,6 @@ MMIO_FAULT_INTERVAL = (
 
 class Sink(Protocol):
     def write(self, event: str, rows: pa.Table) -> None: ...
-
-
-class TableWriter(EventWriter):
-    """EventWriter fed whole Arrow tables (no per-row Python objects): the
-    same segment files and compaction, an order of magnitude cheaper at
-    tens of thousands of rows a second."""
-
-    def __init__(self, run_dir: Path, event: str) -> None:
-        super().__init__(run_dir, event)
-        self._tables: list[pa.Table] = []
-        self._rows = 0
-
-    def __len__(self) -> int:
-        return self._rows
-
-    def add(self, rows: pa.Table) -> None:
-        self._tables.append(rows)
-        self._rows += rows.num_rows
-
-    def take(self) -> list[pa.Table]:
-        """The rows added since the last take, for write_segment elsewhere."""
-        tables, self._tables, self._rows = self._tables, [], 0
-        return tables
-
-    def write_segment(self, tables: list[pa.Table]) -> int:
-        n = sum(t.num_rows for t in tables)
-        if not n:
-            return 0
-        self.parts.mkdir(exist_ok=True)
-        tmp = self.parts / f".{self._segment:06d}.tmp"
-        pq.write_table(pa.concat_tables(tables).combine_chunks(), tmp)
-        os.replace(tmp, self.parts / f"{self._segment:06d}.parquet")
-        self._segment += 1
-        self.rows_written += n
-        return n
-
-    def flush(self) -> int:
-        return self.write_segment(self.take())
-
-
-class Flusher:
-    """Writes a run directory's segments and manifest on a thread of its own.
-
-    Encoding a second of Parquet takes 0.3-0.5 s of wall time here at
-    150k rows/s; done on the drain thread, the ring buffer would fill
-    meanwhile.  One worker keeps segments and manifests in order; a write
-    error is raised on the next submit or at join."""
-
-    def __init__(self, writer: RunWriter) -> None:
-        self.writer = writer
-        # bounded: a disk slower than the event rate eventually stalls the
-        # drain (and counts losses) rather than growing memory without end
-        self._queue: queue.Queue[tuple[dict[str, list[pa.Table]], dict[str, Any]] | None] = \
-            queue.Queue(maxsize=8)
-        self._error: BaseException | None = None
-        self.cpu_s = 0.0  # this thread's CPU time, once joined
-        self._thread = threading.Thread(target=self._main, name="slotscope-flush", daemon=True)
-        self._thread.start()
-
-    def submit(self, manifest: dict[str, Any]) -> None:
-        self._raise()
-        batches = {e: w.take() for e, w in self.writer.writers.items()  # type: ignore[attr-defined]
-                   if len(w)}
-        self._queue.put((batches, dict(manifest)))
-
-    def _main(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining the queue; the error is reported once
-            batches, manifest = item
-            try:
-                for event, tables in batches.items():
-                    self.writer[event].write_segment(tables)  # type: ignore[attr-defined]
-                self.writer.manifest.update(manifest)
-                self.writer.write_manifest()
-            except BaseException as e:
-                self._error = e
-        self.cpu_s = time.thread_time()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise TracerError(f"cannot write the recording: {e}") from None
-
-    def join(self) -> None:
-        """Wait until everything submitted is written."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._raise()
 
 
 class Recorder:
@@ -154,7 +60,6 @@ class Recorder:
         self.caps = caps
         self.stop_when_pids_exit = stop_when_pids_exit
         self.writer: RunWriter | None = None
-        self._flusher: Flusher | None = None
         self.probes: Any = None
         self.decoder = Decoder()
         self.counts: dict[str, int] = {}
@@ -169,7 +74,7 @@ class Recorder:
         self._cpu0 = 0.0
         self.thread_cpu_s = 0.0  # CPU of the background drain thread, when used
         self.flush_cpu_s = 0.0   # CPU of the thread writing the run directory
-        self.manifest: dict[str, Any] = {}
+        self.manifest: Manifest = {}  # the tracer's keys: TracerFields
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> Recorder:
@@ -194,21 +99,16 @@ class Recorder:
         }
         if self.run_dir is not None:  # fail on bad output before attaching anything
             try:
-                self.writer = RunWriter(self.run_dir, self.manifest)
+                self.writer = RunWriter(self.run_dir, self.manifest, background=True)
             except RecordingError as e:
                 raise TracerError(str(e)) from None
-            for event in self.writer.writers:
-                self.writer.writers[event] = TableWriter(self.writer.dir, event)
-            self._flusher = Flusher(self.writer)
         try:
             self.probes = load(choice.name, caps, pids, self.emit_mmio,
                                aggregate=self.aggregate)
         except BaseException:
-            if self._flusher is not None:
-                self._flusher.join()
-                self._flusher = None
             if self.writer is not None:
-                self.writer.close(error="probes failed to load")
+                writer, self.writer = self.writer, None
+                writer.close(error="probes failed to load")
             raise
         self._cpu0 = time.process_time()  # user + system CPU, all threads
         from .probes import seed_vcpus
@@ -222,9 +122,8 @@ class Recorder:
         })
         self.lost = {k: 0 for k in self.probes.lost_counts()}
         self.manifest["lost"] = dict(self.lost)
-        if self.writer is not None:
-            self.writer.manifest.update(self.manifest)
-            self.writer.write_manifest()
+        if self.writer is not None:  # on disk once start() returns
+            self._write(lambda w: w.flush(self.manifest, wait=True))
         self._next_flush = time.monotonic() + self.flush_interval
         return self
 
@@ -295,7 +194,7 @@ class Recorder:
     def _emit(self, event: str, rows: pa.Table) -> None:
         self.counts[event] = self.counts.get(event, 0) + rows.num_rows
         if self.writer is not None:
-            self.writer[event].add(rows)  # type: ignore[attr-defined]
+            self.writer[event].add(rows)
         for sink in self.sinks:
             sink.write(event, rows)
 
@@ -307,13 +206,22 @@ class Recorder:
         if self.aggregate:
             self.manifest["mmio_faults_aggregated"] = self.aggregated_faults
         self.manifest["drain"] = self.probes.drain_stats()
-        if self._flusher is not None:
-            self._flusher.submit(self.manifest)
+        if self.writer is not None:
+            self._write(lambda w: w.flush(self.manifest))
         for sink in self.sinks:
             flush = getattr(sink, "flush", None)
             if flush:
                 flush()
         self._next_flush = time.monotonic() + self.flush_interval
+
+    def _write(self, step: Callable[[RunWriter], None]) -> None:
+        """A step of the run directory; a write that failed (now or on the
+        Flusher thread) is the tracer's one-line error."""
+        assert self.writer is not None
+        try:
+            step(self.writer)
+        except RecordingError as e:
+            raise TracerError(str(e)) from None
 
     def targets_alive(self) -> bool:
         from .procfs import is_alive
@@ -342,22 +250,15 @@ class Recorder:
             finally:
                 self.probes.close()
                 self.probes = None
-        error = None
-        if self._flusher is not None:
-            flusher, self._flusher = self._flusher, None
-            try:
-                flusher.join()
-            except TracerError as e:
-                error = e
-                final["error"] = str(e)
-            self.flush_cpu_s = flusher.cpu_s
         if self.writer is not None:
             self.manifest["detach_ns"] = monotonic_ns()
-            self.writer.manifest.update(self.manifest)
-            self.writer.close(**final)
-            self.writer = None
-        if error is not None:
-            raise error
+            fields = self.manifest.copy()
+            fields.update(final)  # stop_reason (tracer.cli), scenario (slotscope.labrun)
+            try:
+                self._write(lambda w: w.close(fields))
+            finally:
+                self.flush_cpu_s = self.writer.flush_cpu_s
+                self.writer = None
 
     # -- background thread (in-process use) ---------------------------------
     def start_thread(self) -> Recorder:

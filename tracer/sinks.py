@@ -10,7 +10,7 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 
-from analysis.schema import hist_quantile
+from recording.schema import hist_quantile
 
 _LIVE_COLUMNS = {"latency_ns", "vm", "vcpu", "stale", "mmio_gen", "count", "log2_ns",
                  "reentered"}

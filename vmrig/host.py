@@ -2,7 +2,7 @@
 
 Checks start QEMU for real (drgn style: try it rather than guess from
 versions) and talk to it over QMP with qemu.qmp (vmrig.qmp), so they can run
-from ``slotscope doctor``; each reports an ``analysis.hostfacts.Check`` row.
+from ``slotscope doctor``; each reports a ``recording.hostfacts.Check`` row.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis.hostfacts import FAIL, OK, WARN, Check, pvm_host
+from recording.hostfacts import FAIL, OK, WARN, Check, pvm_host
 from vmrig import RigError
 from vmrig.config import KVM_SAFE_CPU
 from vmrig.qmp import QemuGone, Qmp

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from analysis.hostfacts import FAIL, OK, Check, kvm_vendor_module, nested_vendor
+from recording.hostfacts import FAIL, OK, Check, kvm_vendor_module, nested_vendor
 from vmrig import config, host
 from vmrig.errors import L1Fault, RigError
 from vmrig.kernel import LabKernel, lab_kernel

@@ -33,8 +33,8 @@ from typing import Any
 
 import psutil
 
-from analysis.hostfacts import pvm_host
-from analysis.schema import monotonic_ns
+from recording.hostfacts import pvm_host
+from recording.schema import monotonic_ns
 from vmrig import bareguest, host, silence
 from vmrig.config import LaunchFiles, RigConfig, config_from_dict, host_cpu_vendor, qemu_argv
 from vmrig.errors import GuestFault, QemuGone, RigError, write_record

@@ -8,7 +8,7 @@ from typing import Any
 
 import psutil
 
-from analysis.schema import monotonic_ns
+from recording.schema import monotonic_ns
 from vmrig.vcpus import cpu_by_tid
 
 SAMPLES_FILE = "qemu-samples.csv"

@@ -1,6 +1,6 @@
 """QMP workloads whose every action is timestamped on CLOCK_MONOTONIC.
 
-Each action becomes a row of the ``workload`` table (analysis/schema.py):
+Each action becomes a row of the ``workload`` table (recording/schema.py):
 ``begin_ns`` when the command was sent, ``end_ns`` when its reply (or the
 awaited event) arrived.  Events get their own rows (``action`` =
 ``event:NAME``, begin = end = arrival).  The table is rewritten atomically
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from analysis.schema import SCHEMAS, monotonic_ns, write_table, write_workload_config
+from recording.schema import SCHEMAS, monotonic_ns
+from recording.writer import write_table, write_workload_config
 from vmrig.config import MiB, fmt_size
 from vmrig.errors import QmpTimeout, RigError
 

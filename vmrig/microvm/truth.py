@@ -137,7 +137,7 @@ def expected_mmio_events(r: Result) -> dict[str, int]:
 def write_workload(run_dir: str | os.PathLike[str], r: Result) -> None:
     """The run as the rig's side of a recording: ``workload.json`` (counts) and
     a ``workload`` table with one row per memslot ioctl and one for the MMIO loop."""
-    from analysis.schema import write_table, write_workload_config
+    from recording.writer import write_table, write_workload_config
     summary = r.as_dict()
     summary.pop("memslot_changes")
     write_workload_config(run_dir, {"workload": "microvm", **summary})

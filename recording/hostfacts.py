@@ -1,13 +1,12 @@
 """Facts about the KVM host that both the tracer and the rig read, and the
 row in which any layer reports a host check to ``slotscope doctor``.
 
-Why this module sits in ``analysis/``, next to the recording format: the
-tracer and vmrig may not import each other, and both already import the
-format (``analysis.schema``), whose manifests record these very facts
-(``kvm_module``, ``kvm_params``).  So "which vendor module provides
-/dev/kvm" and "is nested virtualization on" get one home in the layer both
-may use.  It needs only the standard library; on a laptop without KVM the
-answers are simply "none".
+Why this module sits in ``recording/``: the tracer and vmrig may not import
+each other, and both import the recording format, whose manifests record
+these very facts (``kvm_module``, ``kvm_params``).  So "which vendor module
+provides /dev/kvm" and "is nested virtualization on" get one home in the
+layer both may use.  It needs only the standard library; on a laptop
+without KVM the answers are simply "none".
 """
 
 from __future__ import annotations
