@@ -189,3 +189,27 @@ def test_background_flushes_write_in_order(tmp_path: Path) -> None:
     assert r.complete and r.manifest["lost"] == {"e": 2} and r.manifest["rows"]["lost"] == 3
     assert r.manifest["stop_reason"] == "duration"
     assert r.tables["lost"].column("ns").to_pylist() == [0, 1, 2]
+
+
+def _imported_roots(package: str) -> dict[str, set[str]]:
+    import ast
+    out: dict[str, set[str]] = {}
+    for f in sorted((Path(__file__).parents[1] / package).rglob("*.py")):
+        roots = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots.add(node.module.split(".")[0])
+        out[f.name] = roots
+    return out
+
+
+def test_layers_import_only_what_they_may() -> None:
+    """recording: stdlib, numpy and pyarrow only; analysis: no tracer, vmrig
+    or slotscope (it runs on a laptop with pyarrow and pandas)."""
+    allowed = set(sys.stdlib_module_names) | {"numpy", "pyarrow", "recording", "__future__"}
+    for name, roots in _imported_roots("recording").items():
+        assert roots <= allowed, f"recording/{name} imports {sorted(roots - allowed)}"
+    for name, roots in _imported_roots("analysis").items():
+        assert not roots & {"tracer", "vmrig", "slotscope"}, f"analysis/{name}: {roots}"
