@@ -147,9 +147,7 @@ def load(run_dirs: PathLike | Iterable[PathLike],
     paths = [Path(p) for p in run_dirs]
     if not paths:
         raise RecordingError("no run directory given")
-    for p in paths:
-        if not p.is_dir():
-            raise RecordingError(f"{p}: no such run directory")
+    read = [read_manifest(p) for p in paths]  # every run is one before any table loads
     if names is not None:
         names = [str(n) for n in names]
         if len(names) != len(paths) or len(set(names)) != len(names):
@@ -159,8 +157,8 @@ def load(run_dirs: PathLike | Iterable[PathLike],
     manifests: dict[str, Manifest] = {}
     problems: dict[str, list[str]] = {}
     per_event: dict[str, list[pd.DataFrame]] = {e: [] for e in EVENT_TYPES}
-    for name, path in zip(names, paths, strict=True):
-        manifests[name] = read_manifest(path)
+    for name, path, m in zip(names, paths, read, strict=True):
+        manifests[name] = m
         probs = problems.setdefault(name, [])
         code = names.index(name)
         for event in EVENT_TYPES:

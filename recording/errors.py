@@ -1,6 +1,7 @@
 """The recording layer's errors: a small tree whose classes carry the cause.
 
     RecordingError              a run directory that cannot be read or written
+    ├── NoRunDir                no such directory
     ├── NoManifest              no manifest.json: not a run directory
     ├── BadManifest             manifest.json is not readable JSON
     ├── UnknownVersion          a schema version this release does not read
@@ -26,6 +27,12 @@ from pathlib import Path
 
 class RecordingError(Exception):
     """A run directory that cannot be read or written as asked."""
+
+
+class NoRunDir(RecordingError):
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        super().__init__(f"{run_dir}: no such run directory")
 
 
 class NoManifest(RecordingError):

@@ -13,7 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import BadManifest, CorruptTable, NoManifest, RecordingError, UnknownVersion
+from .errors import (
+    BadManifest,
+    CorruptTable,
+    NoManifest,
+    NoRunDir,
+    RecordingError,
+    UnknownVersion,
+)
 from .manifest import Manifest
 from .schema import (
     ADDED_COLUMNS,
@@ -40,6 +47,8 @@ class Run:
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> Manifest:
     """manifest.json, with the rig's workload.json under ``workload``."""
+    if not Path(run_dir).is_dir():
+        raise NoRunDir(run_dir)
     path = Path(run_dir) / MANIFEST
     try:
         manifest: Manifest = json.loads(path.read_text())
