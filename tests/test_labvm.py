@@ -382,7 +382,17 @@ def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
     assert (out / "kept.txt").read_text() == "still here\n"
     if (out / "started").exists():  # the command got going before the deadline
         assert (out / "started").read_text() == "started\n"
-    assert json.loads((out / "labvm/result.json").read_text())["timed_out"] is True
+    result = json.loads((out / "labvm/result.json").read_text())
+    assert result["timed_out"] is True
+    # The host read every L1 vCPU on its own clock, twice, and named where
+    # the kernel was from the L1's kallsyms (the L1 clock plays no part).
+    vcpus = [ln for ln in result["host_report"] if " vCPU " in ln]
+    per_sample = [sum(ln.startswith(f"sample {i} ") for ln in vcpus) for i in (0, 1)]
+    assert per_sample[0] == per_sample[1] >= 1, result["host_report"]
+    assert any(re.search(r"RIP 0x[0-9a-f]{16} \w+\+0x", ln) for ln in vcpus), vcpus
+    assert f"labvm: host report, {labvm.HOST_REPORT_S} s before the deadline" in console
+    fault = res.fault()
+    assert fault is not None and fault.kind == "hang" and "vCPUs at " in str(fault)
     # No QEMU of ours survives the kill.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in ps
