@@ -1,7 +1,7 @@
 """Memslot changes: what each kind asks of KVM, and the schedule that orders them.
 
 Every kind of change lives in CHANGES, under its name in the recording
-schema (analysis.schema.CHANGE_TYPES): the region it passes to
+schema (recording.schema.CHANGE_TYPES): the region it passes to
 KVM_SET_USER_MEMORY_REGION, the slot state it leaves, and how many memslot
 swaps it costs KVM (each swap moves the memslot generation one step).
 A schedule names changes on extra slots 1..64; "flags" is accepted for
