@@ -212,7 +212,8 @@ def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path
            "--user", "root", "--memory", memory, "--rwdir", str(outdir), "--cwd", str(cwd),
            "--exec", f"sh {shlex.quote(str(script))}",
            # a monitor for the host's report of a hung L1 (l1report)
-           "--qemu-opts", f"-qmp unix:{qmp},server=on,wait=off"]
+           # "=": argparse takes a separate value starting with "-" for an option
+           f"--qemu-opts=-qmp unix:{qmp},server=on,wait=off"]
     if accel == "tcg":
         cmd.insert(1, "--disable-kvm")
     if cpus:
