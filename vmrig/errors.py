@@ -42,8 +42,10 @@ class RigError(Exception):
 
     @property
     def kind_tag(self) -> str:
-        """Type and kind as a record names them, e.g. 'guest_fault:reset'."""
-        return self.tag
+        """Type and kind as a record names them, e.g. 'guest_fault:reset'
+        (the faults carry a ``kind``; other errors are their type alone)."""
+        kind = getattr(self, "kind", "")
+        return f"{self.tag}:{kind}" if kind else self.tag
 
 
 class RigConfigError(RigError):
@@ -120,10 +122,6 @@ class GuestFault(RigError):
         self.kind: GuestFaultKind = kind
         self.detail = detail
 
-    @property
-    def kind_tag(self) -> str:
-        return f"{self.tag}:{self.kind}"
-
 
 class L1Fault(RigError):
     """The nested lab VM (L1) failed under the command: its kernel panicked,
@@ -137,10 +135,6 @@ class L1Fault(RigError):
         super().__init__(message)
         self.kind: L1FaultKind = kind
         self.console = console
-
-    @property
-    def kind_tag(self) -> str:
-        return f"{self.tag}:{self.kind}"
 
 
 # -- across a process boundary ---------------------------------------------------
