@@ -214,3 +214,22 @@ def test_native_loop_duration_and_refusals() -> None:
     assert r.memslot_counts == {"create": 2}
     with pytest.raises(RigError, match="coalesced"):
         microvm.run(100, coalesced=True, native=True)
+
+
+@needs_kvm
+def test_native_loop_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """The lab VM sees the host read-only: the C loop is built and loaded
+    from a private copy that is gone once mapped."""
+    from vmrig.microvm import native
+    monkeypatch.setenv("SLOTSCOPE_CACHE", "/proc/slotscope-unwritable")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/slotscope-unwritable")
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        r = microvm.run(3000, pages=2, native=True, schedule="create:1")
+    finally:
+        native.library.cache_clear()
+    assert r.loop == "c" and r.mmio_exits == 3000 and r.memslot_counts == {"create": 2}
+    assert list(tmp_path.iterdir()) == []

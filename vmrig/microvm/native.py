@@ -65,13 +65,13 @@ def library() -> ctypes.CDLL:
         return so.read_bytes()
 
     built = guestbuild.cached("exitloop", ".so", SOURCE.read_bytes() + version.encode(), make)
-    path = built.path
-    if path is None:  # no writable cache: a private copy to load from
-        with tempfile.NamedTemporaryFile(prefix="slotscope-exitloop-", suffix=".so",
-                                         delete=False) as tmp:
+    if built.path is not None:
+        lib = ctypes.CDLL(str(built.path))  # CDLL: the GIL is released during the call
+    else:  # no writable cache: load a private copy, removed once mapped
+        with tempfile.NamedTemporaryFile(prefix="slotscope-exitloop-", suffix=".so") as tmp:
             tmp.write(built.data)
-        path = Path(tmp.name)
-    lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released during the call
+            tmp.flush()
+            lib = ctypes.CDLL(tmp.name)
     lib.exit_loop.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                               ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(Counts)]
     lib.exit_loop.restype = ctypes.c_int
