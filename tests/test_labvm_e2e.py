@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +174,8 @@ def _go_beside_perf(vm: subprocess.Popen[str], scratch: Path, out: Path) -> int:
     rc = vm.wait(timeout=60)
     script = subprocess.run([perf, "script", "-i", str(data), "-F", "pid,event"],
                             capture_output=True, text=True, timeout=600)
-    counts: dict[str, int] = {}
-    for line in script.stdout.splitlines():
-        f = line.split()
-        if len(f) == 2 and f[0] == str(vm.pid):
-            counts[f[1].rstrip(":")] = counts.get(f[1].rstrip(":"), 0) + 1
+    counts = Counter(f[1].rstrip(":") for f in map(str.split, script.stdout.splitlines())
+                     if len(f) == 2 and f[0] == str(vm.pid))
     (out / "perf_counts.json").write_text(json.dumps(
         {"record_rc": rec.returncode, "script_rc": script.returncode, "pid": vm.pid,
          "stderr": (rec.stderr + script.stderr)[-3000:], "counts": counts}, indent=1))
