@@ -285,10 +285,14 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     except OSError as e:
         raise RigError(f"cannot prepare output directory {out}: {e.strerror}") from None
     # unix socket paths are short (108 bytes): not under the output directory
-    sockdir = Path(tempfile.mkdtemp(prefix="slotscope-l1-",
-                                    dir="/run" if os.access("/run", os.W_OK) else None))
-    qmp = sockdir / "qmp.sock"
-    cmd = _vng_command(kernel_path, accel, script, out, work, memory, cpus, qmp)
+    sockdir = tempfile.TemporaryDirectory(prefix="slotscope-l1-",
+                                          dir="/run" if os.access("/run", os.W_OK) else None)
+    qmp = Path(sockdir.name) / "qmp.sock"
+    try:
+        cmd = _vng_command(kernel_path, accel, script, out, work, memory, cpus, qmp)
+    except BaseException:
+        sockdir.cleanup()
+        raise
     host_report: list[str] = []
     reporter = threading.Timer(max(timeout - HOST_REPORT_S, 1.0), lambda: host_report.extend(
         l1report.report(qmp, state / "kallsyms")))
@@ -296,7 +300,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL)
     t0 = time.monotonic()
-    with open(state / "stdout.log", "w") as so, open(state / "console.log", "w") as co:
+    with sockdir, open(state / "stdout.log", "w") as so, open(state / "console.log", "w") as co:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, errors="replace", env=env,
                              cwd=work if work.is_dir() else out, start_new_session=True)
@@ -322,7 +326,6 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
             raise
         finally:
             reporter.cancel()
-            shutil.rmtree(sockdir, ignore_errors=True)
         for t in pumps:
             t.join(timeout=5)
         if host_report:
