@@ -51,14 +51,18 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
         # Attach before the VMM creates its memslots, so every one is seen.
         rec = Recorder(run_dir, pids=[p.pid], aggregate=s.aggregate).start()
         _phase("probes attached")
-        try:
-            p.stdin.write("go\n")
-            p.stdin.close()
-            rec.run(until=lambda: p.poll() is not None)  # reaped: no zombie to wait on
-            _phase("workload done")
-        finally:
-            rec.close(scenario=asdict(s))
-            _phase("recording closed")
+        with rec.stopped_by_signals():
+            try:
+                p.stdin.write("go\n")
+                p.stdin.close()
+                rec.run(until=lambda: p.poll() is not None)  # reaped: no zombie to wait on
+                if not rec.stop_requested:
+                    _phase("workload done")
+            finally:
+                rec.close(scenario=asdict(s))
+                _phase("recording closed")
+        if rec.stop_requested:  # every event drained and written: now the usual exit
+            raise KeyboardInterrupt
         if p.wait(timeout=60):
             raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
     finally:

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import needs_bcc, needs_kvm, needs_root
 from tracer_procs import SLOTSCOPE, Workload, start_tracer
@@ -208,6 +209,37 @@ def test_recorder_api_in_process(tmp_path: Path) -> None:
     assert set(run.manifest["lost"].values()) == {0}
 
 
+def test_signal_while_a_batch_is_written_loses_nothing(tmp_path: Path) -> None:
+    """Under stopped_by_signals() (what record/stream/live and the lab run
+    under), a SIGTERM landing in the middle of writing a batch only asks for
+    a stop: that batch and everything still in the ring are written."""
+    from tracer.recorder import Recorder
+
+    class SignalOnFirstRows:
+        sent = False
+
+        def write(self, event: str, rows: Any) -> None:
+            if not self.sent:  # the first table of the first batch
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    wl = Workload(20_000, truth=tmp_path / "t.json", native=True)
+    sink = SignalOnFirstRows()
+    rec = Recorder(tmp_path / "run", pids=[wl.pid], sinks=[sink]).start()
+    with rec.stopped_by_signals():
+        try:
+            truth = wl.go()  # every event is in the ring before the first poll
+            rec.run(duration=30)
+        finally:
+            rec.close()
+    assert sink.sent and rec.stop_requested
+    run = read_run(tmp_path / "run")
+    assert_memslots_exact(run, truth)
+    assert run.tables["mmio_access"].num_rows == truth["mmio_exits"] + truth["reads_completed"]
+    assert run.tables["mmio_fault"].num_rows == truth["mmio_exits"]
+    assert set(run.manifest["lost"].values()) == {0}
+
+
 def test_stream_json_lines(tmp_path: Path) -> None:
     wl = Workload(600, "create:4,delete:4", pages=2, truth=tmp_path / "t.json")
     p = start_tracer("stream", "-p", str(wl.pid), "-e", "memslot_update")
@@ -328,20 +360,41 @@ def test_sigkill_leaves_readable_run_and_no_probes(tmp_path: Path) -> None:
 
 
 def test_sigterm_finalizes(tmp_path: Path) -> None:
+    """SIGTERM mid-run: the run is finalized, and it holds every event up to
+    its end, without a hole.  A second recorder, left running, is the
+    reference: the same tracepoint hits, stamped within microseconds of each
+    other.  (A KeyboardInterrupt raised between taking a batch off the ring
+    and writing it used to drop that batch.)"""
     wl = Workload(1_000_000, "create:1,delete:1", pages=2)
-    rec = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "run"))
+    ref = start_tracer("record", "-p", str(wl.pid), "-o", str(tmp_path / "ref"))
+    # no -p: the interrupted recorder drains until it detaches, so a hole
+    # would have rows after it
+    rec = start_tracer("record", "-o", str(tmp_path / "run"))
     wl.start()
     time.sleep(1.5)
     rec.send_signal(signal.SIGTERM)
     _, err = rec.communicate(timeout=30)
+    time.sleep(0.5)
     wl.proc.kill()
     wl.proc.wait()
     assert rec.returncode == 0, err
+    _, ref_err = ref.communicate(timeout=30)
+    assert ref.returncode == 0, ref_err
     run = read_run(tmp_path / "run")
     assert run.complete and run.manifest["stop_reason"] == "interrupted"
     assert not list((tmp_path / "run").glob("*.parts"))
     assert _wait_gone(run.manifest["bpf_prog_ids"]) == []
-    assert run.tables["mmio_access"].num_rows > 100
+    acc = run.tables["mmio_access"].to_pandas()
+    ns = np.sort(acc.ns[acc.pid == wl.pid].to_numpy())
+    ref_ns = np.sort(read_run(tmp_path / "ref").tables["mmio_access"].column("ns").to_numpy())
+    assert 100 < len(ns) < len(ref_ns)  # stopped mid-run
+    # reference rows well inside a gap between two consecutive rows: a hole
+    # (2 ms of slack: a program can be preempted between the two stamps)
+    slack = 2_000_000
+    lo = np.searchsorted(ref_ns, ns[:-1] + slack, side="right")
+    hi = np.searchsorted(ref_ns, ns[1:] - slack, side="left")
+    missing = np.clip(hi - lo, 0, None)
+    assert missing.sum() == 0, f"{missing.sum()} events missing at {np.flatnonzero(missing)}"
 
 
 def test_recorder_add_pid(tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import TracerError
@@ -78,13 +79,6 @@ def _recorder(args: argparse.Namespace, run_dir: str | None, sinks: list[Any],
                     aggregate=args.aggregate)
 
 
-def _finish(rec: Any, **final: Any) -> None:
-    # A second Ctrl-C/SIGTERM must not cut finalization short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    rec.close(**final)
-
-
 def cmd_record(args: argparse.Namespace) -> int:
     _check(args)
     if args.ebpf:
@@ -94,22 +88,37 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.flush_interval <= 0 or args.flush_interval > 1:
         raise TracerError("flush interval must be in (0, 1] seconds")
     rec = _recorder(args, args.output, [], args.flush_interval)
-    rec.start()
-    _attached(rec, "record")
-    how = "duration"
-    try:
-        rec.run(args.duration)
-        if args.pid and not rec.targets_alive():
-            how = "targets exited"
-    except KeyboardInterrupt:
+    with rec.stopped_by_signals():
+        rec.start()
+        _attached(rec, "record")
         how = "interrupted"
-    finally:
-        _finish(rec, stop_reason=how)
+        try:
+            rec.run(args.duration)
+            if not rec.stop_requested:
+                gone = args.pid and not rec.targets_alive()
+                how = "targets exited" if gone else "duration"
+        finally:
+            rec.close(stop_reason=how)
     total = sum(v for k, v in rec.counts.items() if k not in ("lost", "exit_hist", "mmio_hist"))
     lost = sum(rec.lost.values())
     agg = (f", {rec.aggregated_faults} MMIO faults in histograms" if rec.aggregate else "")
     print(f"slotscope record: {how}; {total} events{agg}, {lost} lost", file=sys.stderr)
     return 0
+
+
+def _live_screen(stack: contextlib.ExitStack) -> Callable[[list[str]], None]:
+    """A terminal: one screen, redrawn each interval."""
+    from rich.live import Live
+    from rich.text import Text
+    live = stack.enter_context(Live(Text("waiting..."), auto_refresh=False,
+                                    transient=False))
+    return lambda lines: live.update(Text("\n".join(lines)), refresh=True)
+
+
+def _live_lines(lines: list[str]) -> None:
+    """A pipe or file: a timestamp line, then the interval's lines."""
+    print(time.strftime("%H:%M:%S"), flush=False)
+    print("\n".join(lines), flush=True)
 
 
 def _attached(rec: Any, what: str) -> None:
@@ -127,14 +136,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .sinks import JsonLines
     sink = JsonLines(sys.stdout, set(args.event) if args.event else None)
     rec = _recorder(args, None, [sink])
-    rec.start()
-    _attached(rec, "stream")
-    try:
-        rec.run(args.duration)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _finish(rec)
+    with rec.stopped_by_signals():
+        rec.start()
+        _attached(rec, "stream")
+        try:
+            rec.run(args.duration)
+        finally:
+            rec.close()
     return 0
 
 
@@ -147,34 +155,17 @@ def cmd_live(args: argparse.Namespace) -> int:
     from .sinks import LiveStats
     stats = LiveStats()
     rec = _recorder(args, None, [stats], min(1.0, args.interval))
-    rec.start()
-    _attached(rec, "live")
-    tty = sys.stdout.isatty()
-    shown = 0
-    try:
-        if tty:
-            from rich.live import Live
-            from rich.text import Text
-            with Live(Text("waiting..."), auto_refresh=False, transient=False) as live:
-                while not args.count or shown < args.count:
-                    t0 = time.monotonic()
-                    rec.run(args.interval)
-                    lines = stats.take(time.monotonic() - t0)
-                    live.update(Text("\n".join(lines)), refresh=True)
-                    shown += 1
-                    if args.pid and not rec.targets_alive():
-                        break
-        else:
-            while not args.count or shown < args.count:
-                t0 = time.monotonic()
-                rec.run(args.interval)
-                print(time.strftime("%H:%M:%S"), flush=False)
-                print("\n".join(stats.take(time.monotonic() - t0)), flush=True)
-                shown += 1
-                if args.pid and not rec.targets_alive():
-                    break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _finish(rec)
+    with rec.stopped_by_signals(), contextlib.ExitStack() as stack:
+        rec.start()
+        stack.callback(rec.close)
+        _attached(rec, "live")
+        show = _live_screen(stack) if sys.stdout.isatty() else _live_lines
+        shown = 0
+        while (not args.count or shown < args.count) and not rec.stop_requested:
+            t0 = time.monotonic()
+            rec.run(args.interval)
+            show(stats.take(time.monotonic() - t0))
+            shown += 1
+            if args.pid and not rec.targets_alive():
+                break
     return 0

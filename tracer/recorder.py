@@ -16,10 +16,12 @@ current.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +71,9 @@ class Recorder:
         self.aggregated_faults = 0  # MMIO intervals counted in mmio_hist
         self._next_flush = 0.0
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: a signal handler sets it, and
+        # Event.set() takes a lock the interrupted main thread may hold.
+        self._stop = False
         self._error: BaseException | None = None
         self._cpu0 = 0.0
         self.thread_cpu_s = 0.0  # CPU of the background drain thread, when used
@@ -231,7 +235,7 @@ class Recorder:
             until: Callable[[], bool] | None = None) -> None:
         """Poll until ``duration`` s pass, ``until()`` is true, stop() or targets exit."""
         end = time.monotonic() + duration if duration else float("inf")
-        while not self._stop.is_set() and time.monotonic() < end:
+        while not self._stop and time.monotonic() < end:
             left = end - time.monotonic()
             self.poll(50 if left > 0.05 else max(1, int(left * 1000)))
             if until is not None and until():
@@ -264,7 +268,7 @@ class Recorder:
     def start_thread(self) -> Recorder:
         if self.probes is None:
             self.start()
-        self._stop.clear()
+        self._stop = False
         self._thread = threading.Thread(target=self._thread_main, name="slotscope-recorder",
                                         daemon=True)
         self._thread.start()
@@ -279,9 +283,34 @@ class Recorder:
         finally:
             self.thread_cpu_s = time.thread_time() - t0
 
+    def request_stop(self) -> None:
+        """Make run() return after its current poll (safe in a signal handler)."""
+        self._stop = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    @contextlib.contextmanager
+    def stopped_by_signals(self) -> Iterator[None]:
+        """Within this block (main thread), Ctrl-C and SIGTERM request a stop
+        rather than raise KeyboardInterrupt: an exception landing between
+        taking a batch off the ring buffer and writing it would lose that
+        batch.  run() returns after its current poll and close() drains the
+        rest; close() inside the block cannot be cut short by a second signal.
+        The caller reads ``stop_requested`` to tell an interrupted run."""
+        def handler(signum: int, frame: object) -> None:
+            self.request_stop()
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
     def stop(self) -> None:
         """Stop the background thread (if any) and close."""
-        self._stop.set()
+        self.request_stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
