@@ -29,7 +29,7 @@ Modules: kvmapi (ioctl numbers, struct layouts, exit reasons), guest (the
 guest-physical map; assembles guests/microvm.S), changes (memslot change
 kinds, their costs, the schedule), vmm (MicroVM, ``run``), loops (the vCPU
 loops), ring (the coalesced MMIO ring), truth (Result, write_workload),
-errors, cli (``python -m vmrig.microvm``).
+wrap (the generation-wrap workload, ``--wrap K``), errors, cli (``python -m vmrig.microvm``).
 """
 
 from vmrig.microvm.changes import (

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from vmrig.microvm.changes import parse_schedule
 from vmrig.microvm.errors import BadRequest, MicroVMError
 from vmrig.microvm.guest import ACCESSES, MAX_PAGES
-from vmrig.microvm.truth import write_workload
+from vmrig.microvm.truth import Result, write_workload
 from vmrig.microvm.vmm import run
+from vmrig.microvm.wrap import WRAP_CHANGES, WrapResult, WrapRun, write_wrap_workload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slot-size", type=int, default=0x100000, help="bytes per extra slot")
     p.add_argument("--vcpus", type=int, default=1,
                    help="vCPUs (threads 'CPU n/KVM'), sharing the MMIO accesses")
+    p.add_argument("--wrap", type=int, default=0, metavar="K",
+                   help="the generation-wrap workload instead (vmrig/microvm/wrap.py): "
+                   "page set A marked, then K wraps' worth of memslot swaps, then A touched")
+    p.add_argument("--wrap-change", default="flags_only", choices=WRAP_CHANGES,
+                   help="--wrap: the change repeated on the dummy slot (flags_only: one "
+                   "swap each, move: two)")
+    p.add_argument("--touch-every", type=int, default=4096, metavar="SWAPS",
+                   help="--wrap: touch page set B every SWAPS swaps")
     p.add_argument("--wait", action="store_true",
                    help="print 'ready PID' and wait for a line on stdin before starting")
     p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
@@ -48,20 +57,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sched = parse_schedule(args.schedule)
-        if args.mmio_accesses <= 0 and args.duration <= 0:
-            raise BadRequest("give --mmio-accesses M or --duration S")
+        if args.wrap:
+            wrap: WrapRun | None = WrapRun(args.wrap, args.pages, args.wrap_change,
+                                           args.touch_every)
+        elif args.mmio_accesses <= 0 and args.duration <= 0:
+            raise BadRequest("give --mmio-accesses M, --duration S or --wrap K")
+        else:
+            wrap = None
         if args.wait:
             print(f"ready {os.getpid()}", flush=True)
             sys.stdin.readline()
-        r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
-                args.duration, args.slot_size, args.vcpus, args.coalesced, args.native)
+        r: Result | WrapResult
+        if wrap is not None:
+            r = wrap.run()
+        else:
+            r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
+                    args.duration, args.slot_size, args.vcpus, args.coalesced, args.native)
     except MicroVMError as e:
         print(f"microvm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     if args.run_dir:
-        write_workload(args.run_dir, r)
+        if isinstance(r, WrapResult):
+            write_wrap_workload(args.run_dir, r)
+        else:
+            write_workload(args.run_dir, r)
     text = json.dumps(r.as_dict(), indent=1)
     if args.output:
         with open(args.output, "w") as f:

@@ -29,6 +29,8 @@ KVM_SET_SREGS = 0x4138AE84
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 # KVM_CHECK_EXTENSION answers with the ring's page offset in the vCPU mmap.
 KVM_CAP_COALESCED_MMIO = 15
+# On a VM fd: its memslot address spaces (0 where there is only one).
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
 # VMX needs a TSS for real mode; below 2 GiB because the ioctl takes a C int.
 TSS_ADDR = 0x7FFFD000
 

@@ -160,6 +160,10 @@ class MicroVM:
             self.slots[sid] = after
         return ret
 
+    def slot_addr(self, sid: int) -> int:
+        """The user-space address of extra slot ``sid``'s memory."""
+        return self._slot_mem[sid][1]
+
     # -- run ---------------------------------------------------------------
     def run(self, mmio_accesses: int = 0, schedule: Sequence[tuple[str, int]] = (),
             every: int = 0, duration: float = 0.0) -> Result:
