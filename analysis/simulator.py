@@ -11,6 +11,12 @@ fast hit; different -> stale, slow path, re-marked; no SPTE -> slow path,
 marked.  While an update is in progress check_mmio_spte bails out before
 its tracepoint, so such faults are slow and marked with the old generation.
 
+``revisit_swaps`` plays the case the wrap's zap-all exists for: every page
+marked, a long run of swaps with no MMIO, then every page touched again.
+With ``2**gen_bits // as_count`` swaps the revisit comes when the masked
+generation equals the pages' marks again, so only the zap-all at the wrap
+in between keeps those SPTEs from passing as fast hits.
+
 ``simulate`` returns the ground truth (class and charged update per fault)
 kept apart from the recorded rows, so tests can check the analysis against
 it and against their own reading of the raw rows.
@@ -39,6 +45,7 @@ class Truth:
     causes: list[int] = field(default_factory=list)    # memslot_update row or -1
     updates: list[str] = field(default_factory=list)   # change per update row
     zaps: int = 0
+    wraps: list[tuple[int, int]] = field(default_factory=list)  # (vm, gen) per wrap
 
 
 @dataclass
@@ -58,13 +65,18 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
              changes: tuple[str, ...] = CHANGES, as_count: int = 2,
              gen_bits: int = MMIO_GEN_BITS_DEFAULT, start_gen: int = 0,
              p_during: float = 0.3, p_cache: float = 0.2, fail_every: int = 0,
-             host_style: bool = False,
+             host_style: bool = False, revisit_swaps: int = 0,
              manifest: Manifest | None = None) -> Truth:
     """Write a recording of ``events`` steps to ``run_dir``; return the truth.
 
     ``host_style`` records what this host's kvm_pvm shows (MMIO caching off):
     memslot updates without generations, MMIO exits with latency but no SPTE
     evidence, kvm_mmio accesses and zap-alls; no generation events.
+
+    ``revisit_swaps`` > 0: before the random stream, each VM touches every
+    page, makes that many FLAGS_ONLY updates with no MMIO at all, and touches
+    every page again (see the module's doc).  0 (the default) draws nothing
+    extra, so a seed gives the same rows as before the option existed.
     """
     rng = random.Random(seed)
     mask = (1 << gen_bits) - 1
@@ -82,9 +94,10 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
     fast_base = {(m.vm, c): rng.uniform(1500, 3000) for m in machines for c in range(vcpus)}
     base_gpa = 0xfe00_0000
 
-    def fault(m: _VM, vcpu: int, inprog_update: int = -1) -> None:
+    def fault(m: _VM, vcpu: int, inprog_update: int = -1, page: int | None = None) -> None:
         nonlocal t
-        gfn = (base_gpa >> 12) + rng.randrange(pages)
+        # An explicit page draws nothing: the random stream stays as it was.
+        gfn = (base_gpa >> 12) + (rng.randrange(pages) if page is None else page)
         cur = m.gen & mask
         lat = fast_base[(m.vm, vcpu)] * rng.uniform(0.8, 1.3)
         kvm_gen = spte_gen = 0
@@ -147,7 +160,7 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
         add("zap_all", ns=t, pid=m.pid, tid=m.pid, vm=m.vm, gen=m.gen)
         truth.zaps += 1
 
-    def update(m: _VM, change: str, fail: bool) -> None:
+    def update(m: _VM, change: str, fail: bool, quiet: bool = False) -> None:
         nonlocal t
         row = len(cols["memslot_update"]["begin_ns"])
         w_begin = t
@@ -157,7 +170,7 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
             for swap in range(2 if change in ("delete", "move") else 1):
                 # In progress: faults of this VM go slow, other VMs carry on.
                 t += rng.randrange(2_000, 10_000)
-                while rng.random() < p_during:
+                while not quiet and rng.random() < p_during:
                     other = rng.choice(machines)
                     fault(other, rng.randrange(vcpus), row if other is m else -1)
                 m.gen += as_count
@@ -167,6 +180,7 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
                         in_progress=False, mmio_gen=m.gen & mask, zap_all=wrapped,
                         source="invalidate")
                 if wrapped:
+                    truth.wraps.append((m.vm, m.gen))
                     zap(m)
                 if swap == 0 and change in ("delete", "move"):
                     t += 1000
@@ -187,6 +201,14 @@ def simulate(run_dir: str | os.PathLike[str], *, seed: int = 0, vms: int = 1,
         add("workload", begin_ns=w_begin, end_ns=t, action=ACTION_OF[change],
             target=f"slot{slot}", size=0x8000 << 12, ok=not fail,
             error="EINVAL" if fail else None, detail=None)
+
+    for m in machines if revisit_swaps > 0 else ():
+        for page in range(pages):
+            fault(m, rng.randrange(vcpus), page=page)
+        for _ in range(revisit_swaps):
+            update(m, "flags_only", False, quiet=True)
+        for page in range(pages):
+            fault(m, rng.randrange(vcpus), page=page)
 
     n_upd = 0
     for _ in range(events):
