@@ -9,6 +9,7 @@ function)::
     corr = analysis.correlate(rec)             # epochs, classes, per-update cost
     corr = analysis.correlate_runs("runs/a")   # the same from dirs; a Correlation as is
     analysis.summarize("runs/a")               # one dict per run
+    analysis.wrap_verdicts(corr)               # per generation wrap: the zap-all invariant
     analysis.report.write_report(["runs/a", "runs/b"], "report.html")
 """
 
@@ -20,7 +21,7 @@ _EXPORTS = {
     "load": "frames", "Recording": "frames",
     "correlate": "epochs", "Correlation": "epochs",
     "correlate_runs": "epochs", "generation_timeline": "timeline", "CLASSES": "epochs",
-    "wrap_forecast": "forecast",
+    "wrap_forecast": "forecast", "wrap_verdicts": "wrap",
     "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
     "compare": "summary",
     "EmptyRun": "errors", "AnalysisFailed": "errors",
