@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 WIDTH = 80
+WRAP_LINES = 10  # wraps listed one per line; the rest counted (all in --json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -105,6 +106,7 @@ def format_summary(s: dict[str, Any]) -> list[str]:
         lines.append(f"  zap-alls {s['zap_alls']} ({s['zap_all_wraps']} wraps)" +
                      (f", cost {_num(cost, 1e3)} us of extra MMIO latency"
                       if cost is not None else ""))
+    lines += format_wraps(s)
     for f in s["forecast"]:
         eta = f.get("next_zap_all_s")
         per = f.get("wrap_period_s")
@@ -114,6 +116,30 @@ def format_summary(s: dict[str, Any]) -> list[str]:
                        f"{f['gen_bits']}-bit MMIO gen ({f['gen_from']}): zap-all {when}")
     for m in s["missing"]:
         lines += _wrap("missing: " + m)
+    return lines
+
+
+def format_wraps(s: dict[str, Any]) -> list[str]:
+    """The wrap invariant: one line per generation wrap with its verdict
+    (a violation's text may continue on a second line)."""
+    wraps = s.get("wraps") or []
+    if not wraps:
+        return []
+    lines = [f"  wrap invariant: {s['wrap_invariant']} ({len(wraps)} generation "
+             f"wrap{'s' if len(wraps) > 1 else ''}, zap-all checked per wrap)"]
+    several = len({w["vm"] for w in wraps}) > 1
+    zap = {True: "zap-all on time", False: "NO zap-all in its update", None: "zap-all ?"}
+    for w in wraps[:WRAP_LINES]:
+        vm = f" vm {w['vm']:#x}" if several else ""
+        # Held: whether the case the zap-all exists for came up (pages first
+        # touched again at their mark's masked generation) and the rebuild.
+        detail = (f"; equal-gen pages {w['stale_equal_pages']}/{w['pages_marked_before']}, "
+                  f"burst {w['burst_faults']}") if w["verdict"] == "held" else ""
+        lines += _wrap(f"wrap at swap {w['swap']:,}{vm}: {w['verdict']}; "
+                       f"{zap[w['zap_on_time']]}{detail}")
+    if len(wraps) > WRAP_LINES:
+        held = sum(w["verdict"] == "held" for w in wraps[WRAP_LINES:])
+        lines.append(f"  ... {len(wraps) - WRAP_LINES} more wraps, {held} held")
     return lines
 
 

@@ -85,7 +85,8 @@ OVERVIEW = [("run", "run"), ("backend", "backend"), ("complete", "complete"),
             ("mmio_accesses", "kvm_mmio"), ("slow_share", "slow share"),
             ("update_cost_p50_ns", "cost p50 us"), ("update_cost_p99_ns", "cost p99 us"),
             ("mmio_latency_p50_ns", "lat p50 us"), ("mmio_latency_p99_ns", "lat p99 us"),
-            ("zap_alls", "zap-alls"), ("lost_events", "lost")]
+            ("zap_alls", "zap-alls"), ("wrap_invariant", "wrap invariant"),
+            ("lost_events", "lost")]
 
 
 def overview(summaries: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -111,6 +112,38 @@ def top_updates(corr: Correlation, run: str, n: int = 15) -> pd.DataFrame:
         "change": u["change"].astype(str), "slot": u["slot_id"], "action": u["action"],
         "stale": u["n_stale"], "during": u["n_during_update"], "after_zap": u["n_after_zap"],
         "cost_us": u["cost_ns"] / 1e3, "ioctl_us": u["duration_ns"] / 1e3})
+
+
+WRAP_COLUMNS = [("vm", "vm"), ("swap", "swap"), ("predicted_swap", "predicted swap"),
+                ("wrap_from", "from"), ("zap_on_time", "zap-all on time"),
+                ("pages_marked_before", "pages marked before"),
+                ("stale_equal_pages", "equal-gen pages"), ("rebuilt_pages", "rebuilt"),
+                ("evidence_faults", "faults after"), ("violations", "violations"),
+                ("verdict", "verdict"), ("burst_faults", "burst faults"),
+                ("burst_ns", "burst us"), ("burst_extra_ns", "burst extra us"),
+                ("first_fault_p50_ns", "first fault p50 us"),
+                ("fast_hit_p50_ns", "fast hit p50 us"),
+                ("forecast_error_s", "forecast error s")]
+
+
+def _wraps_section(wraps: pd.DataFrame, run: str, s: dict[str, Any]) -> str:
+    """One row per generation wrap: its zap-all and the invariant's verdict."""
+    w = wraps[wraps["run"] == run] if len(wraps) else wraps
+    figure = s["wrap_invariant"]
+    css = "bad" if figure == "violated" else "ok" if figure == "held" else ""
+    head = (f"<h3>Generation wraps: the zap-all invariant</h3><p>invariant: "
+            f'<b class="{css}">{_esc(figure)}</b> <small>(after a wrap no MMIO fault may '
+            "be a fast hit on an SPTE marked before it; equal-gen pages were first "
+            "touched again at their mark's masked generation, the case the zap-all "
+            "exists for)</small></p>")
+    if not len(w):
+        return head
+    t = pd.DataFrame({label: w[col].to_numpy() for col, label in WRAP_COLUMNS})
+    t["vm"] = [f"{int(v):#x}" for v in w["vm"]]
+    for col, label in WRAP_COLUMNS:
+        if col.endswith("_ns"):
+            t[label] = w[col].astype("Float64").to_numpy(np.float64, na_value=np.nan) / 1e3
+    return head + _table(t, max_rows=100)
 
 
 def _run_section(corr: Correlation, run: str, s: dict[str, Any],
@@ -146,6 +179,7 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
             t = t[["ns", "vm", "gen", "reason", "update", "n_faults", "cost_ns"]].assign(
                 vm=[f"{int(v):#x}" for v in t["vm"]])
         parts.append(f"<h3>{_esc(title)}</h3>" + _table(t))
+    parts.append(_wraps_section(tables["wraps"], run, s))
     parts.append("<h3>The most expensive updates, fault by fault</h3>" +
                  _table(top_updates(corr, run), max_rows=15))
     figs = plots.figures(corr, run)

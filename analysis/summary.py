@@ -29,6 +29,7 @@ from .epochs import (
 from .forecast import wrap_forecast
 from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
+from .wrap import invariant_figure, wraps_of
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
 # Classes an aggregated run (mmio_hist) can tell without per-fault timing:
@@ -199,6 +200,7 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     zaps = rows_of(corr.zaps, run)
     fc = wrap_forecast(corr)
     fc = fc[fc["run"] == run] if len(fc) else fc
+    wraps = rows_of(wraps_of(corr), run)
     by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
                 for c, v in class_stats(corr, run).items()}
     cost_q, lat_q = quantiles(cost), quantiles(lat)
@@ -238,6 +240,10 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         "zap_all_cost_ns": (float(zaps["cost_ns"].sum()) if zaps["cost_ns"].notna().any()
                             else None) if len(zaps) else 0.0,
         "forecast": fc.drop(columns=["run"]).to_dict("records") if len(fc) else [],
+        # Per generation wrap: its zap-all and the invariant it keeps
+        # (analysis/wrap.py); the lab's exit status reads wrap_invariant.
+        "wraps": wraps.drop(columns=["run"]).to_dict("records") if len(wraps) else [],
+        "wrap_invariant": invariant_figure(wraps),
         "missing": missing(rec, run),
     }
     return _clean(out)
@@ -385,4 +391,4 @@ def summary_tables(corr: Correlation) -> dict[str, pd.DataFrame]:
     """Every table the report shows, by name."""
     return {"classes": class_table(corr), "cost_by_change": cost_table(corr, "change"),
             "cost_by_action": cost_table(corr, "action"), "forecast": wrap_forecast(corr),
-            "zap_alls": corr.zaps}
+            "zap_alls": corr.zaps, "wraps": wraps_of(corr)}
