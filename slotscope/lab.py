@@ -323,12 +323,14 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
                                "finished_wall": time.time(), "scenarios": {}}
     corr, analysed = _analyse([out / "runs" / name / str(st.rep)
                                for name, sts in statuses.items() for st in sts if st.ok])
+    wraps = {s.name: s.wraps for s in cfg.scenarios}
     for name, sts in statuses.items():
         per_run = [analysed[out / "runs" / name / str(st.rep)] for st in sts if st.ok]
         good = [r for r in per_run if "error" not in r]
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
-        summary["scenarios"][name] = labverdict.scenario_summary(good, failed)
+        summary["scenarios"][name] = labverdict.scenario_summary(
+            good, failed, expect_wraps=wraps[name])
         summary["scenarios"][name]["retried_runs"] = [
             f"{st.rep}: [{', '.join(st.retried_kinds)}] {st.retried}" for st in sts if st.retried]
     regressions = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from vmrig.config import GuestKind, RigConfigError, parse_size
+from vmrig.microvm.wrap import MAX_WRAP_PAGES as WRAP_MAX_PAGES
 from vmrig.workloads import WORKLOADS
 
 Mode = Literal["auto", "direct", "nested"]
@@ -46,6 +47,9 @@ class Scenario:
     guest: GuestKind = "bare"
     schedule: str = "create:1,flags:1,flags:1,move:1,delete:1"  # microvm
     mmio_accesses: int = 20000   # microvm
+    # microvm: instead of the schedule, the generation-wrap workload through
+    # this many wraps of the masked MMIO generation (vmrig/microvm/wrap.py)
+    wraps: int = 0
     aggregate: bool = False      # MMIO faults as kernel histograms (record --aggregate)
 
     @property
@@ -131,6 +135,11 @@ def _check_scenario(where: str, s: Scenario) -> None:
         raise ConfigError(f"{where}: {e}", "size") from None
     if s.rate <= 0:
         raise ConfigError(f"{where}: rate must be > 0", "rate")
+    if s.wraps and s.workload != "microvm":
+        raise ConfigError(f"{where}: wraps needs workload \"microvm\"", "wraps")
+    if s.wraps and s.mmio_pages > WRAP_MAX_PAGES:
+        raise ConfigError(f"{where}: mmio_pages must be <= {WRAP_MAX_PAGES} with wraps "
+                          "(two page sets)", "mmio_pages")
 
 
 def parse(text: str, source: str) -> LabConfig:

@@ -38,9 +38,10 @@ def run_direct(s: Scenario, run_dir: Path) -> None:
 
 def _microvm(s: Scenario, run_dir: Path) -> None:
     truth = run_dir / "microvm.json"
-    argv = [sys.executable, "-m", "vmrig.microvm", "--wait", "--mmio-accesses",
-            str(s.mmio_accesses), "--pages", str(s.mmio_pages), "--schedule", s.schedule,
-            "-o", str(truth), "--run-dir", str(run_dir)]
+    work = (["--wrap", str(s.wraps)] if s.wraps else
+            ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule])
+    argv = [sys.executable, "-m", "vmrig.microvm", "--wait", *work, "--pages",
+            str(s.mmio_pages), "-o", str(truth), "--run-dir", str(run_dir)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None

@@ -19,8 +19,27 @@ FIGURES = ("slow_share", "update_cost_p50_ns", "update_cost_p99_ns",
 COUNTS = ("memslot_updates", "mmio_faults", "unfinished_faults", "slow_faults", "lost_events")
 
 
-def scenario_summary(runs: list[dict[str, Any]], failed: list[str]) -> dict[str, Any]:
+def wrap_failures(runs: list[dict[str, Any]], expect_wraps: int) -> list[str]:
+    """Runs whose generation wraps fail the job: a violated invariant
+    (analysis/wrap.py) in any scenario, and in one that drives wraps
+    (``wraps`` in lab.toml), fewer wraps than asked or none with evidence."""
+    out = []
+    for r in runs:
+        wraps = r.get("wraps") or []
+        verdict = r.get("wrap_invariant", "none")
+        if verdict == "violated":
+            bad = next(w["verdict"] for w in wraps if str(w["verdict"]).startswith("violated"))
+            out.append(f"{r['path']}: wrap invariant {bad}")
+        elif expect_wraps and (len(wraps) < expect_wraps or verdict != "held"):
+            out.append(f"{r['path']}: {len(wraps)} of {expect_wraps} wraps recorded, "
+                       f"invariant: {verdict}")
+    return out
+
+
+def scenario_summary(runs: list[dict[str, Any]], failed: list[str],
+                     expect_wraps: int = 0) -> dict[str, Any]:
     """Combine the per-run summaries of one scenario's repetitions."""
+    failed = failed + wrap_failures(runs, expect_wraps)
     out: dict[str, Any] = {"runs": len(runs), "failed_runs": failed, "ok": not failed}
     for key in COUNTS:
         out[key] = sum(int(r.get(key) or 0) for r in runs)
@@ -30,6 +49,12 @@ def scenario_summary(runs: list[dict[str, Any]], failed: list[str]) -> dict[str,
     backends = sorted({str(r.get("backend")) for r in runs if r.get("backend")})
     out["backend"] = ",".join(backends) or None
     out["missing"] = sorted({m for r in runs for m in r.get("missing", [])})
+    verdicts = [str(w["verdict"]) for r in runs for w in r.get("wraps") or []]
+    out["wraps"] = len(verdicts)
+    out["wrap_verdicts"] = verdicts
+    figures = {r.get("wrap_invariant", "none") for r in runs}
+    out["wrap_invariant"] = next((f for f in ("violated", "no evidence", "held")
+                                  if f in figures), "none")
     return out
 
 

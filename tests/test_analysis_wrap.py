@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,26 +17,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from wrap_edits import AS, masked, rows, violate
 
 import analysis
 from analysis import simulator
 from analysis.report import write_report
 from analysis.wrap import COLUMNS, wrap_verdicts
-from recording.reader import read_table
 from recording.schema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-KERNEL_BITS, AS = 19, 2
+KERNEL_BITS = 19
 PAGES = 4
-
-
-def rows(run: Path, event: str) -> list[dict[str, Any]]:
-    return read_table(run, event).to_pylist()
-
-
-def masked(gen: int, bits: int, asn: int = AS) -> int:
-    return gen & ((1 << bits) - 1) & ~(asn - 1)
 
 
 def naive_wraps(run: Path, bits: int, asn: int = AS) -> list[dict[str, Any]]:
@@ -151,33 +142,9 @@ def test_wrap_at_kernel_width_held(revisit, revisit_corr) -> None:
     json.dumps(s)
 
 
-def _violate(src: Path, dst: Path, bits: int) -> dict[str, Any]:
-    """Copy the run and turn the first post-wrap fault of a page marked before
-    the wrap into the fast hit a missing zap-all would have allowed; returns
-    that fault's row as edited."""
-    shutil.copytree(src, dst)
-    gens = [g for g in read_table(dst, "generation").select(["ns", "gen", "source"])
-            .to_pylist() if g["source"] == "invalidate"]
-    wrap_ns = min(g["ns"] for g in gens if masked(g["gen"], bits) == 0)
-    table = read_table(dst, "mmio_fault")
-    faults = table.to_pylist()
-    marked = {f["gfn"]: f["exit_ns"] for f in faults if f["remarked"] and f["exit_ns"] < wrap_ns}
-    i = min((f["exit_ns"], i) for i, f in enumerate(faults)
-            if f["exit_ns"] >= wrap_ns and f["gfn"] in marked)[1]
-    updates = rows(dst, "memslot_update")
-    earlier = [g for g in gens if g["ns"] <= marked[faults[i]["gfn"]]]
-    mark_gen = masked(max(earlier, key=lambda g: g["ns"])["gen"] if earlier
-                      else min(updates, key=lambda u: u["begin_ns"])["gen_before"], bits)
-    faults[i].update(fast_hit=True, remarked=False, stale=False, kvm_gen=mark_gen,
-                     spte_gen=mark_gen)
-    edited = pa.Table.from_pylist(faults, schema=SCHEMAS["mmio_fault"])
-    pq.write_table(edited, dst / "mmio_fault.parquet")
-    return faults[i]
-
-
 def test_violation_is_named(revisit, tmp_path: Path) -> None:
     run = tmp_path / "violated"
-    bad = _violate(revisit[0], run, KERNEL_BITS)
+    bad = violate(revisit[0], run, KERNEL_BITS)
     assert bad["spte_gen"] == masked(2**KERNEL_BITS - 2 * AS, KERNEL_BITS)
     corr = analysis.correlate(analysis.load(run))
     w = wrap_verdicts(corr)
@@ -209,7 +176,7 @@ def test_report_wrap_section(tmp_path: Path) -> None:
     html = write_report(run, tmp_path / "held.html").read_text()
     assert "Generation wraps: the zap-all invariant" in html
     assert '<b class="ok">held</b>' in html and "<td>held</td>" in html
-    bad = _violate(run, tmp_path / "violated", 5)
+    bad = violate(run, tmp_path / "violated", 5)
     html = write_report(tmp_path / "violated", tmp_path / "bad.html").read_text()
     assert '<b class="bad">violated</b>' in html
     assert f"on gpa {bad['gpa']:#x}, spte_gen {bad['spte_gen']}" in html

@@ -392,3 +392,38 @@ def test_lab_correlates_each_run_once(tmp_path: Path, monkeypatch: pytest.Monkey
     for d in dirs:
         assert {k: v for k, v in analysed[d].items() if k != "run"} == \
             {k: v for k, v in alone[d].items() if k != "run"}
+
+
+def test_violated_wrap_invariant_fails_the_job(tmp_path: Path) -> None:
+    """A wrap recording analysed by the lab's own pass: held is a pass; the
+    same recording with one post-wrap fast hit on a pre-wrap SPTE fails its
+    scenario (exit 1, not a regression), naming the fault; a scenario that
+    asked for a wrap and recorded none fails too."""
+    from wrap_edits import violate
+
+    from analysis import simulator
+    from slotscope import labverdict
+    from slotscope.lab import _analyse
+
+    held, bad = tmp_path / "held", tmp_path / "violated"
+    simulator.simulate(held, seed=4, pages=4, events=300, p_update=0.01,
+                       changes=("create", "flags_only"), start_gen=2**19 - 4,
+                       revisit_swaps=2**18)
+    fault = violate(held, bad, 19)
+    plain = tmp_path / "plain"
+    simulator.simulate(plain, seed=1)
+    _, runs = _analyse([held, bad, plain])
+    ok = labverdict.scenario_summary([runs[held]], [], expect_wraps=1)
+    assert ok["ok"] and ok["wrap_invariant"] == "held"
+    assert ok["wraps"] >= 1 and set(ok["wrap_verdicts"]) == {"held"}
+    v = labverdict.scenario_summary([runs[bad]], [], expect_wraps=1)
+    assert not v["ok"] and v["wrap_invariant"] == "violated"
+    assert f"fault at ns {fault['exit_ns']} on gpa {fault['gpa']:#x}" in v["failed_runs"][0]
+    # a violation fails any scenario, wraps asked for or not
+    assert not labverdict.scenario_summary([runs[bad]], [])["ok"]
+    none = labverdict.scenario_summary([runs[plain]], [], expect_wraps=1)
+    assert not none["ok"] and "0 of 1 wraps recorded" in none["failed_runs"][0]
+    assert labverdict.scenario_summary([runs[plain]], [])["ok"]
+    summary = {"scenarios": {"held": ok, "violated": v}}
+    assert labverdict.exit_code(summary, []) == labverdict.EXIT_FAILED
+    assert labverdict.exit_code({"scenarios": {"held": ok}}, []) == labverdict.EXIT_OK

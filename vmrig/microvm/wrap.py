@@ -47,6 +47,7 @@ from vmrig.microvm.vmm import MicroVM
 DUMMY_SLOT = 1
 # Changes that leave the slot live, so a run of them is a cycle of ioctls.
 WRAP_CHANGES = ("flags_only", "move")
+MAX_WRAP_PAGES = MAX_PAGES // 2  # per set: A and B share the guest's segment
 
 
 def swaps_per_wrap(address_spaces: int, gen_bits: int = MMIO_GEN_BITS_DEFAULT) -> int:
@@ -121,8 +122,8 @@ class WrapRun:
             raise BadRequest("wraps must be at least 1")
         if change not in WRAP_CHANGES:
             raise BadRequest(f"wrap change must be one of {', '.join(WRAP_CHANGES)}")
-        if not 2 <= pages <= MAX_PAGES // 2:
-            raise BadRequest(f"wrap pages must be 2..{MAX_PAGES // 2} (two sets, A and B)")
+        if not 2 <= pages <= MAX_WRAP_PAGES:
+            raise BadRequest(f"wrap pages must be 2..{MAX_WRAP_PAGES} (two sets, A and B)")
         if touch_every < 1:
             raise BadRequest("touch-every must be at least 1 swap")
         self.vm = MicroVM(pages=pages, access="rw", slot_size=PAGE)
