@@ -313,7 +313,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
                 continue
             progress.step(f"{s.name} {rep}/{s.repetitions}")
             progress.log(f"{s.name}/{rep}: {s.workload} ...")
-            st = run_one(s, rep, run_dir, mode, cfg.run_timeout, progress.log)
+            st = run_one(s, rep, run_dir, mode, s.run_timeout or cfg.run_timeout,
+                         progress.log)
             statuses[s.name].append(st)
             state = "ok" if st.ok else f"FAILED: {st.error}"
             progress.log(f"{s.name}/{rep}: {state} ({st.elapsed_s:.0f} s)")

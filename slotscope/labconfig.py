@@ -50,6 +50,7 @@ class Scenario:
     # microvm: instead of the schedule, the generation-wrap workload through
     # this many wraps of the masked MMIO generation (vmrig/microvm/wrap.py)
     wraps: int = 0
+    run_timeout: float = 0.0     # seconds per run; 0: the [lab] table's
     aggregate: bool = False      # MMIO faults as kernel histograms (record --aggregate)
 
     @property
