@@ -20,8 +20,8 @@ kvm_mmu_invalidate_zap_pages_in_memslot -> kvm_mmu_zap_all_fast):
   no stale check follows and new SPTEs are marked with the new generation.
 
 Run alone:  sudo .venv/bin/pytest -m labvm tests/test_labvm_e2e.py -s
-(SLOTSCOPE_E2E_QEMU=0 / SLOTSCOPE_E2E_KFUNC=0 leave the QEMU L2 / the kfunc
-recorder out.)
+(SLOTSCOPE_E2E_QEMU=0 / SLOTSCOPE_E2E_KFUNC=0 / SLOTSCOPE_E2E_WRAP=0 leave the
+QEMU L2 / the kfunc recorder / the generation-wrap L2 out.)
 The module doubles as the L1-side driver: ``python tests/test_labvm_e2e.py
 inner OUTDIR`` (what the test runs inside the L1).
 """
@@ -258,6 +258,11 @@ def inner(out: Path) -> int:
     times["microvm_s"] = time.monotonic() - t1
     time.sleep(1.5)  # past the recorder's next flush
     _tracefs_stop(scratch / "trace.txt")
+    if os.environ.get("SLOTSCOPE_E2E_WRAP", "1") == "1":
+        from labvm_wrap import run_wrap
+        t1 = time.monotonic()
+        status["wrap"] = run_wrap(REPO, scratch, out)
+        times["wrap_s"] = time.monotonic() - t1
     if vm2 is not None and kfunc_rec is not None:
         t1 = time.monotonic()
         status["microvm_kfunc"] = _go(vm2)
@@ -308,6 +313,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["inner"]:
 
 # -- host side ----------------------------------------------------------------
 
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from conftest import needs_root  # noqa: E402
 from test_kfunc import assert_verifier_refusal  # noqa: E402
@@ -370,7 +376,8 @@ def l1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("labvm-e2e")
     t0 = time.monotonic()
     # The L1 does not inherit our environment: hand the part switches over.
-    switches = [f"{k}={os.environ[k]}" for k in ("SLOTSCOPE_E2E_QEMU", "SLOTSCOPE_E2E_KFUNC")
+    switches = [f"{k}={os.environ[k]}" for k in ("SLOTSCOPE_E2E_QEMU", "SLOTSCOPE_E2E_KFUNC",
+                                                   "SLOTSCOPE_E2E_WRAP")
                 if k in os.environ]
     for attempt in (1, 2):
         out = base / ("out" if attempt == 1 else "out-rerun")
@@ -477,6 +484,69 @@ def test_perf_kvm_stat_beside_slotscope_in_l1(l1: Path) -> None:
     other = sum(r["count"] for r in run.tables["exit_hist"].to_pylist() if r["pid"] == pid)
     assert faults == truth["mmio_exits"]
     assert n["kvm:kvm_exit"] == faults + other, (n, faults, other)
+
+
+@pytest.mark.skipif(os.environ.get("SLOTSCOPE_E2E_WRAP", "1") != "1",
+                    reason="SLOTSCOPE_E2E_WRAP=0")
+def test_generation_wrap_in_l1(l1: Path) -> None:
+    """One full wrap of the masked MMIO generation (tests/labvm_wrap.py): every
+    swap recorded, counted against the workload's truth and tracefs; the one
+    zap-all on the predicted swap; page set A, marked at the generation it
+    meets again, takes the slow path and is re-marked."""
+    inner = json.loads((l1 / "inner.json").read_text())
+    assert inner["wrap"]["rc"] == 0, inner["wrap"]
+    step, truth, run = complete_recording(l1 / "wrap-truth.json", l1 / "run")
+    fs = json.loads((l1 / "wrap-tracefs.json").read_text())
+    pid = truth["pid"]
+    assert fs["pid"] == pid and truth["address_spaces"] == step
+    period = (1 << run.manifest["mmio_gen_bits"]) // step
+    assert truth["swaps_per_wrap"] == period and truth["wrap_swaps"] == [period]
+    assert truth["final_mmio_gen"] == truth["mark_mmio_gen"]  # the interesting case
+    # every update and every swap, three ways
+    mu = run.tables["memslot_update"].to_pandas()
+    mu = mu[mu.pid == pid]
+    assert len(mu) == sum(truth["memslot_counts"].values())
+    assert mu.change.astype(str).value_counts()[lambda c: c > 0].to_dict() == \
+        truth["memslot_counts"]
+    assert ((mu.gen_after - mu.gen_before) == step).all()
+    gen = run.tables["generation"].to_pandas()
+    inv = gen[(gen.pid == pid) & (gen.source == "invalidate")].sort_values("ns")
+    assert len(inv) == truth["swaps"] == fs["invalidate_mmio_sptes"]
+    assert (inv.gen.to_numpy() == step * (1 + pd.RangeIndex(len(inv)).to_numpy())).all()
+    # the zap-all: once, inside the ioctl of the predicted swap
+    wraps = inv[inv.zap_all]
+    assert wraps.gen.tolist() == [period * step]
+    zaps = run.tables["zap_all"].to_pandas()
+    zaps = zaps[zaps.pid == pid]
+    assert len(zaps) == fs["zap_all_fast"] == 1
+    begin, end = truth["wrap_ioctl_ns"][0]
+    assert begin <= wraps.ns.iloc[0] <= zaps.ns.iloc[0] <= end
+    # page set A after the wrap: slow path and re-marked, never a fast hit
+    f = run.tables["mmio_fault"].to_pandas()
+    f = f[f.pid == pid].sort_values("exit_ns")
+    after = f[f.exit_ns > zaps.ns.iloc[0]]
+    a_pages = [int(g, 16) for g in truth["pages_a"]]
+    first = after[after.gpa.isin(a_pages)].groupby("gpa").head(1)
+    assert sorted(first.gpa) == a_pages
+    assert first.remarked.all() and not first.fast_hit.any() and not first.stale.any()
+    # and the analysis says so: one wrap, on the predicted swap, invariant held
+    import analysis
+    from analysis.wrap import wrap_verdicts
+    t = time.monotonic()
+    w = wrap_verdicts(analysis.correlate(analysis.load(l1 / "run")))
+    analysed_s = time.monotonic() - t
+    w = w[w.vm == mu.vm.iloc[0]]
+    assert len(w) == 1, w
+    x = w.iloc[0]
+    assert x.verdict == "held" and x.zap_on_time and x.violations == 0
+    assert x.swap == x.predicted_swap == period
+    assert x.stale_equal_pages == len(a_pages)  # A met its own masked generation
+    assert x.rebuilt_pages == x.pages_marked_before == 2 * len(a_pages)
+    print(f"\nwrap in L1: {truth['swaps']:,} swaps in {inner['wrap']['seconds']} s "
+          f"({truth['swaps_per_s']:,.0f} swaps/s in the swap phase); verdict {x.verdict}, "
+          f"burst {x.burst_faults} faults, first fault p50 {x.first_fault_p50_ns / 1e3:.0f} us, "
+          f"forecast "
+          f"off by {x.forecast_error_s:.1f} s; analysed in {analysed_s:.1f} s")
 
 
 def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
