@@ -7,6 +7,7 @@ import contextlib
 import faulthandler
 import importlib
 import io
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from recording.errors import RecordingError
 from tracer import TracerError
 from vmrig import RigError
 
-from . import __version__
+from . import __version__, logsetup
 from .lab import LabError
 from .labconfig import ConfigError
 
@@ -32,6 +33,7 @@ COMMAND_MODULES = (
 )
 USER_ERRORS: tuple[type[Exception], ...] = (
     RecordingError, TracerError, RigError, LabError, ConfigError)
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,16 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Not where stderr has no fd (main() called in-process, output captured).
     with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        print(f"slotscope {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"slotscope {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 141
+    # The composition root: the one place handlers are set (slotscope/logsetup.py).
+    with logsetup.configured():
+        try:
+            return int(args.func(args) or 0)
+        except USER_ERRORS as e:
+            # one line, no traceback: the message says what to fix
+            log.error("slotscope %s: error: %s", args.command, e)
+            return 1
+        except KeyboardInterrupt:
+            log.warning("slotscope %s: interrupted", args.command)
+            return 130
+        except BrokenPipeError:
+            return 141
 
 
 if __name__ == "__main__":

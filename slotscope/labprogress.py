@@ -1,15 +1,20 @@
-"""The lab job's progress: a rich progress bar on a terminal, plain
-timestamped lines otherwise (cron, systemd, CI logs)."""
+"""The lab job's progress: a rich progress bar on a terminal, and progress
+lines through logging (slotscope/logsetup.py puts them on stdout: rich above
+the bar on a terminal, plain "HH:MM:SS lab: msg" lines otherwise, for cron,
+systemd and CI logs)."""
 
 from __future__ import annotations
 
+import logging
 import sys
-import time
 from typing import Any
+
+# logsetup.PROGRESS names this logger: it alone goes to stdout.
+_log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Rich progress on a terminal; plain timestamped lines otherwise (cron)."""
+    """Rich progress bar on a terminal; the log lines in every case."""
 
     def __init__(self, total: int) -> None:
         self.tty = sys.stdout.isatty()
@@ -18,6 +23,9 @@ class Progress:
         self._rich: Any = None
         if self.tty:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            # No console given: rich's global one, which logsetup's terminal
+            # handler prints on too, so log lines land above the bar.
             self._rich = Progress(TextColumn("{task.description}"), BarColumn(),
                                   TextColumn("{task.completed}/{task.total}"),
                                   TimeElapsedColumn())
@@ -25,10 +33,7 @@ class Progress:
             self._rich.start()
 
     def log(self, msg: str) -> None:
-        if self._rich is not None:
-            self._rich.console.print(msg)
-        else:
-            print(f"{time.strftime('%H:%M:%S')} lab: {msg}", flush=True)
+        _log.info("%s", msg)
 
     def step(self, desc: str) -> None:
         if self._rich is not None:

@@ -7,6 +7,7 @@ writing the run directory in the recording format.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -21,11 +22,15 @@ from .labconfig import Scenario
 
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
 _T0 = time.monotonic()
+_log = logging.getLogger(__name__)  # not "log": _qemu has a WorkloadLog by that name
 
 
 def _phase(what: str) -> None:
-    """Phase times on stderr (the lab VM's console.log): where a slow run went."""
-    print(f"lab-run: +{time.monotonic() - _T0:.1f} s {what}", file=sys.stderr, flush=True)
+    """Phase times on stderr (the lab VM's console.log): where a slow run went.
+
+    INFO through logging: printed by `slotscope lab-run` (cli.main sets the
+    handler), silent when run_direct is called in-process."""
+    _log.info("lab-run: +%.1f s %s", time.monotonic() - _T0, what)
 
 
 def run_direct(s: Scenario, run_dir: Path) -> None:

@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         k = fetch_lab_kernel(args.release) if args.action == "fetch" else lab_kernel(args.release)
     except RigError as e:
+        # print, not logging: a separate entry point whose only stderr line is
+        # this error (stdout holds the paths).  vmrig sets no handlers and
+        # cannot use slotscope's logsetup; a print always shows.
         print(f"vmrig.kernel: error: {e}", file=sys.stderr)
         return 1
     for key, val in k.to_json().items():

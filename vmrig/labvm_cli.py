@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from vmrig import RigError
 from vmrig.config import ACCELS
 
 HANG_EXIT = 124  # like timeout(1)
+# Its lines on stderr through logging: handlers are the slotscope command's
+# (slotscope/logsetup.py, plain lines off a terminal); vmrig sets none.
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,17 +50,18 @@ def _run(args: argparse.Namespace) -> int:
     boot = f", command started at L1 uptime {res.boot_s:.1f} s" if res.boot_s else ""
     if res.timed_out:
         for line in res.console_tail[-15:]:
-            print(f"  | {line}", file=sys.stderr)
-        print(f"slotscope labvm: error: L1 hung: no exit within {args.timeout:g} s "
-              f"({res.accel}{boot}); VM killed; last console lines above, "
-              f"full log {res.outdir}/labvm/console.log", file=sys.stderr)
+            log.info("  | %s", line)
+        # The error last, one line: callers read the last stderr line.
+        log.error("slotscope labvm: error: L1 hung: no exit within %s s (%s%s); VM killed; "
+                  "last console lines above, full log %s/labvm/console.log",
+                  f"{args.timeout:g}", res.accel, boot, res.outdir)
         return HANG_EXIT
     if res.panic:
-        print(f"slotscope labvm: error: the L1 kernel panicked after {res.elapsed_s:.1f} s: "
-              f"{res.panic}; full log {res.outdir}/labvm/console.log", file=sys.stderr)
+        log.error("slotscope labvm: error: the L1 kernel panicked after %.1f s: %s; "
+                  "full log %s/labvm/console.log", res.elapsed_s, res.panic, res.outdir)
         return 1
-    print(f"slotscope labvm: exit {res.returncode} after {res.elapsed_s:.1f} s "
-          f"({res.accel}{boot}); output in {res.outdir}", file=sys.stderr)
+    log.info("slotscope labvm: exit %s after %.1f s (%s%s); output in %s",
+             res.returncode, res.elapsed_s, res.accel, boot, res.outdir)
     if res.returncode is None:
         return 1
     return res.returncode

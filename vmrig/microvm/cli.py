@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
                     args.duration, args.slot_size, args.vcpus, args.coalesced, args.native)
     except MicroVMError as e:
+        # print, not logging: a separate entry point (run as a child by the
+        # tests and the lab, which read this one line) with no status lines;
+        # vmrig sets no handlers and cannot use slotscope's logsetup.
+        # stdout stays data: "ready PID", the JSON ground truth.
         print(f"microvm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
