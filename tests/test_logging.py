@@ -17,9 +17,7 @@ import sys
 import termios
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
 from conftest import needs_bcc, needs_kvm, needs_root
 from tracer_procs import SLOTSCOPE, Workload, start_tracer
 
@@ -278,30 +276,3 @@ def test_handlers_are_taken_off_after_main() -> None:
     after = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level)
              for n in (*logsetup.LAYERS, logsetup.PROGRESS)}
     assert after == before and logging.getLogger(logsetup.PROGRESS).propagate
-
-
-# -- slotscope labvm's lines (no lab VM booted: its result faked) -----------------
-@pytest.mark.parametrize("case", ["ok", "hung", "panic"])
-def test_labvm_lines_are_the_old_prints(case: str, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from vmrig import labvm, labvm_cli
-    res = SimpleNamespace(returncode=None if case == "hung" else 0, accel="tcg",
-                          elapsed_s=12.345, timed_out=case == "hung", outdir=Path("/o"),
-                          console_tail=["a", "b"], boot_s=3.21,
-                          panic="Kernel panic - x" if case == "panic" else "")
-    monkeypatch.setattr(labvm, "run_in_labvm", lambda *a, **k: res)
-    args = SimpleNamespace(run_command=["--", "true"], accel="auto", kernel=None,
-                           timeout=3.0, outdir="/o", memory="2G", cpus=None)
-    with logsetup.configured():
-        rc = labvm_cli._run(args)  # type: ignore[arg-type]
-    out, err = capsys.readouterr()
-    boot = ", command started at L1 uptime 3.2 s"
-    expected = {
-        "ok": (0, f"slotscope labvm: exit 0 after 12.3 s (tcg{boot}); output in /o\n"),
-        "hung": (124, f"  | a\n  | b\nslotscope labvm: error: L1 hung: no exit within 3 s "
-                      f"(tcg{boot}); VM killed; last console lines above, "
-                      f"full log /o/labvm/console.log\n"),
-        "panic": (1, "slotscope labvm: error: the L1 kernel panicked after 12.3 s: "
-                     "Kernel panic - x; full log /o/labvm/console.log\n"),
-    }[case]
-    assert (rc, err) == expected and out == ""
