@@ -73,7 +73,7 @@ def _print_ebpf(args: argparse.Namespace) -> int:
     from .procfs import resolve_pids
     caps, choice = pick_backend(args.backend)
     print(program_source(choice.name, caps, resolve_pids(args.pid),
-                         args.emit_mmio and not args.aggregate, args.aggregate))
+                         args.emit_mmio, args.aggregate))
     return 0
 
 

@@ -52,19 +52,27 @@ KFUNCS = (("fentry", "kvm_set_memslot", "fentry_set_memslot", 4),
 KfuncTarget = tuple[str, str, str, int, str | None]  # kind, fn, program, BTF id, module
 
 
+def mmio_rows(emit_mmio: bool, aggregate: bool) -> bool:
+    """Whether kvm_mmio accesses become mmio_access rows: aggregate mode is
+    the cheapest, so it implies --no-mmio-access."""
+    return emit_mmio and not aggregate
+
+
 def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
                  emit_mmio: bool = True, offsets: dict[str, int] | None = None,
                  aggregate: bool = False
                  ) -> tuple[str, dict[str, int | str], list[str], list[str]]:
     """(C text without the buffer define, defines, probes attached, probes missing).
 
-    ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer."""
+    ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer
+    (and no mmio_access rows: ``mmio_rows``)."""
     for tp in REQUIRED_TPS:
         if not caps.tracepoints.get(tp):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
-        "EMIT_MMIO": int(emit_mmio), "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
+        "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
+        "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
         "AGGREGATE": int(aggregate),
     }
     attached = list(REQUIRED_TPS)

@@ -56,7 +56,7 @@ class Recorder:
         # Aggregation: MMIO intervals as in-kernel histograms (mmio_hist), no
         # per-access rows either; memslot/generation/zap rows still stream.
         self.aggregate = aggregate
-        self.emit_mmio = emit_mmio and not aggregate
+        self.emit_mmio = emit_mmio
         self.flush_interval = flush_interval
         self.sinks = list(sinks)
         self.caps = caps
@@ -83,7 +83,7 @@ class Recorder:
     # -- lifecycle -------------------------------------------------------
     def start(self) -> Recorder:
         from .capabilities import choose_backend
-        from .loader import load, pick_backend
+        from .loader import load, mmio_rows, pick_backend
         from .procfs import resolve_pids
         _warm_up()
         pids = resolve_pids(self.requested_pids)
@@ -96,7 +96,8 @@ class Recorder:
             "backend": choice.name, "backend_reason": choice.reason,
             "missing_data": choice.missing, "filters": {"pids": pids},
             "kernel": caps.kernel, "kvm_module": caps.kvm_module,
-            "kvm_params": caps.kvm_params, "emit_mmio_access": self.emit_mmio,
+            "kvm_params": caps.kvm_params,
+            "emit_mmio_access": mmio_rows(self.emit_mmio, self.aggregate),
             "mode": "aggregate" if self.aggregate else "stream",
             "mmio_fault_interval": MMIO_FAULT_INTERVAL,
             **_generation_facts(),
