@@ -98,7 +98,10 @@ class WrapResult:
     start_ns: int = 0
     stop_ns: int = 0
     run_seconds: float = 0.0
-    swaps_per_s: float = 0.0
+    swaps_per_s: float = 0.0     # in the swap phase
+    # user + system CPU of this process in the run: where a tracer's
+    # in-kernel cost on each swap lands
+    cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +234,7 @@ class WrapRun:
         with vm:
             r.start_ns = t = now(mono)
             t_run = time.perf_counter()
+            cpu0 = time.process_time()
             vm.start()  # CREATE of the RAM slot: swap 1
             r.vm_fd, r.tid = vm.vm, threading.get_native_id()
             r.address_spaces = address_spaces(vm.vm)
@@ -280,6 +284,7 @@ class WrapRun:
             self._round(self.b_base, "B")
             self._phase("touch A", t, r.swaps)
             r.run_seconds = time.perf_counter() - t_run
+            r.cpu_seconds = time.process_time() - cpu0
             r.stop_ns = now(mono)
         swaps_phase = next(p for p in r.phases if p["name"] == "swaps")
         span = (swaps_phase["end_ns"] - swaps_phase["begin_ns"]) / 1e9
