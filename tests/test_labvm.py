@@ -20,6 +20,16 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_root
+from labvm_checks import (
+    CHANGE_CODES,
+    LAB_KERNEL,
+    SWAPS,
+    address_spaces,
+    needs_lab_kernel,
+    needs_lab_parts,
+    parse_trace,
+    spte_rule_violations,
+)
 
 from recording import hostfacts
 from vmrig import RigError, labvm
@@ -29,20 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 SLOTSCOPE = [sys.executable, "-m", "slotscope"]
 
 
-def _lab_kernel() -> vk.LabKernel | None:
-    try:
-        return vk.lab_kernel()
-    except RigError:
-        return None
-
-
-LAB_KERNEL = _lab_kernel()
-needs_lab_kernel = pytest.mark.skipif(
-    LAB_KERNEL is None,
-    reason="lab kernel not fetched (sudo .venv/bin/python -m vmrig.kernel fetch)")
-_MISSING = labvm._missing_parts()
-needs_lab_parts = pytest.mark.skipif(
-    _MISSING is not None, reason=f"lab VM parts missing: {_MISSING and _MISSING[0]}")
 L1_TIMEOUT = 420.0  # a TCG boot takes 15-40 s on 2 shared cores; hangs happen
 
 
@@ -187,29 +183,6 @@ def test_vagrantfile_validates(tmp_path: Path) -> None:
 
 # -- a real L1 ------------------------------------------------------------
 
-def _parse_trace(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """(event, fields) per tracefs line; kprobes print k=v, kvmmmu 'key value'."""
-    events = []
-    for line in path.read_text().splitlines():
-        m = re.search(r"\s[\d.]+: (\w+): (.*)$", line)
-        if not m or line.startswith("#"):
-            continue
-        name, rest = m.groups()
-        if name == "check_mmio_spte":
-            f = re.search(r"spte (\w+) kvm_gen (\w+) spte-gen (\w+) valid (\d)", rest)
-            assert f, line
-            fields = dict(zip(("spte", "kvm_gen", "spte_gen", "valid"), f.groups(),
-                              strict=True))
-        elif name == "mark_mmio_spte":
-            f = re.search(r"gfn (\w+) access (\w+) gen (\w+)", rest)
-            assert f, line
-            fields = dict(zip(("gfn", "access", "gen"), f.groups(), strict=True))
-        else:
-            fields = dict(re.findall(r"(\w+)=(\S+)", rest))
-        events.append((name, fields))
-    return events
-
-
 TRACEFS_CHECK = r"""
 set -e
 T=/sys/kernel/tracing
@@ -236,20 +209,6 @@ echo > $T/kprobe_events
 echo written > "$SLOTSCOPE_LABVM_OUT/marker"
 exit 7
 """
-
-
-def _address_spaces(k: vk.LabKernel) -> int:
-    """KVM_ADDRESS_SPACE_NUM from the L1 kernel's own headers (x86: 2 with SMM)."""
-    src = (k.modules_dir / "source").resolve()
-    for rel in ("arch/x86/include/asm/kvm_host.h", "include/linux/kvm_host.h"):
-        m = re.search(r"#define KVM_ADDRESS_SPACE_NUM\s+(\d+)", (src / rel).read_text())
-        if m:
-            return int(m.group(1))
-    raise AssertionError("KVM_ADDRESS_SPACE_NUM not found in the headers")
-
-
-SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}  # kvm_set_memslot
-CHANGE_CODES = {"create": 0, "delete": 1, "move": 2, "flags_only": 3}  # enum kvm_mr_change
 
 
 @pytest.mark.labvm
@@ -282,7 +241,7 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     assert rest[-1] == str(k.headers_dir.resolve())
 
     truth = json.loads((out / "truth.json").read_text())
-    events = _parse_trace(out / "trace.txt")
+    events = parse_trace(out / "trace.txt")
     memslot = [f for e, f in events if e == "ss_memslot"]
     changes = [c["change"] for c in truth["memslot_changes"]]
     assert len(changes) == 5 and changes[0] == "create"
@@ -290,7 +249,7 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     # Generation rule: each swap adds the address-space count.
     gens = [int(f["gen"]) for e, f in events if e == "ss_invmmio"]
     assert len(gens) == sum(SWAPS[c] for c in changes)
-    step = _address_spaces(k)
+    step = address_spaces(k)
     assert all(b - a == step for a, b in zip(gens, gens[1:], strict=False)), gens
     # MMIO SPTE rules, as the L1 kernel's own tracepoints show them.
     pages = truth["pages"]
@@ -299,57 +258,6 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     later = changes[1:]  # the setup CREATE comes before any MMIO SPTE exists
     assert after["stale"] == pages * sum(c in ("create", "flags_only") for c in later)
     assert after["zaps"] == sum(c in ("delete", "move") for c in changes)
-
-
-def spte_rule_violations(events: list[tuple[str, dict[str, str]]], step: int,
-                         pages: int) -> dict[str, object]:
-    """Check the kernel's lazy MMIO invalidation against a tracefs event stream.
-
-    After CREATE/FLAGS_ONLY (one swap, no zap) each page's next MMIO fault
-    meets a stale SPTE (kvm_gen = spte_gen + step) and is re-marked with
-    the new generation; after DELETE/MOVE (two swaps, zap_all_fast in
-    between) the SPTEs are gone: no stale check, new SPTEs marked with the
-    new generation.  Returns the stale/zap counts and any violations.
-    """
-    violations: list[str] = []
-    gen = None
-    last_change = None
-    stale = zaps = 0
-    need_stale: set[str] = set()  # gfns whose next check must be stale
-    marked: dict[str, int] = {}
-    for name, f in events:
-        if name == "ss_memslot":
-            last_change = int(f["change"])
-        elif name == "ss_invmmio":
-            gen = int(f["gen"])
-            if last_change in (0, 3) and marked:
-                need_stale = set(marked)
-        elif name == "ss_zapfast":
-            zaps += 1
-            need_stale = set()
-            marked = {}
-        elif name == "check_mmio_spte":
-            kvm_gen, spte_gen = int(f["kvm_gen"], 16), int(f["spte_gen"], 16)
-            valid = f["valid"] == "1"
-            # An MMIO SPTE holds the gfn from bit 12 (low gfns: below bit 32).
-            gfn = f"{int(f['spte'], 16) >> 12 & 0xfffff:x}"
-            if valid:
-                if gfn in need_stale:
-                    violations.append(f"fresh check on {gfn} after a memslot swap")
-                continue
-            stale += 1
-            if kvm_gen - spte_gen != step:
-                violations.append(f"stale by {kvm_gen - spte_gen}, expected {step}")
-            if gfn not in need_stale:
-                violations.append(f"unexpected stale check on {gfn}")
-            need_stale.discard(gfn)
-        elif name == "mark_mmio_spte":
-            m = int(f["gen"], 16)
-            if gen is not None and m != gen & ((1 << 19) - 1):
-                violations.append(f"marked gen {m} != current {gen}")
-            marked[f["gfn"]] = m
-    del pages
-    return {"violations": violations, "stale": stale, "zaps": zaps}
 
 
 @pytest.mark.labvm

@@ -276,7 +276,7 @@ def inner(out: Path) -> int:
         times["microvm_kfunc_s"] = time.monotonic() - t1
         if kfunc_run.exists():
             status["kfunc_left_loaded"] = _still_loaded(kfunc_run / "manifest.json")
-        from test_kfunc import bad_fentry_error
+        from kfunc_checks import bad_fentry_error
         status["kfunc_verifier"] = bad_fentry_error()
     elif vm2 is not None:
         vm2.kill()
@@ -316,22 +316,19 @@ if __name__ == "__main__" and sys.argv[1:2] == ["inner"]:
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from conftest import needs_root  # noqa: E402
-from test_kfunc import assert_verifier_refusal  # noqa: E402
-from test_labvm import (  # noqa: E402
+from kfunc_checks import assert_verifier_refusal  # noqa: E402
+from labvm_checks import (  # noqa: E402
     LAB_KERNEL,
-    _address_spaces,
-    _parse_trace,
+    SWAPS,
+    address_spaces,
     needs_lab_kernel,
     needs_lab_parts,
+    parse_trace,
     spte_rule_violations,
 )
 
 from recording.reader import read_run  # noqa: E402
 from vmrig import labvm  # noqa: E402
-
-SWAPS = {"create": 1, "flags_only": 1, "delete": 2, "move": 2}
-CHANGE_CODES = {"create": 0, "delete": 1, "move": 2, "flags_only": 3}
-
 
 pytestmark = [pytest.mark.labvm, needs_root, needs_lab_kernel, needs_lab_parts]
 
@@ -404,7 +401,7 @@ def complete_recording(truth_json: Path, run_dir: Path) -> tuple[int, dict[str, 
     finalized L1 recording made on the lab kernel with nothing lost."""
     k = LAB_KERNEL
     assert k is not None
-    step = _address_spaces(k)
+    step = address_spaces(k)
     run = read_run(run_dir)
     m = run.manifest
     assert m["complete"] and m["kernel"] == k.release
@@ -426,7 +423,7 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     mu = memslot_rows_follow_truth(run, pid, changes, step)
 
     # Generation rows from kvm_mmu_invalidate_mmio_sptes agree with tracefs.
-    events = _parse_trace(out / "trace.txt")
+    events = parse_trace(out / "trace.txt")
     fs_gens = [int(f["gen"]) for e, f in events if e == "ss_invmmio"]
     assert invalidate_gens(run, pid) == fs_gens == swap_gens(mu, step)
     assert len(fs_gens) == sum(SWAPS[c["change"]] for c in changes)
@@ -600,7 +597,7 @@ def test_qemu_pcdimm_recording_in_l1(l1: Path) -> None:
                       stacklevel=1)
     k = LAB_KERNEL
     assert k is not None
-    step = _address_spaces(k)
+    step = address_spaces(k)
     rig = read_run_workload(out / "rig")
     qpid = rig["config"]["rig"]["pid"]
     run = read_run(out / "run")
