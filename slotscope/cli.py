@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "vmrig.labvm_cli",
     "analysis.cli",
     "slotscope.lab",
+    "slotscope.history",
 )
 USER_ERRORS: tuple[type[Exception], ...] = (
     RecordingError, TracerError, RigError, LabError, ConfigError)
