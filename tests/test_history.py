@@ -168,3 +168,95 @@ def test_compaction_merges_files_and_keeps_every_row(template: Path, tmp_path: P
     assert rows(ds) == before
     # a night ingested again after compaction is still known: nothing added
     assert hist.ingest(ds, tmp_path / "h1-6.1.0-0").rows == 0 and len(rows(ds)) == 18
+
+
+# -- queries -------------------------------------------------------------------------
+P99 = "mmio_latency_p99_ns"
+
+
+def _noisy_nights(template: Path, tmp_path: Path, n: int, step_at: int | None,
+                  seed: int) -> tuple[Path, list[float], list[float]]:
+    """n nights on h1: alpha's MMIO p99 lognormal noise around 1 ms, 1.5x
+    from night ``step_at`` on (kernel 6.2 from there); beta's around 2 ms,
+    unchanged.  The dataset and both planted series."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    alpha = 1e6 * rng.lognormal(0, 0.05, n) * np.where(np.arange(n) >= (step_at or n), 1.5, 1)
+    beta = 2e6 * rng.lognormal(0, 0.05, n)
+    ds = tmp_path / "ds"
+    for d in range(n):
+        kernel = "6.2" if step_at is not None and d >= step_at else "6.1"
+        plant = {"alpha": {P99: float(alpha[d])}, "beta": {P99: float(beta[d])}}
+        hist.ingest(ds, night(template, tmp_path, d, kernel=kernel, plant=plant))
+    return ds, [float(v) for v in alpha], [float(v) for v in beta]
+
+
+def test_trend_compare_and_json_give_the_planted_values(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    ds, alpha, beta = _noisy_nights(template, tmp_path, 12, step_at=6, seed=3)
+    rc, out, _ = run_cli(["history", "trend", str(ds), "--figure", P99, "--json"], capsys)
+    assert rc == 0
+    got = [r for r in json.loads(out) if r["scenario"] == "alpha"]
+    assert [r["value"] for r in got] == alpha
+    assert [r["kernel"] for r in got] == ["6.1"] * 6 + ["6.2"] * 6
+    assert got[0]["period"] == "2026-03-01" and got[-1]["period"] == "2026-03-12"
+    rc, out, _ = run_cli(["history", "trend", str(ds), "--figure", P99, "--every", "month",
+                          "--scenario", "beta", "--kernel", "6.1"], capsys)
+    assert rc == 0 and f"{np.median(beta[:6]):,.0f}" in out
+    assert max(len(line) for line in out.splitlines()) < 80
+    rc, out, _ = run_cli(["history", "compare", str(ds), "--a", "6.1", "--b", "6.2",
+                          "--figure", P99, "--json"], capsys)
+    by = {r["scenario"]: r for r in json.loads(out)}
+    a = by["alpha"]
+    assert a["diff"] == pytest.approx(np.median(alpha[6:]) - np.median(alpha[:6]))
+    assert 0 < a["ci_low"] <= a["diff"] <= a["ci_high"]   # the planted 1.5x step
+    b = by["beta"]
+    assert b["ci_low"] <= 0 <= b["ci_high"]               # nothing planted
+    rc, out, _ = run_cli(["history", "compare", str(ds), "--a", "6.1", "--b", "6.2",
+                          "--figure", P99], capsys)
+    assert rc == 0 and "alpha" in out and max(map(len, out.splitlines())) < 80
+
+
+def test_changes_finds_the_planted_night_and_not_the_quiet_series(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds, _, _ = _noisy_nights(template, tmp_path, 30, step_at=17, seed=5)
+    rc, out, _ = run_cli(["history", "changes", str(ds), "--figure", P99, "--json"], capsys)
+    assert rc == 0
+    got = json.loads(out)
+    assert [(r["scenario"], r["date"]) for r in got] == [("alpha", "2026-03-18")]
+    assert got[0]["kernel_before"] == "6.1" and got[0]["kernel_after"] == "6.2"
+    assert got[0]["after"] / got[0]["before"] == pytest.approx(1.5, rel=0.1)
+    rc, out, _ = run_cli(["history", "changes", str(ds), "--figure", P99], capsys)
+    assert "2026-03-18" in out and "6.1->6.2" in out
+
+
+def test_changepoint_false_alarm_rate_and_power() -> None:
+    """The stated rate: 400 seeded series with no change, alpha 0.02, at most
+    a binomial's plausible share alarm; a 1.3x step is found on its night."""
+    import numpy as np
+
+    from analysis.changepoint import detect
+    rng = np.random.default_rng(11)
+    alarms = sum(detect(rng.lognormal(0, 0.1, 40), alpha=0.02, permutations=199, seed=i)
+                 is not None for i in range(400))
+    assert alarms <= 16  # expected <= 8; P(Binomial(400, 0.02) > 16) < 0.005
+    for seed in range(10):
+        x = rng.lognormal(0, 0.1, 40) * np.where(np.arange(40) >= 25, 1.3, 1)
+        c = detect(x, alpha=0.01, seed=seed)
+        assert c is not None and abs(c.index - 25) <= 1
+        assert detect(x, alpha=0.01, direction="down", seed=seed) is None
+
+
+def test_a_corrupt_parquet_file_is_named_in_one_line(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = tmp_path / "ds"
+    hist.ingest(ds, night(template, tmp_path, 1))
+    part = next(p for p in hist.partitions(ds) if "scenario=beta" in str(p))
+    bad = part / "zzz.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    rc, _, err = run_cli(["history", "trend", str(ds)], capsys)
+    assert rc == 1 and err.count("\n") == 1 and str(bad) in err
+    assert err.startswith("slotscope history: error: ")
+    rc, _, err = run_cli(["history", "trend", str(tmp_path / "nothing")], capsys)
+    assert rc == 1 and "no such history dataset" in err and err.count("\n") == 1
