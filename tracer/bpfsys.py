@@ -59,6 +59,32 @@ def prog_info(fd: int) -> tuple[int, int, str]:
     return pid, ptype, name
 
 
+# struct bpf_prog_info through run_cnt: run_time_ns at 192, run_cnt at 200
+# (counted only while kernel.bpf_stats_enabled is 1)
+STATS_INFO_SIZE = 208
+
+
+def prog_stats(prog_id: int) -> tuple[str, int, int] | None:
+    """(name, run count, total run time in ns) of a loaded program; None
+    once it is gone.  The counts grow only while kernel.bpf_stats_enabled=1."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, bytearray(struct.pack("<III", prog_id, 0, 0)))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        info = bytearray(STATS_INFO_SIZE)
+        buf = (ctypes.c_char * STATS_INFO_SIZE).from_buffer(info)
+        _bpf(BPF_OBJ_GET_INFO_BY_FD,
+             bytearray(struct.pack("<IIQ", fd, STATS_INFO_SIZE, ctypes.addressof(buf))))
+    finally:
+        os.close(fd)
+    name = bytes(info[64:80]).split(b"\0")[0].decode(errors="replace")
+    run_ns, runs = struct.unpack_from("<QQ", info, 192)
+    return name, runs, run_ns
+
+
 def prog_ids() -> list[int]:
     """Ids of all loaded BPF programs."""
     return _ids(BPF_PROG_GET_NEXT_ID)
