@@ -260,3 +260,21 @@ def test_a_corrupt_parquet_file_is_named_in_one_line(
     assert err.startswith("slotscope history: error: ")
     rc, _, err = run_cli(["history", "trend", str(tmp_path / "nothing")], capsys)
     assert rc == 1 and "no such history dataset" in err and err.count("\n") == 1
+
+
+def test_report_is_one_self_contained_page_with_the_planted_change(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+    import re
+    ds, alpha, _ = _noisy_nights(template, tmp_path, 16, step_at=9, seed=8)
+    page = tmp_path / "history.html"
+    rc, out, _ = run_cli(["history", "report", str(ds), "-o", str(page), "--figure", P99,
+                          "--figure", "memslot_updates"], capsys)
+    assert rc == 0 and str(page) in out
+    text = page.read_text()
+    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(pngs) == 4  # 2 figures x 2 scenarios
+    assert all(base64.b64decode(p).startswith(b"\x89PNG") for p in pngs)
+    assert "<script" not in text and "http" not in text
+    assert "<td>2026-03-10</td>" in text               # the planted night, in the changes
+    assert f"<td>{alpha[-1]:,.4g}</td>" in text         # the last night's planted value
