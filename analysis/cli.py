@@ -2,6 +2,12 @@
 
 pandas and matplotlib are imported by the handlers only, so registering
 these commands costs nothing for the others.
+
+Both correlate in this process unless given ``--scheduler ADDRESS`` (a
+running Dask cluster) or ``--workers N|auto`` (a LocalCluster of N worker
+processes, ``auto`` one per core, started for the command): a cluster costs
+seconds to start and a copy of every frame on its way back, which pays only
+for many or large runs, so it is never chosen behind the user's back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--plots", metavar="DIR", help="also write the plots (PNG and SVG) here")
+    _cluster_options(p)
     p.set_defaults(func=cmd_analyze)
     r = sub.add_parser("report", help="write a self-contained HTML report",
                        description="One offline HTML file with the manifests, tables and "
@@ -31,7 +38,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("-o", "--output", required=True, metavar="REPORT_HTML")
     r.add_argument("--title")
+    _cluster_options(r)
     r.set_defaults(func=cmd_report)
+
+
+def _workers(v: str) -> int:
+    if v == "auto":
+        return os.cpu_count() or 1
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: a number of workers (1 or more) or 'auto'")
+    return n
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="correlate the runs on this Dask cluster (tcp://HOST:8786), one "
+                   "task per run; its workers read the run directories by these paths")
+    g.add_argument("--workers", metavar="N", type=_workers,
+                   help="correlate the runs on a local Dask cluster of N worker processes "
+                   "('auto': one per core); default: in this process")
 
 
 def _guard(fn: Any, *a: Any) -> Any:
@@ -41,9 +71,14 @@ def _guard(fn: Any, *a: Any) -> Any:
         return fn(*a)
 
 
-def _load(runs: list[str]) -> Any:
-    """Load and correlate; a run without trace events is an error here
-    (EmptyRun), while summaries and reports list it as missing data."""
+def _load(runs: list[str], args: argparse.Namespace | None = None) -> Any:
+    """Load and correlate, here or on a Dask cluster; a run without trace
+    events is an error here (EmptyRun), while summaries and reports list it
+    as missing data."""
+    if args is not None and (args.scheduler or args.workers):
+        from .cluster import correlate_cluster
+        return correlate_cluster(runs, scheduler=args.scheduler, workers=args.workers,
+                                 check_events=True)
     from .epochs import correlate_runs
     from .frames import load, require_events
     rec = load(runs)
@@ -162,7 +197,7 @@ def format_comparison(cmp: Any) -> list[str]:
 
 def _analyze(args: argparse.Namespace) -> int:
     from .summary import _clean, compare, cost_table, run_summary
-    corr = _load(args.runs)
+    corr = _load(args.runs, args)
     runs = corr.recording.runs
     costs = cost_table(corr, "change")
     summaries = []
@@ -200,7 +235,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
-    out = write_report(_load(args.runs), args.output, title=args.title)
+    out = write_report(_load(args.runs, args), args.output, title=args.title)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

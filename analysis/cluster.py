@@ -1,0 +1,265 @@
+"""Correlating many runs on a Dask cluster.
+
+The per-run joins are independent: a fault's epoch, class and cost only ever
+look at rows of its own run (every key is (run, VM)).  So each task loads and
+correlates one run directory (or a chunk of them) on a worker and sends its
+Correlation back; the client concatenates the parts into the Correlation the
+single-process path (``correlate_runs``) would have built: the same rows, run
+categories, ``update`` index values, dtypes and category orders, so that
+summaries, comparisons and the report cannot tell the two apart.
+
+    corr = correlate_cluster(dirs, scheduler="tcp://host:8786")  # a running cluster
+    corr = correlate_cluster(dirs, workers=4)  # a LocalCluster of 4 worker processes
+
+The workers read the run directories themselves (Parquet, as ever), by the
+paths given: on a remote cluster they must see the same paths (absolute ones
+on shared storage).  dask and distributed are imported only when a cluster
+is used; ``merge`` alone needs pandas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recording.errors import RecordingError
+
+from .epochs import Correlation, correlate
+from .frames import PathLike, Recording, _run_names, load, one_line_errors, require_events
+
+CONNECT_TIMEOUT_S = 10.0  # a wrong scheduler address fails in seconds, not minutes
+# Categories the single-process path sorts over all runs (timeline.update_frame);
+# every other categorical keeps its first-seen order, as frames.load builds it.
+_SORTED_CATEGORIES = {("updates", "action"): "(none)"}
+# Columns holding a memslot_update row (the ``update`` index) or a zap_all row.
+_UPDATE_REFS = {"faults": ("epoch_update", "cause"), "timeline": ("update",),
+                "zaps": ("update",)}
+_ZAP_REFS = {"faults": ("zap",)}
+
+
+class ClusterUnavailable(RecordingError):
+    """The Dask scheduler cannot be reached (or a local cluster not started)."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        self.where = where
+        if isinstance(cause, OSError | ValueError) and str(cause):
+            text = str(cause).splitlines()[0]
+        else:  # something answered, in no protocol the Client could read
+            text = f"no Dask scheduler answered ({type(cause).__name__})"
+        super().__init__(f"cannot reach the Dask scheduler at {where}: {text}")
+
+
+@dataclass
+class _Failure:
+    """A RecordingError raised on a worker, carried back as data: the error
+    classes take their fields as constructor arguments, which pickle would
+    call with the message alone (doubling it or failing)."""
+
+    module: str
+    name: str
+    message: str
+    fields: dict[str, Any]
+
+    @classmethod
+    def of(cls, e: RecordingError) -> _Failure:
+        fields = {}
+        for k, v in vars(e).items():
+            with contextlib.suppress(Exception):
+                pickle.dumps(v)
+                fields[k] = v
+        return cls(type(e).__module__, type(e).__qualname__, str(e), fields)
+
+    def error(self) -> RecordingError:
+        try:
+            kind = getattr(importlib.import_module(self.module), self.name)
+        except (ImportError, AttributeError):
+            kind = RecordingError
+        if not (isinstance(kind, type) and issubclass(kind, RecordingError)):
+            kind = RecordingError
+        e = kind.__new__(kind)
+        e.args = (self.message,)
+        e.__dict__.update(self.fields)
+        return e
+
+
+def correlate_part(paths: Sequence[str], names: Sequence[str],
+                   check_events: bool = False) -> Correlation | _Failure:
+    """On a worker: load and correlate some runs, labelled ``names``.
+    ``check_events``: a run without trace events is an error (EmptyRun), as
+    in the CLI."""
+    try:
+        with one_line_errors(", ".join(names)):
+            rec = load(paths, names=names)
+            if check_events:
+                require_events(rec)
+            return correlate(rec)
+    except RecordingError as e:
+        return _Failure.of(e)
+
+
+def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
+                      names: Sequence[str] | None = None, scheduler: Any = None,
+                      workers: int | None = None, chunk: int = 1,
+                      check_events: bool = False,
+                      connect_timeout: float = CONNECT_TIMEOUT_S) -> Correlation:
+    """Correlate run directories on Dask, ``chunk`` runs per task; the result
+    equals ``correlate_runs(runs, names=names)`` frame for frame.
+
+    ``scheduler``: an address (``tcp://host:8786``) or a distributed.Client;
+    else a LocalCluster of ``workers`` processes (default: one per core) is
+    started for the call and closed after it.  The first failing run, in the
+    order given, raises its RecordingError as the single-process path would.
+    """
+    if isinstance(runs, str | os.PathLike):
+        runs = [runs]
+    paths = [str(p) for p in runs]
+    if not paths:
+        raise RecordingError("no run directory given")
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise RecordingError("run names must be unique, one per run directory")
+    else:
+        names = _run_names([Path(p) for p in paths])
+    if chunk < 1:
+        raise RecordingError(f"chunk must be at least 1 run, not {chunk}")
+    spans = [slice(i, i + chunk) for i in range(0, len(paths), chunk)]
+    with _client(scheduler, workers, connect_timeout) as client:
+        futures = client.map(correlate_part, [paths[s] for s in spans],
+                             [names[s] for s in spans], check_events=check_events,
+                             pure=False)
+        parts = []
+        try:
+            for fut in futures:  # in run order: the first bad run is the one reported
+                part = fut.result()
+                if isinstance(part, _Failure):
+                    raise part.error()
+                parts.append(part)
+        finally:
+            client.cancel(futures)
+    return merge(parts)
+
+
+@contextlib.contextmanager
+def _client(scheduler: Any, workers: int | None, timeout: float) -> Iterator[Any]:
+    """A distributed.Client: the caller's, one connected to ``scheduler``, or
+    one on a LocalCluster of worker processes (one thread each: correlate
+    runs its own threads, and pandas holds the GIL much of the time)."""
+    from distributed import Client, LocalCluster
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    if scheduler is not None:
+        try:
+            _probe(str(scheduler), timeout)
+            client = Client(str(scheduler), timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - whatever answered there is no scheduler
+            # (a proxy or another service answers with bytes the Dask
+            # protocol reads as anything, a huge frame length included)
+            raise ClusterUnavailable(str(scheduler), e) from None
+        with client:
+            yield client
+        return
+    n = workers if workers else os.cpu_count() or 1
+    if n < 1:
+        raise RecordingError(f"a local cluster needs at least 1 worker, not {n}")
+    try:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+    except (OSError, TimeoutError) as e:
+        raise ClusterUnavailable(f"a local cluster of {n} workers", e) from None
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail at once where nothing listens: the Client retries a refused
+    connection until its timeout, which says less and takes longer."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+    scheme, loc = parse_address(address)
+    if scheme in ("tcp", "tls"):
+        with socket.create_connection(parse_host_port(loc), timeout=timeout):
+            pass
+
+
+def _union_categories(frames: Sequence[pd.DataFrame], col: str,
+                      first: str | None = None) -> list[Any]:
+    """The categories of ``col`` over all frames, first seen first (as
+    frames.load joins runs); with ``first``: that one, then the rest sorted."""
+    cats = list(dict.fromkeys(x for d in frames for x in d[col].cat.categories))
+    if first is not None:
+        cats = [first] + sorted(c for c in cats if c != first)
+    return cats
+
+
+def _concat(frames: Sequence[pd.DataFrame], kind: str = "",
+            keep_empty: bool = False) -> pd.DataFrame:
+    """Concatenate per-part frames with every categorical set to the
+    categories of all parts (empty ones too), so no column falls back to
+    object and a run without rows still has its category.  Empty parts'
+    rows are left out unless ``keep_empty`` (frames.load keeps them): a part
+    without rows builds some columns untyped, which the whole never does."""
+    keep = list(frames) if keep_empty else [d for d in frames if len(d)] or list(frames[:1])
+    keep = [d.copy(deep=False) for d in keep]
+    for c in keep[0].columns:
+        if isinstance(keep[0][c].dtype, pd.CategoricalDtype):
+            typed = [d for d in frames if isinstance(d[c].dtype, pd.CategoricalDtype)]
+            cats = _union_categories(typed, c, _SORTED_CATEGORIES.get((kind, c)))
+            for d in keep:
+                d[c] = d[c].cat.set_categories(cats)
+    return pd.concat(keep, ignore_index=True) if len(keep) > 1 else keep[0]
+
+
+def _shifted(df: pd.DataFrame, cols: Iterable[str], by: int) -> pd.DataFrame:
+    """Row references (nullable ints) moved past the rows of earlier parts."""
+    if not by or not len(df):
+        return df
+    df = df.copy(deep=False)
+    for c in cols:
+        df[c] = df[c] + by
+    return df
+
+
+def merge(parts: Sequence[Correlation]) -> Correlation:
+    """Per-part Correlations (each of one or more whole runs, in run order)
+    -> the Correlation of all their runs, as one ``correlate`` call over the
+    runs loaded together would return it."""
+    if not parts:
+        raise RecordingError("no run directory given")
+    if len(parts) == 1:
+        return parts[0]
+    recs = [p.recording for p in parts]
+    runs = [r for rec in recs for r in rec.runs]
+    if len(set(runs)) != len(runs):
+        raise RecordingError("run names must be unique, one per run directory")
+    rec = Recording(
+        {e: _concat([r.frames[e] for r in recs], keep_empty=True) for e in recs[0].frames},
+        {k: v for r in recs for k, v in r.manifests.items()},
+        {k: v for r in recs for k, v in r.paths.items()},
+        {k: v for r in recs for k, v in r.problems.items()})
+    # The update ids and zap rows of part i follow those of the parts before it.
+    upd_off = zap_off = 0
+    shifted: dict[str, list[pd.DataFrame]] = {k: [] for k in
+                                              ("updates", "faults", "timeline", "zaps")}
+    for p in parts:
+        for kind in shifted:
+            df = _shifted(getattr(p, kind), _UPDATE_REFS.get(kind, ()), upd_off)
+            shifted[kind].append(_shifted(df, _ZAP_REFS.get(kind, ()), zap_off))
+        upd_off += len(p.recording.memslot_update)
+        zap_off += len(p.recording.zap_all)
+    out = {kind: _concat(dfs, kind) for kind, dfs in shifted.items()}
+    # Each part's updates are numbered 0..n-1 in its own memslot_update
+    # table, so the whole's are 0..N-1: a RangeIndex, as in one load.
+    out["updates"] = out["updates"].copy(deep=False)
+    out["updates"].index = pd.RangeIndex(len(out["updates"]), name="update")
+    return Correlation(out["updates"], out["faults"], out["timeline"], out["zaps"], rec)

@@ -1,0 +1,133 @@
+"""Many runs correlated on a real Dask LocalCluster (worker processes) give
+the single-process Correlation frame for frame, row for row; worker-side
+errors and an unreachable scheduler are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import simulator
+from analysis.cluster import ClusterUnavailable, correlate_cluster
+from analysis.epochs import Correlation, correlate_runs
+from analysis.errors import EmptyRun
+from analysis.frames import load, require_events
+from analysis.summary import summarize_all
+from recording.errors import NoRunDir
+
+distributed = pytest.importorskip("distributed")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = sorted(p for p in (ROOT / "tests" / "data").iterdir() if p.is_dir())
+FRAMES = ("updates", "faults", "timeline", "zaps")
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[distributed.Client]:
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The committed recordings and simulated runs of every kind the
+    correlation branches on: several VMs, failed updates, wraps, MMIO caching
+    off, no updates at all, and a run with no rows in any table."""
+    base = tmp_path_factory.mktemp("cluster-runs")
+    for name, kw in {
+        "nested": dict(vms=2, vcpus=2, pages=4, events=3000, p_update=0.03, fail_every=9),
+        "wrap": dict(seed=2, events=800, p_update=0.05, gen_bits=5, start_gen=20,
+                     changes=("create", "flags_only")),
+        "host": dict(seed=3, events=1500, host_style=True),
+        "no-updates": dict(seed=6, events=500, p_update=0.0),
+        "empty": dict(seed=7, events=0),
+        "other": dict(seed=5, vms=1, vcpus=3, pages=3, events=2000, p_update=0.05),
+    }.items():
+        simulator.simulate(base / name, **kw)
+    return DATA + [base / n for n in ("nested", "wrap", "host", "no-updates", "empty",
+                                      "other")]
+
+
+def assert_same(got: Correlation, want: Correlation) -> None:
+    for name in FRAMES:
+        pd.testing.assert_frame_equal(getattr(got, name), getattr(want, name),
+                                      check_exact=True, check_index_type=True,
+                                      check_column_type=True, obj=name)
+    assert got.recording.frames.keys() == want.recording.frames.keys()
+    for event, df in want.recording.frames.items():
+        pd.testing.assert_frame_equal(got.recording.frames[event], df, check_exact=True,
+                                      check_index_type=True, obj=event)
+    assert got.recording.manifests == want.recording.manifests
+    assert got.recording.paths == want.recording.paths
+    assert got.recording.problems == want.recording.problems
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cluster_correlation_equals_single_process(client: distributed.Client,
+                                                   runs: list[Path], chunk: int) -> None:
+    want = correlate_runs(runs)
+    got = correlate_cluster(runs, scheduler=client, chunk=chunk)
+    # The comparison has something to compare: every run, classes and charges.
+    assert got.recording.runs == want.recording.runs and len(got.recording.runs) == len(runs)
+    assert got.faults["run"].nunique() >= len(runs) - 1  # all but the empty run
+    assert got.faults["cause"].notna().any() and got.zaps["update"].notna().any()
+    assert got.updates.index.max() + 1 == len(want.recording.memslot_update)
+    assert_same(got, want)
+    assert summarize_all(got) == summarize_all(want)
+
+
+def test_scheduler_address_and_names(client: distributed.Client, runs: list[Path]) -> None:
+    names = [f"r{i}" for i in range(len(runs))][::-1]
+    got = correlate_cluster(runs, names=names, scheduler=client.scheduler.address)
+    assert_same(got, correlate_runs(runs, names=names))
+
+
+def test_first_bad_run_in_order_is_reported(client: distributed.Client, runs: list[Path],
+                                            tmp_path: Path) -> None:
+    bad = [runs[0], tmp_path / "missing-1", runs[1], tmp_path / "missing-2"]
+    with pytest.raises(NoRunDir) as e:
+        correlate_cluster(bad, scheduler=client)
+    assert e.value.run_dir == tmp_path / "missing-1"
+    assert str(e.value) == f"{tmp_path / 'missing-1'}: no such run directory"
+    empty = next(p for p in runs if p.name == "empty")
+    with pytest.raises(EmptyRun) as got:
+        correlate_cluster([runs[0], empty], scheduler=client, check_events=True)
+    with pytest.raises(EmptyRun) as want:
+        require_events(load([runs[0], empty]))
+    assert str(got.value) == str(want.value) and got.value.path == want.value.path
+
+
+def test_unreachable_scheduler_is_one_line(runs: list[Path]) -> None:
+    with pytest.raises(ClusterUnavailable, match="tcp://127.0.0.1:1"):
+        correlate_cluster(runs[:1], scheduler="tcp://127.0.0.1:1", connect_timeout=5)
+    r = subprocess.run([sys.executable, "-m", "slotscope", "analyze", "--scheduler",
+                        "tcp://127.0.0.1:1", str(runs[0])], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("slotscope analyze: error: cannot reach the Dask scheduler "
+                               "at tcp://127.0.0.1:1")
+
+
+def test_cli_workers_prints_what_one_process_prints(runs: list[Path]) -> None:
+    dirs = [str(p) for p in runs if p.name in ("nested", "host", "other")] + [str(DATA[0])]
+
+    def analyze(*extra: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "slotscope", "analyze", "--json", *extra,
+                            *dirs], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    one = analyze()
+    assert len(one["runs"]) == len(dirs) and one["comparison"]
+    assert analyze("--workers", "2") == one
