@@ -55,12 +55,12 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _statistics(ranks: np.ndarray, min_segment: int, direction: str) -> np.ndarray:
-    """Z_t's extreme for each row of ``ranks`` (shape (k, n)), and nothing else."""
+    """Z_t for each row of ``ranks`` (shape (k, n)), t from min_segment on.
+    The ranks from t on sum to n(n+1)/2 minus the first t: one cumsum."""
     n = ranks.shape[-1]
     t = np.arange(min_segment, n - min_segment + 1)
-    tail = np.cumsum(ranks[..., ::-1], axis=-1)[..., ::-1]  # sum of ranks from t on
-    s = tail[..., t] - (n - t) * (n + 1) / 2
-    z = s / np.sqrt(t * (n - t) * (n + 1) / 12)
+    head = np.cumsum(ranks, axis=-1)[..., t - 1]
+    z = (n * (n + 1) / 2 - head - (n - t) * (n + 1) / 2) / np.sqrt(t * (n - t) * (n + 1) / 12)
     if direction == "down":
         z = -z
     elif direction == "both":
@@ -102,12 +102,17 @@ def detect(values: Sequence[float] | np.ndarray, alpha: float = 0.01, direction:
     # batches keep the permuted matrix near 8 MB whatever n is
     batch = max(1, min(permutations, 1_000_000 // n))
     done = 0
-    while done < permutations:
+    # Once more orderings beat the observed one than p <= alpha allows, the
+    # answer is "no change" whatever the rest say: a quiet series stops early.
+    allowed = alpha * (1 + permutations) - 1
+    while done < permutations and exceed <= allowed:
         k = min(batch, permutations - done)
         perm = rng.permuted(np.broadcast_to(r, (k, n)), axis=1)
         exceed += int((_statistics(perm, min_segment, direction).max(axis=1)
                        >= observed - 1e-12).sum())
         done += k
+    if exceed > allowed:
+        return None
     p = (1 + exceed) / (1 + permutations)
     if p > alpha:
         return None
