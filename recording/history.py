@@ -183,6 +183,10 @@ def read_lab_output(lab_out: str | os.PathLike[str], host: str | None = None
     if bad:
         raise BadLabOutput(path, f"scenario {bad[0]!r} in {SUMMARY} is not an object")
     ident = hashlib.sha256(raw + b"\0" + (host or "").encode()).hexdigest()[:20]
+    # The job's own host (summary.json since the lab records it) before the
+    # runs' manifests, which in nested mode name the lab VM.
+    job = summary.get("host") if isinstance(summary.get("host"), dict) else {}
+    lab_host = _str(job.get("hostname"))
     # The night is dated by when the lab finished it, in UTC (one answer on every host).
     date = dt.datetime.fromtimestamp(finished, dt.UTC).date()
     runs = {name: sorted((int(d.name), d) for d in (path / "runs" / name).glob("*")
@@ -212,7 +216,7 @@ def read_lab_output(lab_out: str | os.PathLike[str], host: str | None = None
                 "scenario": str(name), "year": str(date.year)}
             row.update({k: f.get(k) for k in ("machine", "backend", "kvm_module", "qemu",
                                                "run_ok", "run_error", "accel")})
-            row["host"] = host or f.get("host") or UNKNOWN
+            row["host"] = host or lab_host or f.get("host") or UNKNOWN
             row["kernel"] = f.get("kernel") or UNKNOWN
             row["backend"] = row["backend"] or _str(sc.get("backend"))
             row.update({k: _float(sc.get(k)) for k in FIGURES})

@@ -320,7 +320,11 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
             progress.log(f"{s.name}/{rep}: {state} ({st.elapsed_s:.0f} s)")
             progress.advance()
     progress.step("analysis")
+    # The host the job ran on: in nested mode the runs' manifests name the
+    # lab VM (virtme-ng), not the machine a history of nights is kept for.
     summary: dict[str, Any] = {"mode": mode, "mode_reason": why, "config": cfg.source,
+                               "host": {"hostname": os.uname().nodename,
+                                        "kernel": os.uname().release},
                                "finished_wall": time.time(), "scenarios": {}}
     corr, analysed = _analyse([out / "runs" / name / str(st.rep)
                                for name, sts in statuses.items() for st in sts if st.ok])
@@ -332,6 +336,10 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
         summary["scenarios"][name] = labverdict.scenario_summary(
             good, failed, expect_wraps=wraps[name])
+        # each run's own figures, for the history dataset (recording/history.py)
+        summary["scenarios"][name]["run_summaries"] = [
+            {k: r.get(k) for k in ("path", *labverdict.FIGURES, *labverdict.COUNTS,
+                                   "wrap_invariant")} for r in good]
         summary["scenarios"][name]["retried_runs"] = [
             f"{st.rep}: [{', '.join(st.retried_kinds)}] {st.retried}" for st in sts if st.retried]
     regressions = []

@@ -114,6 +114,17 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
                   if name == "mv-b" else run.tables["mmio_fault"].num_rows)
         assert faults == truth["mmio_exits"]
         assert s["mmio_faults"] == truth["mmio_exits"] - 1 and s["unfinished_faults"] == 1
+        # each run's own figures, for the history dataset
+        [r] = s["run_summaries"]
+        assert Path(r["path"]).parts[-2:] == (name, "1")
+        assert r["memslot_updates"] == s["memslot_updates"] and r["wrap_invariant"] == "none"
+    assert summary["host"] == {"hostname": os.uname().nodename, "kernel": os.uname().release}
+    # ingested, the night carries this host and the runs' own figures
+    from recording.history import read_lab_output
+    rows = read_lab_output(out)
+    assert {r["host"] for r in rows} == {os.uname().nodename}
+    mv_a = next(r for r in rows if r["scenario"] == "mv-a")
+    assert mv_a["run_memslot_updates"] == summary["scenarios"]["mv-a"]["memslot_updates"]
     html = (out / "index.html").read_text()
     assert "mv-a" in html and "mv-b" in html and "<img" in html
 
