@@ -372,10 +372,36 @@ def cmd_lab(args: argparse.Namespace) -> int:
     with job_lock(Path(args.lock)):
         progress = Progress(sum(s.repetitions for s in cfg.scenarios))
         try:
-            return run_lab(cfg, Path(args.output), mode=mode, resume=args.resume,
-                           baseline=baseline, progress=progress)
+            rc = run_lab(cfg, Path(args.output), mode=mode, resume=args.resume,
+                         baseline=baseline, progress=progress)
         finally:
             progress.close()
+    if args.history:
+        changed = history_changes(Path(args.output), Path(args.history), args.history_window)
+        if changed and rc == labverdict.EXIT_OK:
+            rc = labverdict.EXIT_REGRESSION
+    return rc
+
+
+def history_changes(out: Path, dataset: Path, window: int) -> list[dict[str, Any]]:
+    """Tonight's output into the history dataset; then the changes of this
+    host's series whose new level began within the last ``window`` nights
+    and lasted (the change-point test wants 3 nights on each side): a
+    sustained change, printed.  One seen earlier stops counting once it is
+    more than ``window`` nights old."""
+    from analysis.history import changes
+    from recording.history import ingest
+
+    from .history import FIGURES
+    host = os.uname().nodename
+    ingest(dataset, out, host=host)
+    recent = [c for c in changes(dataset, FIGURES, host=host)
+              if c["nights"] - c["index"] <= window]
+    for c in recent:
+        print(f"history: sustained change: {c['scenario']} {c['figure']} from "
+              f"{c['date']}: {c['before']:g} -> {c['after']:g} (p {c['p_value']:.3f}, "
+              f"kernel {c['kernel_before']} -> {c['kernel_after']})")
+    return recent
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -385,6 +411,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", metavar="SUMMARY_JSON",
                    help="compare with an earlier summary.json: exit 3 on regression")
     p.add_argument("--resume", action="store_true", help="skip runs that completed before")
+    p.add_argument("--history", metavar="DATASET",
+                   help="ingest tonight's output into this history dataset (slotscope "
+                   "history) and exit 3 on a sustained change of this host's figures")
+    p.add_argument("--history-window", type=int, default=7, metavar="NIGHTS",
+                   help="--history: a change counts while its new level is at most this "
+                   "many nights old (default 7)")
     p.add_argument("--mode", choices=("auto", "direct", "nested"),
                    help="override the config's mode")
     p.add_argument("--lock", default=str(DEFAULT_LOCK), help=argparse.SUPPRESS)

@@ -278,3 +278,26 @@ def test_report_is_one_self_contained_page_with_the_planted_change(
     assert "<script" not in text and "http" not in text
     assert "<td>2026-03-10</td>" in text               # the planted night, in the changes
     assert f"<td>{alpha[-1]:,.4g}</td>" in text         # the last night's planted value
+
+
+def test_nightly_job_flags_a_recent_sustained_change(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`slotscope lab --history`: tonight's output goes in, and a change of
+    this host's series whose new level began within the window is reported
+    (the job then exits 3); one older than the window no longer counts."""
+    import numpy as np
+    me = os.uname().nodename
+    rng = np.random.default_rng(7)
+    ds = tmp_path / "ds"
+    p99 = 1e6 * rng.lognormal(0, 0.05, 13) * np.where(np.arange(13) >= 8, 1.5, 1)
+    outs = [night(template, tmp_path, d, host=me, plant={"alpha": {P99: float(p99[d])}})
+            for d in range(13)]
+    for out in outs[:-1]:
+        hist.ingest(ds, out)
+    got = lab.history_changes(outs[-1], ds, window=7)  # new level from night 8 of 13
+    assert [(c["scenario"], c["figure"], c["date"]) for c in got] == [
+        ("alpha", P99, "2026-03-09")]
+    out = capsys.readouterr().out
+    assert "history: sustained change: alpha mmio_latency_p99_ns from 2026-03-09" in out
+    assert lab.history_changes(outs[-1], ds, window=4) == []  # ingested once, too old now
+    assert len(rows(ds, "SELECT DISTINCT night_id FROM h")) == 13
