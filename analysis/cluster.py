@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from recording.errors import RecordingError
+from recording.reader import read_manifest
 
 from .epochs import Correlation, correlate
 from .frames import PathLike, Recording, _run_names, load, one_line_errors, require_events
@@ -91,8 +92,31 @@ class _Failure:
         return e
 
 
+@dataclass
+class _Part:
+    """A worker's Correlation on its way to the client.  ``fault_columns``:
+    set when the recording's mmio_fault table was left off the wire because
+    ``faults`` holds all its rows and columns (every fault finished), which
+    is a third of the bytes; the client rebuilds it from ``faults``."""
+
+    corr: Correlation
+    fault_columns: list[str] | None
+
+
+def check_runs(paths: Sequence[str]) -> _Failure | None:
+    """On a worker: every directory is a run with a readable manifest, before
+    any table loads (as in frames.load), so a mistyped path fails in a
+    moment rather than after the other runs are correlated."""
+    try:
+        for p in paths:
+            read_manifest(Path(p))
+    except RecordingError as e:
+        return _Failure.of(e)
+    return None
+
+
 def correlate_part(paths: Sequence[str], names: Sequence[str],
-                   check_events: bool = False) -> Correlation | _Failure:
+                   check_events: bool = False) -> _Part | _Failure:
     """On a worker: load and correlate some runs, labelled ``names``.
     ``check_events``: a run without trace events is an error (EmptyRun), as
     in the CLI."""
@@ -101,9 +125,29 @@ def correlate_part(paths: Sequence[str], names: Sequence[str],
             rec = load(paths, names=names)
             if check_events:
                 require_events(rec)
-            return correlate(rec)
+            corr = correlate(rec)
     except RecordingError as e:
         return _Failure.of(e)
+    cols = list(rec.mmio_fault.columns)
+    if len(corr.faults) != len(rec.mmio_fault):
+        return _Part(corr, None)
+    rec.frames["mmio_fault"] = rec.mmio_fault.iloc[:0]  # dtypes and categories only
+    return _Part(corr, cols)
+
+
+def _restore(parts: Sequence[_Part]) -> Correlation:
+    """Merge the parts, with the mmio_fault tables rebuilt from ``faults``:
+    when every part left it off, as one frame sharing the merged faults'
+    columns (what one load and correlate hold); else part by part."""
+    shared = all(p.fault_columns is not None for p in parts)
+    if not shared:
+        for p in parts:
+            if p.fault_columns is not None:
+                p.corr.recording.frames["mmio_fault"] = p.corr.faults[p.fault_columns]
+    corr = merge([p.corr for p in parts])
+    if shared:
+        corr.recording.frames["mmio_fault"] = corr.faults[parts[0].fault_columns]
+    return corr
 
 
 def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
@@ -134,19 +178,20 @@ def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
         raise RecordingError(f"chunk must be at least 1 run, not {chunk}")
     spans = [slice(i, i + chunk) for i in range(0, len(paths), chunk)]
     with _client(scheduler, workers, connect_timeout) as client:
+        bad = client.submit(check_runs, paths, pure=False).result()
+        if bad is not None:
+            raise bad.error()
         futures = client.map(correlate_part, [paths[s] for s in spans],
                              [names[s] for s in spans], check_events=check_events,
                              pure=False)
-        parts = []
         try:
-            for fut in futures:  # in run order: the first bad run is the one reported
-                part = fut.result()
-                if isinstance(part, _Failure):
-                    raise part.error()
-                parts.append(part)
+            parts = client.gather(futures)  # one round trip for all, in run order
         finally:
             client.cancel(futures)
-    return merge(parts)
+    for part in parts:  # the first bad run in the order given is the one reported
+        if isinstance(part, _Failure):
+            raise part.error()
+    return _restore(parts)
 
 
 @contextlib.contextmanager
