@@ -184,14 +184,38 @@ def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
         futures = client.map(correlate_part, [paths[s] for s in spans],
                              [names[s] for s in spans], check_events=check_events,
                              pure=False)
-        try:
-            parts = client.gather(futures)  # one round trip for all, in run order
-        finally:
-            client.cancel(futures)
+        parts = _collect(futures)
     for part in parts:  # the first bad run in the order given is the one reported
         if isinstance(part, _Failure):
             raise part.error()
     return _restore(parts)
+
+
+def _collect(futures: list[Any]) -> list[Any]:
+    """The tasks' results in submission order, each fetched as soon as it is
+    done and released on its worker: the transfer overlaps the correlation
+    still running, and a worker holds only what it has not handed over yet.
+    After a failure, tasks later in the order are cancelled (only the first
+    failure in the order is reported)."""
+    from distributed import as_completed
+    out: list[Any] = [None] * len(futures)
+    pos = {f.key: i for i, f in enumerate(futures)}
+    first_bad = len(futures)
+    try:
+        for fut in as_completed(futures):
+            i = pos[fut.key]
+            if i > first_bad or fut.cancelled():
+                continue
+            out[i] = part = fut.result()
+            fut.release()
+            if isinstance(part, _Failure) and i < first_bad:
+                first_bad = i
+                for later in futures[i + 1:]:
+                    later.cancel()
+    finally:
+        for f in futures:
+            f.release()
+    return out[:first_bad + 1]
 
 
 @contextlib.contextmanager
