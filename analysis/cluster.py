@@ -14,7 +14,9 @@ summaries, comparisons and the report cannot tell the two apart.
 The workers read the run directories themselves (Parquet, as ever), by the
 paths given: on a remote cluster they must see the same paths (absolute ones
 on shared storage).  dask and distributed are imported only when a cluster
-is used; ``merge`` alone needs pandas.
+is used; ``merge`` alone needs pandas.  A script that starts a LocalCluster
+(``workers=``) needs the ``if __name__ == "__main__":`` guard: the worker
+processes are spawned and import the main module.
 """
 
 from __future__ import annotations
