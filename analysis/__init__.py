@@ -11,6 +11,7 @@ function)::
     analysis.summarize("runs/a")               # one dict per run
     analysis.wrap_verdicts(corr)               # per generation wrap: the zap-all invariant
     analysis.report.write_report(["runs/a", "runs/b"], "report.html")
+    corr = analysis.correlate_cluster(dirs, workers=2)   # on Dask: the same Correlation
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _EXPORTS = {
     "load": "frames", "Recording": "frames",
     "correlate": "epochs", "Correlation": "epochs",
     "correlate_runs": "epochs", "generation_timeline": "timeline", "CLASSES": "epochs",
-    "wrap_forecast": "forecast", "wrap_verdicts": "wrap",
+    "wrap_forecast": "forecast", "correlate_cluster": "cluster", "wrap_verdicts": "wrap",
     "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
     "compare": "summary",
     "EmptyRun": "errors", "AnalysisFailed": "errors",

@@ -164,7 +164,7 @@ def load(run_dirs: PathLike | Iterable[PathLike],
         for event in EVENT_TYPES:
             df = _to_pandas(read_tolerant(path, event, probs), event)
             df.insert(0, "run", pd.Categorical.from_codes(
-                np.full(len(df), code, dtype=np.int8), categories=names))
+                np.full(len(df), code, dtype=np.int32), categories=names))
             per_event[event].append(df)
     frames = {}
     for event, dfs in per_event.items():

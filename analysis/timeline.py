@@ -44,7 +44,7 @@ def _workload_action(rec: Recording, upd: pd.DataFrame) -> pd.Categorical:
     """The rig action whose [begin, end] holds the update's begin, if any."""
     wl = rec.workload
     actions = ["(none)"] + sorted(set(wl["action"].dropna().astype(str)))
-    codes = np.zeros(len(upd), np.int8)
+    codes = np.zeros(len(upd), np.int32)
     if len(wl) and len(upd):
         wl_ok = wl.dropna(subset=["begin_ns"])
         j = asof_index(as_numpy(upd["run"]), as_numpy(upd["begin_ns"]),

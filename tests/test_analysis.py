@@ -303,3 +303,17 @@ def test_report_for_a_lab_job(runs, tmp_path: Path) -> None:
     assert "Runs not analysed" in text and "not a slotscope run directory" in text
     with pytest.raises(RecordingError, match="no readable run"):
         write_report([bad], tmp_path / "x.html")
+
+
+def test_more_runs_than_an_int8_counts(tmp_path: Path) -> None:
+    """Run codes once overflowed int8: 130 runs load, correlate and summarise."""
+    from analysis.summary import summarize_all
+    dirs = []
+    for i in range(130):
+        d = tmp_path / f"r{i:03d}"
+        simulator.simulate(d, seed=i, events=40)
+        dirs.append(d)
+    corr = analysis.correlate(analysis.load(dirs))
+    assert list(corr.recording.runs) == [d.name for d in dirs]
+    assert set(corr.faults["run"].astype(str)) == {d.name for d in dirs}
+    assert len(summarize_all(corr)) == 130
