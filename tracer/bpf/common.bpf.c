@@ -89,6 +89,27 @@ struct exit_state {
 };
 BPF_TABLE("lru_hash", u32, struct exit_state, exits, 4096);
 
+/* A thread's entry stays in ``exits`` from its first exit on and is reused:
+ * exit_ns == 0 means no exit is open.  An LRU hash update and delete per
+ * exit were the dearest part of the hot path (bench/bpf_prog_cost in the
+ * TCG L1: kvm_exit 31 us a run, twice kvm_entry's); a lookup and a write in
+ * place are not. */
+static __always_inline struct exit_state *open_exit(u32 tid)
+{
+	struct exit_state *st = exits.lookup(&tid);
+	return st && st->exit_ns ? st : NULL;
+}
+
+/* Open an exit for ``tid``: its entry overwritten in place, or made. */
+static __always_inline void begin_exit(u32 tid, struct exit_state *n)
+{
+	struct exit_state *st = exits.lookup(&tid);
+	if (st)
+		*st = *n;
+	else
+		exits.update(&tid, n);
+}
+
 /* Non-MMIO exits: count and total ns per (pid, reason, log2 latency). */
 struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };
 struct hist_val { u64 count; u64 sum_ns; };
@@ -233,5 +254,5 @@ static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st,
 			__sync_fetch_and_add(&v->sum_ns, ns - st->exit_ns);
 		}
 	}
-	exits.delete(&tid);
+	st->exit_ns = 0;  /* closed: the entry is reused by the next exit */
 }

@@ -45,7 +45,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	u32 fd = (u32)args->fd;
 	if (cmd == KVM_RUN) {
 		u64 ns = bpf_ktime_get_ns();
-		struct exit_state *st = exits.lookup(&tid);
+		struct exit_state *st = open_exit(tid);
 		if (st && (st->bits & F_SYNTH))
 			close_exit(args, id, st, ns);
 		if (!tid_vcpu.lookup(&tid)) {
@@ -76,7 +76,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	u32 pid = id >> 32, tid = (u32)id;
 	if (!traced(pid))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st && !(st->bits & F_TO_USER)) {
 		st->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
 		st->user_ns = bpf_ktime_get_ns();
@@ -148,7 +148,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 		ev_submit(args, e);
 	}
 #endif
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st) {
 		st->bits |= F_ACCESS | (type == 2 ? F_WRITE : 0);
 		st->gpa = args->gpa;
@@ -163,7 +163,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 		n.bits = F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0);
 		n.len = args->len;
 		n.vcpu = vcpu;
-		exits.update(&tid, &n);
+		begin_exit(tid, &n);
 	}
 	return TP_KEEP;
 }
@@ -182,7 +182,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 	/* SVM's nested page fault carries the faulting GPA in exit_info_2. */
 	if (args->isa == 2 && n.reason == 0x400)
 		n.gpa = args->info2;
-	exits.update(&tid, &n);
+	begin_exit(tid, &n);
 	return TP_KEEP;
 }
 #endif
@@ -194,7 +194,7 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st)
 		close_exit(args, id, st, bpf_ktime_get_ns());
 	return TP_KEEP;
@@ -227,7 +227,7 @@ TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st) {
 		st->bits |= F_CHECKED;
 		st->kvm_gen = args->kvm_gen;
@@ -247,7 +247,7 @@ TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st) {
 		st->bits |= F_REMARKED;
 		if (!st->gpa)
@@ -265,7 +265,7 @@ TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (st) {
 		st->bits |= F_FAST_HIT;
 		st->gpa = args->addr;
@@ -305,11 +305,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return TP_KEEP;
-	struct exit_state *st = exits.lookup(&tid);
+	struct exit_state *st = open_exit(tid);
 	if (!st)
 		return TP_KEEP;
 	if (!(st->bits & F_MMIO)) {
-		exits.delete(&tid);  /* an unfinished non-MMIO exit has no latency */
+		st->exit_ns = 0;  /* an unfinished non-MMIO exit has no latency */
 		return TP_KEEP;
 	}
 	st->bits |= F_UNFINISHED;
