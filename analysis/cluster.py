@@ -37,6 +37,7 @@ from recording.errors import RecordingError
 from recording.reader import read_manifest
 
 from .epochs import Correlation, correlate
+from .errors import ClusterUnavailable
 from .frames import PathLike, Recording, _run_names, load, one_line_errors, require_events
 
 CONNECT_TIMEOUT_S = 10.0  # a wrong scheduler address fails in seconds, not minutes
@@ -48,17 +49,6 @@ _UPDATE_REFS = {"faults": ("epoch_update", "cause"), "timeline": ("update",),
                 "zaps": ("update",)}
 _ZAP_REFS = {"faults": ("zap",)}
 
-
-class ClusterUnavailable(RecordingError):
-    """The Dask scheduler cannot be reached (or a local cluster not started)."""
-
-    def __init__(self, where: str, cause: BaseException) -> None:
-        self.where = where
-        if isinstance(cause, OSError | ValueError) and str(cause):
-            text = str(cause).splitlines()[0]
-        else:  # something answered, in no protocol the Client could read
-            text = f"no Dask scheduler answered ({type(cause).__name__})"
-        super().__init__(f"cannot reach the Dask scheduler at {where}: {text}")
 
 
 @dataclass

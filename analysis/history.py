@@ -17,17 +17,12 @@ from typing import Any
 import numpy as np
 
 from recording import history as fmt
-from recording.errors import RecordingError
 
 from . import changepoint, history_sql
+from .errors import DatasetError
 
 FIGURE_COLUMNS = fmt.FIGURES + fmt.COUNTS + tuple(f"run_{f}" for f in fmt.FIGURES + fmt.COUNTS)
 WIDTH = 80
-
-
-class DatasetError(RecordingError):
-    """A history dataset that cannot be queried: absent, empty, or a file
-    in it that is not Parquet; one line naming what."""
 
 
 def _bad_file(dataset: Path) -> str | None:

@@ -12,9 +12,12 @@
     │                           declare, or that belong to RunWriter itself
     ├── NotWritable             the run directory cannot be created or written
     ├── AlreadyRecorded         the run directory holds a recording already
-    └── WriteFailed             writing segments or the manifest failed
+    ├── WriteFailed             writing segments or the manifest failed
+    ├── BadLabOutput            not a lab output: the history ingest refuses it
+    └── HistoryWriteFailed      the history dataset cannot be written
 
-analysis/errors.py adds EmptyRun and AnalysisFailed under RecordingError.
+analysis/errors.py adds EmptyRun, AnalysisFailed, DatasetError and
+ClusterUnavailable under RecordingError.
 Callers decide by class, never by the message; messages are one line.
 """
 
@@ -109,3 +112,20 @@ class WriteFailed(RecordingError):
     def __init__(self, cause: BaseException) -> None:
         self.cause = cause
         super().__init__(f"cannot write the recording: {cause}")
+
+
+class BadLabOutput(RecordingError):
+    """A directory that is not a lab output (no summary.json, not JSON, wrong
+    shape): refused whole, nothing of it is added."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: not a lab output ({reason}); nothing ingested")
+
+
+class HistoryWriteFailed(RecordingError):
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(f"cannot write history dataset {path}: {cause}")

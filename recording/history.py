@@ -47,7 +47,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import RecordingError
+from .errors import BadLabOutput, HistoryWriteFailed
 from .schema import MANIFEST
 
 # The dataset's versions and what each changed (as schema.VERSIONS).
@@ -78,23 +78,6 @@ SCHEMA = pa.schema(
     + [("wrap_invariant", s), ("wraps", i32), ("wrap_verdicts", pa.list_(s)),
        ("missing", pa.list_(s))])
 ROW_KEYS = frozenset(SCHEMA.names) | set(PARTITIONS)
-
-
-class BadLabOutput(RecordingError):
-    """A directory that is not a lab output (no summary.json, not JSON, wrong
-    shape): refused whole, nothing of it is added."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: not a lab output ({reason}); nothing ingested")
-
-
-class HistoryWriteFailed(RecordingError):
-    def __init__(self, path: Path, cause: BaseException) -> None:
-        self.path = path
-        self.cause = cause
-        super().__init__(f"cannot write history dataset {path}: {cause}")
 
 
 @dataclass

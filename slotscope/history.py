@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from recording import history as dataset_format
+from recording.errors import BadLabOutput
 
 log = logging.getLogger(__name__)
 FIGURE_DEFAULT = "update_cost_p50_ns"
@@ -89,7 +90,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     for out in args.lab_outputs:
         try:
             got = dataset_format.ingest(args.into, out, host=args.host)
-        except dataset_format.BadLabOutput as e:
+        except BadLabOutput as e:
             log.error("slotscope history ingest: error: %s", e)
             failed += 1
             continue

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from analysis import simulator
-from analysis.cluster import ClusterUnavailable, correlate_cluster
+from analysis.cluster import correlate_cluster
 from analysis.epochs import Correlation, correlate_runs
-from analysis.errors import EmptyRun
+from analysis.errors import ClusterUnavailable, EmptyRun
 from analysis.frames import load, require_events
 from analysis.summary import summarize_all
 from recording.errors import NoRunDir
