@@ -41,9 +41,22 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+_OLDER: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before_the_test() -> None:
+    """Children this test process had before the test are not the rig's:
+    multiprocessing's resource tracker, started by the Dask tests' worker
+    processes, lives as long as the test process does."""
+    _OLDER.clear()
+    _OLDER.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def qemu_children() -> list[psutil.Process]:
+    """What this test started and left running (not zombies: reaped later)."""
     return [p for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if p.pid not in _OLDER and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def assert_clean(private_dir: Path | None, pid: int | None) -> None:
