@@ -94,8 +94,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     if args.flush_interval <= 0 or args.flush_interval > 1:
         raise TracerError("flush interval must be in (0, 1] seconds")
     rec = _recorder(args, args.output, [], args.flush_interval)
+    # Outside the signal block: Ctrl-C still aborts a compile (minutes in a TCG L1).
+    rec.start()
     with rec.stopped_by_signals():
-        rec.start()
         _attached(rec, "record")
         how = "interrupted"
         try:
@@ -143,8 +144,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .sinks import JsonLines
     sink = JsonLines(sys.stdout, set(args.event) if args.event else None)
     rec = _recorder(args, None, [sink])
+    rec.start()
     with rec.stopped_by_signals():
-        rec.start()
         _attached(rec, "stream")
         try:
             rec.run(args.duration)
@@ -162,8 +163,8 @@ def cmd_live(args: argparse.Namespace) -> int:
     from .sinks import LiveStats
     stats = LiveStats()
     rec = _recorder(args, None, [stats], min(1.0, args.interval))
+    rec.start()
     with rec.stopped_by_signals(), contextlib.ExitStack() as stack:
-        rec.start()
         stack.callback(rec.close)
         _attached(rec, "live")
         show = _live_screen(stack) if sys.stdout.isatty() else _live_lines

@@ -299,7 +299,8 @@ class Recorder:
         taking a batch off the ring buffer and writing it would lose that
         batch.  run() returns after its current poll and close() drains the
         rest; close() inside the block cannot be cut short by a second signal.
-        The caller reads ``stop_requested`` to tell an interrupted run."""
+        The caller reads ``stop_requested`` to tell an interrupted run.  Enter
+        it after start(), so that Ctrl-C still aborts a long compile."""
         def handler(signum: int, frame: object) -> None:
             self.request_stop()
         old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
