@@ -373,10 +373,9 @@ def invariant_figure(wraps: pd.DataFrame) -> str:
     wraps but no SPTE evidence after any, "none" without wraps."""
     if not len(wraps):
         return "none"
-    v = wraps["verdict"].astype(str)
-    if v.str.startswith("violated").any():
+    if (wraps["violations"] > 0).any():
         return "violated"
-    return HELD if (v == HELD).any() else NO_EVIDENCE
+    return HELD if (wraps["verdict"] == HELD).any() else NO_EVIDENCE
 
 
 __all__ = ["COLUMNS", "invariant_figure", "masked_gen", "wrap_verdicts", "wraps_of"]

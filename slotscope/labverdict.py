@@ -28,8 +28,8 @@ def wrap_failures(runs: list[dict[str, Any]], expect_wraps: int) -> list[str]:
         wraps = r.get("wraps") or []
         verdict = r.get("wrap_invariant", "none")
         if verdict == "violated":
-            bad = next(w["verdict"] for w in wraps if str(w["verdict"]).startswith("violated"))
-            out.append(f"{r['path']}: wrap invariant {bad}")
+            bad = next(w for w in wraps if w["violations"])
+            out.append(f"{r['path']}: wrap invariant {bad['verdict']}")
         elif expect_wraps and (len(wraps) < expect_wraps or verdict != "held"):
             out.append(f"{r['path']}: {len(wraps)} of {expect_wraps} wraps recorded, "
                        f"invariant: {verdict}")
