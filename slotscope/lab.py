@@ -393,9 +393,11 @@ def history_changes(out: Path, dataset: Path, window: int) -> list[dict[str, Any
     from recording.history import ingest
 
     from .history import FIGURES
-    host = os.uname().nodename
-    ingest(dataset, out, host=host)
-    recent = [c for c in changes(dataset, FIGURES, host=host)
+    # summary.json names this host (run_lab), so ingest needs no --host
+    # override, which would also make the night's identity differ from a
+    # plain `slotscope history ingest OUT` of the same output.
+    ingest(dataset, out)
+    recent = [c for c in changes(dataset, FIGURES, host=os.uname().nodename)
               if c["nights"] - c["index"] <= window]
     for c in recent:
         print(f"history: sustained change: {c['scenario']} {c['figure']} from "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from vmrig.config import GuestKind, RigConfigError, parse_size
-from vmrig.microvm.wrap import MAX_WRAP_PAGES as WRAP_MAX_PAGES
+from vmrig.microvm.wrap import MAX_WRAP_PAGES
 from vmrig.workloads import WORKLOADS
 
 Mode = Literal["auto", "direct", "nested"]
@@ -138,8 +138,8 @@ def _check_scenario(where: str, s: Scenario) -> None:
         raise ConfigError(f"{where}: rate must be > 0", "rate")
     if s.wraps and s.workload != "microvm":
         raise ConfigError(f"{where}: wraps needs workload \"microvm\"", "wraps")
-    if s.wraps and s.mmio_pages > WRAP_MAX_PAGES:
-        raise ConfigError(f"{where}: mmio_pages must be <= {WRAP_MAX_PAGES} with wraps "
+    if s.wraps and s.mmio_pages > MAX_WRAP_PAGES:
+        raise ConfigError(f"{where}: mmio_pages must be <= {MAX_WRAP_PAGES} with wraps "
                           "(two page sets)", "mmio_pages")
 
 
