@@ -185,13 +185,17 @@ cd {q(str(cwd))} || exit 125
 ( sleep $(( {report_at} - $(cut -d. -f1 /proc/uptime) )) 2>/dev/null
   echo "labvm: deadline in {HANG_REPORT_S} s: what every task is doing" >&2
   ps -eo pid,stat,wchan:24,pcpu,etimes,args >&2
-  echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger
-  # SIGUSR1 only where the stack dump is installed (SigCgt bit 9): before
-  # that, it would kill the process.
+  # The Python stacks first: they are the cheapest and say the most.  The
+  # sysrq backtrace (l) waits up to 10 s per CPU for its NMI, and under
+  # TCG the console drains slowly: stacks asked for after it were cut off
+  # by the kill once (CI).  SIGUSR1 only where the stack dump is installed
+  # (SigCgt bit 9): before that, it would kill the process.
   for p in $(pgrep -f '(bin/slotscope|-m slotscope) '); do
     c=$(awk '/^SigCgt/ {{print $2}}' /proc/$p/status 2>/dev/null)
     [ -n "$c" ] && [ $(( 0x$c & 0x200 )) -ne 0 ] && kill -USR1 $p
-  done ) &
+  done
+  sleep 1
+  echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger ) &
 watchdog=$!
 {shlex.join(command)}
 rc=$?
