@@ -73,12 +73,20 @@ class TracerFields(TypedDict, total=False):
     tracer_cpu_s: float
     drain: dict[str, float]        # ring-buffer drain statistics
     stop_reason: str               # duration, targets exited, interrupted
+    # One tracer session (one compile and attach) recorded several runs, one
+    # directory each (Recorder.begin_run): {"run": n (1-based), "attach_ns":
+    # the session's attach, "load_s": its compile + attach seconds}.  Counts
+    # (events, lost, tracer_cpu_s) are this run's alone.
+    session: dict[str, Any]
 
 
 class LabFields(TypedDict, total=False):
     """Written by slotscope.labrun (through Recorder.close)."""
 
     scenario: dict[str, Any]       # the lab scenario this run recorded
+    # QEMU versions: "l0" runs the nested lab VM (null in direct mode),
+    # "l1" is the one the run's rig started (null for the micro-VMM).
+    qemu: dict[str, str | None]
 
 
 class SimulatorFields(TypedDict, total=False):

@@ -412,6 +412,46 @@ def test_recorder_add_pid(tmp_path: Path) -> None:
         truth["reads_completed"] + truth["mmio_writes"]
 
 
+def test_one_session_records_runs_into_their_own_directories(tmp_path: Path) -> None:
+    """begin_run/end_run: three VMMs one after another, probes compiled and
+    attached once; each directory holds exactly its own VMM's memslots and
+    MMIO accesses, counts start at zero each run, and an untraced VMM
+    between runs lands nowhere."""
+    from tracer.recorder import Recorder
+    rec = Recorder(None, pids=[os.getpid()]).start()
+    prog_ids = rec.manifest["bpf_prog_ids"]
+    truths = []
+    try:
+        for i, schedule in enumerate(("create:2,delete:2", "create:1,flags:1,move:1",
+                                      "create:1")):
+            wl = Workload(600 + 100 * i, schedule, pages=2, truth=tmp_path / f"t{i}.json")
+            rec.begin_run(tmp_path / f"run{i}", pids=[wl.pid])
+            rec.start_thread()
+            truths.append(wl.go())
+            time.sleep(0.2)
+            rec.stop_thread()
+            rec.end_run(stop_reason="test")
+            assert rec.manifest["bpf_prog_ids"] == prog_ids  # the same programs
+            # between runs: a VMM nobody traces
+            Workload(300, "create:1", pages=2, truth=tmp_path / "ignored.json").go()
+    finally:
+        rec.close()
+    for i, truth in enumerate(truths):
+        run = read_run(tmp_path / f"run{i}")
+        assert run.manifest["complete"] and run.manifest["stop_reason"] == "test"
+        assert run.manifest["session"]["run"] == i + 1
+        assert run.manifest["filters"]["pids"] == [truth["pid"]]
+        mem = run.tables["memslot_update"]
+        assert mem.column("pid").to_pylist() == [truth["pid"]] * len(truth["memslot_changes"])
+        assert mem.column("begin_ns").to_pylist() == [
+            pytest.approx(w["begin_ns"], abs=w["end_ns"] - w["begin_ns"])
+            for w in truth["memslot_changes"]]
+        assert run.tables["mmio_access"].num_rows == truth["mmio_reads"] + \
+            truth["reads_completed"] + truth["mmio_writes"]
+        assert run.manifest["events"]["memslot_update"] == len(truth["memslot_changes"])
+        assert set(run.manifest["lost"].values()) == {0}
+
+
 def test_per_vcpu_attribution(tmp_path: Path) -> None:
     wl = Workload(2000, "create:1,flags:1,delete:1", pages=2, truth=tmp_path / "t.json",
                   vcpus=2)

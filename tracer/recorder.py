@@ -7,6 +7,13 @@ The in-process API (the lab job and tests use it)::
     # detached; run directory compacted and complete
 
 or drive it yourself: ``rec.start(); rec.run(duration=5); rec.close()``.
+One session can record several runs, one directory each, compiling and
+attaching the probes once (the lab's batch in one L1 boot)::
+
+    rec = Recorder(None, pids=[os.getpid()]).start()
+    for d in run_dirs:
+        rec.begin_run(d, pids=[os.getpid()]); ...; rec.end_run(scenario=...)
+    rec.close()
 Sinks receive ``write(event, columns)`` for every decoded batch; a run
 directory (recording.writer.RunWriter, written on its Flusher thread) is
 flushed every ``flush_interval`` seconds with the tracer's manifest keys
@@ -76,6 +83,9 @@ class Recorder:
         self._stop = False
         self._error: BaseException | None = None
         self._cpu0 = 0.0
+        self._lost0: dict[str, int] = {}  # lost counts when this run began
+        self._runs = 0                    # runs begun in this session
+        self.load_s = 0.0                 # compile + attach, seconds
         self.thread_cpu_s = 0.0  # CPU of the background drain thread, when used
         self.flush_cpu_s = 0.0   # CPU of the thread writing the run directory
         self.manifest: Manifest = {}  # the tracer's keys: TracerFields
@@ -107,6 +117,7 @@ class Recorder:
                 self.writer = RunWriter(self.run_dir, self.manifest, background=True)
             except RecordingError as e:
                 raise TracerError(str(e)) from None
+        t_load = time.monotonic()
         try:
             self.probes = load(choice.name, caps, pids, self.emit_mmio,
                                aggregate=self.aggregate)
@@ -116,6 +127,7 @@ class Recorder:
                 writer.close(error="probes failed to load")
             raise
         self._cpu0 = time.process_time()  # user + system CPU, all threads
+        self.load_s = round(time.monotonic() - t_load, 3)
         from .probes import seed_vcpus
         seeded = seed_vcpus(self.probes, pids, self.decoder.sole_vm)
         self.manifest.update({
@@ -126,6 +138,7 @@ class Recorder:
             "attach_ns": monotonic_ns(),
         })
         self.lost = {k: 0 for k in self.probes.lost_counts()}
+        self._lost0 = dict(self.lost)
         self.manifest["lost"] = dict(self.lost)
         if self.writer is not None:  # on disk once start() returns
             self._write(lambda w: w.flush(self.manifest, wait=True))
@@ -205,7 +218,7 @@ class Recorder:
 
     def flush(self) -> None:
         self._intervals()
-        self.manifest["lost"] = dict(self.lost)
+        self.manifest["lost"] = {k: v - self._lost0.get(k, 0) for k, v in self.lost.items()}
         self.manifest["tracer_cpu_s"] = round(time.process_time() - self._cpu0, 4)
         self.manifest["events"] = dict(self.counts)
         if self.aggregate:
@@ -248,13 +261,19 @@ class Recorder:
         """Drain what is left, detach every probe, finalize the run directory."""
         if self.probes is not None:
             try:
-                if self.pids:  # stop new events, then take what is buffered
-                    self.probes.bpf[b"pids"].clear()
-                self._dispatch(self.probes.drain())
-                self.flush()
+                self._drain_targets()
             finally:
                 self.probes.close()
                 self.probes = None
+        self._finish_run(final)
+
+    def _drain_targets(self) -> None:
+        if self.pids:  # stop new events, then take what is buffered
+            self.probes.bpf[b"pids"].clear()
+        self._dispatch(self.probes.drain())
+        self.flush()
+
+    def _finish_run(self, final: dict[str, Any]) -> None:
         if self.writer is not None:
             self.manifest["detach_ns"] = monotonic_ns()
             fields = self.manifest.copy()
@@ -264,6 +283,50 @@ class Recorder:
             finally:
                 self.flush_cpu_s = self.writer.flush_cpu_s
                 self.writer = None
+
+    # -- one session, several runs (the lab's batch) --------------------------
+    def begin_run(self, run_dir: str | os.PathLike[str], pids: Sequence[int]) -> None:
+        """Record into a fresh ``run_dir`` from now on, tracing ``pids``
+        (more with add_pid), probes still attached: no second compile.  The
+        run's counts start at zero; its manifest names the session."""
+        import ctypes
+
+        from .probes import seed_vcpus
+        from .procfs import resolve_pids
+        if self.probes is None or not self.pids:
+            raise TracerError("begin_run needs a started recorder with a pid filter")
+        if self.writer is not None:
+            raise TracerError(f"a run is being recorded into {self.writer.dir}: end_run first")
+        self._drain_targets()  # whatever came between runs belongs to none
+        tgids = resolve_pids(pids)
+        self._runs += 1
+        self.counts = {}
+        self.aggregated_faults = 0
+        self._lost0 = dict(self.lost)
+        self._cpu0 = time.process_time()
+        self.decoder = Decoder()  # the last run's VM and vCPUs are gone
+        self.manifest["filters"] = {"pids": tgids}
+        self.manifest["session"] = {"run": self._runs, "attach_ns": self.manifest["attach_ns"],
+                                    "load_s": self.load_s}
+        for key in ("events", "lost", "detach_ns", "mmio_faults_aggregated"):
+            self.manifest.pop(key, None)
+        self.manifest["lost"] = {k: 0 for k in self.lost}
+        try:
+            self.writer = RunWriter(run_dir, self.manifest, background=True)
+        except RecordingError as e:
+            raise TracerError(str(e)) from None
+        seed_vcpus(self.probes, tgids, self.decoder.sole_vm)
+        for tgid in tgids:
+            self.probes.bpf[b"pids"][ctypes.c_uint(tgid)] = ctypes.c_ubyte(1)
+        self.pids = list(tgids)
+        self._write(lambda w: w.flush(self.manifest, wait=True))
+
+    def end_run(self, **final: Any) -> None:
+        """Stop tracing this run's processes, write everything buffered into
+        its directory and finalize it; the probes stay attached."""
+        if self.probes is not None:
+            self._drain_targets()
+        self._finish_run(final)
 
     # -- background thread (in-process use) ---------------------------------
     def start_thread(self) -> Recorder:
@@ -310,15 +373,25 @@ class Recorder:
             for sig, h in old.items():
                 signal.signal(sig, h)
 
-    def stop(self) -> None:
-        """Stop the background thread (if any) and close."""
+    def stop_thread(self) -> None:
+        """Stop the background thread (if any); probes stay attached.  An
+        error the thread met is raised."""
+        requested = self._stop  # by a signal (stopped_by_signals): keep it
         self.request_stop()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.close()
+        self._stop = requested
         if self._error is not None:
-            raise self._error
+            error, self._error = self._error, None
+            raise error
+
+    def stop(self) -> None:
+        """Stop the background thread (if any) and close."""
+        try:
+            self.stop_thread()
+        finally:
+            self.close()
 
     def __enter__(self) -> Recorder:
         return self.start_thread()
