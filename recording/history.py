@@ -135,7 +135,7 @@ def _per_run(scenario: Mapping[str, Any], name: str, rep: int) -> dict[str, Any]
     """The run's own figures, where summary.json lists per-run summaries."""
     for r in scenario.get("run_summaries") or []:
         parts = Path(str(r.get("path", ""))).parts if isinstance(r, dict) else ()
-        if parts[-2:] == (name, str(rep)):
+        if parts[-2:] == (Path(name).name, str(rep)):  # name: "<kernel>/<scenario>"
             out: dict[str, Any] = {f"run_{f}": _float(r.get(f)) for f in FIGURES}
             out.update({f"run_{c}": _int(r.get(c)) for c in COUNTS})
             return out
@@ -196,7 +196,8 @@ def read_lab_output(lab_out: str | os.PathLike[str], host: str | None = None
                 "wrap_invariant": _str(sc.get("wrap_invariant")), "wraps": _int(sc.get("wraps")),
                 "wrap_verdicts": [str(v) for v in sc.get("wrap_verdicts") or []],
                 "missing": [str(v) for v in sc.get("missing") or []],
-                "scenario": str(name), "year": str(date.year)}
+                # keyed "<kernel>/<scenario>" since the lab has a kernel axis
+                "scenario": str(sc.get("scenario") or name), "year": str(date.year)}
             row.update({k: f.get(k) for k in ("machine", "backend", "kvm_module", "qemu",
                                                "run_ok", "run_error", "accel")})
             row["host"] = host or lab_host or f.get("host") or UNKNOWN

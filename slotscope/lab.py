@@ -1,10 +1,13 @@
 """``slotscope lab``: the nightly lab run over a scenario matrix.
 
-For every scenario and repetition: rig up, record, workload, rig down, in a
-child process with a deadline (``slotscope lab-run``), on the host (direct
-mode) or inside the nested lab VM (nested mode); then analyse.  Every run
-lands in ``OUT/runs/<scenario>/<n>/`` in the recording format, with a
-``lab-run.json`` status beside the data; then ``OUT/summary.json`` and
+For every kernel, scenario and repetition: rig up, record, workload, rig
+down (``slotscope lab-run``, slotscope.labrun).  In direct mode each run is
+a child process with a deadline on the host, whose kernel is the only one;
+in nested mode one lab VM boot per kernel runs all of that kernel's runs
+with the probes compiled once (slotscope.labbatch).  Every run lands in
+``OUT/runs/<kernel>/<scenario>/<n>/`` in the recording format, with a
+``lab-run.json`` status beside the data; then ``OUT/summary.json`` (keyed
+``<kernel>/<scenario>``, with the phase times of each L1 boot) and
 ``OUT/index.html``.  The only module that composes tracer, vmrig and analysis.
 """
 
@@ -14,6 +17,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +36,21 @@ from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
 from . import labverdict
 from .labconfig import ConfigError, LabConfig, Scenario, load
+from .labrun import PlannedRun, read_progress
 
 if TYPE_CHECKING:
     from analysis.epochs import Correlation
+    from vmrig.kernel import LabKernel
 
 STATUS = "lab-run.json"
+ONE_RUN_TIMEOUT = 86400.0  # lab-run --scenario: the caller keeps the deadline
 DEFAULT_LOCK = Path("/run/lock/slotscope-lab.lock")
 # TCG-nested L2 faults come in streaks: the pcdimm L2 of the nested lab test
 # faulted on the first attempt in 3 of 5 full test runs here, in 1 of 19
 # lab-runs looped in one L1.  Two reruns keep a CI run from failing on them.
 LAB_FAULT_RERUNS = 2
 VENV_BIN = Path(sys.executable).parent
+log = logging.getLogger(__name__)
 
 
 class LabError(Exception):
@@ -113,6 +121,7 @@ class RunStatus:
     kind: str | None = None
     # The kinds of the attempts thrown away, in the order of ``retried``.
     retried_kinds: list[str] = field(default_factory=list)
+    kernel: str | None = None  # the L1's release (nested) or the host's (direct)
     # The typed failure itself, in the process that met it; lab-run.json
     # keeps its message (``error``) and ``kind``.
     failure: RigError | RunFailed | None = field(default=None, repr=False, compare=False)
@@ -137,11 +146,6 @@ def _write_status(run_dir: Path, st: RunStatus) -> None:
     os.replace(tmp, run_dir / STATUS)
 
 
-def _inner_argv(s: Scenario, run_dir: Path) -> list[str]:
-    return [str(VENV_BIN / "slotscope"), "lab-run", "--scenario", json.dumps(asdict(s)),
-            "-o", str(run_dir)]
-
-
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -156,55 +160,73 @@ def _lab_fault(st: RunStatus) -> bool:
         isinstance(f, GuestFault) or (isinstance(f, L1Fault) and f.kind != "hang"))
 
 
-def run_one(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float,
+class _Reruns:
+    """The lab-fault reruns of each run: why each attempt was thrown away."""
+
+    def __init__(self) -> None:
+        self.why: dict[Path, list[str]] = {}
+        self.kinds: dict[Path, list[str]] = {}
+
+    def again(self, st: RunStatus, run_dir: Path, log: Callable[[str], None]) -> bool:
+        """True if ``st`` is a lab fault to run again (its directory kept as
+        ``<rep>.fault<n>``); else ``st`` gets the reruns' history."""
+        why = self.why.setdefault(run_dir, [])
+        kinds = self.kinds.setdefault(run_dir, [])
+        if _lab_fault(st) and len(why) < LAB_FAULT_RERUNS:
+            assert st.error is not None and st.kind is not None
+            why.append(st.error)
+            kinds.append(st.kind)
+            log(f"{st.kernel}/{st.scenario}/{st.rep}: lab fault ({st.kind}), run again: "
+                f"{st.error}")
+            kept = run_dir.with_name(f"{run_dir.name}.fault{len(why)}")
+            shutil.rmtree(kept, ignore_errors=True)
+            run_dir.rename(kept)
+            return True
+        st.retried = " | ".join(why) or None
+        st.retried_kinds = list(kinds)
+        return False
+
+
+def run_one(r: PlannedRun, kernel: str, timeout: float,
             log: Callable[[str], None] = print) -> RunStatus:
-    """One repetition.  A run lost to a TCG-nesting fault is done again, up
-    to LAB_FAULT_RERUNS times; the status keeps why, and the lost attempt's
-    directory stays beside the run as ``<rep>.fault<n>``."""
+    """One repetition in direct mode, a child process on the host; a run
+    lost to a TCG-nesting fault (a TCG L2) is done again."""
     t0 = time.monotonic()
-    st = _attempt(s, rep, run_dir, mode, timeout)
-    why: list[str] = []
-    kinds: list[str] = []
-    while _lab_fault(st) and len(why) < LAB_FAULT_RERUNS:
-        assert st.error is not None and st.kind is not None
-        why.append(st.error)
-        kinds.append(st.kind)
-        log(f"{s.name}/{rep}: lab fault ({st.kind}), run again: {st.error}")
-        kept = run_dir.with_name(f"{run_dir.name}.fault{len(why)}")
-        shutil.rmtree(kept, ignore_errors=True)
-        run_dir.rename(kept)
-        st = _attempt(s, rep, run_dir, mode, timeout)
-    st.retried = " | ".join(why) or None
-    st.retried_kinds = kinds
+    reruns = _Reruns()
+    while True:
+        st = _attempt(r, kernel, timeout)
+        if not reruns.again(st, r.dir, log):
+            break
     st.elapsed_s = time.monotonic() - t0
-    _write_status(run_dir, st)
+    _write_status(r.dir, st)
     return st
 
 
-def _attempt(s: Scenario, rep: int, run_dir: Path, mode: str, timeout: float) -> RunStatus:
-    if run_dir.exists():  # an unfinished earlier attempt: start clean
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+def _attempt(r: PlannedRun, kernel: str, timeout: float) -> RunStatus:
+    if r.dir.exists():  # an unfinished earlier attempt: start clean
+        shutil.rmtree(r.dir)
+    r.dir.mkdir(parents=True)
     t0 = time.monotonic()
-    accel = None
-    failure: RigError | RunFailed | None
-    if mode == "nested":
-        from vmrig.labvm import run_in_labvm
-        res = run_in_labvm(_inner_argv(s, run_dir), timeout=timeout, outdir=run_dir,
-                           echo=False)
-        accel = res.accel
-        failure = res.fault()
-        if failure is None and res.returncode != 0:
-            log = run_dir / "labvm" / "console.log"
-            text = log.read_text(errors="replace") if log.exists() else ""
-            # The command's own last words, not the L1 kernel's printk lines.
-            tail = _last_line("\n".join(ln for ln in text.splitlines()
-                                         if not ln.startswith("[")))
-            failure = _exited(run_dir, res.returncode, tail)
-    else:
-        failure = _run_child(_inner_argv(s, run_dir), run_dir, timeout)
-    return RunStatus(s.name, rep, failure is None, mode, time.monotonic() - t0,
-                     accel=accel, failure=failure)
+    plan = r.dir.parent / f".{r.dir.name}.plan.json"
+    plan.write_text(json.dumps({"l0_qemu": None, "runs": [r.to_json()]}) + "\n")
+    try:
+        failure = _run_child([str(VENV_BIN / "slotscope"), "lab-run", "--plan", str(plan)],
+                             r.dir, timeout)
+    finally:
+        plan.unlink(missing_ok=True)
+    progress = read_progress(r.dir)
+    if (progress or {}).get("state") == "failed":  # the run's own typed failure
+        failure = _progress_failure(r.dir, progress)
+    # Direct mode: never a TCG-nested run, so no accel and no lab-fault rerun.
+    return RunStatus(r.scenario.name, r.rep, failure is None, "direct",
+                     time.monotonic() - t0, failure=failure, kernel=kernel)
+
+
+def _progress_failure(run_dir: Path, progress: dict[str, Any] | None) -> RigError | None:
+    if progress is None or progress.get("state") == "ok":
+        return None
+    message = str(progress.get("error") or "the run did not finish")
+    return read_record(run_dir, message) or RigError(message)
 
 
 def _exited(run_dir: Path, returncode: int | None, tail: str) -> RigError | RunFailed:
@@ -238,13 +260,28 @@ def _run_child(argv: list[str], run_dir: Path, timeout: float) -> RigError | Run
 
 # -- the inner run (host or L1) ------------------------------------------------
 def cmd_lab_run(args: argparse.Namespace) -> int:
+    """Runs one after another in this process, one tracer session: a plan
+    file (``--plan``, slotscope.labbatch writes them) or one scenario."""
     from . import labrun
     try:
-        scenario = Scenario(**json.loads(args.scenario))
-    except (ValueError, TypeError) as e:
-        raise LabError(f"bad --scenario: {e}") from None
-    labrun.run_direct(scenario, Path(args.output))
-    return 0
+        if args.plan:
+            doc = json.loads(Path(args.plan).read_text())
+            runs = [labrun.PlannedRun.from_json(d) for d in doc["runs"]]
+            l0_qemu = doc.get("l0_qemu")
+        elif args.scenario and args.output:
+            runs = [labrun.PlannedRun(Scenario(**json.loads(args.scenario)), 1,
+                                      Path(args.output), ONE_RUN_TIMEOUT)]
+            l0_qemu = None
+        else:
+            raise LabError("give --plan FILE, or --scenario JSON and -o DIR")
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise LabError(f"bad lab-run plan: {e}") from None
+    failed = labrun.run_plan(runs, l0_qemu)
+    for r in runs:
+        p = labrun.read_progress(r.dir) or {}
+        if p.get("state") != "ok":
+            log.error("slotscope lab-run: error: %s: %s", r.label, p.get("error", "?"))
+    return 1 if failed else 0
 
 
 # -- the job --------------------------------------------------------------------
@@ -294,30 +331,119 @@ def _analyse(run_dirs: list[Path]) -> tuple[Correlation | None, dict[Path, dict[
     return corr, out
 
 
+def _kernels(cfg: LabConfig, mode: str, requested: list[str] | None,
+             progress: Progress) -> list[LabKernel | None]:
+    """The kernels to run on: nested mode, each of the config's (or
+    --kernel's), resolved and fetched; direct mode, the host's (None)."""
+    from vmrig.kernel import resolve_kernel
+    specs = requested or list(cfg.kernels)
+    if mode == "direct":
+        if requested:
+            raise LabError("--kernel needs nested mode: direct mode runs on the host's kernel")
+        return [None]
+    try:
+        return [resolve_kernel(spec) for spec in specs]
+    except RigError as e:
+        raise LabError(str(e)) from None
+
+
+def _plan(cfg: LabConfig, out: Path, kernel: str, resume: bool, inject: str | None,
+          statuses: dict[str, list[RunStatus]], progress: Progress) -> list[PlannedRun]:
+    """This kernel's runs still to do; --resume's finished ones go to ``statuses``."""
+    todo = []
+    for s in cfg.scenarios:
+        key = f"{kernel}/{s.name}"
+        statuses.setdefault(key, [])
+        for rep in range(1, s.repetitions + 1):
+            run_dir = out / "runs" / kernel / s.name / str(rep)
+            prev = _read_status(run_dir) if resume else None
+            if prev is not None and prev.ok:
+                progress.log(f"{key}/{rep}: done earlier, skipped (--resume)")
+                statuses[key].append(prev)
+                progress.advance()
+                continue
+            todo.append(PlannedRun(s, rep, run_dir, s.run_timeout or cfg.run_timeout,
+                                   panic_l1=inject == f"{s.name}/{rep}"))
+    return todo
+
+
+def _nested(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None,
+            statuses: dict[str, list[RunStatus]], progress: Progress) -> list[dict[str, Any]]:
+    """Every run of ``todo`` on kernel ``k``, one L1 boot for all (a fresh
+    one for the runs an L1 fault left); the phase times of each boot."""
+    from .labbatch import run_batch, run_failure
+    reruns = _Reruns()
+    phases = []
+    boot = 0
+    while todo:
+        boot += 1
+        progress.step(f"{k.release}: L1 boot {boot}, {len(todo)} runs")
+        progress.log(f"{k.release}: L1 boot {boot} for {len(todo)} runs: "
+                     + ", ".join(r.label for r in todo))
+        b = run_batch(k, todo, out / "batches", boot, l0_qemu)
+        phases.append(b.phases())
+        progress.log(f"{k.release}: L1 boot {boot}: boot {b.boot_s} s, probes {b.load_s} s, "
+                     f"wall {b.elapsed_s:.0f} s" + (f"; L1 fault: {b.fault}" if b.fault else ""))
+        left = []
+        for r in todo:
+            p = b.progress[r.dir]
+            if p is None:  # the L1 never reached it: a fresh L1 will
+                left.append(r)
+                continue
+            r.panic_l1 = False  # injected once
+            failure = run_failure(r, p, b)
+            st = RunStatus(r.scenario.name, r.rep, failure is None, "nested",
+                           float(p.get("elapsed_s") or 0.0), accel=b.accel,
+                           failure=failure, kernel=k.release)
+            if reruns.again(st, r.dir, progress.log):
+                left.append(r)
+                continue
+            _write_status(r.dir, st)
+            statuses[f"{k.release}/{r.scenario.name}"].append(st)
+            state = "ok" if st.ok else f"FAILED: {st.error}"
+            progress.log(f"{k.release}/{r.label}: {state} ({st.elapsed_s:.0f} s)")
+            progress.advance()
+        if not any(b.progress.values()):  # no run started: another boot would do the same
+            why = str(b.fault or b.exit_error or "the lab VM ran no run")
+            for r in left:
+                r.dir.mkdir(parents=True, exist_ok=True)
+                st = RunStatus(r.scenario.name, r.rep, False, "nested", 0.0, accel=b.accel,
+                               failure=RigError(f"no run started in the L1: {why}"),
+                               kernel=k.release)
+                _write_status(r.dir, st)
+                statuses[f"{k.release}/{r.scenario.name}"].append(st)
+                progress.advance()
+            break
+        todo = left
+    return phases
+
+
 def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
-            baseline: dict[str, Any] | None, progress: Progress) -> int:
+            baseline: dict[str, Any] | None, progress: Progress,
+            kernels: list[str] | None = None, inject: str | None = None) -> int:
+    from vmrig.host import version_text
     out.mkdir(parents=True, exist_ok=True)
     mode, why = choose_mode(mode)
     progress.log(f"mode: {mode} ({why})")
     progress.log(f"config: {cfg.source}; {len(cfg.scenarios)} scenarios; output {out}")
     statuses: dict[str, list[RunStatus]] = {}
-    for s in cfg.scenarios:
-        statuses[s.name] = []
-        for rep in range(1, s.repetitions + 1):
-            run_dir = out / "runs" / s.name / str(rep)
-            prev = _read_status(run_dir) if resume else None
-            if prev is not None and prev.ok:
-                progress.log(f"{s.name}/{rep}: done earlier, skipped (--resume)")
-                statuses[s.name].append(prev)
-                progress.advance()
-                continue
-            progress.step(f"{s.name} {rep}/{s.repetitions}")
-            progress.log(f"{s.name}/{rep}: {s.workload} ...")
-            st = run_one(s, rep, run_dir, mode, s.run_timeout or cfg.run_timeout,
-                         progress.log)
-            statuses[s.name].append(st)
+    phases: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    l0_qemu = version_text() if mode == "nested" else None
+    for i, k in enumerate(_kernels(cfg, mode, kernels, progress)):
+        release = k.release if k is not None else os.uname().release
+        todo = _plan(cfg, out, release, resume, inject if i == 0 else None, statuses,
+                     progress)
+        if k is not None:
+            phases += _nested(k, todo, out, l0_qemu, statuses, progress)
+            continue
+        for r in todo:
+            progress.step(f"{r.label}")
+            progress.log(f"{release}/{r.label}: {r.scenario.workload} ...")
+            st = run_one(r, release, r.timeout, progress.log)
+            statuses[f"{release}/{r.scenario.name}"].append(st)
             state = "ok" if st.ok else f"FAILED: {st.error}"
-            progress.log(f"{s.name}/{rep}: {state} ({st.elapsed_s:.0f} s)")
+            progress.log(f"{release}/{r.label}: {state} ({st.elapsed_s:.0f} s)")
             progress.advance()
     progress.step("analysis")
     # The host the job ran on: in nested mode the runs' manifests name the
@@ -325,23 +451,31 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     summary: dict[str, Any] = {"mode": mode, "mode_reason": why, "config": cfg.source,
                                "host": {"hostname": os.uname().nodename,
                                         "kernel": os.uname().release},
-                               "finished_wall": time.time(), "scenarios": {}}
-    corr, analysed = _analyse([out / "runs" / name / str(st.rep)
-                               for name, sts in statuses.items() for st in sts if st.ok])
-    wraps = {s.name: s.wraps for s in cfg.scenarios}
-    for name, sts in statuses.items():
-        per_run = [analysed[out / "runs" / name / str(st.rep)] for st in sts if st.ok]
+                               "qemu": {"l0": l0_qemu, "rig": version_text()},
+                               "runs_wall_s": round(time.monotonic() - t0, 1),
+                               "phases": phases, "finished_wall": time.time(),
+                               "scenarios": {}}
+    def run_dir(key: str, st: RunStatus) -> Path:
+        return out / "runs" / key / str(st.rep)
+    corr, analysed = _analyse([run_dir(key, st) for key, sts in statuses.items()
+                               for st in sts if st.ok])
+    by_name = {s.name: s for s in cfg.scenarios}
+    for key, sts in statuses.items():
+        kernel, name = key.split("/", 1)
+        per_run = [analysed[run_dir(key, st)] for st in sts if st.ok]
         good = [r for r in per_run if "error" not in r]
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
-        summary["scenarios"][name] = labverdict.scenario_summary(
-            good, failed, expect_wraps=wraps[name])
+        sc = labverdict.scenario_summary(good, failed, expect_wraps=by_name[name].wraps)
+        sc.update(kernel=kernel, scenario=name)
         # each run's own figures, for the history dataset (recording/history.py)
-        summary["scenarios"][name]["run_summaries"] = [
+        sc["run_summaries"] = [
             {k: r.get(k) for k in ("path", *labverdict.FIGURES, *labverdict.COUNTS,
                                    "wrap_invariant")} for r in good]
-        summary["scenarios"][name]["retried_runs"] = [
+        sc["retried_runs"] = [
             f"{st.rep}: [{', '.join(st.retried_kinds)}] {st.retried}" for st in sts if st.retried]
+        summary["scenarios"][key] = sc
+    summary["kernels"] = labverdict.kernel_comparison(summary["scenarios"])
     regressions = []
     if baseline is not None:
         regressions = labverdict.compare(summary, baseline, cfg.thresholds)
@@ -351,13 +485,17 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         from analysis.report import write_report
         write_report(corr, out / "index.html", title=f"slotscope lab: {out.name}")
     progress.close()
+    for p in phases:
+        print(f"{p['kernel']}: L1 boot {p['boot_s']} s, probes {p['load_s']} s, "
+              f"{len(p['runs'])} runs, {p['wall_s']:.0f} s")
+    labverdict.print_kernels(summary)
     for r in regressions:
         print(f"regression: {r}")
-    for name, s in summary["scenarios"].items():
-        for r in s["retried_runs"]:
+    for name, sc in summary["scenarios"].items():
+        for r in sc["retried_runs"]:
             print(f"lab fault, run again: {name}/{r}")
-        if not s["ok"]:
-            print(f"failed: {name}: {'; '.join(s['failed_runs'])}")
+        if not sc["ok"]:
+            print(f"failed: {name}: {'; '.join(sc['failed_runs'])}")
     print(f"summary: {out / 'summary.json'}; report: {out / 'index.html'}")
     return labverdict.exit_code(summary, regressions)
 
@@ -370,10 +508,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
         raise LabError(str(e)) from None
     mode = args.mode or cfg.mode
     with job_lock(Path(args.lock)):
-        progress = Progress(sum(s.repetitions for s in cfg.scenarios))
+        n_kernels = len(args.kernel or cfg.kernels) if mode != "direct" else 1
+        progress = Progress(n_kernels * sum(s.repetitions for s in cfg.scenarios))
         try:
             rc = run_lab(cfg, Path(args.output), mode=mode, resume=args.resume,
-                         baseline=baseline, progress=progress)
+                         baseline=baseline, progress=progress, kernels=args.kernel,
+                         inject=args.inject_l1_panic)
         finally:
             progress.close()
     if args.history:
@@ -421,9 +561,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "many nights old (default 7)")
     p.add_argument("--mode", choices=("auto", "direct", "nested"),
                    help="override the config's mode")
+    p.add_argument("--kernel", action="append", metavar="SPEC",
+                   help="nested mode: an L1 kernel instead of the config's kernels "
+                   "(6.1, 6.12, a Debian release or a kernel image path); repeat for more")
+    # The lab's fault handling, tested: the L1 panics when SCENARIO/REP starts
+    # (first kernel's L1 only); the run is a lab fault, the rest go on.
+    p.add_argument("--inject-l1-panic", metavar="SCENARIO/REP", help=argparse.SUPPRESS)
     p.add_argument("--lock", default=str(DEFAULT_LOCK), help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_lab)
-    r = sub.add_parser("lab-run")  # internal: one run, in a child or the lab VM
-    r.add_argument("--scenario", required=True)
-    r.add_argument("-o", "--output", required=True)
+    r = sub.add_parser("lab-run")  # internal: runs in a child or the lab VM
+    r.add_argument("--plan")
+    r.add_argument("--scenario")
+    r.add_argument("-o", "--output")
     r.set_defaults(func=cmd_lab_run)

@@ -2,7 +2,7 @@
 
 Each TOML table becomes a frozen dataclass; every value is checked against
 the field's annotation (``typing.get_type_hints``: int, float, str, bool or
-a Literal of strings) before the dataclass is made, so a bad file gives one
+a Literal of strings, or a list of strings) before the dataclass is made, so a bad file gives one
 line naming the file, the table and the key.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from vmrig.config import GuestKind, RigConfigError, parse_size
+from vmrig.kernel import DEFAULT_KERNELS
 from vmrig.microvm.wrap import MAX_WRAP_PAGES
 from vmrig.workloads import WORKLOADS
 
@@ -72,6 +73,9 @@ class LabTable:
 
     mode: Mode = "auto"
     run_timeout: float = 420.0
+    # nested mode: the L1 kernels, each a vmrig.kernel spec ("6.1", "6.12",
+    # a Debian release, a kernel image path); every scenario runs on each
+    kernels: tuple[str, ...] = DEFAULT_KERNELS
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class LabConfig:
     mode: Mode = "auto"
     run_timeout: float = 420.0
     source: str = "<default>"
+    kernels: tuple[str, ...] = DEFAULT_KERNELS
 
 
 def _typed(where: str, key: str, value: Any, want: Any) -> Any:
@@ -91,6 +96,12 @@ def _typed(where: str, key: str, value: Any, want: Any) -> Any:
             raise ConfigError(f"{where}: {key} {value!r} is not one of "
                               f"{', '.join(map(str, choices))}", key)
         return value
+    if want == tuple[str, ...]:
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: {key} must be a non-empty list of strings, "
+                              f"not {value!r}", key)
+        return tuple(value)
     if want not in (int, float, str, bool):
         raise TypeError(f"no TOML check for {key}: {want!r}")  # a new field's type
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -168,7 +179,8 @@ def parse(text: str, source: str) -> LabConfig:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"{source}: scenario names repeat: {', '.join(sorted(dup))}", "name")
-    return LabConfig(tuple(scenarios), thresholds, lab.mode, lab.run_timeout, source)
+    return LabConfig(tuple(scenarios), thresholds, lab.mode, lab.run_timeout, source,
+                     lab.kernels)
 
 
 def default_text() -> str:

@@ -1,74 +1,182 @@
-"""One lab run in direct mode: workload up, record it, workload down.
+"""The inner side of the lab: runs recorded one after another, one tracer session.
 
-Runs as ``slotscope lab-run`` on the host, or inside the nested lab VM,
-writing the run directory in the recording format.
+Runs as ``slotscope lab-run`` on the host (direct mode: one run per child
+process) or inside the nested lab VM (one L1 boot runs a whole plan: the
+probes are compiled and attached once, each run still lands in its own
+directory in the recording format, ``Recorder.begin_run``/``end_run``).
+
+Each run directory gets ``run-progress.json``, rewritten as the run goes:
+``{"state": "started"|"ok"|"failed", "error", "elapsed_s", "phases"}``.
+The host reads it on its own clock: a run that stays "started" past its
+timeout hangs, and when the L1 dies the run in flight is the one it lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from recording.writer import atomic_write_json
 from tracer.recorder import Recorder
 from vmrig import RigError
+from vmrig.errors import write_record
 
 from .labconfig import Scenario
 
+PROGRESS = "run-progress.json"
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
+# Test hook of the lab's fault handling (slotscope lab --inject-l1-panic):
+# the L1 panics when this run starts, as a real L1 fault would take it down.
+PANIC_ON_START = "panic_l1"
 _T0 = time.monotonic()
 _log = logging.getLogger(__name__)  # not "log": _qemu has a WorkloadLog by that name
+
+
+@dataclass
+class PlannedRun:
+    """One repetition of a scenario, as the host plans it for the inner side."""
+
+    scenario: Scenario
+    rep: int
+    dir: Path
+    timeout: float                 # seconds; the inner side's own deadline
+    panic_l1: bool = False         # PANIC_ON_START: the fault-handling test
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scenario": asdict(self.scenario), "rep": self.rep, "dir": str(self.dir),
+                "timeout": self.timeout, PANIC_ON_START: self.panic_l1}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedRun:
+        return cls(Scenario(**d["scenario"]), int(d["rep"]), Path(d["dir"]),
+                   float(d["timeout"]), bool(d.get(PANIC_ON_START, False)))
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario.name}/{self.rep}"
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        d = json.loads((run_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def _phase(what: str) -> None:
     """Phase times on stderr (the lab VM's console.log): where a slow run went.
 
     INFO through logging: printed by `slotscope lab-run` (cli.main sets the
-    handler), silent when run_direct is called in-process."""
+    handler), silent when called in-process."""
     _log.info("lab-run: +%.1f s %s", time.monotonic() - _T0, what)
 
 
-def run_direct(s: Scenario, run_dir: Path) -> None:
-    _phase(f"start {s.name} ({s.workload})")
-    if s.workload == "microvm":
-        _microvm(s, run_dir)
-    else:
-        asyncio.run(_qemu(s, run_dir))
+def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
+    """Every run of ``runs`` in order; the number that failed.
+
+    One recorder session per aggregate setting (it is compiled into the
+    probes): runs are taken grouped by it.  A run's failure is written to
+    its directory and the next run goes on; Ctrl-C/SIGTERM finalize the run
+    in flight and raise KeyboardInterrupt."""
+    from vmrig.host import version_text
+    qemu = {"l0": l0_qemu, "l1": version_text()}
+    failed = 0
+    for aggregate in sorted({r.scenario.aggregate for r in runs}):
+        group = [r for r in runs if r.scenario.aggregate == aggregate]
+        rec = Recorder(None, pids=[os.getpid()], aggregate=aggregate).start()
+        _phase(f"probes compiled and attached ({rec.manifest.get('backend')}, "
+               f"{rec.load_s:.1f} s)")
+        try:
+            with rec.stopped_by_signals():
+                for r in group:
+                    failed += not _one(r, rec, qemu)
+                    if rec.stop_requested:
+                        raise KeyboardInterrupt
+        finally:
+            rec.close()
+    return failed
 
 
-def _microvm(s: Scenario, run_dir: Path) -> None:
-    truth = run_dir / "microvm.json"
+def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}
+    progress: dict[str, Any] = {"state": "started", "label": r.label, "phases": phases}
+    r.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(r.dir / PROGRESS, progress)
+    _phase(f"start {r.label} ({r.scenario.workload})")
+    if r.panic_l1:
+        _panic_l1()
+    try:
+        final = {"scenario": asdict(r.scenario), "qemu": qemu}
+        if r.scenario.workload == "microvm":
+            _microvm(r, rec, final, phases)
+        else:
+            asyncio.run(_qemu(r, rec, final, phases))
+        progress["state"] = "ok"
+        if rec.stop_requested:
+            progress.update(state="failed", error="interrupted")
+    except (RigError, OSError) as e:
+        # the typed record: GuestFault & co. keep their kind across processes
+        write_record(r.dir, e if isinstance(e, RigError) else RigError(str(e)))
+        progress.update(state="failed", error=str(e))
+    except Exception as e:  # the tracer's or the recording's: this run is lost
+        progress.update(state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        progress["elapsed_s"] = round(time.monotonic() - t0, 3)
+        atomic_write_json(r.dir / PROGRESS, progress)
+        _phase(f"{r.label} {progress['state']} ({progress['elapsed_s']:.1f} s)")
+    return progress["state"] == "ok"
+
+
+def _panic_l1() -> None:
+    if os.environ.get("SLOTSCOPE_LABVM") != "1":
+        raise RigError("panic_l1 only inside the nested lab VM")
+    _log.warning("lab-run: panicking the L1 on purpose (--inject-l1-panic)")
+    with open("/proc/sysrq-trigger", "w") as f:
+        f.write("c")
+
+
+def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
+             phases: dict[str, float]) -> None:
+    s, t0 = r.scenario, time.monotonic()
+    truth = r.dir / "microvm.json"
     work = (["--wrap", str(s.wraps)] if s.wraps else
             ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule])
     argv = [sys.executable, "-m", "vmrig.microvm", "--wait", *work, "--pages",
-            str(s.mmio_pages), "-o", str(truth), "--run-dir", str(run_dir)]
+            str(s.mmio_pages), "-o", str(truth), "--run-dir", str(r.dir)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    deadline = t0 + r.timeout
     try:
         ready = p.stdout.readline().split()
         if ready[:1] != ["ready"]:
             raise RigError(f"micro-VMM did not start: {p.stderr.read().strip()[-200:]}")
-        # Attach before the VMM creates its memslots, so every one is seen.
-        rec = Recorder(run_dir, pids=[p.pid], aggregate=s.aggregate).start()
-        _phase("probes attached")
-        with rec.stopped_by_signals():
-            try:
-                p.stdin.write("go\n")
-                p.stdin.close()
-                rec.run(until=lambda: p.poll() is not None)  # reaped: no zombie to wait on
-                if not rec.stop_requested:
-                    _phase("workload done")
-            finally:
-                rec.close(scenario=asdict(s))
-                _phase("recording closed")
-        if rec.stop_requested:  # every event drained and written: now the usual exit
-            raise KeyboardInterrupt
+        # Before the VMM creates its memslots, so every one is seen.
+        rec.begin_run(r.dir, pids=[p.pid])
+        phases["vmm_ready_s"] = round(time.monotonic() - t0, 3)
+        try:
+            p.stdin.write("go\n")
+            p.stdin.close()
+            rec.run(until=lambda: p.poll() is not None or time.monotonic() > deadline)
+        finally:
+            rec.end_run(**final)
+        phases["workload_s"] = round(time.monotonic() - t0, 3)
+        if rec.stop_requested:
+            return
+        if p.poll() is None:
+            raise RigError(f"run hung: micro-VMM killed after {r.timeout:.0f} s")
         if p.wait(timeout=60):
             raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
     finally:
@@ -77,35 +185,40 @@ def _microvm(s: Scenario, run_dir: Path) -> None:
             p.wait()
 
 
-async def _qemu(s: Scenario, run_dir: Path) -> None:
+async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
+                phases: dict[str, float]) -> None:
     from vmrig import workloads as wl
     from vmrig.config import BareGuestConfig, RigConfig
     from vmrig.rig import Rig
 
+    s, t0 = r.scenario, time.monotonic()
     cfg = RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
                     bare=BareGuestConfig(npages=s.mmio_pages))
-    # Load the probes before QEMU starts (a clang run: minutes in a TCG L1),
-    # off the event loop, then extend the pid filter to QEMU's process
-    # before it execs QEMU, so that its initial memslots are recorded too
-    # (the tracepoint backend infers change types from them).
-    rec = Recorder(run_dir, pids=[os.getpid()], aggregate=s.aggregate)
-    await asyncio.to_thread(rec.start)
-    _phase("probes attached")
+    # Our own pid first, then QEMU's before it execs (on_spawn), so that its
+    # initial memslots are recorded too (the tracepoint backend infers
+    # change types from them).
+    rec.begin_run(r.dir, pids=[os.getpid()])
     rec.start_thread()
     try:
-        async with Rig(cfg, record_dir=run_dir, on_spawn=rec.add_pid) as rig:
-            assert rig.pid is not None
-            _phase(f"QEMU up ({rig.accel})")
-            log = wl.WorkloadLog(run_dir, {"rig": rig.info(), "scenario": asdict(s)})
-            if s.workload == "hotplug":
-                await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
-                                        rate=s.rate)
-            elif s.workload == "dirty-log":
-                await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
-            else:
-                raise RigError(f"workload {s.workload} is not supported by the lab job yet")
-            await asyncio.sleep(SETTLE_S)
-            _phase("workload done")
+        async with asyncio.timeout(r.timeout):
+            async with Rig(cfg, record_dir=r.dir, on_spawn=rec.add_pid) as rig:
+                assert rig.pid is not None
+                phases["qemu_up_s"] = round(time.monotonic() - t0, 3)
+                _phase(f"QEMU up ({rig.accel})")
+                log = wl.WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
+                if s.workload == "hotplug":
+                    await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
+                                            rate=s.rate)
+                elif s.workload == "dirty-log":
+                    await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
+                else:
+                    raise RigError(f"workload {s.workload} is not supported by the lab job yet")
+                await asyncio.sleep(SETTLE_S)
+                phases["workload_s"] = round(time.monotonic() - t0, 3)
+    except TimeoutError:
+        raise RigError(f"run hung: rig stopped after {r.timeout:.0f} s") from None
     finally:
-        await asyncio.to_thread(rec.stop)
-        _phase("recording closed")
+        try:
+            await asyncio.to_thread(rec.stop_thread)
+        finally:
+            rec.end_run(**final)

@@ -65,10 +65,15 @@ class Regression:
     baseline: float
     current: float
     limit: float
+    # 95% bootstrap CI of current - baseline over the repetitions, where
+    # both nights ran the scenario at least twice
+    ci: tuple[float, float] | None = None
 
     def __str__(self) -> str:
+        ci = (f"; change {self.current - self.baseline:+.3g}, 95% CI "
+              f"[{self.ci[0]:+.3g}, {self.ci[1]:+.3g}] over runs" if self.ci else "")
         return (f"{self.scenario}: {self.figure} {self.current:g} vs baseline "
-                f"{self.baseline:g} (limit {self.limit:g})")
+                f"{self.baseline:g} (limit {self.limit:g}{ci})")
 
 
 def load_baseline(path: str | Path) -> dict[str, Any]:
@@ -103,11 +108,82 @@ def compare(summary: dict[str, Any], baseline: dict[str, Any],
                 continue
             limit = limit_of(b)
             if c > limit:
-                out.append(Regression(name, figure, float(b), float(c), float(limit)))
+                out.append(Regression(name, figure, float(b), float(c), float(limit),
+                                      _runs_ci(base, cur, figure)))
     return out
+
+
+def _runs_ci(base: dict[str, Any], cur: dict[str, Any],
+             figure: str) -> tuple[float, float] | None:
+    from analysis.history import bootstrap_diff
+    a, b = ([float(r[figure]) for r in sc.get("run_summaries") or []
+             if r.get(figure) is not None] for sc in (base, cur))
+    return bootstrap_diff(a, b) if len(a) >= 2 and len(b) >= 2 else None
 
 
 def exit_code(summary: dict[str, Any], regressions: list[Regression]) -> int:
     if any(not s.get("ok") for s in summary["scenarios"].values()):
         return EXIT_FAILED
     return EXIT_REGRESSION if regressions else EXIT_OK
+
+
+# -- kernel against kernel ------------------------------------------------------
+def kernel_comparison(scenarios: dict[str, dict[str, Any]],
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """Each scenario's figures per kernel, side by side, in run order: the
+    first kernel is the reference; for every other, the difference of the
+    medians over repetitions with a bootstrap CI over them (analysis.history)
+    and whether it excludes zero.  With fewer than 2 runs a side: no CI."""
+    from analysis.history import bootstrap_diff
+    kernels: list[str] = []
+    by: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for sc in scenarios.values():
+        k, name = str(sc.get("kernel")), str(sc.get("scenario"))
+        if k not in kernels:
+            kernels.append(k)
+        by.setdefault(name, {})[k] = sc.get("run_summaries") or []
+    out: dict[str, Any] = {"kernels": kernels, "confidence": confidence, "scenarios": {}}
+    if len(kernels) < 2:
+        return out
+    ref = kernels[0]
+    for name, per in by.items():
+        rows = {}
+        for fig in FIGURES:
+            vals = {k: [float(r[fig]) for r in runs if r.get(fig) is not None]
+                    for k, runs in per.items()}
+            row: dict[str, Any] = {k: {"median": statistics.median(v) if v else None,
+                                       "runs": len(v)} for k, v in vals.items()}
+            for k in kernels[1:]:
+                a, b = vals.get(ref, []), vals.get(k, [])
+                if len(a) < 2 or len(b) < 2:
+                    continue
+                lo, hi = bootstrap_diff(a, b, confidence)
+                d = statistics.median(b) - statistics.median(a)
+                verdict = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+                row[f"{k} - {ref}"] = {"diff": d, "ci": [lo, hi], "verdict": verdict}
+            rows[fig] = row
+        out["scenarios"][name] = rows
+    return out
+
+
+def print_kernels(summary: dict[str, Any]) -> None:
+    """The kernel comparison as a table, under 80 columns."""
+    cmp = summary.get("kernels") or {}
+    kernels = cmp.get("kernels") or []
+    if len(kernels) < 2:
+        return
+    ref = kernels[0]
+    print(f"kernels: {' vs '.join(kernels)} (median over runs; "
+          f"{cmp['confidence']:.0%} bootstrap CI of the difference)")
+    for name, rows in cmp["scenarios"].items():
+        print(f"  {name}")
+        for fig, row in rows.items():
+            meds = "  ".join(_fmt((row.get(k) or {}).get("median")) for k in kernels)
+            diffs = "; ".join(f"{d['diff']:+.3g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}] "
+                              f"{d['verdict']}" for key, d in row.items()
+                              if key.endswith(f" - {ref}"))
+            print(f"    {fig:20} {meds}  {diffs}"[:79])
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:>9.3g}" if v is not None else f"{'-':>9}"

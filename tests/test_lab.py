@@ -16,9 +16,11 @@ import pytest
 from conftest import needs_bcc, needs_kvm, needs_qemu, needs_root
 
 from recording.reader import read_run
+from slotscope.labrun import PlannedRun
 from vmrig.errors import GuestFault, L1Fault, RigError
 
 SLOTSCOPE = [sys.executable, "-m", "slotscope"]
+HOST_KERNEL = os.uname().release  # direct mode's one kernel: runs/<kernel>/<scenario>/<n>
 MICROVM = """
 [[scenario]]
 name = "{name}"
@@ -97,11 +99,15 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "direct"
     for name in ("mv-a", "mv-b"):
-        s = summary["scenarios"][name]
+        s = summary["scenarios"][f"{HOST_KERNEL}/{name}"]
+        assert s["scenario"] == name and s["kernel"] == HOST_KERNEL
         assert s["ok"] and s["runs"] == 1 and s["lost_events"] == 0
-        run = read_run(out / "runs" / name / "1")
+        run = read_run(out / "runs" / HOST_KERNEL / name / "1")
         assert run.complete and run.manifest["backend"] == s["backend"]
-        truth = json.loads((out / "runs" / name / "1" / "microvm.json").read_text())
+        # one tracer session per aggregate setting: a run of its own here
+        assert run.manifest["session"]["run"] == 1 and run.manifest["qemu"]["l0"] is None
+        truth = json.loads((out / "runs" / HOST_KERNEL / name / "1" / "microvm.json")
+                           .read_text())
         # Every memslot ioctl the micro-VMM made is in the recording and summary.
         assert run.tables["memslot_update"].num_rows == len(truth["memslot_changes"])
         assert s["memslot_updates"] == len(truth["memslot_changes"])
@@ -124,7 +130,9 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
     rows = read_lab_output(out)
     assert {r["host"] for r in rows} == {os.uname().nodename}
     mv_a = next(r for r in rows if r["scenario"] == "mv-a")
-    assert mv_a["run_memslot_updates"] == summary["scenarios"]["mv-a"]["memslot_updates"]
+    assert mv_a["run_memslot_updates"] == \
+        summary["scenarios"][f"{HOST_KERNEL}/mv-a"]["memslot_updates"]
+    assert mv_a["kernel"] == HOST_KERNEL
     html = (out / "index.html").read_text()
     assert "mv-a" in html and "mv-b" in html and "<img" in html
 
@@ -136,9 +144,9 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
 def test_direct_lab_pcdimm_updates_fall_inside_qmp_actions(
         direct_lab: tuple[Path, Path]) -> None:
     _, out = direct_lab
-    s = json.loads((out / "summary.json").read_text())["scenarios"]["pcdimm"]
+    s = json.loads((out / "summary.json").read_text())["scenarios"][f"{HOST_KERNEL}/pcdimm"]
     assert s["ok"] and s["lost_events"] == 0
-    run = read_run(out / "runs" / "pcdimm" / "1")
+    run = read_run(out / "runs" / HOST_KERNEL / "pcdimm" / "1")
     wl = run.tables["workload"].to_pandas()
     acts = wl[wl["action"].isin(["device_add", "device_del"]) & wl["ok"]]
     assert list(acts["action"]) == ["device_add", "device_del"] * 2
@@ -157,7 +165,8 @@ def test_direct_lab_pcdimm_updates_fall_inside_qmp_actions(
     deleted = wl[wl["action"] == "event:DEVICE_DELETED"]["begin_ns"].to_numpy()
     plugs = acts[acts["action"] == "device_add"]
     unplugs = acts[acts["action"] == "device_del"]
-    vcpus = set(json.loads((out / "runs" / "pcdimm" / "1" / "rig.json").read_text())
+    vcpus = set(json.loads((out / "runs" / HOST_KERNEL / "pcdimm" / "1" / "rig.json")
+                           .read_text())
                 ["vcpu_tids"].values())
     for _, u in upd.iterrows():
         if u["change"] == "delete":
@@ -180,13 +189,13 @@ def test_tightened_baseline_exits_3_naming_the_scenario(
     baseline = tmp_path / "baseline.json"
     summary = json.loads((out / "summary.json").read_text())
     # The same figures, but mv-b's baseline latency far lower: a regression.
-    summary["scenarios"]["mv-b"]["mmio_latency_p99_ns"] /= 100
+    summary["scenarios"][f"{HOST_KERNEL}/mv-b"]["mmio_latency_p99_ns"] /= 100
     baseline.write_text(json.dumps(summary))
     p = _lab("--config", str(cfg), "-o", str(out), "--resume", "--baseline", str(baseline),
              tmp=tmp_path)
     assert p.returncode == 3, p.stdout + p.stderr
     regressions = [ln for ln in p.stdout.splitlines() if ln.startswith("regression:")]
-    assert len(regressions) == 1 and "mv-b: mmio_latency_p99_ns" in regressions[0]
+    assert len(regressions) == 1 and f"{HOST_KERNEL}/mv-b: mmio_latency_p99_ns" in regressions[0]
     assert p.stdout.count("skipped (--resume)") == 3
     # Within the thresholds against itself: exit 0.
     (tmp_path / "same.json").write_text((out / "summary.json").read_text())
@@ -212,19 +221,20 @@ def test_killed_job_resumes_without_redoing_finished_runs(tmp_path: Path) -> Non
     time.sleep(3)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=60) == 130
-    first = json.loads((out / "runs" / "first" / "1" / "lab-run.json").read_text())
+    runs = out / "runs" / HOST_KERNEL
+    first = json.loads((runs / "first" / "1" / "lab-run.json").read_text())
     assert first["ok"]
-    assert not (out / "runs" / "second" / "1" / "lab-run.json").exists()
+    assert not (runs / "second" / "1" / "lab-run.json").exists()
     # Nothing of the killed run is left running.
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
-    mtime = (out / "runs" / "first" / "1" / "manifest.json").stat().st_mtime_ns
+    mtime = (runs / "first" / "1" / "manifest.json").stat().st_mtime_ns
     cfg.write_text(cfg.read_text().replace("2000000", "2000"))
     r = _lab("--config", str(cfg), "-o", str(out), "--resume", tmp=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "first/1: done earlier, skipped (--resume)" in r.stdout
-    assert (out / "runs" / "first" / "1" / "manifest.json").stat().st_mtime_ns == mtime
-    assert json.loads((out / "runs" / "second" / "1" / "lab-run.json").read_text())["ok"]
+    assert (runs / "first" / "1" / "manifest.json").stat().st_mtime_ns == mtime
+    assert json.loads((runs / "second" / "1" / "lab-run.json").read_text())["ok"]
 
 
 def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
@@ -245,36 +255,73 @@ def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
 @needs_bcc
 @pytest.mark.labvm
 def test_nested_lab_short_config(tmp_path: Path) -> None:
-    """The CI run of the main job: nested mode (TCG here), one micro-VMM
-    scenario and one QEMU pc-dimm scenario in the L2."""
-    # pcdimm in aggregate mode: real MMIO SPTE evidence counted in kernel
-    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + PCDIMM + "aggregate = true\n",
-                  mode="nested")
+    """The CI run of the main job: nested mode (TCG here) on two kernels, a
+    micro-VMM scenario twice and a QEMU pc-dimm scenario in the L2, each
+    kernel's runs in one L1 boot with the probes compiled once.  The first
+    kernel's L1 panics when mv/2 starts (--inject-l1-panic): mv/1 is kept,
+    mv/2 is a lab fault run again, pcdimm goes to a fresh L1."""
+    from vmrig.host import version_text
+    from vmrig.kernel import resolve_kernel
+    k1, k2 = (resolve_kernel(s).release for s in ("6.1", "6.12"))
+    # Aggregate mode (the cheapest; MMIO SPTE evidence counted in kernel
+    # histograms) for both: one recorder session, one compile per L1 boot.
+    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + "aggregate = true\n"
+                  "repetitions = 2\n" + PCDIMM + "aggregate = true\n", mode="nested",
+                  extra='kernels = ["6.1", "6.12"]')
     out = tmp_path / "out"
     t0 = time.monotonic()
-    p = _lab("--config", str(cfg), "-o", str(out), tmp=tmp_path, timeout=1500)
-    print(f"nested lab: {time.monotonic() - t0:.0f} s")
+    p = _lab("--config", str(cfg), "-o", str(out), "--inject-l1-panic", "mv/2",
+             tmp=tmp_path, timeout=2400)
+    print(f"nested lab: {time.monotonic() - t0:.0f} s\n{p.stdout}")
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[0].split("lab: ", 1)[1].startswith("mode: nested")
     summary = json.loads((out / "summary.json").read_text())
-    for name, s in summary["scenarios"].items():
+    assert set(summary["scenarios"]) == {f"{k}/{n}" for k in (k1, k2) for n in ("mv", "pcdimm")}
+    # The panic cost the first kernel one more boot, and only mv/2 a rerun.
+    boots = [ph["kernel"] for ph in summary["phases"]]
+    assert boots.count(k1) == 2 and boots.count(k2) >= 1, summary["phases"]
+    first = summary["phases"][0]
+    assert "panic" in first["fault"] and list(first["runs"].values())[0] is not None
+    assert [Path(d).parts[-2:] for d in first["runs"]] == [("mv", "1"), ("mv", "2")]
+    retried = summary["scenarios"][f"{k1}/mv"]["retried_runs"]
+    assert len(retried) == 1 and retried[0].startswith("2: [l1_fault:panic]"), retried
+    assert (out / "runs" / k1 / "mv" / "2.fault1" / "run-progress.json").exists()
+    for key, s in summary["scenarios"].items():
         for r in s["retried_runs"]:  # a TCG-nesting fault, rerun by the job itself
-            warnings.warn(f"nested lab {name}/{r}", stacklevel=1)
-    for name in ("mv", "pcdimm"):
-        s = summary["scenarios"][name]
-        assert s["ok"] and s["backend"] == "kprobe" and s["lost_events"] == 0
+            if key != f"{k1}/mv":
+                warnings.warn(f"nested lab {key}/{r}", stacklevel=1)
+        assert s["ok"] and s["backend"] == "kprobe" and s["lost_events"] == 0, (key, s)
         assert s["memslot_updates"] > 0 and s["mmio_faults"] > 0
-        run = read_run(out / "runs" / name / "1")
-        assert run.tables["generation"].num_rows > 0
+    for k in (k1, k2):
+        for name, reps in (("mv", 2), ("pcdimm", 1)):
+            for rep in range(1, reps + 1):
+                run = read_run(out / "runs" / k / name / str(rep))
+                assert run.manifest["kernel"] == k and run.tables["generation"].num_rows > 0
+                assert run.manifest["qemu"]["l0"] == version_text()
+                # one compile per boot: the session's runs share its load time
+                assert run.manifest["session"]["load_s"] > 0
+        sessions = [read_run(out / "runs" / k / n / r).manifest["session"]
+                    for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"))]
+        if k == k2:  # all three in one boot, in order
+            assert [x["run"] for x in sessions] == [1, 2, 3]
+            assert len({x["attach_ns"] for x in sessions}) == 1
     # Aggregated: no fault rows; the histograms hold fast-path hits and the
     # stale faults each plug's generation bump causes, and the summary agrees.
-    run = read_run(out / "runs" / "pcdimm" / "1")
+    run = read_run(out / "runs" / k2 / "pcdimm" / "1")
     assert run.tables["mmio_fault"].num_rows == 0
     h = run.tables["mmio_hist"].to_pandas()
-    s = summary["scenarios"]["pcdimm"]
+    s = summary["scenarios"][f"{k2}/pcdimm"]
     assert int(h.loc[h.reentered, "count"].sum()) == s["mmio_faults"]
     assert int(h.loc[~h.reentered, "count"].sum()) == s["unfinished_faults"]
     assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
+    # Kernel against kernel, side by side, with a CI where both ran twice.
+    cmp = summary["kernels"]
+    assert cmp["kernels"] == [k1, k2]
+    slow = cmp["scenarios"]["mv"]["slow_share"]
+    assert slow[k1]["runs"] == slow[k2]["runs"] == 2
+    lo, hi = slow[f"{k2} - {k1}"]["ci"]
+    assert lo <= slow[f"{k2} - {k1}"]["diff"] <= hi
+    assert f"kernels: {k1} vs {k2}" in p.stdout
     assert (out / "index.html").stat().st_size > 10_000
 
 
@@ -293,15 +340,14 @@ def _scripted_attempts(monkeypatch: pytest.MonkeyPatch,
     """Replace the lab's attempts by ``outcomes`` in turn (None: the run
     succeeded), each attempt leaving its number in its directory."""
     from slotscope import lab
-    from slotscope.labconfig import Scenario
     left = list(outcomes)
 
-    def attempt(s: Scenario, rep: int, run_dir: Path, mode: str,
-                timeout: float) -> lab.RunStatus:
-        run_dir.mkdir(parents=True)
+    def attempt(r: PlannedRun, kernel: str, timeout: float) -> lab.RunStatus:
+        r.dir.mkdir(parents=True)
         err = left.pop(0)
-        (run_dir / "attempt").write_text(str(len(outcomes) - len(left)))
-        return lab.RunStatus(s.name, rep, err is None, mode, 1.0, accel="tcg", failure=err)
+        (r.dir / "attempt").write_text(str(len(outcomes) - len(left)))
+        return lab.RunStatus(r.scenario.name, r.rep, err is None, "nested", 1.0, accel="tcg",
+                             failure=err, kernel=kernel)
 
     monkeypatch.setattr(lab, "_attempt", attempt)
     return left
@@ -323,7 +369,8 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     left = _scripted_attempts(monkeypatch, outcomes)
     said: list[str] = []
     run = tmp_path / "runs" / "pc" / "1"
-    st = lab.run_one(Scenario("pc", "hotplug"), 1, run, "nested", 60, log=said.append)
+    st = lab.run_one(PlannedRun(Scenario("pc", "hotplug"), 1, run, 60), "k", 60,
+                     log=said.append)
     assert st.ok is ok
     if left:  # not a lab fault: no rerun
         assert st.retried is None and not said and st.error == str(outcomes[0])
@@ -351,7 +398,7 @@ def test_lab_fault_is_decided_by_type(tmp_path: Path, monkeypatch: pytest.Monkey
     from slotscope import lab
     from slotscope.labconfig import Scenario
     left = _scripted_attempts(monkeypatch, [failure, None])
-    st = lab.run_one(Scenario("pc", "hotplug"), 1, tmp_path / "1", "nested", 60,
+    st = lab.run_one(PlannedRun(Scenario("pc", "hotplug"), 1, tmp_path / "1", 60), "k", 60,
                      log=lambda _: None)
     assert not st.ok and st.retried is None and left == [None]
     assert st.kind == failure.kind_tag  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -73,6 +73,8 @@ class LabResult:
     # The L1's last "soft lockup - CPU#n stuck for Ns! [task:pid]" report.
     lockup: str = ""
     timeout_s: float = 0.0   # the deadline it was given
+    # Why the host killed it: the deadline, or what run_in_labvm's watch said.
+    kill_reason: str = ""
     # Each L1 vCPU's RIP and symbol, read by the host before the kill.
     host_report: list[str] = field(default_factory=list)
 
@@ -93,7 +95,7 @@ class LabResult:
                          if ln.strip() and not ln.startswith("qemu-system")), "")
             where = "; ".join(ln.split(": ", 1)[1] for ln in self.host_report
                               if ln.startswith(f"sample {l1report.SAMPLES - 1} vCPU"))
-            return L1Fault(f"lab VM hung: killed after {self.timeout_s:.0f} s; "
+            return L1Fault(f"lab VM hung: {self.kill_reason or 'killed'}; "
                            f"last console: {last.rstrip()}"
                            + (f"; vCPUs at {where}" if where else ""), "hang", last.rstrip())
         return None
@@ -253,7 +255,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
                  outdir: str | os.PathLike[str] | None = None,
                  cwd: str | os.PathLike[str] | None = None,
                  memory: str = DEFAULT_MEMORY, cpus: int | None = None,
-                 echo: bool = True) -> LabResult:
+                 echo: bool = True,
+                 watch: Callable[[], str | None] | None = None) -> LabResult:
     """Boot the L1, run ``command`` as root inside, return its status.
 
     ``outdir`` (created; default ./labvm-out) is writable from inside at the
@@ -263,6 +266,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     command's stderr) and ``result.json``.  After ``timeout`` seconds the VM
     is killed and the result says ``timed_out`` with the last console lines.
     ``echo`` copies the command's stdout (and stderr) to ours as it runs.
+    ``watch``, called every second on the host, may end the run early: the
+    reason it returns kills the VM as the deadline would (host report first).
     """
     if not command:
         raise RigError("no command given to run in the lab VM")
@@ -319,12 +324,16 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
             t.start()
         reporter.start()
         timed_out = False
+        kill_reason = ""
         try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            reporter.join(timeout=HOST_REPORT_S)  # it has had its time
-            _kill_group(p)
+            kill_reason = _wait(p, t0, timeout, watch)
+            if kill_reason:
+                timed_out = True
+                reporter.cancel()
+                reporter.join(timeout=HOST_REPORT_S)  # if it is reading, it has had its time
+                if not host_report:  # killed before the deadline: the host report now
+                    host_report.extend(l1report.report(qmp, state / "kallsyms"))
+                _kill_group(p)
         except BaseException:
             _kill_group(p)
             raise
@@ -333,8 +342,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
         for t in pumps:
             t.join(timeout=5)
         if host_report:
-            co.write(f"labvm: host report, {HOST_REPORT_S} s before the deadline "
-                     "(host clock): each L1 vCPU\n")
+            co.write(f"labvm: host report before the kill ({kill_reason}, host clock): "
+                     "each L1 vCPU\n")
             co.writelines(f"labvm:   {ln}\n" for ln in host_report)
     elapsed = time.monotonic() - t0
     rc_file = state / "rc"
@@ -350,6 +359,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     with contextlib.suppress(OSError, ValueError, IndexError):
         boot_s = float((state / "guest-start").read_text().split()[0])
     result = LabResult(returncode=None if timed_out else rc, accel=accel,
+                       kill_reason=kill_reason,
                        elapsed_s=round(elapsed, 3), timed_out=timed_out, outdir=out,
                        console_tail=list(tail), boot_s=boot_s,
                        panic=_panic(state / "console.log"),
@@ -357,11 +367,25 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
                        host_report=host_report)
     (state / "result.json").write_text(json.dumps(
         {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
-         "timed_out": timed_out, "boot_s": boot_s, "kernel": str(kernel_path),
+         "timed_out": timed_out, "kill_reason": kill_reason, "boot_s": boot_s,
+         "kernel": str(kernel_path),
          "command": list(command), "panic": result.panic, "lockup": result.lockup,
          "host_report": host_report},
         indent=2) + "\n")
     return result
+
+
+def _wait(p: subprocess.Popen[str], t0: float, timeout: float,
+          watch: Callable[[], str | None] | None) -> str:
+    """Wait for the VM to end; '' if it did, else why it must be killed."""
+    while (left := t0 + timeout - time.monotonic()) > 0:
+        try:
+            p.wait(timeout=min(left, 1.0) if watch else left)
+            return ""
+        except subprocess.TimeoutExpired:
+            if watch is not None and (why := watch()):
+                return why
+    return f"killed after {timeout:.0f} s"
 
 
 def _console_lines(console: Path) -> list[str]:
