@@ -17,6 +17,7 @@ APT_PKGS=(
   build-essential                                           # guests, headers
   linux-perf trace-cmd                                      # comparison tools
   linux-headers-amd64 vagrant vagrant-libvirt               # lab VM, Vagrantfile
+  zstd                                                      # lab VM: 6.12's bzImage
   sudo                                                      # README's commands
 )
 # QEMU >= 8.2 for the rig and the lab: virtio-mem dynamic-memslots, and a
@@ -96,8 +97,9 @@ fi
 .venv/bin/python -m pip install -q -e '.[test,lab]'
 .venv/bin/python -c 'import bcc, slotscope' || { echo "setup: bcc not importable from .venv" >&2; exit 1; }
 qemu_recent || log "warning: $(qemu-system-x86_64 --version | head -1): the lab wants QEMU >= 8.2"
-# The nested lab VM's kernel: Debian's linux-image matching the installed
-# linux-headers-amd64, unpacked (not installed) into a cache, its modules in
-# /lib/modules/<release>; skipped when already there (vmrig/kernel.py).
+# The nested lab VM's kernels, 6.1 (linux-headers-amd64's release) and 6.12
+# (Debian's newest for bookworm): images, modules and headers unpacked (never
+# installed: no initramfs or bootloader hooks) into a cache, /lib/modules and
+# /usr/src; skipped when already there (vmrig/kernel.py).
 .venv/bin/python -m vmrig.kernel fetch | sed 's/^/setup: lab kernel: /'
 log "done: run the tests with  sudo .venv/bin/pytest"
