@@ -16,15 +16,22 @@ log = logging.getLogger(__name__)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("labvm", help="run a command inside the nested lab VM (L1)",
-                       description="Boot a stock Debian 6.1 L1 hypervisor on this host's "
-                       "filesystem (virtme-ng) and run a command in it as root.")
+                       description="Boot an L1 hypervisor (Debian 6.1 by default, 6.12, or "
+                       "your own kernel build) on this host's filesystem (virtme-ng) and run a "
+                       "command in it as root.")
     lsub = p.add_subparsers(dest="labvm_command", metavar="ACTION", required=True)
     r = lsub.add_parser("run", help="boot the L1, run COMMAND, power off",
                         usage="slotscope labvm run [options] -- COMMAND...")
     r.add_argument("--accel", default="auto", choices=ACCELS,
                    help="auto: KVM where the host has nested virt, else TCG")
-    r.add_argument("--kernel", metavar="PATH",
-                   help="L1 kernel image (default: the fetched Debian 6.1 vmlinux)")
+    r.add_argument("--kernel", metavar="SPEC",
+                   help="L1 kernel: 6.1 (default), 6.12, an exact Debian release, or the "
+                   "path of a kernel build's bzImage/vmlinux (python -m vmrig.kernel fetch)")
+    r.add_argument("--modules", metavar="DIR",
+                   help="with --kernel PATH: the build's modules (INSTALL_MOD_PATH or "
+                   "lib/modules/<release>)")
+    r.add_argument("--headers", metavar="DIR",
+                   help="with --kernel PATH: the build tree bcc compiles against")
     r.add_argument("--timeout", type=float, default=900.0, metavar="S",
                    help="kill the L1 after S seconds (default 900)")
     r.add_argument("-o", "--outdir", default="labvm-out", metavar="OUTDIR",
@@ -38,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vmrig.kernel import resolve_kernel
     from vmrig.labvm import run_in_labvm
 
     command = list(args.run_command)
@@ -45,7 +53,11 @@ def _run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise RigError("no COMMAND given (slotscope labvm run -- COMMAND...)")
-    res = run_in_labvm(command, accel=args.accel, kernel=args.kernel, timeout=args.timeout,
+    # The default (None) is run_in_labvm's own: the fetched Debian 6.1.
+    kernel = None
+    if args.kernel or args.modules or args.headers:
+        kernel = resolve_kernel(args.kernel, args.modules, args.headers).vmlinux
+    res = run_in_labvm(command, accel=args.accel, kernel=kernel, timeout=args.timeout,
                        outdir=args.outdir, memory=args.memory, cpus=args.cpus)
     boot = f", command started at L1 uptime {res.boot_s:.1f} s" if res.boot_s else ""
     if res.timed_out:
