@@ -276,7 +276,10 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
             raise LabError("give --plan FILE, or --scenario JSON and -o DIR")
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise LabError(f"bad lab-run plan: {e}") from None
-    failed = labrun.run_plan(runs, l0_qemu)
+    try:
+        failed = labrun.run_plan(runs, l0_qemu)
+    except OSError as e:  # a run directory that cannot be written: none can
+        raise LabError(f"cannot write a run directory: {e}") from None
     for r in runs:
         p = labrun.read_progress(r.dir) or {}
         if p.get("state") != "ok":

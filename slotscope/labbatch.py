@@ -46,7 +46,9 @@ class BatchOutcome:
     progress: dict[Path, dict[str, Any] | None] = field(default_factory=dict)
 
     def phases(self) -> dict[str, Any]:
-        runs = {str(d): (p or {}).get("elapsed_s") for d, p in self.progress.items()}
+        runs = {str(d): {"state": (p or {}).get("state", "not started"),
+                         "elapsed_s": (p or {}).get("elapsed_s")}
+                for d, p in self.progress.items()}
         return {"kernel": self.kernel, "accel": self.accel, "boot_s": self.boot_s,
                 "load_s": self.load_s,
                 "wall_s": round(self.elapsed_s, 1), "runs": runs,
@@ -92,15 +94,19 @@ def run_batch(kernel: LabKernel, runs: list[PlannedRun], state: Path, n: int,
                                 "runs": [r.to_json() for r in runs]}, indent=1) + "\n")
     watch = _Watch(runs)
     timeout = START_LIMIT_S + sum(r.timeout + RUN_GRACE_S for r in runs)
+    # The lab's output directory is the L1's writable one (runs/ and
+    # batches/ inside); this boot's script and logs in batches/<plan>/.
+    boot = state / plan.stem
     res = run_in_labvm([str(VENV_BIN / "slotscope"), "lab-run", "--plan", str(plan)],
-                       kernel=kernel.vmlinux, timeout=timeout, outdir=state / plan.stem,
-                       echo=False, watch=watch)
+                       kernel=kernel.vmlinux, timeout=timeout, outdir=state.parent,
+                       echo=False, watch=watch,
+                       state_dir=str(boot.relative_to(state.parent)))
     progress = {r.dir: read_progress(r.dir) for r in runs}
     load_s = next((float(m["session"]["load_s"]) for r in runs
                    if (m := _manifest(r.dir)) and "session" in m), None)
     exit_error = None
     if res.returncode not in (0, None):
-        exit_error = _last_words(state / plan.stem / "labvm" / "console.log",
+        exit_error = _last_words(boot / "console.log",
                                  res.returncode)
     return BatchOutcome(kernel.release, res.accel, res.boot_s, load_s, res.elapsed_s, res.fault(),
                         exit_error, progress)

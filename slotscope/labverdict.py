@@ -173,16 +173,21 @@ def print_kernels(summary: dict[str, Any]) -> None:
     if len(kernels) < 2:
         return
     ref = kernels[0]
-    print(f"kernels: {' vs '.join(kernels)} (median over runs; "
-          f"{cmp['confidence']:.0%} bootstrap CI of the difference)")
+    print(f"kernels: {' vs '.join(kernels)}")
+    print(f"  median over runs per kernel; the others against the first, with a "
+          f"{cmp['confidence']:.0%}")
+    print("  bootstrap CI of the difference over runs (same: it holds zero)")
     for name, rows in cmp["scenarios"].items():
         print(f"  {name}")
         for fig, row in rows.items():
-            meds = "  ".join(_fmt((row.get(k) or {}).get("median")) for k in kernels)
-            diffs = "; ".join(f"{d['diff']:+.3g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}] "
-                              f"{d['verdict']}" for key, d in row.items()
+            meds = " ".join(_fmt((row.get(k) or {}).get("median")) for k in kernels)
+            diffs = "; ".join(f"{_VERDICT[d['verdict']]} [{d['ci'][0]:+.2g}, "
+                              f"{d['ci'][1]:+.2g}]" for key, d in row.items()
                               if key.endswith(f" - {ref}"))
-            print(f"    {fig:20} {meds}  {diffs}"[:79])
+            print(f"    {fig:20}{meds} {diffs}")
+
+
+_VERDICT = {"higher": "higher", "lower": "lower", "no difference": "same"}
 
 
 def _fmt(v: float | None) -> str:

@@ -281,8 +281,9 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     boots = [ph["kernel"] for ph in summary["phases"]]
     assert boots.count(k1) == 2 and boots.count(k2) >= 1, summary["phases"]
     first = summary["phases"][0]
-    assert "panic" in first["fault"] and list(first["runs"].values())[0] is not None
-    assert [Path(d).parts[-2:] for d in first["runs"]] == [("mv", "1"), ("mv", "2")]
+    assert "panic" in first["fault"]
+    assert [(*Path(d).parts[-2:], r["state"]) for d, r in first["runs"].items()] == [
+        ("mv", "1", "ok"), ("mv", "2", "started"), ("pcdimm", "1", "not started")]
     retried = summary["scenarios"][f"{k1}/mv"]["retried_runs"]
     assert len(retried) == 1 and retried[0].startswith("2: [l1_fault:panic]"), retried
     assert (out / "runs" / k1 / "mv" / "2.fault1" / "run-progress.json").exists()

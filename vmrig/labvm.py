@@ -256,7 +256,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
                  cwd: str | os.PathLike[str] | None = None,
                  memory: str = DEFAULT_MEMORY, cpus: int | None = None,
                  echo: bool = True,
-                 watch: Callable[[], str | None] | None = None) -> LabResult:
+                 watch: Callable[[], str | None] | None = None,
+                 state_dir: str = STATE_DIR) -> LabResult:
     """Boot the L1, run ``command`` as root inside, return its status.
 
     ``outdir`` (created; default ./labvm-out) is writable from inside at the
@@ -268,6 +269,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     ``echo`` copies the command's stdout (and stderr) to ours as it runs.
     ``watch``, called every second on the host, may end the run early: the
     reason it returns kills the VM as the deadline would (host report first).
+    ``state_dir``: where under ``outdir`` the files above go (the lab keeps
+    one per L1 boot).
     """
     if not command:
         raise RigError("no command given to run in the lab VM")
@@ -284,8 +287,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     out = Path(outdir or "labvm-out").absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        state = out / STATE_DIR
-        state.mkdir(exist_ok=True)
+        state = out / state_dir
+        state.mkdir(parents=True, exist_ok=True)
         for stale in ("rc", "guest-start", "result.json"):
             (state / stale).unlink(missing_ok=True)
         script = state / "run.sh"
