@@ -280,6 +280,7 @@ class RunWriter:
 
 def write_workload_config(run_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
     """The rig's side of the manifest, kept apart so the tracer never clobbers it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(run_dir) / WORKLOAD_CONFIG, config)
 
 

@@ -262,7 +262,10 @@ def _run_child(argv: list[str], run_dir: Path, timeout: float) -> RigError | Run
 def cmd_lab_run(args: argparse.Namespace) -> int:
     """Runs one after another in this process, one tracer session: a plan
     file (``--plan``, slotscope.labbatch writes them) or one scenario."""
+    from recording.nopandas import block_pandas
+
     from . import labrun
+    block_pandas()  # this process records, never analyses: 33 s less per L1 boot
     try:
         if args.plan:
             doc = json.loads(Path(args.plan).read_text())

@@ -10,6 +10,7 @@ an fentry/fexit program is loaded against).
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,12 @@ class BTF:
         return None
 
 
+@functools.cache
 def load(module: str | None = None) -> BTF:
-    """vmlinux BTF, or ``module``'s split BTF on top of it when it has one."""
+    """vmlinux BTF, or ``module``'s split BTF on top of it when it has one.
+
+    Parsed once per process: 14 s each time in a TCG-nested L1, and the
+    tracer asks twice (struct offsets, the address-space count)."""
     try:
         base = BTF((BTF_DIR / "vmlinux").read_bytes())
     except FileNotFoundError:

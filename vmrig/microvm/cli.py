@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vmrig.microvm.changes import parse_schedule
 from vmrig.microvm.errors import BadRequest, MicroVMError
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BadRequest("give --mmio-accesses M, --duration S or --wrap K")
         else:
             wrap = None
+        if args.run_dir:  # before the run, not after it: a bad path costs nothing
+            try:
+                Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BadRequest(f"--run-dir {args.run_dir}: {e.strerror}") from None
         if args.wait:
             print(f"ready {os.getpid()}", flush=True)
             sys.stdin.readline()
@@ -82,15 +88,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if args.run_dir:
-        if isinstance(r, WrapResult):
-            write_wrap_workload(args.run_dir, r)
-        else:
-            write_workload(args.run_dir, r)
     text = json.dumps(r.as_dict(), indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    try:
+        if args.run_dir:
+            if isinstance(r, WrapResult):
+                write_wrap_workload(args.run_dir, r)
+            else:
+                write_workload(args.run_dir, r)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        else:
+            print(text)
+    except OSError as e:
+        print(f"microvm: error: cannot write the results: {e}", file=sys.stderr)
+        return 1
     return 0
