@@ -424,6 +424,23 @@ def _nested(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None
     return phases
 
 
+def _memslot_mismatches(run_dirs: list[Path]) -> list[str]:
+    """virtio-mem runs: each resize step's recorded memslot creations and
+    deletions against the memslots QEMU reported (analysis.virtiomem); a
+    run without reports or with a step that disagrees is a failed run."""
+    from analysis.virtiomem import memslot_steps
+    out = []
+    for d in run_dirs:
+        steps = memslot_steps(d)
+        if steps.empty:
+            out.append(f"{d}: no memslot reports from QEMU (needs dynamic-memslots)")
+        for st in steps[~steps["ok"]].itertuples():
+            out.append(f"{d}: step {st.step} to {st.requested >> 20} MiB: QEMU mapped "
+                       f"+{st.added} -{st.removed} memslots, recorded +{st.created} "
+                       f"-{st.deleted}")
+    return out
+
+
 def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
             baseline: dict[str, Any] | None, progress: Progress,
             kernels: list[str] | None = None, inject: str | None = None) -> int:
@@ -472,6 +489,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         good = [r for r in per_run if "error" not in r]
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
+        if by_name[name].workload == "virtio-mem":
+            failed += _memslot_mismatches([run_dir(key, st) for st in sts if st.ok])
         sc = labverdict.scenario_summary(good, failed, expect_wraps=by_name[name].wraps)
         sc.update(kernel=kernel, scenario=name)
         # each run's own figures, for the history dataset (recording/history.py)

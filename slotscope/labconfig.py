@@ -147,6 +147,9 @@ def _check_scenario(where: str, s: Scenario) -> None:
         raise ConfigError(f"{where}: {e}", "size") from None
     if s.rate <= 0:
         raise ConfigError(f"{where}: rate must be > 0", "rate")
+    if s.workload == "virtio-mem" and s.guest != "linux":
+        raise ConfigError(f"{where}: workload virtio-mem needs guest = \"linux\" (its "
+                          "driver plugs the blocks)", "guest")
     if s.wraps and s.workload != "microvm":
         raise ConfigError(f"{where}: wraps needs workload \"microvm\"", "wraps")
     if s.wraps and s.mmio_pages > MAX_WRAP_PAGES:

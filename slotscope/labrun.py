@@ -185,15 +185,28 @@ def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
             p.wait()
 
 
+def rig_config(s: Scenario, timeout: float) -> Any:
+    """The rig a QEMU scenario runs: its guest, and for virtio-mem a device of
+    ``size`` (dynamic memslots where QEMU has them) with room for it."""
+    from vmrig.config import BareGuestConfig, MemoryConfig, RigConfig, VirtioMemConfig
+    base = MemoryConfig()
+    vm = VirtioMemConfig(size=s.size_bytes) if s.workload == "virtio-mem" else None
+    memory = MemoryConfig(maxmem=max(base.maxmem, base.base + s.size_bytes)) if vm else base
+    # A Linux L2 under a TCG L1 takes minutes to boot, not the bare guest's seconds.
+    boot = max(RigConfig.boot_timeout, timeout / 2) if s.guest == "linux" else \
+        RigConfig.boot_timeout
+    return RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
+                     bare=BareGuestConfig(npages=s.mmio_pages), virtio_mem=vm,
+                     memory=memory, boot_timeout=boot)
+
+
 async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 phases: dict[str, float]) -> None:
     from vmrig import workloads as wl
-    from vmrig.config import BareGuestConfig, RigConfig
     from vmrig.rig import Rig
 
     s, t0 = r.scenario, time.monotonic()
-    cfg = RigConfig(guest=s.guest, vcpus=s.vcpus,  # type: ignore[arg-type]
-                    bare=BareGuestConfig(npages=s.mmio_pages))
+    cfg = rig_config(s, r.timeout)
     # Our own pid first, then QEMU's before it execs (on_spawn), so that its
     # initial memslots are recorded too (the tracepoint backend infers
     # change types from them).
@@ -211,6 +224,9 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                                             rate=s.rate)
                 elif s.workload == "dirty-log":
                     await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
+                elif s.workload == "virtio-mem":
+                    top = s.size_bytes  # half, all, none: memslots mapped and unmapped
+                    await wl.virtio_mem_steps(rig, log, [top // 2, top, 0] * s.cycles)
                 else:
                     raise RigError(f"workload {s.workload} is not supported by the lab job yet")
                 await asyncio.sleep(SETTLE_S)

@@ -30,6 +30,16 @@ mmio_accesses = {n}
 mmio_pages = 2
 """
 
+VMEM = """
+[[scenario]]
+name = "vmem"
+workload = "virtio-mem"
+guest = "linux"
+size = "2G"
+cycles = 1
+aggregate = true
+"""
+
 PCDIMM = """
 [[scenario]]
 name = "pcdimm"
@@ -58,6 +68,9 @@ def _lab(*args: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedPro
     ('[[scenario]]\nname = "a"\nworkload = "microvm"\nrate = "fast"\n', "rate"),
     ('[[scenario]]\nname = "a"\n', "workload"),
     ('[thresholds]\nlost = 1\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "lost"),
+    ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\n', "guest"),
+    ('[lab]\nkernels = "6.1"\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
+    ('[lab]\nkernels = []\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
 ])
 def test_malformed_config_is_one_line_naming_the_key(tmp_path: Path, body: str,
                                                      key: str) -> None:
@@ -74,7 +87,10 @@ def test_malformed_config_is_one_line_naming_the_key(tmp_path: Path, body: str,
 def test_default_config_parses() -> None:
     from slotscope.labconfig import load
     cfg = load(None)
-    assert {s.workload for s in cfg.scenarios} >= {"microvm", "hotplug"}
+    assert {s.workload for s in cfg.scenarios} >= {"microvm", "hotplug", "virtio-mem"}
+    assert cfg.kernels == ("6.1", "6.12")
+    # the figure scenarios repeat, for confidence intervals per kernel
+    assert all(s.repetitions >= 3 for s in cfg.scenarios if not s.wraps)
 
 
 @pytest.fixture(scope="module")
@@ -256,17 +272,19 @@ def test_second_job_is_refused_while_one_holds_the_lock(tmp_path: Path) -> None:
 @pytest.mark.labvm
 def test_nested_lab_short_config(tmp_path: Path) -> None:
     """The CI run of the main job: nested mode (TCG here) on two kernels, a
-    micro-VMM scenario twice and a QEMU pc-dimm scenario in the L2, each
-    kernel's runs in one L1 boot with the probes compiled once.  The first
-    kernel's L1 panics when mv/2 starts (--inject-l1-panic): mv/1 is kept,
-    mv/2 is a lab fault run again, pcdimm goes to a fresh L1."""
+    micro-VMM scenario twice, a QEMU pc-dimm scenario (bare L2) and a
+    virtio-mem one with dynamic memslots (Linux L2), each kernel's runs in
+    one L1 boot with the probes compiled once.  The first kernel's L1 panics
+    when mv/2 starts (--inject-l1-panic): mv/1 is kept, mv/2 is a lab fault
+    run again, the rest go to a fresh L1."""
+    from analysis.virtiomem import memslot_steps
     from vmrig.host import version_text
     from vmrig.kernel import resolve_kernel
     k1, k2 = (resolve_kernel(s).release for s in ("6.1", "6.12"))
     # Aggregate mode (the cheapest; MMIO SPTE evidence counted in kernel
-    # histograms) for both: one recorder session, one compile per L1 boot.
-    cfg = _config(tmp_path, MICROVM.format(name="mv", n=4000) + "aggregate = true\n"
-                  "repetitions = 2\n" + PCDIMM + "aggregate = true\n", mode="nested",
+    # histograms) for all: one recorder session, one compile per L1 boot.
+    cfg = _config(tmp_path, MICROVM.format(name="mv", n=2000) + "aggregate = true\n"
+                  "repetitions = 2\n" + PCDIMM + "aggregate = true\n" + VMEM, mode="nested",
                   extra='kernels = ["6.1", "6.12"]')
     out = tmp_path / "out"
     t0 = time.monotonic()
@@ -276,14 +294,16 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[0].split("lab: ", 1)[1].startswith("mode: nested")
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["scenarios"]) == {f"{k}/{n}" for k in (k1, k2) for n in ("mv", "pcdimm")}
+    names = ("mv", "pcdimm", "vmem")
+    assert set(summary["scenarios"]) == {f"{k}/{n}" for k in (k1, k2) for n in names}
     # The panic cost the first kernel one more boot, and only mv/2 a rerun.
     boots = [ph["kernel"] for ph in summary["phases"]]
     assert boots.count(k1) == 2 and boots.count(k2) >= 1, summary["phases"]
     first = summary["phases"][0]
     assert "panic" in first["fault"]
     assert [(*Path(d).parts[-2:], r["state"]) for d, r in first["runs"].items()] == [
-        ("mv", "1", "ok"), ("mv", "2", "started"), ("pcdimm", "1", "not started")]
+        ("mv", "1", "ok"), ("mv", "2", "started"), ("pcdimm", "1", "not started"),
+        ("vmem", "1", "not started")]
     retried = summary["scenarios"][f"{k1}/mv"]["retried_runs"]
     assert len(retried) == 1 and retried[0].startswith("2: [l1_fault:panic]"), retried
     assert (out / "runs" / k1 / "mv" / "2.fault1" / "run-progress.json").exists()
@@ -294,7 +314,7 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
         assert s["ok"] and s["backend"] == "kprobe" and s["lost_events"] == 0, (key, s)
         assert s["memslot_updates"] > 0 and s["mmio_faults"] > 0
     for k in (k1, k2):
-        for name, reps in (("mv", 2), ("pcdimm", 1)):
+        for name, reps in (("mv", 2), ("pcdimm", 1), ("vmem", 1)):
             for rep in range(1, reps + 1):
                 run = read_run(out / "runs" / k / name / str(rep))
                 assert run.manifest["kernel"] == k and run.tables["generation"].num_rows > 0
@@ -302,9 +322,9 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
                 # one compile per boot: the session's runs share its load time
                 assert run.manifest["session"]["load_s"] > 0
         sessions = [read_run(out / "runs" / k / n / r).manifest["session"]
-                    for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"))]
-        if k == k2:  # all three in one boot, in order
-            assert [x["run"] for x in sessions] == [1, 2, 3]
+                    for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"), ("vmem", "1"))]
+        if k == k2:  # all four in one boot, in order
+            assert [x["run"] for x in sessions] == [1, 2, 3, 4]
             assert len({x["attach_ns"] for x in sessions}) == 1
     # Aggregated: no fault rows; the histograms hold fast-path hits and the
     # stale faults each plug's generation bump causes, and the summary agrees.
@@ -315,6 +335,14 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert int(h.loc[h.reentered, "count"].sum()) == s["mmio_faults"]
     assert int(h.loc[~h.reentered, "count"].sum()) == s["unfinished_faults"]
     assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
+    # virtio-mem, dynamic memslots: half, all, none of a 2G device (two 1G
+    # memslots); each step's recorded memslot creations and deletions are
+    # exactly the memslots QEMU's own `info mtree` added and removed.
+    for k in (k1, k2):
+        steps = memslot_steps(out / "runs" / k / "vmem" / "1")
+        assert steps["qemu_memslots"].tolist() == [1, 2, 0], steps
+        assert steps["created"].tolist() == [1, 1, 0] and steps["deleted"].tolist() == [0, 0, 2]
+        assert steps["ok"].all()
     # Kernel against kernel, side by side, with a CI where both ran twice.
     cmp = summary["kernels"]
     assert cmp["kernels"] == [k1, k2]

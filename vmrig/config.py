@@ -255,7 +255,10 @@ def qemu_argv(binary: str, config: RigConfig, accel: str, files: LaunchFiles,
         argv += ["-device", dev]
     vm = config.virtio_mem
     if vm is not None:
-        argv += ["-object", f"memory-backend-ram,id={vm.id}-mem,size={vm.size}"]
+        # reserve=off (QEMU >= 6.1): no swap reservation for the whole device,
+        # as virtio-mem's documentation advises; a 2G device in a 2G lab VM
+        # was refused otherwise ("Cannot allocate memory")
+        argv += ["-object", f"memory-backend-ram,id={vm.id}-mem,size={vm.size},reserve=off"]
         dev = (f"virtio-mem-pci,id={vm.id},memdev={vm.id}-mem,"
                f"requested-size={vm.requested},block-size={vm.block_size}")
         if vm.dynamic_memslots or (vm.dynamic_memslots is None and dynamic_memslots_supported):

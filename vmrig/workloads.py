@@ -303,6 +303,23 @@ async def hotplug_cycles(rig: Rig, log: WorkloadLog, cycles: int | None = 5,
     return stats
 
 
+# "alias memslot-3 @vmem0-mem ..." in `info mtree`: one mapped memslot of a
+# virtio-mem device with dynamic-memslots (QEMU >= 8.2), named by its memdev.
+_MEMSLOT_ALIAS = r"alias memslot-(\d+) @{memdev} "
+
+
+async def device_memslots(rig: Rig, memdev: str) -> list[int]:
+    """The memslots QEMU has mapped for a virtio-mem device right now (its
+    ``memslot-N`` aliases in ``info mtree``, disabled ones left out): what
+    each resize step's memslot_update rows must match."""
+    import re
+    text = str(await rig.require_qmp().execute(
+        "human-monitor-command", {"command-line": "info mtree"}))
+    pattern = re.compile(_MEMSLOT_ALIAS.format(memdev=re.escape(memdev)))
+    return sorted({int(m[1]) for line in text.splitlines() if "[disabled]" not in line
+                   for m in [pattern.search(line)] if m})
+
+
 async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
                            timeout: float = 10.0, duration: float | None = None) -> int:
     """Set the virtio-mem device's requested-size through ``sizes`` (cycled for
@@ -317,9 +334,22 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
                            f"{fmt_size(vm.block_size)} up to {fmt_size(vm.size)}")
     qmp = rig.require_qmp()
     path = f"/machine/peripheral/{vm.id}"
+    memdev = f"{vm.id}-mem"
+    dev = next((d["data"] for d in await rig.memory_devices()
+                if d.get("type") == "virtio-mem" and d["data"].get("id") == vm.id), {})
     log.config.setdefault("workload", "virtio-mem")
+    # memaddr and max-size: the guest-physical range the device's memslots lie in
     log.config.setdefault("params", {"sizes": sizes, "timeout": timeout, "duration": duration,
-                                     "dynamic_memslots": rig.dynamic_memslots})
+                                     "dynamic_memslots": rig.dynamic_memslots,
+                                     "memaddr": dev.get("memaddr"),
+                                     "max_size": dev.get("max-size")})
+
+    async def memslots(requested: int) -> None:
+        slots = await device_memslots(rig, memdev)
+        log.event("memslots", vm.id, monotonic_ns(), len(slots),
+                  detail={"memslots": slots, "requested": requested})
+
+    await memslots(vm.requested)  # before the first step
     loop = asyncio.get_running_loop()
     start, steps = loop.time(), 0
     try:
@@ -346,6 +376,7 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
                         log.event("MEMORY_DEVICE_SIZE_CHANGE", vm.id, monotonic_ns(), current,
                                   detail={"latency_ns": monotonic_ns() - begin,
                                           "requested": size})
+                await memslots(size)
                 steps += 1
             if duration is None:
                 return steps
