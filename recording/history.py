@@ -121,12 +121,13 @@ def _run_facts(run_dir: Path) -> dict[str, Any]:
     st = _json(run_dir / STATUS)
     st = st if isinstance(st, dict) else {}
     h = m.get("host") if isinstance(m.get("host"), dict) else {}
-    wl = m.get("workload") if isinstance(m.get("workload"), dict) else {}
+    q = m.get("qemu") if isinstance(m.get("qemu"), dict) else {}
     return {"host": _str(h.get("hostname")), "kernel": _str(m.get("kernel") or h.get("kernel")),
             "machine": _str(h.get("machine")), "backend": _str(m.get("backend")),
             "kvm_module": _str(m.get("kvm_module")),
-            # No writer records the VMM's version yet; read it where one does.
-            "qemu": _str(m.get("qemu_version") or wl.get("qemu_version")),
+            # The lab's manifests (slotscope.labrun): the QEMU running the lab
+            # VM in nested mode, else the rig's own.
+            "qemu": _str(q.get("l0") or q.get("l1")),
             "run_ok": st.get("ok") if isinstance(st.get("ok"), bool) else None,
             "run_error": _str(st.get("error")), "accel": _str(st.get("accel"))}
 

@@ -149,6 +149,8 @@ def test_direct_lab_writes_runs_summary_and_report(direct_lab: tuple[Path, Path]
     assert mv_a["run_memslot_updates"] == \
         summary["scenarios"][f"{HOST_KERNEL}/mv-a"]["memslot_updates"]
     assert mv_a["kernel"] == HOST_KERNEL
+    from vmrig.host import version_text
+    assert mv_a["qemu"] == version_text() is not None  # the QEMU a night ran with
     html = (out / "index.html").read_text()
     assert "mv-a" in html and "mv-b" in html and "<img" in html
 
