@@ -151,12 +151,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _lab_fault(st: RunStatus) -> bool:
+def _lab_fault(accel: str | None, f: Exception | None) -> bool:
     """An L1 panic or soft lockup, or an L2 guest fault the rig names, under
     TCG-emulated nesting: not the scenario's doing.  An L1 that merely hung
     (no lockup report) may have been waiting on the run itself: not rerun."""
-    f = st.failure
-    return st.accel == "tcg" and (
+    return accel == "tcg" and (
         isinstance(f, GuestFault) or (isinstance(f, L1Fault) and f.kind != "hang"))
 
 
@@ -172,7 +171,7 @@ class _Reruns:
         ``<rep>.fault<n>``); else ``st`` gets the reruns' history."""
         why = self.why.setdefault(run_dir, [])
         kinds = self.kinds.setdefault(run_dir, [])
-        if _lab_fault(st) and len(why) < LAB_FAULT_RERUNS:
+        if _lab_fault(st.accel, st.failure) and len(why) < LAB_FAULT_RERUNS:
             assert st.error is not None and st.kind is not None
             why.append(st.error)
             kinds.append(st.kind)
@@ -337,8 +336,7 @@ def _analyse(run_dirs: list[Path]) -> tuple[Correlation | None, dict[Path, dict[
     return corr, out
 
 
-def _kernels(cfg: LabConfig, mode: str, requested: list[str] | None,
-             progress: Progress) -> list[LabKernel | None]:
+def _kernels(cfg: LabConfig, mode: str, requested: list[str] | None) -> list[LabKernel | None]:
     """The kernels to run on: nested mode, each of the config's (or
     --kernel's), resolved and fetched; direct mode, the host's (None)."""
     from vmrig.kernel import resolve_kernel
@@ -380,13 +378,22 @@ def _nested(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None
     from .labbatch import run_batch, run_failure
     reruns = _Reruns()
     phases = []
-    boot = 0
+    boot = idle = 0
     while todo:
         boot += 1
         progress.step(f"{k.release}: L1 boot {boot}, {len(todo)} runs")
         progress.log(f"{k.release}: L1 boot {boot} for {len(todo)} runs: "
                      + ", ".join(r.label for r in todo))
-        b = run_batch(k, todo, out / "batches", boot, l0_qemu)
+        try:
+            b = run_batch(k, todo, out / "batches", boot, l0_qemu)
+        except BaseException:  # Ctrl-C, SIGTERM: the runs this L1 finished stay done
+            for r in todo:
+                p = read_progress(r.dir)
+                if p is not None and p.get("state") == "ok":
+                    _write_status(r.dir, RunStatus(r.scenario.name, r.rep, True, "nested",
+                                                   float(p.get("elapsed_s") or 0.0),
+                                                   kernel=k.release))
+            raise
         phases.append(b.phases())
         progress.log(f"{k.release}: L1 boot {boot}: boot {b.boot_s} s, probes {b.load_s} s, "
                      f"wall {b.elapsed_s:.0f} s" + (f"; L1 fault: {b.fault}" if b.fault else ""))
@@ -409,7 +416,12 @@ def _nested(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None
             state = "ok" if st.ok else f"FAILED: {st.error}"
             progress.log(f"{k.release}/{r.label}: {state} ({st.elapsed_s:.0f} s)")
             progress.advance()
-        if not any(b.progress.values()):  # no run started: another boot would do the same
+        if not any(b.progress.values()):  # no run started
+            idle += 1
+            if _lab_fault(b.accel, b.fault) and idle <= LAB_FAULT_RERUNS:  # e.g. a TCG lockup
+                progress.log(f"{k.release}: L1 boot {boot} ran no run ({b.fault}); boot again")
+                continue
+            # another boot would do the same
             why = str(b.fault or b.exit_error or "the lab VM ran no run")
             for r in left:
                 r.dir.mkdir(parents=True, exist_ok=True)
@@ -453,7 +465,7 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     phases: list[dict[str, Any]] = []
     t0 = time.monotonic()
     l0_qemu = version_text() if mode == "nested" else None
-    for i, k in enumerate(_kernels(cfg, mode, kernels, progress)):
+    for i, k in enumerate(_kernels(cfg, mode, kernels)):
         release = k.release if k is not None else os.uname().release
         todo = _plan(cfg, out, release, resume, inject if i == 0 else None, statuses,
                      progress)
