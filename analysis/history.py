@@ -55,15 +55,20 @@ def query(dataset: str | os.PathLike[str], sql: str, figure: str = "value",
     used = {k: str(v) for k, v in filters.items() if v is not None}
     where = " AND ".join(history_sql.FILTERS[k] for k in used) or "true"
     glob = "'" + f"{root}/*=*/**/*.parquet".replace("'", "''") + "'"
-    nights = history_sql.NIGHTS.format(figure=figure, where=where,
-                                       source=history_sql.SOURCE.format(glob=glob))
-    text = sql.format(nights=nights)
+    source = history_sql.SOURCE.format(glob=glob)
+
+    def text_with(kernel_line: str) -> str:
+        return sql.format(nights=history_sql.NIGHTS.format(
+            figure=figure, where=where, source=source, kernel_line=kernel_line))
     bound = {**used, **(params or {})}
     # only the parameters this text names: DuckDB refuses unused ones
-    bound = {k: v for k, v in bound.items() if f"${k}" in text}
+    bound = {k: v for k, v in bound.items() if f"${k}" in text_with("kernel_line")}
     try:
         con = duckdb.connect()
-        cur = con.execute(text, bound)
+        try:
+            cur = con.execute(text_with("kernel_line"), bound)
+        except duckdb.BinderException:  # no file has the column yet (version 1)
+            cur = con.execute(text_with("NULL"), bound)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     except duckdb.Error as e:
@@ -195,7 +200,8 @@ def changes(dataset: str | os.PathLike[str], figures: Sequence[str], alpha: floa
             if c is None:
                 continue
             i = c.index
-            out.append({"host": s["host"], "scenario": s["scenario"], "figure": figure,
+            out.append({"host": s["host"], "scenario": s["scenario"],
+                        "kernel_line": s["kernel_line"] or None, "figure": figure,
                         "date": _iso(s["dates"][i]), "last_before": _iso(s["dates"][i - 1]),
                         "before": c.before, "after": c.after, "p_value": c.p_value,
                         "nights": len(s["values"]), "index": i,

@@ -10,6 +10,8 @@ any_value() both picks that one value and drops duplicates.
 ``{source}``, ``{where}`` and ``{figure}`` are filled in by
 analysis/history.py: the figure from a fixed list of column names, the
 where clause from fixed fragments; every value is a $parameter.
+``{kernel_line}`` is the column of that name, or NULL in a dataset whose
+files all predate it (version 1).
 """
 
 SOURCE = """read_parquet({glob}, hive_partitioning = true, union_by_name = true,
@@ -29,6 +31,7 @@ SELECT host, kernel, scenario, night_id,
        any_value(date)          AS date,
        any_value(finished_wall) AS finished_wall,
        any_value(qemu)          AS qemu,
+       coalesce(any_value({kernel_line}), '') AS kernel_line,
        any_value({figure})      AS value
 FROM {source}
 WHERE {where}
@@ -60,17 +63,19 @@ GROUP BY scenario, kernel
 ORDER BY scenario, kernel
 """
 
-# Each host x scenario series in night order, across kernel and QEMU
-# upgrades: a change is found where it happened, whatever changed.
+# Each host x scenario x kernel line series in night order, across kernel
+# and QEMU upgrades: a change is found where it happened, whatever changed.
+# A line is the lab's kernel axis entry ("6.12"), so the kernels a night
+# runs side by side stay apart; nights from before the axis ('') make one.
 SERIES = """
 WITH nights AS ({nights})
-SELECT host, scenario,
+SELECT host, scenario, kernel_line,
        list(value      ORDER BY finished_wall) AS values,
        list(date       ORDER BY finished_wall) AS dates,
        list(kernel     ORDER BY finished_wall) AS kernels,
        list(qemu       ORDER BY finished_wall) AS qemus
 FROM nights
 WHERE value IS NOT NULL
-GROUP BY host, scenario
-ORDER BY host, scenario
+GROUP BY host, scenario, kernel_line
+ORDER BY host, scenario, kernel_line
 """

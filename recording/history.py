@@ -51,7 +51,8 @@ from .errors import BadLabOutput, HistoryWriteFailed
 from .schema import MANIFEST
 
 # The dataset's versions and what each changed (as schema.VERSIONS).
-VERSIONS = {1: "the first history dataset"}
+VERSIONS = {1: "the first history dataset",
+            2: "kernel_line: the lab's kernel spec a night ran (6.1, 6.12), its series key"}
 HISTORY_VERSION = max(VERSIONS)
 
 SUMMARY = "summary.json"
@@ -72,7 +73,10 @@ SCHEMA = pa.schema(
     [("history_version", pa.int16()), ("night_id", s), ("date", pa.date32()),
      ("finished_wall", f64), ("lab_output", s), ("lab_mode", s), ("rep", i32),
      ("run_ok", b), ("run_error", s), ("accel", s), ("backend", s), ("kvm_module", s),
-     ("qemu", s), ("machine", s), ("scenario_ok", b), ("runs", i32), ("failed_runs", i32)]
+     ("qemu", s), ("machine", s), ("scenario_ok", b), ("runs", i32), ("failed_runs", i32),
+     # The lab's kernel axis entry ("6.12": its release moves on with
+     # upgrades); null before version 2 and in direct mode's single line.
+     ("kernel_line", s)]
     + [(f, f64) for f in FIGURES] + [(c, i64) for c in COUNTS]
     + [(f"run_{f}", f64) for f in FIGURES] + [(f"run_{c}", i64) for c in COUNTS]
     + [("wrap_invariant", s), ("wraps", i32), ("wrap_verdicts", pa.list_(s)),
@@ -198,7 +202,8 @@ def read_lab_output(lab_out: str | os.PathLike[str], host: str | None = None
                 "wrap_verdicts": [str(v) for v in sc.get("wrap_verdicts") or []],
                 "missing": [str(v) for v in sc.get("missing") or []],
                 # keyed "<kernel>/<scenario>" since the lab has a kernel axis
-                "scenario": str(sc.get("scenario") or name), "year": str(date.year)}
+                "scenario": str(sc.get("scenario") or name), "year": str(date.year),
+                "kernel_line": _str(sc.get("kernel_spec"))}
             row.update({k: f.get(k) for k in ("machine", "backend", "kvm_module", "qemu",
                                                "run_ok", "run_error", "accel")})
             row["host"] = host or lab_host or f.get("host") or UNKNOWN
@@ -315,6 +320,14 @@ def _locked(part: Path) -> Iterator[None]:
         yield
 
 
+def _conform(t: pa.Table) -> pa.Table:
+    """A file of any version as SCHEMA: columns added since, as nulls."""
+    for f in SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select(SCHEMA.names).cast(SCHEMA)
+
+
 def compact_partition(part: Path) -> tuple[int, int]:
     """Merge a partition's files into one, dropping duplicate (night_id, rep)
     rows; (files before, files after).  Readers see the merged file and
@@ -325,7 +338,7 @@ def compact_partition(part: Path) -> tuple[int, int]:
             if len(members) < 2:
                 return len(members), len(members)
             # ParquetFile, not read_table: no partition columns from the path.
-            tables = [pq.ParquetFile(m).read().cast(SCHEMA) for m in members]
+            tables = [_conform(pq.ParquetFile(m).read()) for m in members]
             t = pa.concat_tables(tables).sort_by([("date", "ascending"), ("night_id", "ascending"),
                                                   ("rep", "ascending")])
             keys = list(zip(t["night_id"].to_pylist(), t["rep"].to_pylist(), strict=True))

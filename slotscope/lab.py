@@ -465,8 +465,10 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     phases: list[dict[str, Any]] = []
     t0 = time.monotonic()
     l0_qemu = version_text() if mode == "nested" else None
+    specs: dict[str, str | None] = {}
     for i, k in enumerate(_kernels(cfg, mode, kernels)):
         release = k.release if k is not None else os.uname().release
+        specs[release] = k.name if k is not None else None
         todo = _plan(cfg, out, release, resume, inject if i == 0 else None, statuses,
                      progress)
         if k is not None:
@@ -504,7 +506,9 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         if by_name[name].workload == "virtio-mem":
             failed += _memslot_mismatches([run_dir(key, st) for st in sts if st.ok])
         sc = labverdict.scenario_summary(good, failed, expect_wraps=by_name[name].wraps)
-        sc.update(kernel=kernel, scenario=name)
+        # the kernel axis entry it ran on (lab.toml's "6.12"), which the
+        # history follows across that kernel's upgrades
+        sc.update(kernel=kernel, scenario=name, kernel_spec=specs.get(kernel))
         # each run's own figures, for the history dataset (recording/history.py)
         sc["run_summaries"] = [
             {k: r.get(k) for k in ("path", *labverdict.FIGURES, *labverdict.COUNTS,

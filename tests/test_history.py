@@ -301,3 +301,76 @@ def test_nightly_job_flags_a_recent_sustained_change(
     assert "history: sustained change: alpha mmio_latency_p99_ns from 2026-03-09" in out
     assert lab.history_changes(outs[-1], ds, window=4) == []  # ingested once, too old now
     assert len(rows(ds, "SELECT DISTINCT night_id FROM h")) == 13
+
+
+def _two_kernel_night(template: Path, dest: Path, day: int,
+                      kernels: dict[str, tuple[str, float]]) -> Path:
+    """Night ``day`` of a lab with a kernel axis: {line: (release, alpha's
+    MMIO p99)}; runs under runs/<release>/<scenario>/<n>, summary.json keyed
+    <release>/<scenario> with the line each ran for (slotscope.lab's layout)."""
+    out = dest / f"axis-{day}"
+    doc = json.loads((template / "summary.json").read_text())
+    scenarios = {}
+    for line, (release, p99) in kernels.items():
+        for name in LAYOUT:
+            shutil.copytree(template / "runs" / name, out / "runs" / release / name,
+                            copy_function=os.link)
+            for m in (out / "runs" / release / name).glob("*/manifest.json"):
+                man = json.loads(m.read_text())
+                man["kernel"] = release
+                m.unlink()
+                m.write_text(json.dumps(man))
+            sc = dict(doc["scenarios"][name], kernel=release, scenario=name, kernel_spec=line)
+            if name == "alpha":
+                sc[P99] = p99
+            scenarios[f"{release}/{name}"] = sc
+    doc.update(finished_wall=(DAY0 + dt.timedelta(days=day)).timestamp(), scenarios=scenarios,
+               host={"hostname": "h1", "kernel": "6.18"})  # the job's host (slotscope.lab)
+    (out / "summary.json").write_text(json.dumps(doc))
+    return out
+
+
+def test_changes_follow_each_kernel_line_across_its_upgrades(
+        template: Path, tmp_path: Path) -> None:
+    """Two kernels every night (the lab's kernel axis): each line is its own
+    series, whatever its release; the step planted in 6.12 at night 12 is
+    found there, two nights after that line's upgrade, and 6.1 stays quiet.
+    Mixed into one series by night, the two levels would interleave."""
+    import numpy as np
+
+    from analysis.history import changes
+    rng = np.random.default_rng(7)
+    ds = tmp_path / "ds"
+    for d in range(24):
+        new = "6.12.120" if d >= 10 else "6.12.117"
+        p99_612 = 3e6 * (1.5 if d >= 12 else 1.0) * rng.lognormal(0, 0.03)
+        hist.ingest(ds, _two_kernel_night(template, tmp_path, d, {
+            "6.1": ("6.1.0-57", 1e6 * rng.lognormal(0, 0.03)), "6.12": (new, p99_612)}))
+    got = [c for c in changes(ds, [P99]) if c["scenario"] == "alpha"]
+    assert [(c["kernel_line"], c["date"]) for c in got] == [("6.12", "2026-03-13")], got
+    assert got[0]["kernel_before"] == got[0]["kernel_after"] == "6.12.120"
+    assert got[0]["after"] / got[0]["before"] == pytest.approx(1.5, rel=0.1)
+    # the dataset's rows carry the line
+    lines = {(r["kernel"], r["kernel_line"]) for r in rows(ds, "SELECT DISTINCT kernel, "
+                                                          "kernel_line FROM h")}
+    assert lines == {("6.1.0-57", "6.1"), ("6.12.117", "6.12"), ("6.12.120", "6.12")}
+
+
+def test_a_dataset_from_before_kernel_lines_still_answers(template: Path,
+                                                          tmp_path: Path) -> None:
+    """Version-1 files have no kernel_line column: queries take them as one
+    line, and compaction adds the column as nulls."""
+    import pyarrow.parquet as pq
+
+    from analysis.history import changes, trend
+    ds = tmp_path / "ds"
+    for d in range(3):
+        hist.ingest(ds, night(template, tmp_path, d), compact_at=10**6)
+    for f in ds.glob("*=*/**/*.parquet"):  # as version 1 wrote them
+        t = pq.read_table(f, partitioning=None)
+        pq.write_table(t.drop_columns(["kernel_line"]), f)
+    assert trend(ds, P99) and changes(ds, [P99]) == []
+    part = next(p for p in ds.glob("host=*/kernel=*/scenario=*/year=*"))
+    assert hist.compact_partition(part)[1] == 1
+    merged = pq.read_table(next(part.glob("*.parquet")), partitioning=None)
+    assert merged.column("kernel_line").null_count == merged.num_rows
