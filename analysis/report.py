@@ -189,7 +189,10 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
 
 
 def render(corr: Correlation, title: str | None = None,
-           skipped: Sequence[tuple[str, str]] = ()) -> str:
+           skipped: Sequence[tuple[str, str]] = (),
+           sections: Sequence[tuple[str, str, pd.DataFrame]] = ()) -> str:
+    """The report's HTML; ``sections``: (heading, note, table) the caller
+    adds after the overview (the lab: each figure per kernel side by side)."""
     runs = corr.recording.runs
     summaries = [run_summary(corr, r) for r in runs]
     tables = summary_tables(corr)
@@ -204,6 +207,9 @@ def render(corr: Correlation, title: str | None = None,
              "during the update, or after the zap-all it caused).</small></p>",
              "<h2>Overview</h2>", _table(overview(summaries)),
              "<p>" + " | ".join(f'<a href="#{_esc(r)}">{_esc(r)}</a>' for r in runs) + "</p>"]
+    for heading, note, table in sections:
+        parts.append(f"<h2>{_esc(heading)}</h2><p><small>{_esc(note)}</small></p>")
+        parts.append(_table(table, max_rows=300))
     if skipped:
         items = "".join(f"<li>{_esc(why)}</li>" for _, why in skipped)
         parts.append(f'<div class="missing"><b>Runs not analysed</b><ul>{items}</ul></div>')
@@ -220,7 +226,8 @@ def render(corr: Correlation, title: str | None = None,
 
 
 def write_report(src: RunSource, out_html: str | os.PathLike[str],
-                 title: str | None = None, names: Sequence[str] | None = None) -> Path:
+                 title: str | None = None, names: Sequence[str] | None = None,
+                 sections: Sequence[tuple[str, str, pd.DataFrame]] = ()) -> Path:
     """Analyse ``src`` (run dirs, a Recording or a Correlation) and write one
     self-contained HTML file; returns its path.
 
@@ -229,11 +236,12 @@ def write_report(src: RunSource, out_html: str | os.PathLike[str],
     RecordingError only when none can be read.  ``names`` label the runs.
     """
     with one_line_errors(f"report {out_html}"):
-        return _write_report(src, out_html, title, names)
+        return _write_report(src, out_html, title, names, sections)
 
 
 def _write_report(src: RunSource, out_html: str | os.PathLike[str], title: str | None,
-                  names: Sequence[str] | None) -> Path:
+                  names: Sequence[str] | None,
+                  sections: Sequence[tuple[str, str, pd.DataFrame]]) -> Path:
     skipped: list[tuple[str, str]] = []
     if isinstance(src, Correlation | Recording):
         corr = correlate_runs(src)
@@ -253,7 +261,7 @@ def _write_report(src: RunSource, out_html: str | os.PathLike[str], title: str |
         if not good:
             raise RecordingError("no readable run: " + "; ".join(w for _, w in skipped))
         corr = correlate_runs(good, names=good_names if labels is not None else None)
-    text = render(corr, title, skipped)
+    text = render(corr, title, skipped, sections)
     out = Path(out_html)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

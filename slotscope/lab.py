@@ -523,8 +523,18 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         summary["regressions"] = [str(r) for r in regressions]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     if corr is not None:
+        import pandas as pd
+
         from analysis.report import write_report
-        write_report(corr, out / "index.html", title=f"slotscope lab: {out.name}")
+        sections = []
+        if rows := labverdict.kernel_rows(summary):
+            sections.append((
+                "Kernels side by side",
+                "median over each kernel's runs; the others against the first kernel, the "
+                f"difference with a {summary['kernels']['confidence']:.0%} bootstrap CI over "
+                "the runs", pd.DataFrame(rows)))
+        write_report(corr, out / "index.html", title=f"slotscope lab: {out.name}",
+                     sections=sections)
     progress.close()
     for p in phases:
         print(f"{p['kernel']}: L1 boot {p['boot_s']} s, probes {p['load_s']} s, "

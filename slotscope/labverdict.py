@@ -166,6 +166,24 @@ def kernel_comparison(scenarios: dict[str, dict[str, Any]],
     return out
 
 
+def kernel_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kernel comparison as rows (scenario, figure, each kernel's median,
+    each difference with its CI and verdict): the report's table."""
+    cmp = summary.get("kernels") or {}
+    kernels = cmp.get("kernels") or []
+    out = []
+    for name, rows in (cmp.get("scenarios") or {}).items():
+        for fig, row in rows.items():
+            r: dict[str, Any] = {"scenario": name, "figure": fig}
+            r.update({k: (row.get(k) or {}).get("median") for k in kernels})
+            for key, d in row.items():
+                if " - " in key:
+                    r[key] = f"{d['diff']:+.4g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]"
+                    r[f"{key}: verdict"] = d["verdict"]
+            out.append(r)
+    return out
+
+
 def print_kernels(summary: dict[str, Any]) -> None:
     """The kernel comparison as a table, under 80 columns."""
     cmp = summary.get("kernels") or {}
