@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,30 +94,42 @@ class Recording:
                          {run: self.problems.get(run, [])})
 
 
-def _to_pandas(table: pa.Table, event: str) -> pd.DataFrame:
+def _to_pandas(read: Callable[[], pa.Table], event: str) -> pd.DataFrame:
+    """The table ``read()`` returns as typed pandas columns.  Each column's
+    Arrow chunks are dropped as soon as it is converted, so a 10M-row table
+    is never held twice over (Arrow's chunks and the contiguous numpy
+    arrays pandas needs)."""
+    table = read()
+    names = table.column_names
+    columns: list[pa.ChunkedArray | None] = list(table.columns)
+    del table
     cols: dict[str, Any] = {}
-    for name, col in zip(table.column_names, table.columns, strict=True):
-        typ = col.type
-        if pa.types.is_dictionary(typ):
-            # Arrow dictionaries become pandas categoricals without touching
-            # every value; the enum's own order comes first.
-            enum = ENUMS.get((event, name)) or ()
-            values = pd.Categorical(col.to_pandas()) if len(col) else pd.Categorical([])
-            present = [str(x) for x in values.categories]
-            cats = list(enum) + sorted(set(present) - set(enum))
-            values = values.rename_categories(present) if len(present) else values
-            cols[name] = values.set_categories(cats)
-        elif typ in _INT_DTYPES:
-            if col.null_count == 0 and (name.endswith("_ns") or event in BULK):
-                # Exact timestamps and bulk tables: plain numpy, zero nulls.
-                cols[name] = col.to_numpy()
-            else:
-                cols[name] = col.to_pandas(types_mapper=_INT_DTYPES.get)
-        elif pa.types.is_string(typ):
-            cols[name] = col.to_pandas().astype("string")
-        else:
-            cols[name] = col.to_pandas()
+    for i, name in enumerate(names):
+        col, columns[i] = columns[i], None  # the list held the last reference
+        cols[name] = _column(col, name, event)
+        del col
     return pd.DataFrame(cols, copy=False)
+
+
+def _column(col: pa.ChunkedArray, name: str, event: str) -> Any:
+    typ = col.type
+    if pa.types.is_dictionary(typ):
+        # Arrow dictionaries become pandas categoricals without touching
+        # every value; the enum's own order comes first.
+        enum = ENUMS.get((event, name)) or ()
+        values = pd.Categorical(col.to_pandas()) if len(col) else pd.Categorical([])
+        present = [str(x) for x in values.categories]
+        cats = list(enum) + sorted(set(present) - set(enum))
+        values = values.rename_categories(present) if len(present) else values
+        return values.set_categories(cats)
+    if typ in _INT_DTYPES:
+        if col.null_count == 0 and (name.endswith("_ns") or event in BULK):
+            # Exact timestamps and bulk tables: plain numpy, zero nulls.
+            return col.to_numpy()
+        return col.to_pandas(types_mapper=_INT_DTYPES.get)
+    if pa.types.is_string(typ):
+        return col.to_pandas().astype("string")
+    return col.to_pandas()
 
 
 def _run_names(paths: Sequence[Path]) -> list[str]:
@@ -162,7 +175,7 @@ def load(run_dirs: PathLike | Iterable[PathLike],
         probs = problems.setdefault(name, [])
         code = names.index(name)
         for event in EVENT_TYPES:
-            df = _to_pandas(read_tolerant(path, event, probs), event)
+            df = _to_pandas(partial(read_tolerant, path, event, probs), event)
             df.insert(0, "run", pd.Categorical.from_codes(
                 np.full(len(df), code, dtype=np.int32), categories=names))
             per_event[event].append(df)
@@ -178,6 +191,9 @@ def load(run_dirs: PathLike | Iterable[PathLike],
             frames[event] = pd.concat(dfs, ignore_index=True)
         else:
             frames[event] = dfs[0]
+    # Arrow's allocator keeps the pages of the tables it freed for reuse;
+    # analysis allocates with numpy from here on, so give them back.
+    pa.default_memory_pool().release_unused()
     return Recording(frames, manifests, dict(zip(names, paths, strict=True)), problems)
 
 

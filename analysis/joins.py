@@ -1,8 +1,9 @@
 """Generic numpy kernels for joining event tables by key and time.
 
 Nothing here knows about memslots or MMIO: dense group ids for integer keys,
-a per-key as-of join (what pandas.merge_asof does with ``by``, vectorised with
-searchsorted), per-key medians and successors.  They are written for
+a per-key as-of join (what pandas.merge_asof does with ``by``: a merge when
+the needles are in time order, else searchsorted per key) and per-key
+medians.  They are written for
 10M-row tables: no per-row Python, no multi-column factorizing, no copies
 where a view will do.
 """
@@ -71,38 +72,132 @@ def nullable_int(values: np.ndarray, mask: np.ndarray) -> pd.arrays.IntegerArray
     return pd.arrays.IntegerArray(values.astype(np.int64, copy=False), mask)
 
 
-def partition(keys: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
-    """Row positions per key (small dense ids), computed once per table."""
-    present = np.flatnonzero(np.bincount(keys)) if len(keys) else []
-    if len(present) == 1:
-        return [(int(present[0]), slice(None))]
-    return [(int(k), np.flatnonzero(keys == k)) for k in present]
+# Per-key lookup tables (AsOf) up to this many cells: 4M int64 = 32 MB, so
+# that a run with a few VMs and millions of updates still merges.
+TABLE_CELLS = 1 << 22
+SORTED_BLOCKS = 16  # needles in at most this many time-ordered stretches merge
+
+
+def sorted_blocks(t: np.ndarray, limit: int = SORTED_BLOCKS) -> list[tuple[int, int]] | None:
+    """Bounds of the maximal non-decreasing stretches of ``t`` (a recording's
+    events are in time order, several runs one after another), or None when
+    there are more than ``limit``."""
+    if len(t) < 2:
+        return [(0, len(t))]
+    breaks = np.flatnonzero(t[1:] < t[:-1])
+    if len(breaks) >= limit:
+        return None
+    edges = [0, *(int(b) + 1 for b in breaks), len(t)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+class AsOf:
+    """A per-key as-of join (what pandas.merge_asof does with ``by``),
+    prepared once on the reference side and applied to needles chunk by
+    chunk: per needle (key, t), the reference row with the same key and the
+    greatest ref_t <= t (< t when ``strict``), and the key's next reference
+    after it (its first when there is none), or -1.  Ties between equal
+    ref_t go to the later row.
+
+    Needles in time order (a recording's events are) merge: one searchsorted
+    of the references into the needles gives each needle the number of
+    references before it, and a table per key (the key's last reference
+    among the first g by time, and its next one) two gathers, no binary
+    search per needle.  Unordered needles, or too many keys x references
+    for the tables, search per key."""
+
+    def __init__(self, ref_keys: np.ndarray, ref_t: np.ndarray, nkeys: int,
+                 strict: bool = False) -> None:
+        ref_keys = np.asarray(ref_keys).astype(np.int64, copy=False)
+        ref_t = np.asarray(ref_t).astype(np.int64, copy=False)
+        self.m, self.nkeys, self.strict = len(ref_t), max(nkeys, 1), strict
+        self.side = "left" if strict else "right"
+        # By key, then time, then row: the per-key search.
+        self.order = np.lexsort((ref_t, ref_keys))
+        self.rt = ref_t[self.order]
+        self.bounds = np.searchsorted(ref_keys[self.order], np.arange(self.nkeys + 1))
+        # By time, then row: the merge.
+        by_time = np.argsort(ref_t, kind="stable")
+        self.t_sorted = ref_t[by_time]
+        self.last = self.next = None
+        if self.nkeys * (self.m + 1) <= TABLE_CELLS:
+            self.last, self.next = self._tables(ref_keys[by_time], by_time)
+
+    def _tables(self, keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """last[k, c]: the row of key k's last reference among the first c by
+        time; next[k, c]: its first reference from the c-th on (-1: none)."""
+        m = self.m
+        last = np.full((self.nkeys, m + 1), -1, np.int64)
+        nxt = np.full((self.nkeys, m + 1), -1, np.int64)
+        pos = np.arange(m)
+        rows_pad = np.r_[rows, -1]  # position m (none) -> -1
+        for k in np.unique(keys) if m else []:
+            mine = keys == k
+            last[k, 1:] = rows_pad[np.maximum.accumulate(np.where(mine, pos, -1))]
+            b = np.minimum.accumulate(np.where(mine, pos, m)[::-1])[::-1]
+            nxt[k, :m] = rows_pad[b]
+        return last, nxt
+
+    def __call__(self, keys: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(reference row, the key's next reference row) per needle, -1 none."""
+        keys = np.asarray(keys).astype(np.int64, copy=False)
+        j = np.full(len(t), -1, np.int64)
+        q = np.full(len(t), -1, np.int64)
+        if not len(t) or not self.m:
+            return j, q
+        inside = keys < self.nkeys  # keys without references stay -1
+        if not inside.all():
+            sel = np.flatnonzero(inside)
+            j[sel], q[sel] = self(keys[sel], t[sel])
+            return j, q
+        blocks = sorted_blocks(t) if self.last is not None else None
+        if blocks is None:
+            self._search(keys, t, j, q)
+            return j, q
+        for lo, hi in blocks:
+            c = self._counts(t[lo:hi])
+            j[lo:hi] = self.last[keys[lo:hi], c]
+            q[lo:hi] = self.next[keys[lo:hi], c]
+        return j, q
+
+    def _counts(self, t: np.ndarray) -> np.ndarray:
+        """For needles in time order: how many references (of any key) each
+        one is at or after (strictly after when ``strict``)."""
+        lo, hi = (int(np.searchsorted(self.t_sorted, v, self.side)) for v in (t[0], t[-1]))
+        # Where each of the references in between first counts.
+        p = np.searchsorted(t, self.t_sorted[lo:hi], "right" if self.strict else "left")
+        return np.repeat(np.arange(lo, hi + 1), np.diff(np.r_[0, p, len(t)]))
+
+    def _search(self, keys: np.ndarray, t: np.ndarray, j: np.ndarray, q: np.ndarray) -> None:
+        present = np.flatnonzero(np.bincount(keys, minlength=self.nkeys))
+        if len(present) == 1:
+            groups: list[tuple[int, Any]] = [(int(present[0]), slice(None))]
+        elif len(present) <= 8:  # a few VMs: one comparison pass each
+            groups = [(int(k), np.flatnonzero(keys == k)) for k in present]
+        else:  # many: group the rows by one stable sort
+            perm = np.argsort(keys, kind="stable")
+            cuts = np.searchsorted(keys[perm], present)
+            groups = [(int(k), perm[a:b]) for k, a, b in
+                      zip(present, cuts, np.r_[cuts[1:], len(perm)], strict=True)]
+        for k, sel in groups:
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            if lo == hi:
+                continue
+            pos = np.searchsorted(self.rt[lo:hi], t[sel], self.side) - 1
+            j[sel] = np.where(pos >= 0, self.order[lo + np.maximum(pos, 0)], -1)
+            q[sel] = np.where(pos + 1 < hi - lo, self.order[np.minimum(lo + pos + 1, hi - 1)],
+                              -1)
 
 
 def asof_index(keys: np.ndarray, t: np.ndarray, ref_keys: np.ndarray, ref_t: np.ndarray,
-               strict: bool = False,
-               parts: list[tuple[int, np.ndarray | slice]] | None = None) -> np.ndarray:
+               strict: bool = False) -> np.ndarray:
     """For each (key, t): the row of ref with the same key and the greatest
-    ref_t <= t (< t when ``strict``), or -1.  A per-key as-of join (what
-    pandas.merge_asof does with ``by``), vectorised with searchsorted; each
-    key's needles stay in time order, which keeps the searches cache-friendly.
-    ``parts``: partition(keys), when the caller joins the same table often."""
-    out = np.full(len(t), -1, dtype=np.int64)
+    ref_t <= t (< t when ``strict``), or -1 (see AsOf)."""
     if not len(t) or not len(ref_t):
-        return out
-    keys, ref_keys = keys.astype(np.int64, copy=False), ref_keys.astype(np.int64, copy=False)
-    order = np.lexsort((ref_t, ref_keys))
-    rk, rt = ref_keys[order], ref_t[order]
-    side = "left" if strict else "right"
-    nkeys = int(max(rk.max(), keys.max())) + 1
-    bounds = np.searchsorted(rk, np.arange(nkeys + 1))
-    for k, sel in parts if parts is not None else partition(keys):
-        lo, hi = bounds[k], bounds[k + 1]
-        if lo == hi:
-            continue
-        pos = np.searchsorted(rt[lo:hi], t[sel], side=side) - 1
-        out[sel] = np.where(pos >= 0, order[lo + np.maximum(pos, 0)], -1)
-    return out
+        return np.full(len(t), -1, dtype=np.int64)
+    keys = np.asarray(keys).astype(np.int64, copy=False)
+    nkeys = int(max(np.max(ref_keys), keys.max())) + 1
+    return AsOf(ref_keys, ref_t, nkeys, strict)(keys, t)[0]
 
 
 def group_medians(key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,18 +213,3 @@ def group_medians(key: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndar
         return ids, (low[starts + (n - 1) // 2] + low[starts + n // 2]) / 2
     med = pd.Series(val).groupby(key).median()
     return med.index.to_numpy(), med.to_numpy()
-
-
-def next_by_key(keys: np.ndarray, t: np.ndarray,
-                nkeys: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the next row of the same key in ``t`` order (-1 if none);
-    per key id below ``nkeys``: its first row (-1 if none)."""
-    nxt = np.full(len(keys), -1, np.int64)
-    first = np.full(nkeys, -1, np.int64)
-    if len(keys):
-        order = np.lexsort((t, keys))
-        same = keys[order][1:] == keys[order][:-1]
-        nxt[order[:-1][same]] = order[1:][same]
-        starts = np.r_[True, ~same]
-        first[keys[order][starts]] = order[starts]
-    return nxt, first

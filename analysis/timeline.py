@@ -15,7 +15,7 @@ import pandas as pd
 from recording.schema import CHANGE_TYPES
 
 from .frames import Recording
-from .joins import as_numpy, asof_index, vm_keys
+from .joins import as_numpy, asof_index, nullable_int, vm_keys
 
 
 def _valid_updates(upd: pd.DataFrame) -> np.ndarray:
@@ -67,51 +67,73 @@ def generation_timeline(rec: Recording, updates: pd.DataFrame | None = None) -> 
     """
     upd = update_frame(rec) if updates is None else updates
     u = upd[upd["ok"]]
-    parts = []
-    if len(u):
-        idx = u.index.to_numpy()
-        for kind, ns, gen, inprog in (("begin", "begin_ns", "gen_before", True),
-                                      ("end", "end_ns", "gen_after", False)):
-            parts.append(pd.DataFrame({
-                "run": u["run"].to_numpy(), "vm": u["vm"].to_numpy(),
-                "ns": as_numpy(u[ns]), "gen": u[gen].astype("UInt64").to_numpy(),
-                "in_progress": inprog, "kind": kind, "update": idx,
-                "change": u["change"].to_numpy(), "zap_all": False}))
     g = rec.generation
-    g = g[g["source"] == "invalidate"]
+    g = g[(g["source"] == "invalidate").to_numpy(dtype=bool)]
+    # Columns as typed arrays (codes, values + NA masks), concatenated and
+    # sorted once: the rows are begin, end and invalidate steps.
+    kinds = ["begin", "invalidate", "end"]
+    steps = [(u, "begin_ns", "gen_before", "begin"), (u, "end_ns", "gen_after", "end")] \
+        if len(u) else []
+    cols: dict[str, list[np.ndarray]] = {}
+
+    def add(**parts: np.ndarray) -> None:
+        for k, v in parts.items():
+            cols.setdefault(k, []).append(v)
+
+    for frame, ns, gen, kind in steps:
+        add(run=_codes(frame["run"], rec.runs), vm=_values(frame["vm"]),
+            vm_na=frame["vm"].isna().to_numpy(), ns=as_numpy(frame[ns]),
+            gen=_values(frame[gen]), gen_na=frame[gen].isna().to_numpy(),
+            in_progress=np.full(len(frame), kind == "begin"),
+            kind=np.full(len(frame), kinds.index(kind), np.int8),
+            update=frame.index.to_numpy().astype(np.int64),
+            change=_codes(frame["change"], list(CHANGE_TYPES)),
+            zap_all=np.zeros(len(frame), bool))
     if len(g):
-        parts.append(pd.DataFrame({
-            "run": g["run"].to_numpy(), "vm": g["vm"].to_numpy(), "ns": as_numpy(g["ns"]),
-            "gen": g["gen"].astype("UInt64").to_numpy(),
-            "in_progress": g["in_progress"].fillna(False).to_numpy(dtype=bool),
-            "kind": "invalidate", "update": -1, "change": pd.NA,
-            "zap_all": g["zap_all"].fillna(False).to_numpy(dtype=bool)}))
-    cols = ["run", "vm", "ns", "gen", "in_progress", "kind", "update", "change", "zap_all"]
-    tl = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: [] for c in cols})
-    tl["run"] = pd.Categorical(tl["run"], categories=rec.runs)
-    tl["vm"] = tl["vm"].astype("UInt64")
-    tl["gen"] = tl["gen"].astype("UInt64")
-    tl["kind"] = pd.Categorical(tl["kind"], categories=["begin", "invalidate", "end"])
-    tl["change"] = pd.Categorical(tl["change"], categories=list(CHANGE_TYPES))
-    tl["update"] = tl["update"].astype("Int64")
-    tl.loc[tl["update"] < 0, "update"] = pd.NA
-    kind_order = tl["kind"].cat.codes.to_numpy()
-    tl = tl.iloc[np.lexsort((kind_order, as_numpy(tl["ns"]), as_numpy(tl["vm"], np.uint64, 0),
-                             as_numpy(tl["run"])))].reset_index(drop=True)
+        add(run=_codes(g["run"], rec.runs), vm=_values(g["vm"]), vm_na=g["vm"].isna().to_numpy(),
+            ns=as_numpy(g["ns"]), gen=_values(g["gen"]), gen_na=g["gen"].isna().to_numpy(),
+            in_progress=g["in_progress"].fillna(False).to_numpy(dtype=bool),
+            kind=np.full(len(g), kinds.index("invalidate"), np.int8),
+            update=np.full(len(g), -1, np.int64), change=np.full(len(g), -1, np.int8),
+            zap_all=g["zap_all"].fillna(False).to_numpy(dtype=bool))
+    empty = {"run": np.int8, "vm": np.uint64, "vm_na": bool, "ns": np.int64, "gen": np.uint64,
+             "gen_na": bool, "in_progress": bool, "kind": np.int8, "update": np.int64,
+             "change": np.int8, "zap_all": bool}
+    c = {k: np.concatenate(cols[k]) if k in cols else np.zeros(0, t) for k, t in empty.items()}
+    order = np.lexsort((c["kind"], c["ns"], np.where(c["vm_na"], 0, c["vm"]), c["run"]))
+    c = {k: v[order] for k, v in c.items()}
     # Invalidate rows belong to the update whose window holds them.
-    if len(tl) and len(u):
-        inv = (tl["kind"] == "invalidate").to_numpy()
-        if inv.any():
-            lk, rk = vm_keys(tl[inv], u)
-            inv_ns = as_numpy(tl.loc[inv, "ns"])
-            j = asof_index(lk, inv_ns, rk, as_numpy(u["begin_ns"]))
-            inside = j >= 0
-            inside[inside] &= inv_ns[inside] <= as_numpy(u["end_ns"])[j[inside]]
-            upd_idx = np.where(inside, u.index.to_numpy()[np.maximum(j, 0)], -1)
-            tl.loc[inv, "update"] = pd.array(upd_idx, dtype="Int64")
-            tl.loc[tl["update"] < 0, "update"] = pd.NA
-    # Epoch: completed updates so far in this (run, vm).
-    ends = (tl["kind"] == "end").to_numpy().astype(np.int64)
+    inv = c["kind"] == kinds.index("invalidate")
+    if inv.any() and len(u):
+        lk, rk = vm_keys(pd.DataFrame({"run": c["run"][inv], "vm": c["vm"][inv]}), u)
+        inv_ns = c["ns"][inv]
+        j = asof_index(lk, inv_ns, rk, as_numpy(u["begin_ns"]))
+        inside = j >= 0
+        inside[inside] &= inv_ns[inside] <= as_numpy(u["end_ns"])[j[inside]]
+        c["update"][inv] = np.where(inside, u.index.to_numpy()[np.maximum(j, 0)], -1)
+    tl = pd.DataFrame({
+        "run": pd.Categorical.from_codes(c["run"], categories=rec.runs),
+        "vm": pd.arrays.IntegerArray(c["vm"], c["vm_na"]), "ns": c["ns"],
+        "gen": pd.arrays.IntegerArray(c["gen"], c["gen_na"]), "in_progress": c["in_progress"],
+        "kind": pd.Categorical.from_codes(c["kind"], categories=kinds),
+        "update": nullable_int(c["update"], c["update"] < 0),
+        "change": pd.Categorical.from_codes(c["change"], categories=list(CHANGE_TYPES)),
+        "zap_all": c["zap_all"]}, copy=False)
+    # Epoch: completed updates so far in this (run, vm); the rows are in
+    # (run, vm) order, so a running count less the count before each group.
+    ends = np.cumsum(c["kind"] == kinds.index("end"))
     gid = vm_keys(tl)[0]
-    tl["epoch"] = pd.Series(ends).groupby(gid).cumsum().to_numpy() if len(tl) else []
+    first = np.r_[True, gid[1:] != gid[:-1]] if len(gid) else np.zeros(0, bool)
+    before = np.where(first, ends - (c["kind"] == kinds.index("end")), 0)
+    tl["epoch"] = ends - np.maximum.accumulate(before) if len(tl) else []
     return tl
+
+
+def _codes(s: pd.Series, categories: list[str]) -> np.ndarray:
+    """A categorical's codes into ``categories`` (-1: not among them)."""
+    return s.cat.set_categories(categories).cat.codes.to_numpy()
+
+
+def _values(s: pd.Series) -> np.ndarray:
+    """A nullable unsigned column's values (0 where NA; the mask says)."""
+    return s.to_numpy(np.uint64, na_value=0)
