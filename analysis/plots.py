@@ -4,6 +4,7 @@ so they work headless, in reports and inline in notebooks)."""
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,10 @@ from matplotlib.ticker import FuncFormatter
 from recording import manifest
 
 from .epochs import CLASSES, Correlation, class_codes
+from .fault_columns import CHUNK, THREADS
 from .joins import rows_of
+from .latency import CDF_POINTS, cdf_points
+from .summary import latency_figures_of
 
 COLORS = {"fast": "#4c72b0", "vcpu_cache": "#64b5cd", "stale": "#dd8452", "first_touch": "#55a868",
           "during_update": "#c44e52", "after_zap": "#8172b3", "unknown": "#937860"}
@@ -23,10 +27,7 @@ CHANGE_COLORS = {"create": "#55a868", "delete": "#c44e52", "move": "#8172b3",
                  "flags_only": "#dd8452", "unknown": "#937860"}
 SCATTER_MAX = 30_000  # above this many faults the latency panel is a density map
 SHADE_MAX = 3_000     # above this many updates their windows become a rug
-CDF_SAMPLE = 500_000  # CDF curves are drawn from a uniform sample this large
-
-
-CDF_POINTS = 4_000     # ... and plotted at this many quantiles (all points when fewer)
+CDF_SAMPLE = 500_000  # a comparison's CDF curves are drawn from a uniform sample this large
 
 
 def _sample(x: np.ndarray, n: int = CDF_SAMPLE) -> np.ndarray:
@@ -40,12 +41,8 @@ def _cdf(ax, x: np.ndarray, **kw) -> None:
     of a uniform sample (drawing a million vertices costs seconds, shows
     nothing more)."""
     v = np.sort(_sample(x))
-    n = len(v)
-    if n <= CDF_POINTS:
-        ax.plot(v, np.arange(1, n + 1) / n, drawstyle="steps-post", **kw)
-        return
-    idx = np.unique(np.linspace(0, n - 1, CDF_POINTS).round().astype(np.int64))
-    ax.plot(v[idx], (idx + 1) / n, **kw)
+    ax.plot(*cdf_points(v), drawstyle="steps-post" if len(v) <= CDF_POINTS else "default",
+            **kw)
 
 
 def _t0(corr: Correlation, run: str) -> int:
@@ -74,6 +71,34 @@ def _span(corr: Correlation, run: str, t0: int) -> float:
 
 def _sec(ns: np.ndarray, t0: int) -> np.ndarray:
     return (np.asarray(ns, dtype=np.int64) - t0) / 1e9
+
+
+def _us_floor(lat_ns: np.ndarray) -> np.ndarray:
+    """Latency in us for a log axis (at least 1 ns)."""
+    return np.maximum(lat_ns / 1000, 1e-3)
+
+
+def _density(ns: np.ndarray, lat_ns: np.ndarray, t0: int, nx: int,
+             ny: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Faults per (time, log latency) bin, nx x ny, and the grid's x0, x1,
+    y0, y1 (s, log10 us).  Chunk by chunk: each fault's bin by the same
+    formula as on whole columns, without their ten 10M-row temporaries;
+    the edges come from the extreme rows (the transforms are monotonic)."""
+    lo, hi = int(ns.argmin()), int(ns.argmax())
+    x0, x1 = _sec(ns[lo:lo + 1], t0)[0], _sec(ns[hi:hi + 1], t0)[0] + 1e-9
+    ly = np.log10(_us_floor(lat_ns[[int(lat_ns.argmin()), int(lat_ns.argmax())]]))
+    y0, y1 = ly[0], ly[1] + 1e-9
+
+    def counts(a: int) -> np.ndarray:
+        x = _sec(ns[a:a + CHUNK], t0)
+        ly = np.log10(_us_floor(lat_ns[a:a + CHUNK]))
+        ix = ((x - x0) / (x1 - x0) * nx).astype(np.int64)
+        iy = ((ly - y0) / (y1 - y0) * ny).astype(np.int64)
+        return np.bincount(ix * ny + iy, minlength=nx * ny)
+
+    with ThreadPoolExecutor(THREADS) as pool:  # numpy's loops release the GIL
+        h = sum(pool.map(counts, range(0, len(ns), CHUNK)), np.zeros(nx * ny, np.int64))
+    return h.reshape(nx, ny).astype(float), (x0, x1, y0, y1)
 
 
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
@@ -180,17 +205,12 @@ def timeline(corr: Correlation, run: str) -> Figure:
 
     f = rows_of(corr.faults, run)
     if len(f):
-        x = _sec(f["exit_ns"].to_numpy(), t0)
-        y = np.maximum(f["latency_ns"].to_numpy(np.float64) / 1000, 1e-3)
+        ns, lat = f["exit_ns"].to_numpy(), f["latency_ns"].to_numpy(np.float64)
         kl = class_codes(f)
         if len(f) > SCATTER_MAX:
             # Density: counts on a 400 x 120 grid (log latency), by bincount.
-            ly = np.log10(y)
             nx, ny = 400, 120
-            x0, x1, y0, y1 = x.min(), x.max() + 1e-9, ly.min(), ly.max() + 1e-9
-            ix = ((x - x0) / (x1 - x0) * nx).astype(np.int64)
-            iy = ((ly - y0) / (y1 - y0) * ny).astype(np.int64)
-            h = np.bincount(ix * ny + iy, minlength=nx * ny).reshape(nx, ny).astype(float)
+            h, (x0, x1, y0, y1) = _density(ns, lat, t0, nx, ny)
             h[h == 0] = np.nan
             m = ax_lat.pcolormesh(np.linspace(x0, x1, nx + 1), np.logspace(y0, y1, ny + 1),
                                   h.T, norm=LogNorm(vmin=1), cmap="viridis", rasterized=True)
@@ -202,15 +222,16 @@ def timeline(corr: Correlation, run: str) -> Figure:
             for i, c in enumerate(CLASSES[1:], start=1):
                 sel = slow[kl[slow] == i]
                 if len(sel):
-                    ax_lat.scatter(x[sel], y[sel], s=3, color=COLORS[c], alpha=0.6,
-                                   label=f"{c} (sample)")
+                    ax_lat.scatter(_sec(ns[sel], t0), _us_floor(lat[sel]), s=3,
+                                   color=COLORS[c], alpha=0.6, label=f"{c} (sample)")
         else:
             for i, c in enumerate(CLASSES):
                 sel = kl == i
                 if sel.any():
                     bulk = c in ("fast", "vcpu_cache", "unknown")
                     # The few slow faults go on top, larger, or the bulk hides them.
-                    ax_lat.scatter(x[sel], y[sel], s=3 if bulk else 16, color=COLORS[c],
+                    ax_lat.scatter(_sec(ns[sel], t0), _us_floor(lat[sel]), s=3 if bulk else 16,
+                                   color=COLORS[c],
                                    label=f"{c} ({sel.sum()})", alpha=0.45 if bulk else 0.9,
                                    lw=0, zorder=2 if bulk else 3)
         _log_y(ax_lat)
@@ -239,11 +260,19 @@ def latency_cdf(corr: Correlation, run: str) -> Figure:
     ax = fig.subplots()
     f = rows_of(corr.faults, run)
     kl = class_codes(f)
-    lat = f["latency_ns"].to_numpy(np.float64) / 1000
+    figs = latency_figures_of(corr, run)
+    counts = np.bincount(kl, minlength=len(CLASSES))
     for i, c in enumerate(CLASSES):
-        v = lat[kl == i]
-        if len(v):
-            _cdf(ax, v, color=COLORS[c], label=f"{c} (n={len(v):,})", lw=1.6)
+        if not counts[i]:
+            continue
+        label = f"{c} (n={counts[i]:,})"
+        if figs is not None:  # every fault's latency, exact points
+            x, y = figs.cdf[i]
+            ax.plot(x / 1000, y, color=COLORS[c], label=label, lw=1.6,
+                    drawstyle="steps-post" if counts[i] <= CDF_POINTS else "default")
+        else:
+            _cdf(ax, f["latency_ns"].to_numpy(np.float64)[kl == i] / 1000, color=COLORS[c],
+                 label=label, lw=1.6)
     if not len(f):
         _note(ax, "no MMIO fault events: no latency to plot")
     else:

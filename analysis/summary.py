@@ -3,6 +3,7 @@ workload action, and run-to-run comparisons with bootstrap CIs."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .epochs import (
 from .forecast import wrap_forecast
 from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
+from .latency import LatencyFigures, latency_figures
 from .wrap import invariant_figure, wraps_of
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -180,8 +182,30 @@ def _us(v: float | None) -> float | None:
     return None if v is None else v / 1000
 
 
+def latency_figures_of(corr: Correlation, run: str) -> LatencyFigures | None:
+    """Latency quantiles and CDF points of one run's fault classes, from one
+    sort (analysis/latency.py); once per Correlation.  None when latencies
+    are missing (NA) or out of range: callers go class by class."""
+    memo = corr.__dict__.setdefault("_latency", {})
+    if run not in memo:
+        f = rows_of(corr.faults, run)
+        lat = f["latency_ns"]
+        memo[run] = None if lat.hasnans else latency_figures(
+            class_codes(f), lat.to_numpy(np.int64), len(CLASSES))
+    return memo[run]
+
+
 def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
-    """The figures of one run (flat keys for the lab job, nested details)."""
+    """The figures of one run (flat keys for the lab job, nested details);
+    computed once per Correlation (the lab job and the report both ask), a
+    fresh copy each call."""
+    memo = corr.__dict__.setdefault("_summaries", {})
+    if run not in memo:
+        memo[run] = _run_summary(corr, run)
+    return copy.deepcopy(memo[run])
+
+
+def _run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     rec = corr.recording
     m = rec.manifests[run]
     upd = rows_of(corr.updates, run)
@@ -193,7 +217,6 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     n_known = int(nf - counts[CLASSES.index("unknown")])
     n_slow = int(n_known - sum(counts[CLASSES.index(c)] for c in FAST))
     n_caused = int(sum(counts[CLASSES.index(c)] for c in CAUSED))
-    lat = _np_float(f["latency_ns"])
     ok = upd[upd["ok"]]
     cost = _np_float(ok["cost_ns"])
     lost = lost_events(rec, run)
@@ -203,7 +226,9 @@ def run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     wraps = rows_of(wraps_of(corr), run)
     by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
                 for c, v in class_stats(corr, run).items()}
-    cost_q, lat_q = quantiles(cost), quantiles(lat)
+    figs = latency_figures_of(corr, run)
+    cost_q = quantiles(cost)
+    lat_q = figs.overall if figs is not None else quantiles(_np_float(f["latency_ns"]))
     all_hist = rows_of(rec.mmio_hist, run)
     hist = finished(all_hist)
     # A vCPU thread's last exit, cut short by the thread exiting: counted only.
@@ -308,14 +333,16 @@ def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
             memo[run] = _hist_class_stats(h)
             return memo[run]
         kc = class_codes(f)
-        lat, extra = _np_float(f["latency_ns"]), f["extra_ns"].to_numpy(np.float64)
+        figs = latency_figures_of(corr, run)
+        extra = f["extra_ns"].to_numpy(np.float64)
         out = {}
-        for i, c in enumerate(CLASSES):
-            sel = kc == i
-            n = int(sel.sum())
+        for i, (c, n) in enumerate(zip(CLASSES, np.bincount(kc, minlength=len(CLASSES)),
+                                       strict=True)):
             if n:
-                p50, p99 = quantiles(lat[sel])
-                out[c] = {"n": n, "share": n / len(f), "latency_p50_ns": p50,
+                sel = kc == i
+                p50, p99 = figs.quantiles[i] if figs is not None else \
+                    quantiles(_np_float(f["latency_ns"])[sel])
+                out[c] = {"n": int(n), "share": int(n) / len(f), "latency_p50_ns": p50,
                           "latency_p99_ns": p99, "extra_p50_ns": quantile(extra[sel], .5)}
         memo[run] = out
     return memo[run]
