@@ -26,6 +26,7 @@ from .joins import AsOf, as_numpy, group_ids, group_medians, vm_keys
 CLASSES = ("fast", "vcpu_cache", "stale", "first_touch", "during_update", "after_zap",
            "unknown")
 FAST, VCPU_CACHE, STALE, FIRST_TOUCH, DURING, AFTER_ZAP, UNKNOWN = range(len(CLASSES))
+CAUSED_CLASS = np.isin(np.arange(len(CLASSES)), [STALE, DURING, AFTER_ZAP])
 CHUNK = 1 << 18
 THREADS = 2
 _NEVER = np.iinfo(np.int64).max
@@ -156,8 +157,12 @@ def fault_columns(f: pd.DataFrame, u: pd.DataFrame, zap: pd.DataFrame,
     u_begin = np.r_[as_numpy(u["begin_ns"]), _NEVER]
     u_end = np.r_[as_numpy(u["end_ns"]), 0]
     uidx = np.r_[u.index.to_numpy(), -1]
+    # The epoch's generation as the float it was read as (so that a value
+    # past 2**53 rounds as it always did), NA where unknown.
     gen_after = np.r_[u["gen_after"].to_numpy(dtype=np.float64, na_value=np.nan)
                       if len(u) else np.zeros(0), np.nan]
+    gen_na = np.isnan(gen_after)
+    gen_int = np.where(gen_na, 0, gen_after).astype(np.int64)
     zap_ns = as_numpy(zap["ns"])
     epoch = AsOf(uk, u_end[:-1], nkeys)
     zapped = AsOf(zk, zap_ns, nkeys)
@@ -190,12 +195,10 @@ def fault_columns(f: pd.DataFrame, u: pd.DataFrame, zap: pd.DataFrame,
         opener = uidx[j]
         out.opener[s] = opener
         out.since[s] = np.where(j >= 0, ts - u_end[j], -1)
-        eg = gen_after[j]
-        na = np.isnan(eg)
-        out.epoch_gen_na[s] = na
-        out.epoch_gen[s] = np.where(na, 0, eg).astype(np.int64)
+        np.take(gen_na, j, out=out.epoch_gen_na[s])
+        np.take(gen_int, j, out=out.epoch_gen[s])
         inprog = u_begin[q] <= ts
-        zj = zapped(k, ts)[0]
+        zj = zapped(k, ts, want_next=False)[0]
         out.zap[s] = zj
         # Re-marked without a stale check, on a page seen before its VM's
         # last zap-all, outside an update.
@@ -211,16 +214,18 @@ def fault_columns(f: pd.DataFrame, u: pd.DataFrame, zap: pd.DataFrame,
                          np.int8)
         else:
             kl = np.where(evidence_runs[run[s]], VCPU_CACHE, UNKNOWN).astype(np.int8)
-        kl[rm] = FIRST_TOUCH
-        kl[after_zap] = AFTER_ZAP
-        kl[st] = STALE
         during = inprog & (st | rm) & ~fa
-        kl[during] = DURING
-        kl[fa] = FAST
+        for mask, code in ((rm, FIRST_TOUCH), (after_zap, AFTER_ZAP), (st, STALE),
+                           (during, DURING), (fa, FAST)):  # later rules win
+            np.copyto(kl, code, where=mask)
         out.klass[s] = kl
-        cause = np.where(during, uidx[q], opener)
-        caused = (during | (kl == STALE) | (kl == AFTER_ZAP)) & (cause >= 0)
-        out.cause[s] = np.where(caused, cause, -1)
+        # Charged: stale, during an update (to that update), after a zap-all
+        # (to the epoch's update); a stale fault before any update: nobody.
+        cause = out.cause[s]
+        cause[:] = opener
+        d = np.flatnonzero(during)
+        cause[d] = uidx[q[d]]
+        np.copyto(cause, -1, where=~CAUSED_CLASS[kl])
         b = baseline(s)
         out.baseline[s] = b
         out.extra[s] = lat[s] - b
