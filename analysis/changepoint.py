@@ -59,12 +59,17 @@ def _statistics(ranks: np.ndarray, min_segment: int, direction: str) -> np.ndarr
     The ranks from t on sum to n(n+1)/2 minus the first t: one cumsum."""
     n = ranks.shape[-1]
     t = np.arange(min_segment, n - min_segment + 1)
-    head = np.cumsum(ranks, axis=-1)[..., t - 1]
-    z = (n * (n + 1) / 2 - head - (n - t) * (n + 1) / 2) / np.sqrt(t * (n - t) * (n + 1) / 12)
+    # The splits are one contiguous stretch: a view of the cumsum, and the
+    # formula's steps in place, in its order (the same roundings), instead
+    # of a fresh (k, n) array per step.
+    z = np.cumsum(ranks, axis=-1)[..., min_segment - 1:n - min_segment]
+    np.subtract(n * (n + 1) / 2, z, out=z)
+    z -= (n - t) * (n + 1) / 2
+    z /= np.sqrt(t * (n - t) * (n + 1) / 12)
     if direction == "down":
-        z = -z
+        np.negative(z, out=z)
     elif direction == "both":
-        z = np.abs(z)
+        np.abs(z, out=z)
     return z
 
 

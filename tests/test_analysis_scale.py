@@ -2,11 +2,13 @@
 Parquet: the merge as-of join (time-ordered faults) against the per-key
 search (the same run with every table's rows shuffled) and pandas.merge_asof;
 the chunked, threaded per-fault pass over more than one chunk; quantiles
-read off sorted data against np.quantile."""
+read off sorted data against np.quantile; the change-point statistics
+against their formula."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import analysis
-from analysis import fault_columns
+from analysis import changepoint, fault_columns
 from analysis.joins import AsOf
 from analysis.latency import sorted_quantiles, union_quantiles
 
@@ -156,3 +158,24 @@ def test_asof_last_and_next_per_key(needles, refs, strict, ordered) -> None:
                  if rk[r] == key and not (rt[r] < x if strict else rt[r] <= x)]
         assert j[i] == (max(before)[1] if before else -1)  # ties: the later row
         assert q[i] == (min(after)[1] if after else -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=2, max_size=60),
+       st.sampled_from(changepoint.DIRECTIONS), st.integers(1, 4))
+def test_changepoint_statistics_equal_the_formula(values, direction, m) -> None:
+    """The in-place statistics, row by row, against the docstring's formula
+    evaluated one split at a time."""
+    r = changepoint._ranks(np.array(values))
+    n = len(r)
+    if n < 2 * m:
+        return
+    rows = np.stack([r, r[::-1]])
+    z = changepoint._statistics(rows, m, direction)
+    for got, ranks in zip(z, rows, strict=True):
+        head = np.cumsum(ranks)
+        for i, t in enumerate(range(m, n - m + 1)):
+            want = (n * (n + 1) / 2 - head[t - 1] - (n - t) * (n + 1) / 2) \
+                / math.sqrt(t * (n - t) * (n + 1) / 12)
+            want = {"up": want, "down": -want, "both": abs(want)}[direction]
+            assert got[i] == want
