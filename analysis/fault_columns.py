@@ -78,14 +78,39 @@ class _Baseline:
         self.v0 = int(vcpu.min()) if len(vcpu) else 0
         self.nv = int(vcpu.max()) - self.v0 + 1 if len(vcpu) else 1
         self.any = bool(fast.any())
-        self.by_vcpu = self._table(self._vcpu_key(slice(None))) if self.any else None
+        self.by_vcpu = self._vcpu_table() if self.any else None
 
     def _vcpu_key(self, s: slice) -> np.ndarray:
         return self.fk[s] * self.nv + (self.vcpu[s] - self.v0)
 
     def _table(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, meds = group_medians(key[self.fast], self.lat[self.fast])
-        return ids, meds
+        return group_medians(key[self.fast], self.lat[self.fast])
+
+    def _vcpu_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """group_medians of the fast hits by (run, VM, vCPU), its sort key
+        key << 40 | latency built chunk by chunk into one array: no 10M-row
+        key, masked copies or sorted copy next to it."""
+        nk = (int(self.fk.max()) + 1) * self.nv
+        lat_ok = self.lat.min() >= 0 and self.lat.max() < 1 << 40
+        if nk >= 2**23 or not lat_ok:
+            return self._table(self._vcpu_key(slice(None)))
+        comb = np.empty(int(self.fast.sum()), np.int64)
+        counts = np.zeros(nk, np.int64)
+        at = 0
+        for a in range(0, len(self.fk), CHUNK):
+            s = slice(a, a + CHUNK)
+            sel = self.fast[s]
+            key = self._vcpu_key(s)[sel]
+            counts += np.bincount(key, minlength=nk)
+            comb[at:at + len(key)] = (key << 40) | self.lat[s][sel]
+            at += len(key)
+        comb.sort()
+        comb &= (1 << 40) - 1  # the latencies, in order within each group
+        ids = np.flatnonzero(counts)
+        n = counts[ids]
+        starts = np.concatenate([[0], np.cumsum(n)[:-1]])
+        # as group_medians: the middle one or two of each group
+        return ids, (comb[starts + (n - 1) // 2] + comb[starts + n // 2]) / 2
 
     @staticmethod
     def _find(table: tuple[np.ndarray, np.ndarray], key: np.ndarray) -> np.ndarray:
@@ -119,16 +144,16 @@ class _FirstSeen:
         self.codes = None
         if hi < 2**62 and nk * span <= 1 << 24:
             self.span = span
-            page, size = self._dense(slice(None)), nk * span
-        else:
-            gi = gfn.astype(np.int64)  # two's complement: distinct stays distinct
-            page = (fk << 40) | gi if hi < (1 << 40) and nk < (1 << 22) \
-                else group_ids(fk, gi)[0]
-            codes, uniq = pd.factorize(page)
-            self.codes, size = codes, len(uniq)
-            page = codes
-        self.first = np.full(size, _NEVER)
-        np.minimum.at(self.first, page, t)
+            self.first = np.full(nk * span, _NEVER)
+            for a in range(0, len(t), CHUNK):  # no 10M-row page ids
+                s = slice(a, a + CHUNK)
+                np.minimum.at(self.first, self._dense(s), t[s])
+            return
+        gi = gfn.astype(np.int64)  # two's complement: distinct stays distinct
+        page = (fk << 40) | gi if hi < (1 << 40) and nk < (1 << 22) else group_ids(fk, gi)[0]
+        self.codes, uniq = pd.factorize(page)
+        self.first = np.full(len(uniq), _NEVER)
+        np.minimum.at(self.first, self.codes, t)
 
     def _dense(self, s: slice | np.ndarray) -> np.ndarray:
         return self.fk[s] * self.span + (self.gfn[s].astype(np.int64) - self.g0)
