@@ -176,8 +176,10 @@ def load(run_dirs: PathLike | Iterable[PathLike],
         code = names.index(name)
         for event in EVENT_TYPES:
             df = _to_pandas(partial(read_tolerant, path, event, probs), event)
+            # Codes in the width pandas keeps them in (int8 up to 127 runs):
+            # no 10M-row int32 array to narrow.
             df.insert(0, "run", pd.Categorical.from_codes(
-                np.full(len(df), code, dtype=np.int32), categories=names))
+                np.full(len(df), code, dtype=_code_dtype(len(names))), categories=names))
             per_event[event].append(df)
     frames = {}
     for event, dfs in per_event.items():
@@ -195,6 +197,13 @@ def load(run_dirs: PathLike | Iterable[PathLike],
     # analysis allocates with numpy from here on, so give them back.
     pa.default_memory_pool().release_unused()
     return Recording(frames, manifests, dict(zip(names, paths, strict=True)), problems)
+
+
+def _code_dtype(ncategories: int) -> type[np.signedinteger]:
+    for dtype in (np.int8, np.int16, np.int32):
+        if ncategories <= np.iinfo(dtype).max:
+            return dtype
+    return np.int64
 
 
 def has_trace_events(rec: Recording, run: str) -> bool:
