@@ -7,6 +7,7 @@ import copy
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,15 @@ def quantiles(x: np.ndarray, qs: Sequence[float] = (.5, .99)) -> list[float | No
     if not len(x):
         return [None] * len(qs)
     return [float(v) for v in np.quantile(x, list(qs))]
+
+
+def _median_in_place(x: np.ndarray) -> float | None:
+    """quantile(x, .5) of an array of the caller's own (a fresh selection),
+    partitioned where it is instead of in another copy."""
+    nan = np.isnan(x)
+    if nan.any():
+        x = x[~nan]
+    return float(np.quantile(x, [.5], overwrite_input=True)[0]) if len(x) else None
 
 
 def _resampled_quantiles(x: np.ndarray, q: float, samples: int,
@@ -333,17 +343,21 @@ def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
             memo[run] = _hist_class_stats(h)
             return memo[run]
         kc = class_codes(f)
-        figs = latency_figures_of(corr, run)
         extra = f["extra_ns"].to_numpy(np.float64)
+        counts = np.bincount(kc, minlength=len(CLASSES))
+        # The latency sort on one thread, the extra latencies' selections on
+        # this one (numpy releases the GIL in both).
+        with ThreadPoolExecutor(1) as pool:
+            latency = pool.submit(latency_figures_of, corr, run)
+            extra_p50 = {i: _median_in_place(extra[kc == i]) for i, n in enumerate(counts) if n}
+            figs = latency.result()
         out = {}
-        for i, (c, n) in enumerate(zip(CLASSES, np.bincount(kc, minlength=len(CLASSES)),
-                                       strict=True)):
+        for i, (c, n) in enumerate(zip(CLASSES, counts, strict=True)):
             if n:
-                sel = kc == i
                 p50, p99 = figs.quantiles[i] if figs is not None else \
-                    quantiles(_np_float(f["latency_ns"])[sel])
+                    quantiles(_np_float(f["latency_ns"])[kc == i])
                 out[c] = {"n": int(n), "share": int(n) / len(f), "latency_p50_ns": p50,
-                          "latency_p99_ns": p99, "extra_p50_ns": quantile(extra[sel], .5)}
+                          "latency_p99_ns": p99, "extra_p50_ns": extra_p50[i]}
         memo[run] = out
     return memo[run]
 
