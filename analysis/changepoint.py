@@ -66,10 +66,12 @@ def _statistics(ranks: np.ndarray, min_segment: int, direction: str) -> np.ndarr
     np.subtract(n * (n + 1) / 2, z, out=z)
     z -= (n - t) * (n + 1) / 2
     z /= np.sqrt(t * (n - t) * (n + 1) / 12)
+    # Not np.negative(z, out=z): numpy 2.4 writes a (k, 1) strided view's
+    # unary in-place result to the wrong elements (a single split).
     if direction == "down":
-        np.negative(z, out=z)
+        z *= -1.0
     elif direction == "both":
-        np.abs(z, out=z)
+        z = np.abs(z)
     return z
 
 
