@@ -397,3 +397,10 @@ def test_l1_lockup_is_read_from_the_console(tmp_path: Path) -> None:
     assert labvm._lockup(console) == "soft lockup - CPU#1 stuck for 182s! [slotscope:260]"
     console.write_text("[    1.0] nothing wrong\n")
     assert labvm._lockup(console) == "" == labvm._lockup(tmp_path / "absent")
+    # an RCU stall, then the L1 died under the command (rc file missing: 255)
+    console.write_text("[  176.278439] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n")
+    assert labvm._lockup(console) == "rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:"
+    died = labvm.LabResult(255, "tcg", 1.0, False, tmp_path, lockup=labvm._lockup(console))
+    fault = died.fault()
+    assert fault is not None and fault.kind == "lockup"
+    assert labvm.LabResult(1, "tcg", 1.0, False, tmp_path, lockup="x").fault() is None

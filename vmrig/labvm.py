@@ -87,7 +87,9 @@ class LabResult:
         deadline a soft lockup it reported, else a plain hang."""
         if self.panic:
             return L1Fault(f"L1 kernel panic: {self.panic}", "panic", self.panic)
-        if self.timed_out and self.lockup:
+        if self.lockup and (self.timed_out or self.returncode == 255):
+            # hung at the deadline, or died under the command (255: no rc
+            # file) after reporting stopped CPUs
             return L1Fault(f"L1 soft lockup: {self.lockup}", "lockup", self.lockup)
         if self.timed_out:
             # The L1's last words, not QEMU's own note that we killed it.
@@ -413,8 +415,10 @@ def _console_lines(console: Path) -> list[str]:
 def _lockup(console: Path) -> str:
     """The L1's last soft-lockup report, '' if none: under TCG, L1 vCPUs
     have been seen stuck at one instruction for minutes (interrupts only)."""
+    # an RCU stall report is the same kind of evidence: CPUs that stopped
+    # (seen in a 6.12 L1 that then died under a virtio-mem L2)
     found = [ln.split("] ", 1)[-1].strip() for ln in _console_lines(console)
-             if "soft lockup - " in ln]
+             if "soft lockup - " in ln or "detected stalls on CPUs" in ln]
     return found[-1].removeprefix("watchdog: BUG: ") if found else ""
 
 
