@@ -36,7 +36,7 @@ from vmrig.errors import GuestFault, L1Fault, RigError, read_record
 
 from . import labverdict
 from .labconfig import ConfigError, LabConfig, Scenario, load
-from .labrun import PlannedRun, read_progress
+from .labrun import PlannedRun, progress_failure, read_progress
 
 if TYPE_CHECKING:
     from analysis.epochs import Correlation
@@ -214,18 +214,11 @@ def _attempt(r: PlannedRun, kernel: str, timeout: float) -> RunStatus:
     finally:
         plan.unlink(missing_ok=True)
     progress = read_progress(r.dir)
-    if (progress or {}).get("state") == "failed":  # the run's own typed failure
-        failure = _progress_failure(r.dir, progress)
+    if progress is not None and progress.get("state") == "failed":  # its own typed failure
+        failure = progress_failure(r.dir, progress)
     # Direct mode: never a TCG-nested run, so no accel and no lab-fault rerun.
     return RunStatus(r.scenario.name, r.rep, failure is None, "direct",
                      time.monotonic() - t0, failure=failure, kernel=kernel)
-
-
-def _progress_failure(run_dir: Path, progress: dict[str, Any] | None) -> RigError | None:
-    if progress is None or progress.get("state") == "ok":
-        return None
-    message = str(progress.get("error") or "the run did not finish")
-    return read_record(run_dir, message) or RigError(message)
 
 
 def _exited(run_dir: Path, returncode: int | None, tail: str) -> RigError | RunFailed:

@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrig.errors import RigError, read_record
+from recording.errors import RecordingError
+from recording.manifest import Manifest
+from recording.reader import read_manifest
+from vmrig.errors import RigError
 from vmrig.kernel import LabKernel
 
-from .labrun import PlannedRun, read_progress
+from .labrun import PlannedRun, progress_failure, read_progress
 
 # The L1 boots (15-30 s) and compiles the probes (1.5-4.5 min under TCG on
 # 2 cores, worse beside other load) before the first run starts.
@@ -103,7 +106,7 @@ def run_batch(kernel: LabKernel, runs: list[PlannedRun], state: Path, n: int,
                        state_dir=str(boot.relative_to(state.parent)))
     progress = {r.dir: read_progress(r.dir) for r in runs}
     load_s = next((float(m["session"]["load_s"]) for r in runs
-                   if (m := _manifest(r.dir)) and "session" in m), None)
+                   if (m := _session_manifest(r.dir)) is not None), None)
     exit_error = None
     if res.returncode not in (0, None):
         exit_error = _last_words(boot / "console.log",
@@ -112,12 +115,13 @@ def run_batch(kernel: LabKernel, runs: list[PlannedRun], state: Path, n: int,
                         exit_error, progress)
 
 
-def _manifest(run_dir: Path) -> dict[str, Any] | None:
+def _session_manifest(run_dir: Path) -> Manifest | None:
+    """The run's manifest if the tracer session wrote one into it."""
     try:
-        m = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
+        m = read_manifest(run_dir)
+    except RecordingError:  # never started, or lost with the L1
         return None
-    return m if isinstance(m, dict) else None
+    return m if "session" in m else None
 
 
 def _last_words(console: Path, returncode: int | None) -> str:
@@ -130,16 +134,12 @@ def _last_words(console: Path, returncode: int | None) -> str:
     return f"exit {returncode}: {words[-1] if words else 'no output'}"
 
 
-def run_failure(r: PlannedRun, progress: dict[str, Any] | None,
+def run_failure(r: PlannedRun, progress: dict[str, Any],
                 batch: BatchOutcome) -> RigError | None:
     """None if the run succeeded, else why it failed, typed where the rig
     left a record (GuestFault & co.) or the L1 had a fault (L1Fault)."""
-    state = (progress or {}).get("state")
-    if state == "ok":
-        return None
-    if state == "failed":
-        return read_record(r.dir, str(progress.get("error"))) or \
-            RigError(str(progress.get("error")))  # type: ignore[union-attr]
+    if progress.get("state") != "started":
+        return progress_failure(r.dir, progress)
     # started and never finished: the L1 died or hung under it
     if batch.fault is not None:
         return batch.fault

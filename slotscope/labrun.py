@@ -23,14 +23,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recording.writer import atomic_write_json
 from tracer.recorder import Recorder
 from vmrig import RigError
-from vmrig.errors import write_record
+from vmrig.errors import read_record, write_record
 
 from .labconfig import Scenario
+
+if TYPE_CHECKING:
+    from vmrig.config import RigConfig
 
 PROGRESS = "run-progress.json"
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
@@ -71,6 +74,16 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
+
+
+def progress_failure(run_dir: Path, progress: dict[str, Any]) -> RigError | None:
+    """None for a run whose progress says ok, else its failure: the typed
+    record it left (GuestFault & co. keep their kind), or a RigError with
+    the progress file's words."""
+    if progress.get("state") == "ok":
+        return None
+    message = str(progress.get("error") or "the run did not finish")
+    return read_record(run_dir, message) or RigError(message)
 
 
 def _phase(what: str) -> None:
@@ -185,7 +198,7 @@ def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
             p.wait()
 
 
-def rig_config(s: Scenario, timeout: float) -> Any:
+def rig_config(s: Scenario, timeout: float) -> RigConfig:
     """The rig a QEMU scenario runs: its guest, and for virtio-mem a device of
     ``size`` (dynamic memslots where QEMU has them) with room for it."""
     from vmrig.config import BareGuestConfig, MemoryConfig, RigConfig, VirtioMemConfig
