@@ -12,8 +12,9 @@ against np.quantile).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,27 +22,25 @@ _LOW = 40  # latency bits below the class in the sort key (18 minutes in ns)
 CDF_POINTS = 4_000  # a CDF curve is drawn through at most this many quantiles
 
 
+def _quantile(n: int, q: float, nth: Callable[[int], Any]) -> float:
+    """np.quantile's (method "linear") q-quantile of n sorted values, given
+    the i-th of them by ``nth``: its steps (virtual index (n - 1) q, clipped
+    to the ends) and its lerp, run by np.quantile on the pair itself so that
+    the rounding is the same."""
+    v = (n - 1) * np.float64(q)
+    if v >= n - 1:
+        return float(np.float64(nth(n - 1)))
+    lo = max(int(np.floor(v)), 0)
+    pair = np.array([nth(lo), nth(lo + 1)], dtype=np.float64)
+    return float(np.quantile(pair, float(v - lo)))
+
+
 def sorted_quantiles(s: np.ndarray, qs: Sequence[float]) -> list[float | None]:
     """np.quantile(s, q) (method "linear") of an ascending, NaN-free array,
     from the two order statistics around each q: no copy, no partition.
     None for an empty array."""
     n = len(s)
-    out: list[float | None] = []
-    for q in qs:
-        if not n:
-            out.append(None)
-            continue
-        # np.quantile's own steps: virtual index (n - 1) q, clipped to the
-        # ends, and its lerp between the neighbours (run by np.quantile on
-        # the pair itself, so that the rounding is the same).
-        v = (n - 1) * np.float64(q)
-        if v >= n - 1:
-            out.append(float(np.float64(s[n - 1])))
-            continue
-        lo = max(int(np.floor(v)), 0)
-        pair = np.asarray(s[lo:lo + 2], dtype=np.float64)
-        out.append(float(np.quantile(pair, float(v - lo))))
-    return out
+    return [_quantile(n, q, s.__getitem__) if n else None for q in qs]
 
 
 def _kth(segments: Sequence[np.ndarray], k: int) -> int:
@@ -61,17 +60,7 @@ def _kth(segments: Sequence[np.ndarray], k: int) -> int:
 def union_quantiles(segments: Sequence[np.ndarray], qs: Sequence[float]) -> list[float | None]:
     """np.quantile of the union of ascending int arrays (values < 2**53)."""
     n = sum(len(s) for s in segments)
-    out: list[float | None] = []
-    for q in qs:
-        if not n:
-            out.append(None)
-            continue
-        v = (n - 1) * np.float64(q)
-        lo = n - 1 if v >= n - 1 else max(int(np.floor(v)), 0)
-        pair = np.array([_kth(segments, lo), _kth(segments, min(lo + 1, n - 1))],
-                        dtype=np.float64)
-        out.append(float(pair[1]) if v >= n - 1 else float(np.quantile(pair, float(v - lo))))
-    return out
+    return [_quantile(n, q, lambda k: _kth(segments, k)) if n else None for q in qs]
 
 
 def cdf_points(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
