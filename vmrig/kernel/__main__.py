@@ -1,0 +1,7 @@
+"""``python -m vmrig.kernel``: see cli.py."""
+
+import sys
+
+from vmrig.kernel.cli import main
+
+sys.exit(main())
