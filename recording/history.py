@@ -56,7 +56,7 @@ VERSIONS = {1: "the first history dataset",
 HISTORY_VERSION = max(VERSIONS)
 
 SUMMARY = "summary.json"
-STATUS = "lab-run.json"  # slotscope.lab.STATUS; the format layer cannot import slotscope
+STATUS = "lab-run.json"  # slotscope.labstatus.STATUS; the format layer cannot import slotscope
 LEDGER = "_nights"
 # The scenario figures of summary.json (slotscope.labverdict FIGURES/COUNTS).
 FIGURES = ("update_cost_p50_ns", "update_cost_p99_ns", "mmio_latency_p50_ns",

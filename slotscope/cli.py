@@ -17,7 +17,7 @@ from tracer import TracerError
 from vmrig import RigError
 
 from . import __version__, logsetup
-from .lab import LabError
+from .errors import LabError
 from .labconfig import ConfigError
 
 # Each module has register(subparsers); its parsers set ``func(args) -> int``.

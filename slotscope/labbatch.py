@@ -25,7 +25,9 @@ from recording.reader import read_manifest
 from vmrig.errors import RigError
 from vmrig.kernel import LabKernel
 
+from .labprogress import Progress
 from .labrun import PlannedRun, progress_failure, read_progress
+from .labstatus import LAB_FAULT_RERUNS, Reruns, RunStatus, lab_fault, write_status
 
 # The L1 boots (15-30 s) and compiles the probes (1.5-4.5 min under TCG on
 # 2 cores, worse beside other load) before the first run starts.
@@ -145,3 +147,66 @@ def run_failure(r: PlannedRun, progress: dict[str, Any],
         return batch.fault
     return RigError(batch.exit_error or "the lab VM ended before the run finished")
 
+
+def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None,
+               statuses: dict[str, list[RunStatus]], progress: Progress) -> list[dict[str, Any]]:
+    """Every run of ``todo`` on kernel ``k``, one L1 boot for all (a fresh
+    one for the runs an L1 fault left); the phase times of each boot."""
+    reruns = Reruns()
+    phases = []
+    boot = idle = 0
+    while todo:
+        boot += 1
+        progress.step(f"{k.release}: L1 boot {boot}, {len(todo)} runs")
+        progress.log(f"{k.release}: L1 boot {boot} for {len(todo)} runs: "
+                     + ", ".join(r.label for r in todo))
+        try:
+            b = run_batch(k, todo, out / "batches", boot, l0_qemu)
+        except BaseException:  # Ctrl-C, SIGTERM: the runs this L1 finished stay done
+            for r in todo:
+                p = read_progress(r.dir)
+                if p is not None and p.get("state") == "ok":
+                    write_status(r.dir, RunStatus(r.scenario.name, r.rep, True, "nested",
+                                                  float(p.get("elapsed_s") or 0.0),
+                                                  kernel=k.release))
+            raise
+        phases.append(b.phases())
+        progress.log(f"{k.release}: L1 boot {boot}: boot {b.boot_s} s, probes {b.load_s} s, "
+                     f"wall {b.elapsed_s:.0f} s" + (f"; L1 fault: {b.fault}" if b.fault else ""))
+        left = []
+        for r in todo:
+            p = b.progress[r.dir]
+            if p is None:  # the L1 never reached it: a fresh L1 will
+                left.append(r)
+                continue
+            r.panic_l1 = False  # injected once
+            failure = run_failure(r, p, b)
+            st = RunStatus(r.scenario.name, r.rep, failure is None, "nested",
+                           float(p.get("elapsed_s") or 0.0), accel=b.accel,
+                           failure=failure, kernel=k.release)
+            if reruns.again(st, r.dir, progress.log):
+                left.append(r)
+                continue
+            write_status(r.dir, st)
+            statuses[f"{k.release}/{r.scenario.name}"].append(st)
+            state = "ok" if st.ok else f"FAILED: {st.error}"
+            progress.log(f"{k.release}/{r.label}: {state} ({st.elapsed_s:.0f} s)")
+            progress.advance()
+        if not any(b.progress.values()):  # no run started
+            idle += 1
+            if lab_fault(b.accel, b.fault) and idle <= LAB_FAULT_RERUNS:  # e.g. a TCG lockup
+                progress.log(f"{k.release}: L1 boot {boot} ran no run ({b.fault}); boot again")
+                continue
+            # another boot would do the same
+            why = str(b.fault or b.exit_error or "the lab VM ran no run")
+            for r in left:
+                r.dir.mkdir(parents=True, exist_ok=True)
+                st = RunStatus(r.scenario.name, r.rep, False, "nested", 0.0, accel=b.accel,
+                               failure=RigError(f"no run started in the L1: {why}"),
+                               kernel=k.release)
+                write_status(r.dir, st)
+                statuses[f"{k.release}/{r.scenario.name}"].append(st)
+                progress.advance()
+            break
+        todo = left
+    return phases

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from recording import history as hist
-from slotscope import cli, lab, labverdict
+from slotscope import cli, lab, labstatus, labsummary, labverdict
 
 DATA = Path(__file__).parent / "data"
 SLOTSCOPE = str(Path(sys.executable).parent / "slotscope")
@@ -35,9 +35,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for rep, src in enumerate(srcs, 1):
             d = out / "runs" / name / str(rep)
             shutil.copytree(DATA / src, d)
-            lab._write_status(d, lab.RunStatus(name, rep, True, "direct", 1.0))
+            labstatus.write_status(d, labstatus.RunStatus(name, rep, True, "direct", 1.0))
             dirs.setdefault(name, []).append(d)
-    _, analysed = lab._analyse([d for ds in dirs.values() for d in ds])
+    _, analysed = labsummary.analyse([d for ds in dirs.values() for d in ds])
     summary = {"mode": "direct", "mode_reason": "test", "config": "test",
                "finished_wall": DAY0.timestamp(),
                "scenarios": {n: labverdict.scenario_summary([analysed[d] for d in ds], [])

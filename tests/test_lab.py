@@ -371,17 +371,18 @@ def _scripted_attempts(monkeypatch: pytest.MonkeyPatch,
                        outcomes: list[Exception | None]) -> list[Exception | None]:
     """Replace the lab's attempts by ``outcomes`` in turn (None: the run
     succeeded), each attempt leaving its number in its directory."""
-    from slotscope import lab
+    from slotscope import labdirect
+    from slotscope.labstatus import RunStatus
     left = list(outcomes)
 
-    def attempt(r: PlannedRun, kernel: str, timeout: float) -> lab.RunStatus:
+    def attempt(r: PlannedRun, kernel: str, timeout: float) -> RunStatus:
         r.dir.mkdir(parents=True)
         err = left.pop(0)
         (r.dir / "attempt").write_text(str(len(outcomes) - len(left)))
-        return lab.RunStatus(r.scenario.name, r.rep, err is None, "nested", 1.0, accel="tcg",
-                             failure=err, kernel=kernel)
+        return RunStatus(r.scenario.name, r.rep, err is None, "nested", 1.0, accel="tcg",
+                         failure=err, kernel=kernel)
 
-    monkeypatch.setattr(lab, "_attempt", attempt)
+    monkeypatch.setattr(labdirect, "_attempt", attempt)
     return left
 
 
@@ -396,13 +397,14 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     each lost attempt kept beside the run.  The attempts are scripted: such
     faults cannot be made on demand (the rig's classifier is tested on real
     ones in test_rig.py)."""
-    from slotscope import lab
     from slotscope.labconfig import Scenario
+    from slotscope.labdirect import run_one
+    from slotscope.labstatus import STATUS
     left = _scripted_attempts(monkeypatch, outcomes)
     said: list[str] = []
     run = tmp_path / "runs" / "pc" / "1"
-    st = lab.run_one(PlannedRun(Scenario("pc", "hotplug"), 1, run, 60), "k", 60,
-                     log=said.append)
+    st = run_one(PlannedRun(Scenario("pc", "hotplug"), 1, run, 60), "k", 60,
+                 log=said.append)
     assert st.ok is ok
     if left:  # not a lab fault: no rerun
         assert st.retried is None and not said and st.error == str(outcomes[0])
@@ -412,7 +414,7 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     for n in (1, 2):
         assert (run.with_name(f"1.fault{n}") / "attempt").read_text() == str(n)
     assert (run / "attempt").read_text() == "3"
-    status = json.loads((run / lab.STATUS).read_text())
+    status = json.loads((run / STATUS).read_text())
     assert status["retried"] == st.retried
     # Each thrown-away attempt's kind is kept beside its message.
     assert status["retried_kinds"] == ["guest_fault:reset", outcomes[1].kind_tag]
@@ -427,11 +429,11 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ])
 def test_lab_fault_is_decided_by_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       failure: Exception) -> None:
-    from slotscope import lab
     from slotscope.labconfig import Scenario
+    from slotscope.labdirect import run_one
     left = _scripted_attempts(monkeypatch, [failure, None])
-    st = lab.run_one(PlannedRun(Scenario("pc", "hotplug"), 1, tmp_path / "1", 60), "k", 60,
-                     log=lambda _: None)
+    st = run_one(PlannedRun(Scenario("pc", "hotplug"), 1, tmp_path / "1", 60), "k", 60,
+                 log=lambda _: None)
     assert not st.ok and st.retried is None and left == [None]
     assert st.kind == failure.kind_tag  # type: ignore[attr-defined]
 
@@ -440,16 +442,17 @@ def test_lab_rebuilds_the_rigs_fault_from_its_record(tmp_path: Path) -> None:
     """A lab-run that fails in another process (the lab VM) leaves its rig's
     error as a record; the host rebuilds the typed fault from the kind it
     names, in its own words."""
-    from slotscope import lab
+    from slotscope.errors import RunFailed
+    from slotscope.labdirect import _exited
     from vmrig.errors import write_record
     write_record(tmp_path, GuestFault("device_del d1: the guest did not eject", "reset",
                                       "VM shutdown"))
-    f = lab._exited(tmp_path, 1, "slotscope lab-run: error: device_del d1: ...")
+    f = _exited(tmp_path, 1, "slotscope lab-run: error: device_del d1: ...")
     assert isinstance(f, GuestFault) and f.kind == "reset" and f.detail == "VM shutdown"
     assert str(f) == "exit 1: slotscope lab-run: error: device_del d1: ..."
     (tmp_path / "rig-error.json").unlink()
-    f = lab._exited(tmp_path, 2, "boom")
-    assert isinstance(f, lab.RunFailed) and f.returncode == 2 and str(f) == "exit 2: boom"
+    f = _exited(tmp_path, 2, "boom")
+    assert isinstance(f, RunFailed) and f.returncode == 2 and str(f) == "exit 2: boom"
 
 
 def test_lab_correlates_each_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -460,7 +463,7 @@ def test_lab_correlates_each_run_once(tmp_path: Path, monkeypatch: pytest.Monkey
     from analysis.report import write_report
     from analysis.simulator import simulate
     from analysis.summary import summarize
-    from slotscope import lab
+    from slotscope.labsummary import analyse
     dirs = [tmp_path / "runs" / name / "1" for name in ("a", "b")]
     for seed, d in enumerate(dirs):
         simulate(d, seed=seed)
@@ -474,7 +477,7 @@ def test_lab_correlates_each_run_once(tmp_path: Path, monkeypatch: pytest.Monkey
         return real(rec)
 
     monkeypatch.setattr(epochs, "correlate", counted)
-    corr, analysed = lab._analyse([*dirs, bad])
+    corr, analysed = analyse([*dirs, bad])
     assert corr is not None
     write_report(corr, tmp_path / "index.html")
     assert calls == [["a/1", "b/1"]]
@@ -493,7 +496,7 @@ def test_violated_wrap_invariant_fails_the_job(tmp_path: Path) -> None:
 
     from analysis import simulator
     from slotscope import labverdict
-    from slotscope.lab import _analyse
+    from slotscope.labsummary import analyse
 
     held, bad = tmp_path / "held", tmp_path / "violated"
     simulator.simulate(held, seed=4, pages=4, events=300, p_update=0.01,
@@ -502,7 +505,7 @@ def test_violated_wrap_invariant_fails_the_job(tmp_path: Path) -> None:
     fault = violate(held, bad, 19)
     plain = tmp_path / "plain"
     simulator.simulate(plain, seed=1)
-    _, runs = _analyse([held, bad, plain])
+    _, runs = analyse([held, bad, plain])
     ok = labverdict.scenario_summary([runs[held]], [], expect_wraps=1)
     assert ok["ok"] and ok["wrap_invariant"] == "held"
     assert ok["wraps"] >= 1 and set(ok["wrap_verdicts"]) == {"held"}
