@@ -48,7 +48,8 @@ def query(dataset: str | os.PathLike[str], sql: str, figure: str = "value",
         raise DatasetError(f"unknown figure {figure!r}: one of {', '.join(FIGURE_COLUMNS)}")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such history dataset")
-    if not any(root.glob("*=*")):
+    # a partition without a Parquet file yet is no data either
+    if next(root.glob("*=*/**/*.parquet"), None) is None:
         raise DatasetError(f"{root}: no history data (slotscope history ingest first)")
     unknown = set(filters) - set(history_sql.FILTERS)
     if unknown:
@@ -74,13 +75,11 @@ def query(dataset: str | os.PathLike[str], sql: str, figure: str = "value",
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     except duckdb.Error as e:
         first = str(e).splitlines()[0]
-        if "No files found" in first:
-            raise DatasetError(f"{root}: no history data (slotscope history ingest first)"
-                               ) from None
         bad = _bad_file(root)
         if bad:
             raise DatasetError(bad) from None
-        if any(k in filters for k in ("since", "until")) and "Conversion" in first:
+        # the only casts of user text are --since/--until's dates
+        if isinstance(e, duckdb.ConversionException) and {"since", "until"} & set(filters):
             raise DatasetError(f"--since/--until: a date YYYY-MM-DD ({first})") from None
         raise DatasetError(f"{root}: query failed: {first}") from None
 

@@ -262,6 +262,21 @@ def test_a_corrupt_parquet_file_is_named_in_one_line(
     assert rc == 1 and "no such history dataset" in err and err.count("\n") == 1
 
 
+def test_no_data_and_bad_dates_are_told_by_fact_and_type(
+        template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A partition directory without a Parquet file is no data (found on
+    disk, not read from DuckDB's message); a --since that is not a date is
+    DuckDB's ConversionException, named as the option's fault."""
+    empty = tmp_path / "empty"
+    (empty / "host=h1").mkdir(parents=True)
+    rc, _, err = run_cli(["history", "trend", str(empty)], capsys)
+    assert rc == 1 and "no history data" in err and err.count("\n") == 1
+    ds = tmp_path / "ds"
+    hist.ingest(ds, night(template, tmp_path, 1))
+    rc, _, err = run_cli(["history", "trend", str(ds), "--since", "yesterday"], capsys)
+    assert rc == 1 and "--since/--until: a date YYYY-MM-DD" in err and err.count("\n") == 1
+
+
 def test_report_is_one_self_contained_page_with_the_planted_change(
         template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import base64
