@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +31,14 @@ from .forecast import wrap_forecast
 from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
 from .latency import LatencyFigures, latency_figures
+from .stats import (
+    BOOT_SAMPLES,
+    bootstrap_ci,
+    bootstrap_diff_ci,
+    median_in_place,
+    quantile,
+    quantiles,
+)
 from .wrap import invariant_figure, wraps_of
 
 SLOW_CODES = [CLASSES.index(c) for c in SLOW]
@@ -40,76 +47,6 @@ SLOW_CODES = [CLASSES.index(c) for c in SLOW]
 # fault's time against updates and zap-alls.
 HIST_CLASSES = ("fast", "vcpu_cache", "stale", "remarked", "unknown")
 HIST_FAST = ("fast", "vcpu_cache")
-BOOT_SAMPLES = 1000
-BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
-
-
-def quantile(x: np.ndarray, q: float) -> float | None:
-    return quantiles(x, (q,))[0]
-
-
-def quantiles(x: np.ndarray, qs: Sequence[float] = (.5, .99)) -> list[float | None]:
-    """Several quantiles from one partition pass; None for no data."""
-    x = np.asarray(x, dtype=np.float64)
-    nan = np.isnan(x)
-    if nan.any():
-        x = x[~nan]
-    if not len(x):
-        return [None] * len(qs)
-    return [float(v) for v in np.quantile(x, list(qs))]
-
-
-def _median_in_place(x: np.ndarray) -> float | None:
-    """quantile(x, .5) of an array of the caller's own (a fresh selection),
-    partitioned where it is instead of in another copy."""
-    nan = np.isnan(x)
-    if nan.any():
-        x = x[~nan]
-    return float(np.quantile(x, [.5], overwrite_input=True)[0]) if len(x) else None
-
-
-def _resampled_quantiles(x: np.ndarray, q: float, samples: int,
-                         rng: np.random.Generator) -> np.ndarray | None:
-    """``samples`` bootstrap replicates of the q-quantile of x (NaNs dropped;
-    at most BOOT_CAP points; vectorised in chunks of ~4M draws)."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    if len(x) < 2:
-        return None
-    if len(x) > BOOT_CAP:
-        x = rng.choice(x, BOOT_CAP, replace=False)
-    stats = np.empty(samples)
-    chunk = max(1, 4_000_000 // len(x))
-    for lo in range(0, samples, chunk):
-        n = min(chunk, samples - lo)
-        stats[lo:lo + n] = np.quantile(x[rng.integers(0, len(x), (n, len(x)))], q, axis=1)
-    return stats
-
-
-def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
-    """Percentile-bootstrap CI of the q-quantile of x (vectorised)."""
-    stats = _resampled_quantiles(x, q, samples, np.random.default_rng(seed))
-    if stats is None:
-        return None
-    a = (1 - level) / 2
-    return float(np.quantile(stats, a)), float(np.quantile(stats, 1 - a))
-
-
-def bootstrap_diff_ci(x: np.ndarray, y: np.ndarray, q: float = 0.5, *,
-                      samples: int = BOOT_SAMPLES, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float] | None:
-    """CI of quantile(y) - quantile(x) from independent resamples."""
-    rng = np.random.default_rng(seed)
-    sx = _resampled_quantiles(x, q, samples, rng)
-    sy = _resampled_quantiles(y, q, samples, rng) if sx is not None else None
-    if sx is None or sy is None:
-        return None
-    d = sy - sx
-    a = (1 - level) / 2
-    return float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
-
-
 def _clean(v: Any) -> Any:
     """JSON-safe: numpy scalars -> Python, NaN -> None."""
     if isinstance(v, dict):
@@ -349,7 +286,7 @@ def class_stats(corr: Correlation, run: str) -> dict[str, dict[str, Any]]:
         # this one (numpy releases the GIL in both).
         with ThreadPoolExecutor(1) as pool:
             latency = pool.submit(latency_figures_of, corr, run)
-            extra_p50 = {i: _median_in_place(extra[kc == i]) for i, n in enumerate(counts) if n}
+            extra_p50 = {i: median_in_place(extra[kc == i]) for i, n in enumerate(counts) if n}
             figs = latency.result()
         out = {}
         for i, (c, n) in enumerate(zip(CLASSES, counts, strict=True)):
