@@ -33,10 +33,7 @@ from .joins import rows_of
 from .latency import LatencyFigures, latency_figures
 from .stats import (
     BOOT_SAMPLES,
-    bootstrap_ci,
-    bootstrap_diff_ci,
     median_in_place,
-    quantile,
     quantiles,
 )
 from .wrap import invariant_figure, wraps_of
@@ -333,36 +330,10 @@ def cost_table(corr: Correlation, by: str = "change") -> pd.DataFrame:
 def compare(src: RunSource, *, samples: int = BOOT_SAMPLES) -> pd.DataFrame:
     """Runs side by side: per-update cost and MMIO latency medians and p99
     with 95% bootstrap CIs, and the median's change vs the first run that
-    has the metric."""
-    corr = correlate_runs(src)
-    runs = corr.recording.runs
-    rows = []
-    ref: dict[str, np.ndarray] = {}
-    for i, run in enumerate(runs):
-        u = rows_of(corr.updates, run)
-        f = rows_of(corr.faults, run)
-        lat = _np_float(f["latency_ns"])
-        data = {"update_cost": _np_float(u.loc[u["ok"], "cost_ns"]), "mmio_latency": lat,
-                "slow_latency": lat[np.isin(class_codes(f), SLOW_CODES)]}
-        for metric, x in data.items():
-            x = x[~np.isnan(x)]
-            row: dict[str, Any] = {"run": run, "metric": metric, "n": len(x)}
-            for q, name in ((.5, "p50"), (.99, "p99")):
-                row[f"{name}_us"] = _us(quantile(x, q))
-                ci = bootstrap_ci(x, q, samples=samples, seed=i)
-                row[f"{name}_ci_us"] = None if ci is None else (ci[0] / 1e3, ci[1] / 1e3)
-            if metric not in ref:  # the first run that has this metric is the reference
-                if len(x):
-                    ref[metric] = x
-                row["p50_delta_us"] = row["p50_delta_ci_us"] = None
-            else:
-                base = quantile(ref[metric], .5)
-                row["p50_delta_us"] = (None if base is None or row["p50_us"] is None
-                                       else row["p50_us"] - base / 1000)
-                ci = bootstrap_diff_ci(ref[metric], x, .5, samples=samples, seed=i)
-                row["p50_delta_ci_us"] = None if ci is None else (ci[0] / 1e3, ci[1] / 1e3)
-            rows.append(row)
-    return pd.DataFrame(rows)
+    has the metric.  Reduced run by run (analysis/reduce.py), as the Dask
+    workers reduce them."""
+    from .reduce import comparison
+    return comparison(src, samples=samples)
 
 
 def summary_tables(corr: Correlation) -> dict[str, pd.DataFrame]:
