@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vmrig import RigError  # noqa: E402
 from vmrig.config import MiB, RigConfig  # noqa: E402
 from vmrig.rig import Rig  # noqa: E402
-from vmrig.workloads import WorkloadLog, hotplug_cycles  # noqa: E402
+from vmrig.workloadlog import WorkloadLog  # noqa: E402
+from vmrig.workloads import hotplug_cycles  # noqa: E402
 
 
 def stats_ms(values: list[float]) -> str:

@@ -217,6 +217,7 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 phases: dict[str, float]) -> None:
     from vmrig import workloads as wl
     from vmrig.rig import Rig
+    from vmrig.workloadlog import WorkloadLog
 
     s, t0 = r.scenario, time.monotonic()
     cfg = rig_config(s, r.timeout)
@@ -231,7 +232,7 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 assert rig.pid is not None
                 phases["qemu_up_s"] = round(time.monotonic() - t0, 3)
                 _phase(f"QEMU up ({rig.accel})")
-                log = wl.WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
+                log = WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
                 if s.workload == "hotplug":
                     await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
                                             rate=s.rate)

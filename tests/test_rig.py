@@ -24,8 +24,8 @@ from vmrig import GuestFault, RigError, tap
 from vmrig.config import BareGuestConfig, MemoryConfig, MiB, NetConfig, RigConfig
 from vmrig.errors import read_record
 from vmrig.rig import Rig
+from vmrig.workloadlog import WorkloadLog
 from vmrig.workloads import (
-    WorkloadLog,
     dirty_log_toggles,
     hotplug_cycles,
     plug_dimm,

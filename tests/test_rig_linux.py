@@ -17,7 +17,8 @@ from recording.reader import read_table
 from vmrig import RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
-from vmrig.workloads import WorkloadLog, hotplug_cycles, virtio_mem_steps
+from vmrig.workloadlog import WorkloadLog
+from vmrig.workloads import hotplug_cycles, virtio_mem_steps
 
 pytestmark = needs_qemu
 

@@ -22,7 +22,7 @@ _LAZY = {
     "Rig": "vmrig.rig", "RigConfig": "vmrig.config", "MemoryConfig": "vmrig.config",
     "VirtioMemConfig": "vmrig.config", "NetConfig": "vmrig.config",
     "BareGuestConfig": "vmrig.config", "parse_size": "vmrig.config",
-    "WorkloadLog": "vmrig.workloads", "hotplug_cycles": "vmrig.workloads",
+    "WorkloadLog": "vmrig.workloadlog", "hotplug_cycles": "vmrig.workloads",
     "plug_dimm": "vmrig.workloads", "unplug_dimm": "vmrig.workloads",
     "virtio_mem_steps": "vmrig.workloads", "dirty_log_toggles": "vmrig.workloads",
     "qemu_checks": "vmrig.host",

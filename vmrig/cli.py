@@ -139,7 +139,8 @@ def _prepare_run_dir(path: str | None) -> Path | None:
 
 async def _hotplug(args: argparse.Namespace) -> int:
     from vmrig.rig import Rig
-    from vmrig.workloads import WorkloadLog, hotplug_cycles
+    from vmrig.workloadlog import WorkloadLog
+    from vmrig.workloads import hotplug_cycles
     run_dir = _prepare_run_dir(args.output)
     rig = await Rig.attach(_state_dir(args))
     if rig.qmp is None:
