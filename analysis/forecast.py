@@ -58,4 +58,10 @@ def wrap_forecast(corr: Correlation, bits: int | None = None) -> pd.DataFrame:
             "current_gen": cur, "wrap_period_s": period / rate_units if rate_units > 0 else None,
             "next_zap_all_s": eta, "swaps_per_wrap": period // asn,
         })
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):
+        # A generation is an integer, whether or not another run's is
+        # unknown: a None among the rows would make the column float (16.0),
+        # so a run's figures would depend on the runs beside it.
+        out["current_gen"] = pd.array([r["current_gen"] for r in rows], dtype="Int64")
+    return out

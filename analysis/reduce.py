@@ -41,6 +41,11 @@ class RunFigures:
     run: str
     summary: dict[str, Any] | None
     comparison: list[dict[str, Any]]
+    # The run's memslot_update rows: the id its first update has in the
+    # Correlation it was reduced from, and how many.  Update ids are row
+    # numbers over all runs, so a worker's part renumbers them (``assemble``).
+    first_update: int
+    updates: int
     values: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
 
@@ -95,8 +100,13 @@ def run_figures(corr: Correlation, offset: int = 0, *, summaries: bool = True,
     """Each run of ``corr`` reduced; ``offset``: the position of its first
     run among all runs (a worker's part starts past the parts before it)."""
     costs = cost_table(corr, "change") if summaries else None
+    runs = corr.recording.runs
+    # memslot_update holds the runs one after another (frames.load).
+    n_upd = np.bincount(corr.recording.memslot_update["run"].cat.codes.to_numpy(),
+                        minlength=len(runs))
+    first_upd = np.cumsum(n_upd) - n_upd
     out = []
-    for i, run in enumerate(corr.recording.runs, start=offset):
+    for i, run in enumerate(runs, start=offset):
         s = None
         if costs is not None:
             s = run_summary(corr, run)
@@ -104,7 +114,8 @@ def run_figures(corr: Correlation, offset: int = 0, *, summaries: bool = True,
                                          .to_dict("records"))
         values = metric_values(corr, run) if comparison else None
         rows = compare_rows(run, i, values, samples) if values is not None else []
-        out.append(RunFigures(i, run, s, rows, values))
+        out.append(RunFigures(i, run, s, rows, int(first_upd[i - offset]),
+                              int(n_upd[i - offset]), values))
     return out
 
 
@@ -146,7 +157,15 @@ def add_deltas(fig: RunFigures, refs: dict[str, tuple[int, np.ndarray]],
 
 
 def assemble(figs: Sequence[RunFigures], comparison: bool) -> Analysis:
-    """The reduced runs, in run order, as one Analysis."""
+    """The reduced runs, in run order, as one Analysis: update ids (the
+    wraps') numbered over all runs, as one Correlation of them numbers them."""
+    start = 0
+    for f in figs:
+        shift = start - f.first_update
+        for w in (f.summary or {}).get("wraps", []) if shift else []:
+            if w["update"] is not None:
+                w["update"] += shift
+        start += f.updates
     cmp = pd.DataFrame([r for f in figs for r in f.comparison]) if comparison else None
     return Analysis([f.summary for f in figs if f.summary is not None], cmp)
 
