@@ -6,8 +6,10 @@ these commands costs nothing for the others.
 Both correlate in this process unless given ``--scheduler ADDRESS`` (a
 running Dask cluster) or ``--workers N|auto`` (a LocalCluster of N worker
 processes, ``auto`` one per core, started for the command): a cluster costs
-seconds to start and a copy of every frame on its way back, which pays only
-for many or large runs, so it is never chosen behind the user's back.
+seconds to start, which pays only for many or large runs, so it is never
+chosen behind the user's back.  ``analyze`` there has the workers reduce
+the runs to their figures (analysis/reduce.py); ``report`` and ``--plots``
+draw from every row, so they merge the runs' frames in this process.
 """
 
 from __future__ import annotations
@@ -195,36 +197,36 @@ def format_comparison(cmp: Any) -> list[str]:
     return lines
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from .summary import _clean, compare, cost_table, run_summary
+def _analysis(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The runs' summaries and comparison (analysis/reduce.py) and, where
+    plots are asked for, the Correlation they are drawn from.  On a cluster
+    without plots the workers reduce the runs and only the figures travel."""
+    from .reduce import analyze
+    if (args.scheduler or args.workers) and not args.plots:
+        from .cluster import analyze_cluster
+        return analyze_cluster(args.runs, scheduler=args.scheduler, workers=args.workers,
+                               check_events=True), None
     corr = _load(args.runs, args)
-    runs = corr.recording.runs
-    costs = cost_table(corr, "change")
-    summaries = []
-    for run in runs:
-        s = run_summary(corr, run)
-        s["cost_by_change"] = _clean(costs[costs["run"] == run].drop(columns=["run"])
-                                     .to_dict("records"))
-        summaries.append(s)
-    cmp = compare(corr) if len(runs) > 1 else None
+    return analyze(corr), corr
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    an, corr = _analysis(args)
     if args.plots:
         from . import plots
         os.makedirs(args.plots, exist_ok=True)
-        for run in runs:
+        for run in corr.recording.runs:
             for name, fig in plots.figures(corr, run).items():
                 plots.save(fig, os.path.join(args.plots, f"{run.replace('/', '_')}-{name}"))
     if args.json:
-        doc: dict[str, Any] = {"runs": summaries}
-        if cmp is not None:
-            doc["comparison"] = _clean(cmp.to_dict("records"))
-        json.dump(doc, sys.stdout, indent=1)
+        json.dump(an.to_json(), sys.stdout, indent=1)
         print()
         return 0
     out: list[str] = []
-    for s in summaries:
+    for s in an.summaries:
         out += format_summary(s) + [""]
-    if cmp is not None:
-        out += format_comparison(cmp)
+    if an.comparison is not None:
+        out += format_comparison(an.comparison)
     print("\n".join(out).rstrip())
     return 0
 

@@ -1,14 +1,21 @@
-"""Correlating many runs on a Dask cluster.
+"""Analysing many runs on a Dask cluster.
 
 The per-run joins are independent: a fault's epoch, class and cost only ever
-look at rows of its own run (every key is (run, VM)).  So each task loads and
-correlates one run directory (or a chunk of them) on a worker and sends its
-Correlation back; the client concatenates the parts into the Correlation the
-single-process path (``correlate_runs``) would have built: the same rows, run
-categories, ``update`` index values, dtypes and category orders, so that
-summaries, comparisons and the report cannot tell the two apart.
+look at rows of its own run (every key is (run, VM)).  Two ways out:
 
-    corr = correlate_cluster(dirs, scheduler="tcp://host:8786")  # a running cluster
+* ``analyze_cluster``: each task loads, correlates and reduces one run
+  directory (or a chunk of them) to what users read, its summary and
+  comparison rows (analysis/reduce.py, the code the single process runs),
+  and the client gets a few kB per run.  This is what ``slotscope analyze
+  --scheduler/--workers`` uses: at 200 runs of 250k faults, every run's
+  frames would be ~35 MB each on the wire and a 14 GB merge in the client.
+* ``correlate_cluster``: each task sends its Correlation back and the client
+  concatenates the parts into the Correlation the single-process path
+  (``correlate_runs``) would have built: the same rows, run categories,
+  ``update`` index values, dtypes and category orders, so that summaries,
+  comparisons and the report cannot tell the two apart (notebooks, reports).
+
+    an = analyze_cluster(dirs, scheduler="tcp://host:8786")  # a running cluster
     corr = correlate_cluster(dirs, workers=4)  # a LocalCluster of 4 worker processes
 
 The workers read the run directories themselves (Parquet, as ever), by the
@@ -16,12 +23,13 @@ paths given: on a remote cluster they must see the same paths (absolute ones
 on shared storage).  dask and distributed are imported only when a cluster
 is used; ``merge`` alone needs pandas.  A script that starts a LocalCluster
 (``workers=``) needs the ``if __name__ == "__main__":`` guard: the worker
-processes are spawned and import the main module.
+processes are spawned and import the main module.  (~430 lines: the two
+ways share the client, the task plan and the error transport.)
 """
-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import pickle
@@ -39,6 +47,16 @@ from recording.reader import read_manifest
 from .epochs import Correlation, correlate
 from .errors import ClusterUnavailable
 from .frames import PathLike, Recording, _run_names, load, one_line_errors, require_events
+from .reduce import (
+    Analysis,
+    RunFigures,
+    add_deltas,
+    assemble,
+    reference_values,
+    references,
+    run_figures,
+)
+from .stats import BOOT_SAMPLES
 
 CONNECT_TIMEOUT_S = 10.0  # a wrong scheduler address fails in seconds, not minutes
 # Categories the single-process path sorts over all runs (timeline.update_frame);
@@ -155,6 +173,97 @@ def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
     started for the call and closed after it.  The first failing run, in the
     order given, raises its RecordingError as the single-process path would.
     """
+    paths, names, spans = _plan(runs, names, chunk)
+    with _client(scheduler, workers, connect_timeout) as client:
+        bad = client.submit(check_runs, paths, pure=False).result()
+        if bad is not None:
+            raise bad.error()
+        futures = client.map(correlate_part, [paths[s] for s in spans],
+                             [names[s] for s in spans], check_events=check_events,
+                             pure=False)
+        parts = _collect(futures)
+    for part in parts:  # the first bad run in the order given is the one reported
+        if isinstance(part, _Failure):
+            raise part.error()
+    return _restore(parts)
+
+
+def reduce_part(paths: Sequence[str], names: Sequence[str], offset: int,
+                check_events: bool, comparison: bool,
+                samples: int) -> list[RunFigures] | _Failure:
+    """On a worker: load, correlate and reduce some runs (analysis/reduce.py);
+    ``offset``: the position of the first among all runs."""
+    try:
+        with one_line_errors(", ".join(names)):
+            rec = load(paths, names=names)
+            if check_events:
+                require_events(rec)
+            return run_figures(correlate(rec), offset, comparison=comparison,
+                               samples=samples)
+    except RecordingError as e:
+        return _Failure.of(e)
+
+
+def _without_values(part: list[RunFigures] | _Failure) -> list[RunFigures] | _Failure:
+    """On a worker: what the client gets of a reduced part (the metric
+    values stay behind for the changes vs the reference runs)."""
+    if isinstance(part, _Failure):
+        return part
+    return [dataclasses.replace(f, values=None) for f in part]
+
+
+def _references(parts: Sequence[list[RunFigures]],
+                refs: dict[str, int]) -> dict[str, tuple[int, Any]]:
+    return reference_values([f for p in parts for f in p], refs)
+
+
+def _deltas(part: list[RunFigures], refs: dict[str, tuple[int, Any]],
+            samples: int) -> list[list[dict[str, Any]]]:
+    return [add_deltas(f, refs, samples) for f in part]
+
+
+def analyze_cluster(runs: PathLike | Iterable[PathLike], *,
+                    names: Sequence[str] | None = None, scheduler: Any = None,
+                    workers: int | None = None, chunk: int = 1,
+                    check_events: bool = False, samples: int = BOOT_SAMPLES,
+                    connect_timeout: float = CONNECT_TIMEOUT_S) -> Analysis:
+    """``reduce.analyze`` on Dask: the runs' summaries and comparison, equal
+    to the single-process ones, reduced on the workers; the client receives
+    a few kB per run.  Arguments and errors as ``correlate_cluster``."""
+    paths, names, spans = _plan(runs, names, chunk)
+    many = len(paths) > 1
+    with _client(scheduler, workers, connect_timeout) as client:
+        bad = client.submit(check_runs, paths, pure=False).result()
+        if bad is not None:
+            raise bad.error()
+        # The reduced parts stay on their workers until the changes vs the
+        # reference runs are in; the client fetches them without the values.
+        held = client.map(reduce_part, [paths[s] for s in spans], [names[s] for s in spans],
+                          [s.start for s in spans], check_events=check_events,
+                          comparison=many, samples=samples, pure=False)
+        try:
+            parts = _collect(client.map(_without_values, held, pure=False))
+            for part in parts:  # the first bad run in the order given is the one reported
+                if isinstance(part, _Failure):
+                    raise part.error()
+            figs = [f for p in parts for f in p]
+            if many:
+                refs = references(figs)
+                at = sorted({refs[m] // chunk for m in refs})
+                ref = client.submit(_references, [held[i] for i in at], refs, pure=False)
+                rows = client.gather(client.map(_deltas, held, refs=ref, samples=samples,
+                                                pure=False))
+                for f, r in zip(figs, (r for p in rows for r in p), strict=True):
+                    f.comparison = r
+        finally:
+            for h in held:
+                h.release()
+    return assemble(figs, many)
+
+
+def _plan(runs: PathLike | Iterable[PathLike], names: Sequence[str] | None,
+          chunk: int) -> tuple[list[str], list[str], list[slice]]:
+    """Paths, run names and the tasks' spans of runs, checked."""
     if isinstance(runs, str | os.PathLike):
         runs = [runs]
     paths = [str(p) for p in runs]
@@ -168,19 +277,7 @@ def correlate_cluster(runs: PathLike | Iterable[PathLike], *,
         names = _run_names([Path(p) for p in paths])
     if chunk < 1:
         raise RecordingError(f"chunk must be at least 1 run, not {chunk}")
-    spans = [slice(i, i + chunk) for i in range(0, len(paths), chunk)]
-    with _client(scheduler, workers, connect_timeout) as client:
-        bad = client.submit(check_runs, paths, pure=False).result()
-        if bad is not None:
-            raise bad.error()
-        futures = client.map(correlate_part, [paths[s] for s in spans],
-                             [names[s] for s in spans], check_events=check_events,
-                             pure=False)
-        parts = _collect(futures)
-    for part in parts:  # the first bad run in the order given is the one reported
-        if isinstance(part, _Failure):
-            raise part.error()
-    return _restore(parts)
+    return paths, names, [slice(i, i + chunk) for i in range(0, len(paths), chunk)]
 
 
 def _collect(futures: list[Any]) -> list[Any]:

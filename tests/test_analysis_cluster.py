@@ -1,6 +1,7 @@
 """Many runs correlated on a real Dask LocalCluster (worker processes) give
-the single-process Correlation frame for frame, row for row; worker-side
-errors and an unreachable scheduler are one-line errors."""
+the single-process Correlation frame for frame, row for row, and the runs
+reduced on the workers the single-process summaries and comparison;
+worker-side errors and an unreachable scheduler are one-line errors."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pandas as pd
 import pytest
 
 from analysis import simulator
-from analysis.cluster import correlate_cluster
+from analysis.cluster import analyze_cluster, correlate_cluster
 from analysis.epochs import Correlation, correlate_runs
 from analysis.errors import ClusterUnavailable, EmptyRun
 from analysis.frames import load, require_events
+from analysis.reduce import Analysis, analyze
 from analysis.summary import summarize_all
 from recording.errors import NoRunDir
 from recording.reader import read_table
@@ -94,6 +96,39 @@ def test_cluster_correlation_equals_single_process(client: distributed.Client,
     assert summarize_all(got) == summarize_all(want)
 
 
+def assert_same_analysis(got: Analysis, want: Analysis) -> None:
+    # JSON text: key order and float bits too, as `analyze --json` prints them.
+    assert json.dumps(got.to_json()) == json.dumps(want.to_json())
+    assert got.summaries == want.summaries
+    if want.comparison is None:
+        assert got.comparison is None
+    else:
+        pd.testing.assert_frame_equal(got.comparison, want.comparison, check_exact=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_cluster_reduction_equals_single_process(client: distributed.Client,
+                                                 runs: list[Path], chunk: int) -> None:
+    # Runs without updates first: the update-cost reference (the first run
+    # with any) sits in the second task of 3 runs, on whichever worker.
+    by = {p.name: p for p in runs}
+    order = [by["empty"], by["host-microvm"], by["no-updates"]]
+    order += [p for p in runs if p not in order]
+    want = analyze(order, samples=100)
+    got = analyze_cluster(order, scheduler=client, chunk=chunk, samples=100)
+    cmp = want.comparison
+    assert cmp is not None and len(got.summaries) == len(order)
+    first = cmp[cmp["n"] > 0].groupby("metric", sort=False)["run"].first()
+    assert first["update_cost"] == order[3].name and first["mmio_latency"] == "host-microvm"
+    assert cmp["p50_delta_ci_us"].notna().sum() >= 2 * (len(order) - 4)
+    assert any(s["wraps"] for s in want.summaries) and any(s["cost_by_change"]
+                                                           for s in want.summaries)
+    assert_same_analysis(got, want)
+    one = analyze_cluster(order[3:4], scheduler=client, samples=100)
+    assert one.comparison is None
+    assert_same_analysis(one, analyze(order[3:4], samples=100))
+
+
 def test_scheduler_address_and_names(client: distributed.Client, runs: list[Path]) -> None:
     names = [f"r{i}" for i in range(len(runs))][::-1]
     got = correlate_cluster(runs, names=names, scheduler=client.scheduler.address)
@@ -113,6 +148,12 @@ def test_first_bad_run_in_order_is_reported(client: distributed.Client, runs: li
     with pytest.raises(EmptyRun) as want:
         require_events(load([runs[0], empty]))
     assert str(got.value) == str(want.value) and got.value.path == want.value.path
+    with pytest.raises(NoRunDir) as e:
+        analyze_cluster(bad, scheduler=client)
+    assert e.value.run_dir == tmp_path / "missing-1"
+    with pytest.raises(EmptyRun) as got:
+        analyze_cluster([runs[0], empty, runs[1]], scheduler=client, check_events=True)
+    assert str(got.value) == str(want.value)
 
 
 def test_unreachable_scheduler_is_one_line(runs: list[Path]) -> None:
