@@ -12,6 +12,8 @@ function)::
     analysis.wrap_verdicts(corr)               # per generation wrap: the zap-all invariant
     analysis.report.write_report(["runs/a", "runs/b"], "report.html")
     corr = analysis.correlate_cluster(dirs, workers=2)   # on Dask: the same Correlation
+    an = analysis.analyze(dirs)                # summaries + comparison (what `analyze` prints)
+    an = analysis.analyze_cluster(dirs, workers=2)   # the same, reduced on the Dask workers
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ _EXPORTS = {
     "correlate": "epochs", "Correlation": "epochs",
     "correlate_runs": "epochs", "generation_timeline": "timeline", "CLASSES": "epochs",
     "wrap_forecast": "forecast", "correlate_cluster": "cluster", "wrap_verdicts": "wrap",
+    "analyze_cluster": "cluster", "analyze": "reduce",
     "summarize": "summary", "summarize_all": "summary", "summary_tables": "summary",
     "compare": "summary",
     "EmptyRun": "errors", "AnalysisFailed": "errors",
