@@ -19,6 +19,11 @@ directory (recording.writer.RunWriter, written on its Flusher thread) is
 flushed every ``flush_interval`` seconds with the tracer's manifest keys
 (recording.manifest.TracerFields: backend, probes, filters, lost counts)
 current.
+
+One class of ~420 lines on purpose: the session (attach, drain thread,
+detach on every exit path) and the run being written share their state
+(pid filter, counts, lost baselines, the writer), and keeping them in one
+place is what lets every exit path detach the probes and close the run.
 """
 
 from __future__ import annotations
@@ -270,6 +275,8 @@ class Recorder:
     def _drain_targets(self) -> None:
         if self.pids:  # stop new events, then take what is buffered
             self.probes.bpf[b"pids"].clear()
+            # a thread's entry is its pass through the filter (common.bpf.c)
+            self.probes.bpf[b"threads"].clear()
         self._dispatch(self.probes.drain())
         self.flush()
 

@@ -68,46 +68,102 @@ BPF_PERF_OUTPUT(events);
 BPF_PERCPU_ARRAY(lost, u64, LOST_MAX);
 BPF_HASH(pids, u32, u8, 256);
 
-/* vCPU identity per thread, learnt from KVM_CREATE_VCPU + KVM_RUN or kvm_entry. */
+static __always_inline int traced(u32 pid)
+{
+#if FILTER_PIDS
+	return pids.lookup(&pid) != NULL;
+#else
+	return 1;
+#endif
+}
+
+/* vCPU identity per (pid, vCPU fd), learnt from KVM_CREATE_VCPU or seeded
+ * from /proc by user space; copied into the thread's entry at its KVM_RUN. */
 struct vcpu_key { u32 pid; u32 fd; };
 struct vcpu_info { u64 vm; s32 vcpu; u32 pad; };
-/* LRU: threads and fds of processes that died must not fill the maps up. */
+/* LRU: fds of processes that died must not fill the map up. */
 BPF_TABLE("lru_hash", struct vcpu_key, struct vcpu_info, vcpu_fds, 4096);
-BPF_TABLE("lru_hash", u32, struct vcpu_info, tid_vcpu, 4096);
 
-/* One vCPU exit being handled: kvm_exit (or kvm_mmio) -> kvm_entry (or KVM_RUN). */
-struct exit_state {
+/* Everything the hot path needs about one traced thread, in one entry: the
+ * exit being handled (kvm_exit or kvm_mmio -> kvm_entry or KVM_RUN), the
+ * thread's vCPU identity and whether a KVM ioctl of interest is in flight.
+ * An entry exists only for threads of traced processes, so finding it is
+ * also the pid filter.  In the TCG L1 every map lookup costs microseconds
+ * (bench/bpf_prog_cost): a filter, an exit state and an identity map made
+ * three lookups a program where this makes one.  exit_ns == 0: no exit is
+ * open; the entry is reused from exit to exit and deleted when the thread
+ * exits (its tid may be reused by a process that is not traced). */
+struct thread {
 	u64 exit_ns;
 	u64 gpa;
+	u64 end_ns;    /* where an unfinished exit ends (sched_process_exit):
+	                * the access KVM handed to the VMM (stream mode), or
+	                * KVM_RUN's return for an exit without kvm_exit */
 	u32 reason;
 	u32 bits;
 	u32 kvm_gen;
 	u32 spte_gen;
 	u32 len;
-	s32 vcpu;
-	u64 user_ns;  /* KVM_RUN first returned to the VMM in this exit */
+	s32 exit_vcpu; /* from kvm_exit; -1 where the exit did not say */
+	u64 vm;        /* pid << 32 | VM fd; 0 until KVM_RUN on a known vCPU fd */
+	s32 vcpu;      /* -1 until then */
+	u32 pending;   /* a KVM ioctl in flight: its arguments are in `pending` */
 };
-BPF_TABLE("lru_hash", u32, struct exit_state, exits, 4096);
+BPF_TABLE("lru_hash", u32, struct thread, threads, 4096);
 
-/* A thread's entry stays in ``exits`` from its first exit on and is reused:
- * exit_ns == 0 means no exit is open.  An LRU hash update and delete per
- * exit were the dearest part of the hot path (bench/bpf_prog_cost in the
- * TCG L1: kvm_exit 31 us a run, twice kvm_entry's); a lookup and a write in
- * place are not. */
-static __always_inline struct exit_state *open_exit(u32 tid)
+static __always_inline struct thread *thread_find(u64 id)
 {
-	struct exit_state *st = exits.lookup(&tid);
-	return st && st->exit_ns ? st : NULL;
+	u32 tid = (u32)id;
+	return threads.lookup(&tid);
 }
 
-/* Open an exit for ``tid``: its entry overwritten in place, or made. */
-static __always_inline void begin_exit(u32 tid, struct exit_state *n)
+/* The thread's entry, made on its first event if its process is traced;
+ * NULL for threads that are not. */
+static __always_inline struct thread *thread_of(u64 id)
 {
-	struct exit_state *st = exits.lookup(&tid);
-	if (st)
-		*st = *n;
-	else
-		exits.update(&tid, n);
+	u32 tid = (u32)id;
+	struct thread *t = threads.lookup(&tid);
+	if (t || !traced(id >> 32))
+		return t;
+	struct thread n = {};
+	n.exit_vcpu = -1;
+	n.vcpu = -1;
+	threads.update(&tid, &n);
+	return threads.lookup(&tid);
+}
+
+/* The open exit of a thread, or NULL. */
+static __always_inline struct thread *open_exit(u64 id)
+{
+	struct thread *t = thread_find(id);
+	return t && t->exit_ns ? t : NULL;
+}
+
+/* Open an exit on ``t``, keeping its identity. */
+static __always_inline void begin_exit(struct thread *t, u64 ns, u32 reason, u32 bits,
+				       s32 exit_vcpu, u64 gpa, u32 len)
+{
+	t->exit_ns = ns;
+	t->gpa = gpa;
+	t->end_ns = 0;
+	t->reason = reason;
+	t->bits = bits;
+	t->kvm_gen = 0;
+	t->spte_gen = 0;
+	t->len = len;
+	t->exit_vcpu = exit_vcpu;
+}
+
+/* The thread's VM and vCPU: learnt at KVM_RUN, else the process (VM fd
+ * unknown) and -1. */
+static __always_inline u64 vm_of(struct thread *t, u64 id)
+{
+	return t->vm ? t->vm : (id >> 32) << 32;
+}
+
+static __always_inline s32 vcpu_of(struct thread *t)
+{
+	return t->exit_vcpu >= 0 ? t->exit_vcpu : t->vcpu;
 }
 
 /* Non-MMIO exits: count and total ns per (pid, reason, log2 latency). */
@@ -122,15 +178,6 @@ BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
 struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot; };
 BPF_PERCPU_HASH(mmio_hist, struct mmio_hist_key, struct hist_val, 16384);
 #endif
-
-static __always_inline int traced(u32 pid)
-{
-#if FILTER_PIDS
-	return pids.lookup(&pid) != NULL;
-#else
-	return 1;
-#endif
-}
 
 static __always_inline void count_lost(int kind)
 {
@@ -176,17 +223,6 @@ static __always_inline void ev_init(struct event *e, u32 type, u64 id, u64 ns)
 	e->ns = ns;
 }
 
-static __always_inline u64 vm_of_tid(u32 tid, u32 pid, s32 *vcpu)
-{
-	struct vcpu_info *vi = tid_vcpu.lookup(&tid);
-	if (vi) {
-		*vcpu = vi->vcpu;
-		return vi->vm;
-	}
-	*vcpu = -1;
-	return (u64)pid << 32;
-}
-
 static __always_inline u32 log2_u64(u64 v)
 {
 	u32 r = 0;
@@ -200,26 +236,24 @@ static __always_inline u32 log2_u64(u64 v)
 	return r;
 }
 
-/* Close the open exit of `tid` at `ns`: an MMIO interval becomes an event,
- * anything else goes into the exit histogram. */
-static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st, u64 ns)
+/* Close the open exit of thread ``t`` at ``ns``: an MMIO interval becomes an
+ * event, anything else goes into the exit histogram. */
+static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 ns)
 {
-	u32 tid = (u32)id;
-	if (st->bits & F_MMIO) {
+	if (t->bits & F_MMIO) {
 #if AGGREGATE
 		struct mmio_hist_key k = {};
-		s32 vcpu = st->vcpu;
-		k.vm = vm_of_tid(tid, id >> 32, &vcpu);
-		k.vcpu = st->vcpu >= 0 ? st->vcpu : vcpu;
+		k.vm = vm_of(t, id);
+		k.vcpu = vcpu_of(t);
 		k.pid = id >> 32;
-		k.reason = st->reason;
-		k.bits = st->bits & 0x1ff;
-		k.slot = log2_u64(ns - st->exit_ns);
+		k.reason = t->reason;
+		k.bits = t->bits & 0x1ff;
+		k.slot = log2_u64(ns - t->exit_ns);
 		struct hist_val zero = {};
 		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);
 		if (v) {
 			v->count++;
-			v->sum_ns += ns - st->exit_ns;
+			v->sum_ns += ns - t->exit_ns;
 		} else {
 			count_lost(LOST_FAULT);  /* map full: counted, never silent */
 		}
@@ -227,32 +261,29 @@ static __always_inline void close_exit(void *ctx, u64 id, struct exit_state *st,
 		struct event buf;
 		struct event *e = ev_reserve(ctx, &buf, LOST_FAULT);
 		if (e) {
-			ev_init(e, EV_FAULT, id, st->exit_ns);
+			ev_init(e, EV_FAULT, id, t->exit_ns);
 			e->ns2 = ns;
-			e->a = st->gpa;
-			e->b = ((u64)st->kvm_gen << 32) | st->spte_gen;
-			e->c = st->bits;
-			s32 vcpu = st->vcpu;
-			e->d = vm_of_tid(tid, id >> 32, &vcpu);
-			if (st->vcpu >= 0)
-				vcpu = st->vcpu;
-			e->x = vcpu;
-			e->e = st->reason;
-			e->f = st->len;
+			e->a = t->gpa;
+			e->b = ((u64)t->kvm_gen << 32) | t->spte_gen;
+			e->c = t->bits;
+			e->d = vm_of(t, id);
+			e->x = vcpu_of(t);
+			e->e = t->reason;
+			e->f = t->len;
 			ev_submit(ctx, e);
 		}
 #endif
-	} else if (st->reason != EXIT_REASON_NONE) {
+	} else if (t->reason != EXIT_REASON_NONE) {
 		struct hist_key k = {};
 		k.pid = id >> 32;
-		k.reason = st->reason;
-		k.slot = log2_u64(ns - st->exit_ns);
+		k.reason = t->reason;
+		k.slot = log2_u64(ns - t->exit_ns);
 		struct hist_val zero = {};
 		struct hist_val *v = exit_hist.lookup_or_try_init(&k, &zero);
 		if (v) {
 			__sync_fetch_and_add(&v->count, 1);
-			__sync_fetch_and_add(&v->sum_ns, ns - st->exit_ns);
+			__sync_fetch_and_add(&v->sum_ns, ns - t->exit_ns);
 		}
 	}
-	st->exit_ns = 0;  /* closed: the entry is reused by the next exit */
+	t->exit_ns = 0;  /* closed: the entry is reused by the next exit */
 }

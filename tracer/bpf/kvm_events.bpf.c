@@ -37,28 +37,30 @@ BPF_HASH(last_gen, u64, u32, 1024);
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	u32 pid = id >> 32, tid = (u32)id;
-	if (!traced(pid))
-		return TP_KEEP;
+	/* Every ioctl on the machine lands here: the command decides before any
+	 * map is touched. */
 	u32 cmd = (u32)args->cmd;
+	if (cmd != KVM_RUN && cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
+	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
+		return TP_KEEP;
+	u64 id = bpf_get_current_pid_tgid();
+	struct thread *t = thread_of(id);
+	if (!t)
+		return TP_KEEP;
 	u32 fd = (u32)args->fd;
 	if (cmd == KVM_RUN) {
-		u64 ns = bpf_ktime_get_ns();
-		struct exit_state *st = open_exit(tid);
-		if (st && (st->bits & F_SYNTH))
-			close_exit(args, id, st, ns);
-		if (!tid_vcpu.lookup(&tid)) {
-			struct vcpu_key k = {.pid = pid, .fd = fd};
+		if (t->exit_ns && (t->bits & F_SYNTH))
+			close_exit(args, id, t, bpf_ktime_get_ns());
+		if (!t->vm) {
+			struct vcpu_key k = {.pid = id >> 32, .fd = fd};
 			struct vcpu_info *vi = vcpu_fds.lookup(&k);
-			if (vi)
-				tid_vcpu.update(&tid, vi);
+			if (vi) {
+				t->vm = vi->vm;
+				t->vcpu = vi->vcpu;
+			}
 		}
 		return TP_KEEP;
 	}
-	if (cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
-	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
-		return TP_KEEP;
 	struct pending_ioctl p = {};
 	p.begin_ns = bpf_ktime_get_ns();
 	p.cmd = cmd;
@@ -66,7 +68,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	p.arg = args->arg;
 	if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
 		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)args->arg);
+	u32 tid = (u32)id;
 	pending.update(&tid, &p);
+	t->pending = 1;
 	return TP_KEEP;
 }
 
@@ -74,13 +78,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
-	if (!traced(pid))
+	struct thread *t = thread_find(id);
+	if (!t)
 		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (st && !(st->bits & F_TO_USER)) {
-		st->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
-		st->user_ns = bpf_ktime_get_ns();
+	if (t->exit_ns && !(t->bits & F_TO_USER)) {
+		t->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
+		/* A clock read costs ~9 us a run in the TCG L1 (bpf_prog_cost), so
+		 * only an exit without kvm_exit, whose access time is its start,
+		 * pays for one here. */
+		if (t->bits & F_SYNTH)
+			t->end_ns = bpf_ktime_get_ns();
 	}
+	if (!t->pending)
+		return TP_KEEP;
+	t->pending = 0;
 	struct pending_ioctl *p = pending.lookup(&tid);
 	if (!p)
 		return TP_KEEP;
@@ -127,43 +138,40 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 TRACEPOINT_PROBE(kvm, kvm_mmio)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 pid = id >> 32, tid = (u32)id;
-	if (!traced(pid))
+	struct thread *t = thread_of(id);
+	if (!t)
 		return TP_KEEP;
-	u64 ns = bpf_ktime_get_ns();
 	u32 type = args->type;
-	s32 vcpu;
-	u64 vm = vm_of_tid(tid, pid, &vcpu);
 #if EMIT_MMIO
+	u64 ns = bpf_ktime_get_ns();
 	struct event buf;
 	struct event *e = ev_reserve(args, &buf, LOST_MMIO);
 	if (e) {
 		ev_init(e, EV_MMIO, id, ns);
 		e->a = args->gpa;
 		e->b = args->val;
-		e->d = vm;
+		e->d = vm_of(t, id);
 		e->e = type;
 		e->f = args->len;
-		e->x = vcpu;
+		e->x = t->vcpu;
 		ev_submit(args, e);
 	}
 #endif
-	struct exit_state *st = open_exit(tid);
-	if (st) {
-		st->bits |= F_ACCESS | (type == 2 ? F_WRITE : 0);
-		st->gpa = args->gpa;
-		st->len = args->len;
+	if (t->exit_ns) {
+		t->bits |= F_ACCESS | (type == 2 ? F_WRITE : 0);
+		t->gpa = args->gpa;
+		t->len = args->len;
+#if EMIT_MMIO
+		t->end_ns = ns;
+#endif
 	} else if (type != 1) {
 		/* No kvm_exit on this kernel (e.g. kvm_pvm): the MMIO interval runs
 		 * from the emulated access to the vCPU's next KVM_RUN. */
-		struct exit_state n = {};
-		n.exit_ns = ns;
-		n.gpa = args->gpa;
-		n.reason = EXIT_REASON_NONE;
-		n.bits = F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0);
-		n.len = args->len;
-		n.vcpu = vcpu;
-		begin_exit(tid, &n);
+#if !EMIT_MMIO
+		u64 ns = bpf_ktime_get_ns();
+#endif
+		begin_exit(t, ns, EXIT_REASON_NONE,
+			   F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0), -1, args->gpa, args->len);
 	}
 	return TP_KEEP;
 }
@@ -172,17 +180,13 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 TRACEPOINT_PROBE(kvm, kvm_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!traced(id >> 32))
+	struct thread *t = thread_of(id);
+	if (!t)
 		return TP_KEEP;
-	struct exit_state n = {};
-	n.exit_ns = bpf_ktime_get_ns();
-	n.reason = args->exit_reason;
-	n.vcpu = args->vcpu_id;
+	u32 reason = args->exit_reason;
 	/* SVM's nested page fault carries the faulting GPA in exit_info_2. */
-	if (args->isa == 2 && n.reason == 0x400)
-		n.gpa = args->info2;
-	begin_exit(tid, &n);
+	u64 gpa = args->isa == 2 && reason == 0x400 ? args->info2 : 0;
+	begin_exit(t, bpf_ktime_get_ns(), reason, 0, args->vcpu_id, gpa, 0);
 	return TP_KEEP;
 }
 #endif
@@ -191,20 +195,17 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 TRACEPOINT_PROBE(kvm, kvm_entry)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!traced(id >> 32))
-		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (st)
-		close_exit(args, id, st, bpf_ktime_get_ns());
+	struct thread *t = open_exit(id);
+	if (t)
+		close_exit(args, id, t, bpf_ktime_get_ns());
 	return TP_KEEP;
 }
 #endif
 
-static __always_inline void gen_seen(void *ctx, u64 id, u32 gen, u32 source)
+static __always_inline void gen_seen(void *ctx, u64 id, struct thread *t, u32 gen,
+				    u32 source)
 {
-	s32 vcpu;
-	u64 vm = vm_of_tid((u32)id, id >> 32, &vcpu);
+	u64 vm = vm_of(t, id);
 	u32 *last = last_gen.lookup(&vm);
 	if (last && *last == gen)
 		return;
@@ -224,18 +225,17 @@ static __always_inline void gen_seen(void *ctx, u64 id, u32 gen, u32 source)
 TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!traced(id >> 32))
+	struct thread *t = thread_of(id);
+	if (!t)
 		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (st) {
-		st->bits |= F_CHECKED;
-		st->kvm_gen = args->kvm_gen;
-		st->spte_gen = args->spte_gen;
+	if (t->exit_ns) {
+		t->bits |= F_CHECKED;
+		t->kvm_gen = args->kvm_gen;
+		t->spte_gen = args->spte_gen;
 		if (args->kvm_gen != args->spte_gen)
-			st->bits |= F_STALE;
+			t->bits |= F_STALE;
 	}
-	gen_seen(args, id, args->kvm_gen, GEN_SRC_CHECK);
+	gen_seen(args, id, t, args->kvm_gen, GEN_SRC_CHECK);
 	return TP_KEEP;
 }
 #endif
@@ -244,16 +244,15 @@ TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!traced(id >> 32))
+	struct thread *t = thread_of(id);
+	if (!t)
 		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (st) {
-		st->bits |= F_REMARKED;
-		if (!st->gpa)
-			st->gpa = args->gfn << 12;
+	if (t->exit_ns) {
+		t->bits |= F_REMARKED;
+		if (!t->gpa)
+			t->gpa = args->gfn << 12;
 	}
-	gen_seen(args, id, args->gen, GEN_SRC_MARK);
+	gen_seen(args, id, t, args->gen, GEN_SRC_MARK);
 	return TP_KEEP;
 }
 #endif
@@ -261,14 +260,10 @@ TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 #ifdef HAVE_HANDLE_MMIO_PAGE_FAULT
 TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
-	if (!traced(id >> 32))
-		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (st) {
-		st->bits |= F_FAST_HIT;
-		st->gpa = args->addr;
+	struct thread *t = open_exit(bpf_get_current_pid_tgid());
+	if (t) {
+		t->bits |= F_FAST_HIT;
+		t->gpa = args->addr;
 	}
 	return TP_KEEP;
 }
@@ -297,22 +292,24 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 #endif
 
 /* A vCPU thread that exits mid-exit (the VMM stopped after an MMIO exit, or
- * was killed) never reaches kvm_entry: close its interval here, marked, and
- * ended where KVM_RUN returned to the VMM (the VMM's own share is unknown). */
+ * was killed) never reaches kvm_entry: close its interval here, marked.  It
+ * ends at the access KVM handed to the VMM (kvm_mmio, stream mode) or where
+ * KVM_RUN returned (no kvm_exit on this kernel): the VMM's own share of the
+ * exit is unknown.  In aggregate mode, where kvm_mmio reads no clock, at the
+ * thread's exit. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 tid = (u32)id;
-	if (!traced(id >> 32))
+	struct thread *t = thread_find(id);
+	if (!t)
 		return TP_KEEP;
-	struct exit_state *st = open_exit(tid);
-	if (!st)
-		return TP_KEEP;
-	if (!(st->bits & F_MMIO)) {
-		st->exit_ns = 0;  /* an unfinished non-MMIO exit has no latency */
-		return TP_KEEP;
+	/* an unfinished non-MMIO exit has no latency: dropped */
+	if (t->exit_ns && (t->bits & F_MMIO)) {
+		t->bits |= F_UNFINISHED;
+		close_exit(args, id, t, t->end_ns ? t->end_ns : bpf_ktime_get_ns());
 	}
-	st->bits |= F_UNFINISHED;
-	close_exit(args, id, st, st->user_ns ? st->user_ns : bpf_ktime_get_ns());
+	/* the tid may come back as a thread of a process that is not traced */
+	threads.delete(&tid);
 	return TP_KEEP;
 }
