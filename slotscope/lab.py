@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 
 # -- mode ---------------------------------------------------------------------
-def choose_mode(requested: str) -> tuple[str, str]:
+def choose_mode(requested: str, kernels: Sequence[str]) -> tuple[str, str]:
     """(mode, why): direct only where the host's KVM shows MMIO SPTEs and a
-    backend sees kvm_set_memslot; the nested lab VM otherwise."""
+    backend sees kvm_set_memslot; the nested lab VM (booting ``kernels``)
+    otherwise."""
     from tracer import TracerError
     from tracer.capabilities import choose_backend, probe
 
@@ -76,7 +77,7 @@ def choose_mode(requested: str) -> tuple[str, str]:
         return "direct", "requested" + ("; but " + "; ".join(reasons) if reasons else "")
     if requested == "nested" or not direct_ok:
         from vmrig.labvm import labvm_check
-        row = labvm_check()
+        row = labvm_check(kernels)
         if row.status == FAIL:
             raise LabError(f"nested lab VM unavailable: {row.detail} ({row.fix})")
         why = "requested" if requested == "nested" else "; ".join(reasons)
@@ -174,7 +175,7 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
             kernels: list[str] | None = None, inject: str | None = None) -> int:
     from vmrig.host import version_text
     out.mkdir(parents=True, exist_ok=True)
-    mode, why = choose_mode(mode)
+    mode, why = choose_mode(mode, kernels or list(cfg.kernels))
     progress.log(f"mode: {mode} ({why})")
     progress.log(f"config: {cfg.source}; {len(cfg.scenarios)} scenarios; output {out}")
     statuses: dict[str, list[RunStatus]] = {}

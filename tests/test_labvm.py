@@ -128,6 +128,10 @@ def test_labvm_check_row() -> None:
     else:
         assert LAB_KERNEL is not None and LAB_KERNEL.release in detail
         assert labvm.choose_accel("auto")[0].upper() in detail
+        # a job that names its kernels is told about those alone (the lab's mode line)
+        one = labvm.labvm_check(["6.12"])
+        assert one.status == "OK" and LAB_KERNEL.release not in one.detail
+        assert one.detail.startswith("6.12.")
     assert len(f"{name}  {status}  {detail}") < 80
 
 

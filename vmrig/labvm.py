@@ -157,14 +157,15 @@ def _missing_parts() -> tuple[str, str] | None:
     return None
 
 
-def labvm_check() -> Check:
-    """doctor's row for the nested lab VM."""
+def labvm_check(specs: Sequence[str] = DEFAULT_KERNELS) -> Check:
+    """doctor's row for the nested lab VM, booting the kernels ``specs``
+    (the lab's default axis unless a job names its own)."""
     name = "nested lab VM"
     missing = _missing_parts()
     if missing:
         return Check(name, FAIL, missing[0], missing[1])
-    try:  # the lab's default kernel axis
-        ks = [resolve_kernel(spec) for spec in DEFAULT_KERNELS]
+    try:
+        ks = [resolve_kernel(spec) for spec in specs]
     except RigError as e:
         return Check(name, FAIL, str(e), "sudo .venv/bin/python -m vmrig.kernel fetch")
     accel, why = choose_accel("auto")
