@@ -82,6 +82,11 @@ class Probes:
             out["perf_buffer"] = self.perf_lost
         return out
 
+    def last_fill(self) -> float | None:
+        """The fraction of the ring buffer the last drain found in use (None
+        on the perf buffer, which bcc drains per CPU)."""
+        return None if self._ring is None else self._ring.last_fill
+
     def drain_stats(self) -> dict[str, float]:
         if self._ring is None:
             return {}

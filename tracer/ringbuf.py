@@ -37,6 +37,7 @@ class RingReader:
         self._ppos = np.frombuffer(self.prod, dtype=np.uint64, count=1)
         self.records = 0
         self.max_fill = 0.0        # highest fraction of the ring found in use
+        self.last_fill = 0.0       # the fraction the last read found
         self.max_gap_s = 0.0       # longest time between two reads
         self._last = time.monotonic()
 
@@ -46,7 +47,8 @@ class RingReader:
         self._last = now
         cpos = int(self._cpos[0])
         ppos = int(self._ppos[0])
-        self.max_fill = max(self.max_fill, (ppos - cpos) / self.size)
+        self.last_fill = (ppos - cpos) / self.size
+        self.max_fill = max(self.max_fill, self.last_fill)
         n = (ppos - cpos) // self.slot
         if n <= 0:
             return np.empty(0, EVENT_DTYPE)
