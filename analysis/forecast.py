@@ -65,3 +65,13 @@ def wrap_forecast(corr: Correlation, bits: int | None = None) -> pd.DataFrame:
         # so a run's figures would depend on the runs beside it.
         out["current_gen"] = pd.array([r["current_gen"] for r in rows], dtype="Int64")
     return out
+
+
+def forecast_of(corr: Correlation) -> pd.DataFrame:
+    """wrap_forecast of a Correlation, computed once: each run's summary
+    takes its rows from it, and a forecast of all runs per run made
+    reducing R runs cost R x updates (issue #14)."""
+    memo = corr.__dict__
+    if "_wrap_forecast" not in memo:
+        memo["_wrap_forecast"] = wrap_forecast(corr)
+    return memo["_wrap_forecast"]

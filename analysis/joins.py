@@ -10,6 +10,7 @@ where a view will do.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -55,16 +56,59 @@ def vm_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
     return out
 
 
+# Per frame, where each run's rows are, found in one pass over its run
+# column and kept while the frame and that column live: the summary and the
+# comparison look up each run's rows in the same 10M-row tables, and a pass
+# per lookup made reducing R runs cost R x rows (issue #14).
+_RUN_ROWS: dict[int, tuple[weakref.ref[Any], list[slice | np.ndarray]]] = {}
+
+
+def _run_rows(df: pd.DataFrame) -> list[slice | np.ndarray]:
+    """Per run category: its rows' positions in ``df`` (a slice when they
+    are contiguous, as frames.load leaves them; else in row order)."""
+    cat = df["run"].array
+    hit = _RUN_ROWS.get(id(df))
+    if hit is not None and hit[0]() is cat:
+        return hit[1]
+    codes = np.asarray(cat.codes)
+    ncat = len(cat.categories)
+    counts = np.bincount(codes + 1, minlength=ncat + 1)[1:]  # code -1 (null): no run
+    # The stretches of equal codes: a run in one stretch is a slice.
+    edges = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1] if len(codes) else \
+        np.zeros(0, np.int64)
+    edges = edges[codes[edges] >= 0]
+    stretches = np.bincount(codes[edges], minlength=ncat)
+    starts = np.zeros(ncat, np.int64)
+    starts[codes[edges]] = edges  # only read for runs in one stretch
+    rows: list[slice | np.ndarray] = []
+    order = first = None
+    for k in range(ncat):
+        a, n = int(starts[k]), int(counts[k])
+        if n == 0:
+            rows.append(slice(0, 0))
+        elif stretches[k] == 1:
+            rows.append(slice(a, a + n))
+        else:
+            if order is None:  # a run in pieces: group the rows by one stable sort
+                order = np.argsort(codes, kind="stable")
+                first = np.searchsorted(codes[order], np.arange(ncat))
+            rows.append(order[first[k]:first[k] + n])
+    if id(df) not in _RUN_ROWS:
+        weakref.finalize(df, _RUN_ROWS.pop, id(df), None)
+    _RUN_ROWS[id(df)] = (weakref.ref(cat), rows)
+    return rows
+
+
 def rows_of(df: pd.DataFrame, run: str) -> pd.DataFrame:
-    """The rows of one run; the frame itself (no copy) when it holds only
-    that run, which matters with 10M-row fault tables."""
+    """The rows of one run, in frame order; the frame itself (no copy) when
+    it holds only that run, a view when its rows are contiguous."""
     cats = df["run"].cat.categories
     if run not in cats:
         return df.iloc[:0]
-    codes = df["run"].cat.codes.to_numpy()
-    code = cats.get_loc(run)
-    sel = codes == code
-    return df if sel.all() else df[sel]
+    rows = _run_rows(df)[cats.get_loc(run)]
+    if isinstance(rows, slice):
+        return df if rows.stop - rows.start == len(df) else df.iloc[rows]
+    return df.take(rows)
 
 
 def nullable_int(values: np.ndarray, mask: np.ndarray) -> pd.arrays.IntegerArray:

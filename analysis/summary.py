@@ -27,7 +27,7 @@ from .epochs import (
     correlate_runs,
     finished,
 )
-from .forecast import wrap_forecast
+from .forecast import forecast_of, wrap_forecast
 from .frames import Recording, has_trace_events, one_line_errors, run_span_ns
 from .joins import rows_of
 from .latency import LatencyFigures, latency_figures
@@ -75,7 +75,7 @@ def missing(rec: Recording, run: str) -> list[str]:
     """What the run lacks and why, one line each (for reports and the CLI)."""
     m = rec.manifests[run]
     backend = manifest.backend(m) or "unknown backend"
-    n = {e: int((df["run"] == run).sum()) for e, df in rec.frames.items()}
+    n = {e: len(rows_of(df, run)) for e, df in rec.frames.items()}
     out: list[str] = []
     if not manifest.complete(m):
         out.append("recording not finalized (live, crashed or killed): "
@@ -104,7 +104,7 @@ def missing(rec: Recording, run: str) -> list[str]:
         elif not f["fast_hit"].fillna(False).any():
             out.append("no fast-path MMIO hits: no per-vCPU baseline, extra latency unknown")
     if not n["generation"]:
-        u = rec.memslot_update[rec.memslot_update["run"] == run]
+        u = rows_of(rec.memslot_update, run)
         known = u["gen_after"].notna().any() and (u["gen_after"].fillna(0) > 0).any()
         out.append("no generation events: generations " +
                    ("taken from memslot updates" if known else
@@ -165,7 +165,7 @@ def _run_summary(corr: Correlation, run: str) -> dict[str, Any]:
     cost = _np_float(ok["cost_ns"])
     lost = lost_events(rec, run)
     zaps = rows_of(corr.zaps, run)
-    fc = wrap_forecast(corr)
+    fc = forecast_of(corr)
     fc = fc[fc["run"] == run] if len(fc) else fc
     wraps = rows_of(wraps_of(corr), run)
     by_class = {c: {k: v[k] for k in ("n", "share", "latency_p50_ns", "latency_p99_ns")}
@@ -193,7 +193,7 @@ def _run_summary(corr: Correlation, run: str) -> dict[str, Any]:
         "updates_by_change": {str(k): int(v) for k, v in
                               upd["change"].value_counts().items() if v},
         "mmio_faults": nf, "unfinished_faults": unfinished,
-        "mmio_accesses": int((rec.mmio_access["run"] == run).sum()),
+        "mmio_accesses": len(rows_of(rec.mmio_access, run)),
         "slow_faults": n_slow, "caused_faults": None if from_hist else n_caused,
         "classified_faults": n_known,
         "slow_share": n_slow / n_known if n_known else None,
