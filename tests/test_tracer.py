@@ -209,6 +209,27 @@ def test_recorder_api_in_process(tmp_path: Path) -> None:
     assert set(run.manifest["lost"].values()) == {0}
 
 
+def test_quiet_recording_drains_less_often(tmp_path: Path) -> None:
+    """The drain interval grows while the ring stays nearly empty (each drain
+    costs the traced VMM CPU in a small L1), then a burst of 1500 exits in
+    the same recording is taken whole."""
+    from tracer.recorder import POLL_MAX_MS, POLL_MS, Recorder
+    from vmrig import microvm
+    rec = Recorder(tmp_path / "run", pids=[os.getpid()]).start()
+    try:
+        rec.run(duration=2.0)
+        assert rec.probes.drain_stats()["max_drain_gap_s"] >= POLL_MAX_MS / 1000 > POLL_MS / 1000
+        rec.start_thread()
+        r = microvm.run(1500, pages=2, schedule="create:1")
+        time.sleep(0.5)
+        rec.stop_thread()
+    finally:
+        rec.close()
+    run = read_run(tmp_path / "run")
+    assert run.tables["mmio_access"].num_rows == sum(microvm.expected_mmio_events(r).values())
+    assert set(run.manifest["lost"].values()) == {0}
+
+
 def test_signal_while_a_batch_is_written_loses_nothing(tmp_path: Path) -> None:
     """Under stopped_by_signals() (what record/stream/live and the lab run
     under), a SIGTERM landing in the middle of writing a batch only asks for
