@@ -21,6 +21,10 @@ from recording import history as fmt
 
 from . import changepoint, history_sql
 from .errors import DatasetError
+from .stats import bootstrap_diff_ci
+
+# bootstrap resamples of a handful of nights per kernel (cheap; steadier CI ends)
+NIGHT_RESAMPLES = 4000
 
 FIGURE_COLUMNS = fmt.FIGURES + fmt.COUNTS + tuple(f"run_{f}" for f in fmt.FIGURES + fmt.COUNTS)
 WIDTH = 80
@@ -131,18 +135,6 @@ def trend_table(rows: list[dict[str, Any]], figure: str) -> str:
 
 
 # -- compare ----------------------------------------------------------------------------
-def bootstrap_diff(a: Sequence[float], b: Sequence[float], confidence: float = 0.95,
-                   resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of median(b) - median(a), nights resampled
-    with replacement within each kernel."""
-    rng = np.random.default_rng(seed)
-    xa, xb = np.asarray(a, float), np.asarray(b, float)
-    ma = np.median(xa[rng.integers(0, len(xa), (resamples, len(xa)))], axis=1)
-    mb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
-    lo, hi = np.quantile(mb - ma, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(lo), float(hi)
-
-
 def compare(dataset: str | os.PathLike[str], a: str, b: str, figure: str,
             confidence: float = 0.95, **filters: Any) -> list[dict[str, Any]]:
     """Per scenario: kernel B's median night minus kernel A's, with a
@@ -165,7 +157,11 @@ def compare(dataset: str | os.PathLike[str], a: str, b: str, figure: str,
                                "confidence": confidence}
         if va and vb:
             row["diff"] = row["b_median"] - row["a_median"]
-            row["ci_low"], row["ci_high"] = bootstrap_diff(va, vb, confidence)
+            # nights resampled within each kernel; one night a side has no CI
+            ci = bootstrap_diff_ci(np.asarray(va), np.asarray(vb), samples=NIGHT_RESAMPLES,
+                                   level=confidence)
+            if ci is not None:
+                row["ci_low"], row["ci_high"] = ci
         out.append(row)
     return out
 

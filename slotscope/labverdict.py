@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from analysis.history import NIGHT_RESAMPLES
+from analysis.stats import bootstrap_diff_ci
+
 from .labconfig import ConfigError, Thresholds
 
 EXIT_OK, EXIT_FAILED, EXIT_REGRESSION = 0, 1, 3
@@ -115,10 +120,9 @@ def compare(summary: dict[str, Any], baseline: dict[str, Any],
 
 def _runs_ci(base: dict[str, Any], cur: dict[str, Any],
              figure: str) -> tuple[float, float] | None:
-    from analysis.history import bootstrap_diff
-    a, b = ([float(r[figure]) for r in sc.get("run_summaries") or []
-             if r.get(figure) is not None] for sc in (base, cur))
-    return bootstrap_diff(a, b) if len(a) >= 2 and len(b) >= 2 else None
+    a, b = (np.array([float(r[figure]) for r in sc.get("run_summaries") or []
+                      if r.get(figure) is not None]) for sc in (base, cur))
+    return bootstrap_diff_ci(a, b, samples=NIGHT_RESAMPLES)
 
 
 def exit_code(summary: dict[str, Any], regressions: list[Regression]) -> int:
@@ -131,10 +135,11 @@ def exit_code(summary: dict[str, Any], regressions: list[Regression]) -> int:
 def kernel_comparison(scenarios: dict[str, dict[str, Any]],
                       confidence: float = 0.95) -> dict[str, Any]:
     """Each scenario's figures per kernel, side by side, in run order: the
-    first kernel is the reference; for every other, the difference of the
-    medians over repetitions with a bootstrap CI over them (analysis.history)
-    and whether it excludes zero.  With fewer than 2 runs a side: no CI."""
-    from analysis.history import bootstrap_diff
+    first kernel is the reference.  Per scenario and figure: ``per_kernel``
+    maps each kernel to its median over repetitions and run count;
+    ``vs_ref`` maps every other kernel to the difference of the medians
+    with a bootstrap CI over runs and whether it excludes zero.  With fewer
+    than 2 runs a side: no entry in ``vs_ref``."""
     kernels: list[str] = []
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for sc in scenarios.values():
@@ -151,16 +156,20 @@ def kernel_comparison(scenarios: dict[str, dict[str, Any]],
         for fig in FIGURES:
             vals = {k: [float(r[fig]) for r in runs if r.get(fig) is not None]
                     for k, runs in per.items()}
-            row: dict[str, Any] = {k: {"median": statistics.median(v) if v else None,
-                                       "runs": len(v)} for k, v in vals.items()}
+            row: dict[str, Any] = {
+                "per_kernel": {k: {"median": statistics.median(v) if v else None,
+                                   "runs": len(v)} for k, v in vals.items()},
+                "vs_ref": {}}
             for k in kernels[1:]:
                 a, b = vals.get(ref, []), vals.get(k, [])
-                if len(a) < 2 or len(b) < 2:
+                ci = bootstrap_diff_ci(np.array(a), np.array(b), samples=NIGHT_RESAMPLES,
+                                       level=confidence)
+                if ci is None:
                     continue
-                lo, hi = bootstrap_diff(a, b, confidence)
+                lo, hi = ci
                 d = statistics.median(b) - statistics.median(a)
                 verdict = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
-                row[f"{k} - {ref}"] = {"diff": d, "ci": [lo, hi], "verdict": verdict}
+                row["vs_ref"][k] = {"diff": d, "ci": [lo, hi], "verdict": verdict}
             rows[fig] = row
         out["scenarios"][name] = rows
     return out
@@ -175,11 +184,11 @@ def kernel_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for name, rows in (cmp.get("scenarios") or {}).items():
         for fig, row in rows.items():
             r: dict[str, Any] = {"scenario": name, "figure": fig}
-            r.update({k: (row.get(k) or {}).get("median") for k in kernels})
-            for key, d in row.items():
-                if " - " in key:
-                    r[key] = f"{d['diff']:+.4g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]"
-                    r[f"{key}: verdict"] = d["verdict"]
+            r.update({k: (row["per_kernel"].get(k) or {}).get("median") for k in kernels})
+            for k, d in row["vs_ref"].items():
+                key = f"{k} - {kernels[0]}"
+                r[key] = f"{d['diff']:+.4g} [{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]"
+                r[f"{key}: verdict"] = d["verdict"]
             out.append(r)
     return out
 
@@ -190,7 +199,6 @@ def print_kernels(summary: dict[str, Any]) -> None:
     kernels = cmp.get("kernels") or []
     if len(kernels) < 2:
         return
-    ref = kernels[0]
     print(f"kernels: {' vs '.join(kernels)}")
     print(f"  median over runs per kernel; the others against the first, with a "
           f"{cmp['confidence']:.0%}")
@@ -198,10 +206,10 @@ def print_kernels(summary: dict[str, Any]) -> None:
     for name, rows in cmp["scenarios"].items():
         print(f"  {name}")
         for fig, row in rows.items():
-            meds = " ".join(_fmt((row.get(k) or {}).get("median")) for k in kernels)
+            meds = " ".join(_fmt((row["per_kernel"].get(k) or {}).get("median"))
+                            for k in kernels)
             diffs = "; ".join(f"{_VERDICT[d['verdict']]} [{d['ci'][0]:+.2g}, "
-                              f"{d['ci'][1]:+.2g}]" for key, d in row.items()
-                              if key.endswith(f" - {ref}"))
+                              f"{d['ci'][1]:+.2g}]" for d in row["vs_ref"].values())
             print(f"    {fig:20}{meds} {diffs}")
 
 

@@ -349,9 +349,9 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     cmp = summary["kernels"]
     assert cmp["kernels"] == [k1, k2]
     slow = cmp["scenarios"]["mv"]["slow_share"]
-    assert slow[k1]["runs"] == slow[k2]["runs"] == 2
-    lo, hi = slow[f"{k2} - {k1}"]["ci"]
-    assert lo <= slow[f"{k2} - {k1}"]["diff"] <= hi
+    assert slow["per_kernel"][k1]["runs"] == slow["per_kernel"][k2]["runs"] == 2
+    lo, hi = slow["vs_ref"][k2]["ci"]
+    assert lo <= slow["vs_ref"][k2]["diff"] <= hi
     assert f"kernels: {k1} vs {k2}" in p.stdout
     html = (out / "index.html").read_text()
     assert "Kernels side by side" in html and f"{k2} - {k1}" in html
