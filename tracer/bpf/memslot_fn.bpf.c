@@ -33,34 +33,22 @@ static __always_inline u64 vm_of_kvm(u64 kvm, u32 pid)
 	return vm ? *vm : (u64)pid << 32;
 }
 
-static __always_inline u64 rd64(u64 base, int off)
+/* A kernel field of ``size`` bytes (1-8, a constant once inlined) at
+ * ``base + off``; 0 where the base is NULL or BTF has no such field (off < 0,
+ * e.g. as_id on older kernels).  Read into the low bytes of a zeroed u64,
+ * which is the field's value on a little-endian machine (x86). */
+static __always_inline u64 rd(u64 base, int off, u32 size)
 {
 	u64 v = 0;
 	if (base && off >= 0)
-		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-	return v;
-}
-
-static __always_inline u32 rd32(u64 base, int off)
-{
-	u32 v = 0;
-	if (base && off >= 0)
-		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
-	return v;
-}
-
-static __always_inline u16 rd16(u64 base, int off)
-{
-	u16 v = 0;
-	if (base && off >= 0)
-		bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+		bpf_probe_read_kernel(&v, size, (void *)(base + off));
 	return v;
 }
 
 static __always_inline u64 kvm_gen(u64 kvm, u32 as_id)
 {
-	u64 slots = rd64(kvm, OFF_KVM_MEMSLOTS + 8 * (as_id & 1));
-	return rd64(slots, OFF_MEMSLOTS_GEN);
+	u64 slots = rd(kvm, OFF_KVM_MEMSLOTS + 8 * (as_id & 1), 8);
+	return rd(slots, OFF_MEMSLOTS_GEN, 8);
 }
 
 static __always_inline int setmem_enter(u64 kvm, u64 old, u64 new, u32 change)
@@ -79,12 +67,12 @@ static __always_inline int setmem_enter(u64 kvm, u64 old, u64 new, u32 change)
 	st.begin_ns = bpf_ktime_get_ns();
 	st.kvm = kvm;
 	st.change = change;
-	st.base_gfn = rd64(s, OFF_SLOT_BASE_GFN);
-	st.npages = rd64(s, OFF_SLOT_NPAGES);
-	st.uaddr = rd64(s, OFF_SLOT_UADDR);
-	st.flags = rd32(s, OFF_SLOT_FLAGS);
-	u32 as_id = rd16(s, OFF_SLOT_AS_ID);
-	st.slot = (as_id << 16) | rd16(s, OFF_SLOT_ID);
+	st.base_gfn = rd(s, OFF_SLOT_BASE_GFN, 8);
+	st.npages = rd(s, OFF_SLOT_NPAGES, 8);
+	st.uaddr = rd(s, OFF_SLOT_UADDR, 8);
+	st.flags = rd(s, OFF_SLOT_FLAGS, 4);
+	u32 as_id = rd(s, OFF_SLOT_AS_ID, 2);
+	st.slot = (as_id << 16) | rd(s, OFF_SLOT_ID, 2);
 	st.gen_before = kvm_gen(kvm, as_id);
 	setmem.update(&tid, &st);
 	return 0;
