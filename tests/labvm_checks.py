@@ -5,9 +5,12 @@ stream must show them (tests/test_labvm.py, tests/test_labvm_e2e.py)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from conftest import needs_root
 
 from vmrig import RigError, labvm
 from vmrig import kernel as vk
@@ -27,6 +30,19 @@ needs_lab_kernel = pytest.mark.skipif(
 _MISSING = labvm._missing_parts()
 needs_lab_parts = pytest.mark.skipif(
     _MISSING is not None, reason=f"lab VM parts missing: {_MISSING and _MISSING[0]}")
+
+# What a test that boots the L1 needs, in one place: the labvm marker (the
+# slow tests, -m labvm), root, the fetched lab kernel and the lab VM's parts.
+BOOTS_L1 = [pytest.mark.labvm, needs_root, needs_lab_kernel, needs_lab_parts]
+
+_Test = TypeVar("_Test", bound=Callable[..., object])
+
+
+def boots_l1(test: _Test) -> _Test:
+    """``BOOTS_L1`` as one decorator (a module of L1 tests sets pytestmark)."""
+    for mark in BOOTS_L1:
+        test = mark(test)
+    return test
 
 
 def parse_trace(path: Path) -> list[tuple[str, dict[str, str]]]:

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
 from labvm_checks import (
     CHANGE_CODES,
     LAB_KERNEL,
     SWAPS,
     address_spaces,
+    boots_l1,
     needs_lab_kernel,
-    needs_lab_parts,
     parse_trace,
     spte_rule_violations,
 )
@@ -215,10 +214,7 @@ exit 7
 """
 
 
-@pytest.mark.labvm
-@needs_root
-@needs_lab_kernel
-@needs_lab_parts
+@boots_l1
 def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -264,10 +260,7 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     assert after["zaps"] == sum(c in ("delete", "move") for c in changes)
 
 
-@pytest.mark.labvm
-@needs_root
-@needs_lab_kernel
-@needs_lab_parts
+@boots_l1
 def test_l1_hang_is_killed_at_deadline(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -352,10 +345,7 @@ def test_saved_nested_recording_follows_kernel_rules() -> None:
     assert [r["gen"] for r in inval] == [v for e, v in events if e == "ss_invmmio"]
 
 
-@pytest.mark.labvm
-@needs_root
-@needs_lab_kernel
-@needs_lab_parts
+@boots_l1
 def test_labvm_cli_reports_a_hang(tmp_path: Path) -> None:
     # 3 s is far too short for a TCG boot: the deadline path, from the CLI.
     t0 = time.monotonic()
@@ -370,10 +360,7 @@ def test_labvm_cli_reports_a_hang(tmp_path: Path) -> None:
     assert result["timed_out"] is True and result["returncode"] is None
 
 
-@pytest.mark.labvm
-@needs_root
-@needs_lab_kernel
-@needs_lab_parts
+@boots_l1
 def test_labvm_cli_reports_an_l1_panic(tmp_path: Path) -> None:
     # A real panic of the L1 kernel, as seen under TCG nesting (a corrupted
     # stack end in an L2 vCPU thread): named in one line, not "exit 255".

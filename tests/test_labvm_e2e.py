@@ -315,14 +315,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["inner"]:
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from conftest import needs_root  # noqa: E402
 from kfunc_checks import assert_verifier_refusal  # noqa: E402
 from labvm_checks import (  # noqa: E402
+    BOOTS_L1,
     LAB_KERNEL,
     SWAPS,
     address_spaces,
-    needs_lab_kernel,
-    needs_lab_parts,
     parse_trace,
     spte_rule_violations,
 )
@@ -330,7 +328,7 @@ from labvm_checks import (  # noqa: E402
 from recording.reader import read_run  # noqa: E402
 from vmrig import labvm  # noqa: E402
 
-pytestmark = [pytest.mark.labvm, needs_root, needs_lab_kernel, needs_lab_parts]
+pytestmark = BOOTS_L1
 
 
 def memslot_rows_follow_truth(run: Any, pid: int, changes: list[dict], step: int
