@@ -1,4 +1,9 @@
-"""``slotscope lab`` end to end: real runs, real recordings, real reports."""
+"""``slotscope lab`` end to end: real runs, real recordings, real reports.
+
+One file of ~520 lines: the direct-mode tests share one lab run (a module
+fixture) and the nested test one L1 batch per kernel; split, each file would
+pay its own run.  The tests that need no run (config, faults decided by
+type, locking) are the short ones at the end."""
 
 from __future__ import annotations
 

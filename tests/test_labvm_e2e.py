@@ -23,7 +23,9 @@ Run alone:  sudo .venv/bin/pytest -m labvm tests/test_labvm_e2e.py -s
 (SLOTSCOPE_E2E_QEMU=0 / SLOTSCOPE_E2E_KFUNC=0 / SLOTSCOPE_E2E_WRAP=0 leave the
 QEMU L2 / the kfunc recorder / the generation-wrap L2 out.)
 The module doubles as the L1-side driver: ``python tests/test_labvm_e2e.py
-inner OUTDIR`` (what the test runs inside the L1).
+inner OUTDIR`` (what the test runs inside the L1).  Hence one file of ~640
+lines: the driver and the host-side checks of its outputs must change
+together, and every check shares the one L1 boot (a module fixture).
 """
 
 from __future__ import annotations

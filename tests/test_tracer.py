@@ -2,7 +2,10 @@
 
 On this host that is the tracepoint-only backend; the kprobe/kfunc backends
 run in the nested lab VM (tests/test_labvm*).  Nothing here is mocked: real
-BPF programs, a real /dev/kvm workload, real Parquet files.
+BPF programs, a real /dev/kvm workload, real Parquet files.  One file of
+~550 lines sharing the micro-VMM and recorder helpers; the decoding,
+sampling and coexistence tests that need none of them have files of their
+own (test_tracer_decode/_sample/_coexist).
 """
 
 from __future__ import annotations
