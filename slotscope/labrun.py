@@ -239,9 +239,8 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 elif s.workload == "dirty-log":
                     await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
                 elif s.workload == "virtio-mem":
-                    assert cfg.virtio_mem is not None
-                    walk = wl.memslot_walk(cfg.virtio_mem.size, cfg.virtio_mem.block_size)
-                    await wl.virtio_mem_steps(rig, log, walk * s.cycles)
+                    top = s.size_bytes  # half, all, none: memslots mapped and unmapped
+                    await wl.virtio_mem_steps(rig, log, [top // 2, top, 0] * s.cycles)
                 else:
                     raise RigError(f"workload {s.workload} is not supported by the lab job yet")
                 await asyncio.sleep(SETTLE_S)

@@ -342,8 +342,7 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert int(h.loc[h.reentered, "count"].sum()) == s["mmio_faults"]
     assert int(h.loc[~h.reentered, "count"].sum()) == s["unfinished_faults"]
     assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
-    # virtio-mem, dynamic memslots: into the first, then the second 1G
-    # memslot of a 2G device, then none (two 1G
+    # virtio-mem, dynamic memslots: half, all, none of a 2G device (two 1G
     # memslots); each step's recorded memslot creations and deletions are
     # exactly the memslots QEMU's own `info mtree` added and removed.
     for k in (k1, k2):

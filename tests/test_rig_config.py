@@ -94,17 +94,3 @@ def test_bad_configs() -> None:
     ]:
         with pytest.raises(RigError, match=msg):
             cfg.validate()
-
-
-@pytest.mark.parametrize("size,block", [(2 * GiB, 2 * MiB), (3 * GiB, 256 * MiB),
-                                        (512 * MiB, 2 * MiB)])
-def test_memslot_walk_reaches_each_memslot_with_one_memory_block(size: int,
-                                                                  block: int) -> None:
-    from vmrig.workloads import memslot_walk
-    walk = memslot_walk(size, block)
-    assert walk[-1] == 0 and all(s % block == 0 and s <= size for s in walk)
-    # step k plugs into memslot k (1 GiB each) and no further than needed
-    starts = range(0, size, GiB)
-    assert len(walk) == len(starts) + 1
-    for start, s in zip(starts, walk, strict=False):
-        assert start < s <= start + max(128 * MiB, block)

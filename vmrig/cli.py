@@ -197,8 +197,8 @@ async def _run(args: argparse.Namespace) -> int:
             _print_hotplug(stats, args.size, run_dir)
         elif args.workload == "virtio-mem":
             assert cfg.virtio_mem is not None
-            walk = wl.memslot_walk(cfg.virtio_mem.size, cfg.virtio_mem.block_size)
-            steps = await wl.virtio_mem_steps(rig, log, walk,
+            top = cfg.virtio_mem.size
+            steps = await wl.virtio_mem_steps(rig, log, [top // 2, top, 0],
                                               timeout=args.timeout, duration=args.duration)
             print(f"virtio-mem: {steps} resize steps")
         else:

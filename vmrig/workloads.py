@@ -246,25 +246,6 @@ async def device_memslots(rig: Rig, memdev: str) -> list[int]:
                    for m in [pattern.search(line)] if m})
 
 
-# QEMU's dynamic memslots are at least 1 GiB (virtio-mem.c); Linux adds
-# hotplugged memory in 128 MiB memory blocks on x86.
-MEMSLOT_MIN = 1024 * MiB
-LINUX_MEMORY_BLOCK = 128 * MiB
-
-
-def memslot_walk(size: int, block_size: int) -> list[int]:
-    """Requested sizes that map the device's memslots one at a time, then
-    unmap them all: one Linux memory block past the start of each 1 GiB
-    memslot, then 0.  QEMU maps a memslot once any block in it is plugged
-    and the guest plugs from the device's start, so every memslot is made
-    and removed while as little memory as possible is onlined and, the
-    slow part, offlined again (~2.5 s per 128 MiB block in the nested TCG
-    lab: a 2G device's 1G, 2G, 0 took 43 s to unplug)."""
-    unit = -(-LINUX_MEMORY_BLOCK // block_size) * block_size  # whole device blocks
-    steps = [min(size, start + unit) for start in range(0, size, MEMSLOT_MIN)]
-    return steps + [0]
-
-
 async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
                            timeout: float = 10.0, duration: float | None = None) -> int:
     """Set the virtio-mem device's requested-size through ``sizes`` (cycled for
