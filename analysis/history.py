@@ -21,10 +21,7 @@ from recording import history as fmt
 
 from . import changepoint, history_sql
 from .errors import DatasetError
-from .stats import bootstrap_diff_ci
-
-# bootstrap resamples of a handful of nights per kernel (cheap; steadier CI ends)
-NIGHT_RESAMPLES = 4000
+from .stats import FEW_VALUES_SAMPLES, bootstrap_diff_ci
 
 FIGURE_COLUMNS = fmt.FIGURES + fmt.COUNTS + tuple(f"run_{f}" for f in fmt.FIGURES + fmt.COUNTS)
 WIDTH = 80
@@ -158,7 +155,7 @@ def compare(dataset: str | os.PathLike[str], a: str, b: str, figure: str,
         if va and vb:
             row["diff"] = row["b_median"] - row["a_median"]
             # nights resampled within each kernel; one night a side has no CI
-            ci = bootstrap_diff_ci(np.asarray(va), np.asarray(vb), samples=NIGHT_RESAMPLES,
+            ci = bootstrap_diff_ci(np.asarray(va), np.asarray(vb), samples=FEW_VALUES_SAMPLES,
                                    level=confidence)
             if ci is not None:
                 row["ci_low"], row["ci_high"] = ci

@@ -10,6 +10,9 @@ import numpy as np
 
 BOOT_SAMPLES = 1000
 BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
+# resamples where each side has a handful of values (nights, lab repetitions):
+# cheap at that size, and the CI's ends move less from seed to seed
+FEW_VALUES_SAMPLES = 4000
 
 
 def quantile(x: np.ndarray, q: float) -> float | None:

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.history import NIGHT_RESAMPLES
-from analysis.stats import bootstrap_diff_ci
+from analysis.stats import FEW_VALUES_SAMPLES, bootstrap_diff_ci
 
 from .labconfig import ConfigError, Thresholds
 
@@ -122,7 +121,7 @@ def _runs_ci(base: dict[str, Any], cur: dict[str, Any],
              figure: str) -> tuple[float, float] | None:
     a, b = (np.array([float(r[figure]) for r in sc.get("run_summaries") or []
                       if r.get(figure) is not None]) for sc in (base, cur))
-    return bootstrap_diff_ci(a, b, samples=NIGHT_RESAMPLES)
+    return bootstrap_diff_ci(a, b, samples=FEW_VALUES_SAMPLES)
 
 
 def exit_code(summary: dict[str, Any], regressions: list[Regression]) -> int:
@@ -162,7 +161,7 @@ def kernel_comparison(scenarios: dict[str, dict[str, Any]],
                 "vs_ref": {}}
             for k in kernels[1:]:
                 a, b = vals.get(ref, []), vals.get(k, [])
-                ci = bootstrap_diff_ci(np.array(a), np.array(b), samples=NIGHT_RESAMPLES,
+                ci = bootstrap_diff_ci(np.array(a), np.array(b), samples=FEW_VALUES_SAMPLES,
                                        level=confidence)
                 if ci is None:
                     continue
