@@ -95,6 +95,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
               "the kernel may refuse tracing programs (lockdown, a vendor patch); "
               "kprobe or the tracepoint backend still run, or use `slotscope labvm`"),
         *_tracepoint_checks(caps),
+        Check("raw kvm_mmio", OK if caps.raw_mmio else WARN, caps.raw_mmio_why,
+              "" if caps.raw_mmio else
+              "kvm_mmio is traced as a classic tracepoint: same rows, more cost an access"),
         Check("bcc", OK if caps.bcc_ok else FAIL, caps.bcc_why,
               "" if caps.bcc_ok else "sudo ./setup.sh, and run as root"),
         Check("kernel headers", OK if caps.header_matches else WARN, caps.header_tree,

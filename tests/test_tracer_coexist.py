@@ -31,10 +31,12 @@ MICROVM = [sys.executable, "-m", "vmrig.microvm", "-n", "3000", "--pages", "2",
 
 
 def _attached_tracepoints() -> list[str]:
-    """Every tracepoint the tracer attaches on this kernel."""
+    """Every tracepoint the tracer attaches on this kernel, as perf names it
+    (kvm_mmio attached raw is still the kvm:kvm_mmio tracepoint)."""
     from tracer.capabilities import probe
-    from tracer.loader import program_text
-    return program_text("tracepoint", probe(try_kfunc=False))[2]
+    from tracer.loader import MMIO_RAW_PROBE, program_text
+    return ["kvm:kvm_mmio" if p == MMIO_RAW_PROBE else p
+            for p in program_text("tracepoint", probe(try_kfunc=False))[2]]
 
 
 def _perf_stat(events: list[str], truth: Path) -> dict[str, int]:

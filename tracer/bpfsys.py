@@ -6,7 +6,9 @@
 - fentry/fexit: load a BPF_PROG_TYPE_TRACING program against a kernel
   function's BTF id and attach it.  bcc 0.26 (Debian 12) attaches kfuncs
   to vmlinux functions only; kvm_set_memslot lives in kvm.ko, whose BTF is
-  a separate kernel object (attach_btf_obj_fd).
+  a separate kernel object (attach_btf_obj_fd);
+- a trial raw tracepoint (capabilities: whether kvm_mmio can be attached
+  raw here) without a bcc compile.
 
 Struct layouts are union bpf_attr / struct bpf_btf_info of
 include/uapi/linux/bpf.h; offsets checked with offsetof() on 6.1's header.
@@ -25,7 +27,7 @@ SYS_BPF = 321  # x86-64
 BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID = 5, 11, 13
 BPF_OBJ_GET_INFO_BY_FD, BPF_RAW_TRACEPOINT_OPEN = 15, 17
 BPF_BTF_GET_FD_BY_ID, BPF_BTF_GET_NEXT_ID = 19, 23
-BPF_PROG_TYPE_TRACING = 26
+BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING = 17, 26
 ATTACH_TYPES = {"fentry": 24, "fexit": 25}  # BPF_TRACE_FENTRY, BPF_TRACE_FEXIT
 INFO_SIZE = 80  # struct bpf_prog_info through name[16]
 BTF_INFO_SIZE = 32  # struct bpf_btf_info (btf, btf_size, id, name, name_len, kernel_btf)
@@ -150,7 +152,8 @@ def _btf_name(fd: int) -> str:
 def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
                  name: str = "") -> int:
     """Load ``insns`` as an fentry/fexit (``attach``) program on the function
-    with BTF id ``btf_id`` of the BTF object ``btf_obj_fd`` (0: vmlinux).
+    with BTF id ``btf_id`` of the BTF object ``btf_obj_fd`` (0: vmlinux), or
+    as a raw tracepoint program (``attach`` "raw_tracepoint", no BTF id).
 
     Returns the program fd.  OSError on refusal; when the verifier rejected
     the program, its strerror ends with the verifier's error line."""
@@ -159,14 +162,17 @@ def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
 
     def attempt(log: ctypes.Array[ctypes.c_char] | None) -> int:
         attr = bytearray(PROG_LOAD_SIZE)
-        struct.pack_into("<IIQQ", attr, 0, BPF_PROG_TYPE_TRACING, len(insns) // 8,
-                         ctypes.addressof(code), ctypes.addressof(lic))
+        raw = attach == "raw_tracepoint"
+        struct.pack_into("<IIQQ", attr, 0,
+                         BPF_PROG_TYPE_RAW_TRACEPOINT if raw else BPF_PROG_TYPE_TRACING,
+                         len(insns) // 8, ctypes.addressof(code), ctypes.addressof(lic))
         if log is not None:
             struct.pack_into("<IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
         prog_name = name.encode()[:15]  # BPF_OBJ_NAME_LEN 16, NUL-terminated
         attr[48:48 + len(prog_name)] = prog_name
-        struct.pack_into("<I", attr, 68, ATTACH_TYPES[attach])
-        struct.pack_into("<II", attr, 108, btf_id, btf_obj_fd)
+        if not raw:
+            struct.pack_into("<I", attr, 68, ATTACH_TYPES[attach])
+            struct.pack_into("<II", attr, 108, btf_id, btf_obj_fd)
         return _bpf(BPF_PROG_LOAD, attr)
 
     try:
@@ -185,11 +191,14 @@ def load_tracing(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
         raise OSError(e.errno, f"{e.strerror}: {lines[-1]}") from None
 
 
-def attach_tracing(prog_fd: int) -> int:
-    """Attach a loaded fentry/fexit program; the returned link fd detaches it
-    when closed (or when the process dies)."""
-    # raw_tracepoint: name = NULL (a tracing program knows its target), prog_fd
-    return _bpf(BPF_RAW_TRACEPOINT_OPEN, bytearray(struct.pack("<QI4x", 0, prog_fd)))
+def attach_tracing(prog_fd: int, tracepoint: str | None = None) -> int:
+    """Attach a loaded fentry/fexit program, or a raw tracepoint program to
+    ``tracepoint``; the returned link fd detaches it when closed (or when
+    the process dies)."""
+    # raw_tracepoint: name (NULL: a tracing program knows its target), prog_fd
+    name = ctypes.create_string_buffer(tracepoint.encode()) if tracepoint else None
+    return _bpf(BPF_RAW_TRACEPOINT_OPEN, bytearray(struct.pack(
+        "<QI4x", ctypes.addressof(name) if name is not None else 0, prog_fd)))
 
 
 def fentry(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
@@ -198,6 +207,17 @@ def fentry(insns: bytes, attach: str, btf_id: int, btf_obj_fd: int = 0,
     prog = load_tracing(insns, attach, btf_id, btf_obj_fd, name)
     try:
         return prog, attach_tracing(prog)
+    except BaseException:
+        os.close(prog)
+        raise
+
+
+def raw_tracepoint(insns: bytes, tracepoint: str, name: str = "") -> tuple[int, int]:
+    """Load ``insns`` as a raw tracepoint program and attach it to
+    ``tracepoint`` (e.g. "kvm_mmio"): (program fd, link fd), as ``fentry``."""
+    prog = load_tracing(insns, "raw_tracepoint", 0, 0, name)
+    try:
+        return prog, attach_tracing(prog, tracepoint)
     except BaseException:
         os.close(prog)
         raise

@@ -4,8 +4,9 @@ The kprobe/kfunc backends read kernel structs with offsets found here at
 load time, never from the (possibly mismatched) header tree bcc compiles
 against.  A small reader of the BTF format: enough to find a named struct's
 members, including members of anonymous nested structs/unions, in vmlinux
-and in split module BTF (/sys/kernel/btf/kvm), and a function's BTF id (what
-an fentry/fexit program is loaded against).
+and in split module BTF (/sys/kernel/btf/kvm), a function's BTF id (what
+an fentry/fexit program is loaded against), and a tracepoint's prototype
+(what a raw tracepoint program gets as its arguments).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import TracerError
 BTF_DIR = Path("/sys/kernel/btf")
 MAGIC = 0xEB9F
 KIND_ARRAY, KIND_STRUCT, KIND_UNION = 3, 4, 5
-KIND_FUNC = 12
+KIND_INT, KIND_PTR, KIND_TYPEDEF, KIND_FUNC, KIND_FUNC_PROTO = 1, 2, 8, 12, 13
 # Bytes after the 12-byte btf_type header: fixed, and per vlen entry.
 _EXTRA = {1: (4, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 13: (0, 8),
           14: (4, 0), 15: (0, 12), 17: (4, 0), 19: (0, 12)}
@@ -31,7 +32,8 @@ class _Type:
     kind: int
     name_off: int
     size: int
-    members: list[tuple[int, int, int]]  # (name_off, type id, bit offset)
+    members: list[tuple[int, int, int]]  # (name_off, type id, bit offset); a
+                                         # FUNC_PROTO's parameters: (name_off, type id, 0)
     nelems: int = 0                      # arrays: element count
     vlen: int = 0                        # e.g. a FUNC_PROTO's parameter count
 
@@ -61,6 +63,10 @@ class BTF:
                 for i in range(vlen):
                     m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
                     members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
+            elif kind == KIND_FUNC_PROTO:
+                for i in range(vlen):
+                    p_name, p_type = struct.unpack_from("<II", data, pos + 8 * i)
+                    members.append((p_name, p_type, 0))
             nelems = struct.unpack_from("<I", data, pos + 8)[0] if kind == KIND_ARRAY else 0
             pos += fixed + per * vlen
             self.types.append(_Type(kind, name_off, size, members, nelems, vlen))
@@ -116,6 +122,29 @@ class BTF:
                 return self.first_id + i, self.type(t.size).vlen  # size slot: proto id
         return None
 
+    def find_typedef(self, name: str) -> _Type | None:
+        for t in self.types:
+            if t.kind == KIND_TYPEDEF and self.name(t.name_off) == name:
+                return t
+        return self.base.find_typedef(name) if self.base else None
+
+    def param_kinds(self, proto: _Type) -> list[str]:
+        """A FUNC_PROTO's parameters as "ptr" or "int<bytes>" (typedefs
+        resolved), else the BTF kind number: what a raw tracepoint program
+        reads from its u64 arguments."""
+        out = []
+        for _, tid, _ in proto.members:
+            t = self._resolve(tid)
+            if t is None:
+                out.append("void")
+            elif t.kind == KIND_PTR:
+                out.append("ptr")
+            elif t.kind == KIND_INT:
+                out.append(f"int{t.size}")
+            else:
+                out.append(f"kind{t.kind}")
+        return out
+
     def _resolve(self, tid: int) -> _Type | None:
         for _ in range(16):  # skip typedef/const/volatile chains
             if tid == 0:
@@ -165,6 +194,23 @@ def find_func(name: str, btf: BTF | None = None, module: str = "kvm"
     else:
         why = f"not in vmlinux BTF ({module} not loaded?)"
     raise TracerError(f"{name} not in BTF: {why}")
+
+
+def tracepoint_params(name: str, btf: BTF | None = None) -> list[str] | None:
+    """Tracepoint ``name``'s TP_PROTO as a raw tracepoint program sees it
+    (``BTF.param_kinds``, without the leading ``void *__data``), from the
+    kernel's ``btf_trace_<name>`` typedef; None when BTF has no such typedef
+    (kernels before 5.5 or without BTF, or the tracepoint's module unloaded)."""
+    try:
+        btf = btf or load("kvm")
+    except TracerError:
+        return None
+    t = btf.find_typedef(f"btf_trace_{name}")
+    ptr = btf._resolve(t.size) if t else None  # typedef -> pointer -> FUNC_PROTO
+    proto = btf.type(ptr.size) if ptr and ptr.kind == KIND_PTR else None
+    if proto is None or proto.kind != KIND_FUNC_PROTO:
+        return None
+    return btf.param_kinds(proto)[1:]
 
 
 # What the kprobe/kfunc backends read: define name -> (struct, member).

@@ -54,6 +54,9 @@ class Capabilities:
     kvm_module: str | None
     kvm_params: dict[str, str]
     functions: dict[str, bool] = field(default_factory=dict)
+    # kvm_mmio as a raw tracepoint (cheaper per access, see kvm_events.bpf.c)
+    raw_mmio: bool = False
+    raw_mmio_why: str = "not tried"
 
     @property
     def mmio_caching(self) -> bool:
@@ -186,6 +189,35 @@ def _kfunc() -> tuple[bool, str]:
     return True, f"fentry on {fn} loads and attaches (BTF of {module or 'vmlinux'})"
 
 
+# kvm_mmio's TP_PROTO (type, len, gpa, val) as kvm_events.bpf.c reads it raw:
+# val a pointer to the data (older kernels passed the value, u64).
+MMIO_PROTO = ["int4", "int4", "int8", "ptr"]
+
+
+def _raw_mmio(tracepoints: dict[str, bool]) -> tuple[bool, str]:
+    """Whether kvm_mmio can be traced as a raw tracepoint: its prototype in
+    BTF is the one the program reads, and a trivial raw tracepoint program
+    loads and attaches to it (bpf(2), no bcc compile).  A raw tracepoint
+    skips the perf record the classic one builds before its program runs."""
+    from .bpfsys import RETURN_ZERO, raw_tracepoint
+    from .btf import tracepoint_params
+    if not tracepoints.get("kvm:kvm_mmio"):
+        return False, "kvm:kvm_mmio absent"
+    params = tracepoint_params("kvm_mmio")
+    if params is None:
+        return False, "no btf_trace_kvm_mmio in the kernel's BTF: prototype unknown"
+    if params != MMIO_PROTO:
+        return False, f"kvm_mmio's prototype in BTF is ({', '.join(params)}), not " \
+            f"({', '.join(MMIO_PROTO)})"
+    try:
+        prog, link = raw_tracepoint(RETURN_ZERO, "kvm_mmio", "slotscope_probe")
+    except OSError as e:
+        return False, f"raw tracepoint on kvm_mmio refused: {e.strerror}"
+    os.close(link)
+    os.close(prog)
+    return True, "raw tracepoint attaches; prototype (int, int, u64, void *val) from BTF"
+
+
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
     """``try_kfunc``: load a trial fentry program (None: only where kprobes are
     missing, since kprobe is preferred anyway).  ``try_bpf=False`` skips the
@@ -207,6 +239,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         try_kfunc = not kprobes
     kfunc, kfunc_why = _kfunc() if try_kfunc else (False, "not tried")
     header, matches = _header_tree()
+    raw_mmio, raw_mmio_why = _raw_mmio(tps)
     return Capabilities(
         kernel=platform.release(), tracefs=tracefs, btf=BTF_VMLINUX.exists(),
         # A loadable kvm has its own BTF object; a built-in one is in vmlinux.
@@ -216,6 +249,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
         header_matches=matches, kvm_module=kvm_vendor_module(), kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
+        raw_mmio=raw_mmio, raw_mmio_why=raw_mmio_why,
     )
 
 
@@ -244,6 +278,13 @@ def _unavailable(caps: Capabilities, name: str) -> str | None:
     if missing:
         return f"{', '.join(missing)} not in /proc/kallsyms (kvm not loaded?)"
     return None
+
+
+def infers_change_types(backend: str) -> bool:
+    """Whether memslot change types are inferred from each slot's history
+    (the ioctl-only tracepoint backend) instead of read from KVM: such a
+    recording must see a VMM's first memslots to type its later updates."""
+    return backend == "tracepoint"
 
 
 def missing_data(caps: Capabilities, backend: str) -> list[str]:

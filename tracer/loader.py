@@ -31,6 +31,7 @@ OPTIONAL_TPS = {
 }
 REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
                 "sched:sched_process_exit")
+MMIO_RAW_PROBE = "raw_tracepoint:kvm_mmio"  # kvm:kvm_mmio attached raw
 
 
 def _source() -> str:
@@ -74,8 +75,12 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
         "AGGREGATE": int(aggregate),
+        "MMIO_RAW": int(caps.raw_mmio),
     }
-    attached = list(REQUIRED_TPS)
+    # kvm_mmio raw where capabilities found it attachable with the expected
+    # prototype (the manifest's probes_attached says which), else classic.
+    attached = [MMIO_RAW_PROBE if tp == "kvm:kvm_mmio" and caps.raw_mmio else tp
+                for tp in REQUIRED_TPS]
     missing = []
     for tp, define in OPTIONAL_TPS.items():
         if caps.tracepoints.get(tp):

@@ -135,32 +135,56 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	return TP_KEEP;
 }
 
-TRACEPOINT_PROBE(kvm, kvm_mmio)
+/* One MMIO access KVM emulates (every access on kvm_pvm, coalesced or not).
+ * ``val`` is the classic record's value field, or under MMIO_RAW the
+ * tracepoint's pointer to the data (mmio_val reads it). */
+static __always_inline u64 mmio_val(u32 len, u64 val)
+{
+#if MMIO_RAW
+	/* What the classic record holds (TP_fast_assign of kvm_mmio): min(len, 8)
+	 * bytes of the data, zero-extended; 0 where KVM passed no data (an
+	 * unsatisfied read). */
+	u64 v = 0;
+	u64 n = len;
+	/* clang would bound a zero-extended copy of len and pass the original
+	 * register, which the verifier then refuses as unbounded: the empty asm
+	 * makes n one opaque register, bounded where it is passed. */
+	asm volatile("" : "+r"(n));
+	if (n > 8)
+		n = 8;
+	if (val)
+		bpf_probe_read_kernel(&v, n, (void *)val);
+	return v;
+#else
+	return val;
+#endif
+}
+
+static __always_inline int on_mmio(void *ctx, u32 type, u32 len, u64 gpa, u64 val)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct thread *t = thread_of(id);
 	if (!t)
 		return TP_KEEP;
-	u32 type = args->type;
 #if EMIT_MMIO
 	u64 ns = bpf_ktime_get_ns();
 	struct event buf;
-	struct event *e = ev_reserve(args, &buf, LOST_MMIO);
+	struct event *e = ev_reserve(ctx, &buf, LOST_MMIO);
 	if (e) {
 		ev_init(e, EV_MMIO, id, ns);
-		e->a = args->gpa;
-		e->b = args->val;
+		e->a = gpa;
+		e->b = mmio_val(len, val);
 		e->d = vm_of(t, id);
 		e->e = type;
-		e->f = args->len;
+		e->f = len;
 		e->x = t->vcpu;
-		ev_submit(args, e);
+		ev_submit(ctx, e);
 	}
 #endif
 	if (t->exit_ns) {
 		t->bits |= F_ACCESS | (type == 2 ? F_WRITE : 0);
-		t->gpa = args->gpa;
-		t->len = args->len;
+		t->gpa = gpa;
+		t->len = len;
 #if EMIT_MMIO
 		t->end_ns = ns;
 #endif
@@ -171,10 +195,28 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 		u64 ns = bpf_ktime_get_ns();
 #endif
 		begin_exit(t, ns, EXIT_REASON_NONE,
-			   F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0), -1, args->gpa, args->len);
+			   F_ACCESS | F_SYNTH | (type == 2 ? F_WRITE : 0), -1, gpa, len);
 	}
 	return TP_KEEP;
 }
+
+#if MMIO_RAW
+/* Raw: the program runs from the tracepoint's call with its arguments,
+ * before (and without) the perf record a classic tracepoint builds for its
+ * program: TP_PROTO(int type, int len, u64 gpa, void *val), checked against
+ * the kernel's BTF by capabilities._raw_mmio.  A raw tracepoint program's
+ * return is ignored: it filters no perf event, so perf's kvm_mmio count is
+ * untouched either way. */
+RAW_TRACEPOINT_PROBE(kvm_mmio)
+{
+	return on_mmio(ctx, (u32)ctx->args[0], (u32)ctx->args[1], ctx->args[2], ctx->args[3]);
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_mmio)
+{
+	return on_mmio(args, args->type, args->len, args->gpa, args->val);
+}
+#endif
 
 #ifdef HAVE_KVM_EXIT
 TRACEPOINT_PROBE(kvm, kvm_exit)
