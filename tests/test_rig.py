@@ -354,6 +354,22 @@ def test_guest_reset_pauses_and_is_named(tmp_path: Path) -> None:
     assert (tmp_path / "serial.log").read_text().startswith("slotscope-bare ready")
 
 
+def test_guest_that_never_boots_names_its_stalled_vcpu() -> None:
+    """A boot that times out while QEMU runs is a GuestFault with its cause
+    (the lab reruns those): here QEMU holds the vCPU (-S), so it got no CPU."""
+    cfg = RigConfig(accel="tcg", boot_timeout=1.5, extra_args=("-S",))
+
+    async def body() -> None:
+        async with Rig(cfg):
+            raise AssertionError("unreachable: the guest never runs")
+    with pytest.raises(GuestFault) as e:
+        run(body())
+    assert e.value.kind == "stalled_vcpu", repr(e.value)
+    assert "guest not ready after 1.5 s under tcg (serial: no output)" in str(e.value)
+    assert "vCPU 0 (tid " in e.value.detail and "used no CPU" in e.value.detail
+    assert not qemu_children()
+
+
 def test_exception_inside_rig_cleans_up() -> None:
     seen: dict[str, Any] = {}
 

@@ -14,7 +14,7 @@ from conftest import needs_qemu
 
 from recording.hostfacts import pvm_host
 from recording.reader import read_table
-from vmrig import RigError
+from vmrig import GuestFault, RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
 from vmrig.workloadlog import WorkloadLog
@@ -73,3 +73,20 @@ def test_linux_guest_hotplug_and_virtio_mem(tmp_path: Path) -> None:
     for r in rows:
         if r["action"] == "event:DEVICE_DELETED":
             assert json.loads(r["detail"])["latency_ns"] > 0
+
+
+def test_linux_boot_cut_short_is_a_stuck_boot(tmp_path: Path) -> None:
+    """A Linux boot that does not reach its ready line in time although its
+    vCPU ran (here: 0.5 s, a fraction of any boot) is a GuestFault that says
+    where vCPU 0 was; a single accelerator's error keeps its type."""
+    _lab_kernel_or_skip()
+    cfg = RigConfig(guest="linux", accel="tcg", boot_timeout=0.5)
+
+    async def body() -> None:
+        async with Rig(cfg, record_dir=tmp_path):
+            raise AssertionError("unreachable: no Linux boots in 0.5 s")
+    with pytest.raises(GuestFault) as e:
+        asyncio.run(body())
+    assert e.value.kind == "stuck_boot", repr(e.value)
+    assert "guest not ready after 0.5 s under tcg" in str(e.value)
+    assert ", vCPU 0 at RIP=" in str(e.value) or ", vCPU 0 at EIP=" in str(e.value)

@@ -26,9 +26,12 @@ from typing import Literal, cast, get_args
 # lab under TCG"): a CPU exception it reported, a reset (triple fault) or a
 # poweroff, a VM that QEMU paused, a KVM internal or emulation error, a guest
 # panic, vCPU threads that got no CPU, a loop that did not advance although
-# its vCPU ran, or QEMU itself exiting under the workload.
+# its vCPU ran, a boot that never reached its ready line although QEMU ran
+# it (its boot timeout is several times a normal boot), or QEMU itself
+# exiting under the workload.
 GuestFaultKind = Literal["exception", "reset", "shutdown", "paused", "internal_error",
-                         "panicked", "stalled_vcpu", "stuck_loop", "qemu_exit"]
+                         "panicked", "stalled_vcpu", "stuck_loop", "stuck_boot",
+                         "qemu_exit"]
 L1FaultKind = Literal["panic", "lockup", "hang"]
 QmpAwaited = Literal["reply", "event"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +46,8 @@ from vmrig.samples import SAMPLES_FILE, sample, write_samples
 from vmrig.silence import Progress, Silence
 from vmrig.spawn import spawn_qemu
 from vmrig.vcpus import vcpu_threads
+
+_log = logging.getLogger(__name__)
 
 RIG_FILE = "rig.json"
 
@@ -188,16 +191,23 @@ class Rig:
                 write_owner(self.private_dir, self.config.net.tap)  # before it exists
             await asyncio.to_thread(tap.create, self.config.net.tap)
             self.tap_created = self.config.net.tap
-        errors: list[str] = []
+        errors: list[tuple[str, RigError]] = []
         for accel in self._accel_candidates():
+            if errors:  # auto: the first accelerator failed, say so before the next
+                failed, why = errors[-1]
+                _log.warning("rig: %s did not boot the guest (%s); trying %s", failed, why,
+                             accel)
             try:
                 await self._launch(binary, accel, files)
                 break
             except RigError as e:
-                errors.append(f"{accel}: {e}")
+                errors.append((accel, e))
                 await self._kill()
         else:
-            raise RigError("QEMU did not boot the guest: " + "; ".join(errors))
+            if len(errors) == 1:
+                raise errors[0][1]  # its type (a GuestFault's kind) kept for the caller
+            raise RigError("QEMU did not boot the guest: "
+                           + "; ".join(f"{a}: {e}" for a, e in errors))
         self._write_rig_json()
         if not self.detach:
             self._sampler = asyncio.create_task(self._sample_loop())
@@ -239,16 +249,29 @@ class Rig:
         self.qmp = qmp
         os.chmod(files.qmp_socket, 0o600)
         ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
+        # QEMU made its vCPU threads before its monitor answered.
+        self.vcpu_tids = vcpu_threads(self.pid)
+        before, t_wait = await self.progress(), loop.time()
         while ready not in self.serial():
             self._check_alive("booting")
             if loop.time() > deadline:
-                tail = [ln.strip() for ln in self.serial().splitlines() if ln.strip()]
-                raise RigError(f"guest not ready after {self.config.boot_timeout:g} s "
-                               f"under {accel} (serial: "
-                               + (repr(tail[-1][:60]) if tail else "no output") + ")")
+                raise await self._not_booted(accel, before, loop.time() - t_wait)
             await asyncio.sleep(0.01)
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
         self.vcpu_tids = vcpu_threads(self.pid)
+
+    async def _not_booted(self, accel: str, before: Progress, window_s: float) -> GuestFault:
+        """The boot timed out while QEMU ran: why, as far as the rig can tell
+        (a stopped VM, starved vCPUs), else a boot stuck although its vCPUs
+        ran.  A GuestFault either way: a bad setting makes QEMU exit instead."""
+        tail = [ln.strip() for ln in self.serial().splitlines() if ln.strip()]
+        message = (f"guest not ready after {self.config.boot_timeout:g} s under {accel} "
+                   "(serial: " + (repr(tail[-1][:60]) if tail else "no output") + ")")
+        why = await self.why_silent(before, window_s)
+        if why.kind is not None:
+            return GuestFault(f"{message}: {why}", why.kind, str(why))
+        where = await silence.where_vcpu0(self)
+        return GuestFault(message + where, "stuck_boot", (str(why) + where).lstrip(", "))
 
     def stderr_lines(self) -> list[str]:
         """What QEMU printed, warnings left out."""

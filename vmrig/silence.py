@@ -93,7 +93,7 @@ async def why_silent(rig: Rig, before: Progress, window_s: float) -> Silence:
                 kind = "reset"
             causes.append((kind, f"VM {status}" + (f" after {event}" if event else "")
                            + (f": QEMU said {said!r}" if said else "")
-                           + await _where_vcpu0(rig)))
+                           + await where_vcpu0(rig)))
     stalled = stalled_vcpus(rig.pid or 0, rig.vcpu_tids, before.cpu, window_s)
     if stalled:
         causes.append(("stalled_vcpu", stalled))
@@ -102,12 +102,12 @@ async def why_silent(rig: Rig, before: Progress, window_s: float) -> Silence:
         if now.loops == before.loops:
             causes.append(("stuck_loop",
                            f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
-                           + await _where_vcpu0(rig)))
+                           + await where_vcpu0(rig)))
     return Silence(tuple(causes))
 
 
-async def _where_vcpu0(rig: Rig) -> str:
-    """', vCPU 0 at EIP=...' from HMP info registers."""
+async def where_vcpu0(rig: Rig) -> str:
+    """', vCPU 0 at EIP=...' from HMP info registers ('' if it cannot tell)."""
     with contextlib.suppress(RigError):
         regs = str(await rig.require_qmp().execute(
             "human-monitor-command", {"command-line": "info registers"}))
