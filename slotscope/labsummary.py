@@ -65,6 +65,21 @@ def _memslot_mismatches(run_dirs: list[Path]) -> list[str]:
     return out
 
 
+def runs_without_updates(run_dirs: list[Path]) -> list[str]:
+    """pc-dimm and dirty-log runs whose workload made no memslot update the
+    probes saw: a guest KVM did not run (a TCG fallback makes no memslots)
+    or probes that missed KVM.  A failed run, never a quiet pass."""
+    from recording.reader import read_table
+    out = []
+    for d in run_dirs:
+        acts = read_table(d, "workload").column("begin_ns").to_numpy()
+        upd = read_table(d, "memslot_update").column("begin_ns").to_numpy()
+        if not len(acts) or not (upd >= acts.min()).any():
+            out.append(f"{d}: no memslot update recorded during its workload "
+                       "(was the guest run by KVM?)")
+    return out
+
+
 def write_summary(summary: dict[str, Any], cfg: LabConfig, out: Path,
                   statuses: dict[str, list[RunStatus]], specs: dict[str, str | None],
                   baseline: dict[str, Any] | None) -> list[labverdict.Regression]:
@@ -83,8 +98,11 @@ def write_summary(summary: dict[str, Any], cfg: LabConfig, out: Path,
         good = [r for r in per_run if "error" not in r]
         failed = [f"{st.rep}: {st.error}" for st in sts if not st.ok]
         failed += [f"{r['path']}: {r['error']}" for r in per_run if "error" in r]
+        done = [run_dir(key, st) for st in sts if st.ok]
         if by_name[name].workload == "virtio-mem":
-            failed += _memslot_mismatches([run_dir(key, st) for st in sts if st.ok])
+            failed += _memslot_mismatches(done)
+        elif by_name[name].workload in ("hotplug", "dirty-log"):
+            failed += runs_without_updates(done)
         sc = labverdict.scenario_summary(good, failed, expect_wraps=by_name[name].wraps)
         # the kernel axis entry it ran on (lab.toml's "6.12"), which the
         # history follows across that kernel's upgrades

@@ -205,6 +205,33 @@ def test_direct_lab_pcdimm_updates_fall_inside_qmp_actions(
 
 @needs_root
 @needs_kvm
+@needs_qemu
+@needs_bcc
+def test_pcdimm_run_without_memslot_updates_is_failed(direct_lab: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """A pc-dimm run whose workload left no memslot row (a guest KVM did not
+    run makes none) is named as failed, not passed quietly."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from slotscope.labsummary import runs_without_updates
+    _, out = direct_lab
+    run = out / "runs" / HOST_KERNEL / "pcdimm" / "1"
+    assert runs_without_updates([run]) == []
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    table = pq.read_table(copy / "memslot_update.parquet")
+    first = pq.read_table(copy / "workload.parquet").column("begin_ns").to_numpy().min()
+    boot = table.filter(pc.less(table["begin_ns"], first))  # QEMU's own, at start
+    pq.write_table(boot, copy / "memslot_update.parquet")
+    assert runs_without_updates([copy]) == [
+        f"{copy}: no memslot update recorded during its workload (was the guest run by KVM?)"]
+
+
+@needs_root
+@needs_kvm
 @needs_bcc
 def test_tightened_baseline_exits_3_naming_the_scenario(
         direct_lab: tuple[Path, Path], tmp_path: Path) -> None:
