@@ -16,9 +16,10 @@ from recording.hostfacts import pvm_host
 from recording.reader import read_table
 from vmrig import GuestFault, RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
+from vmrig.errors import QmpTimeout
 from vmrig.rig import Rig
 from vmrig.workloadlog import WorkloadLog
-from vmrig.workloads import hotplug_cycles, virtio_mem_steps
+from vmrig.workloads import STALL_NUDGES, hotplug_cycles, virtio_mem_steps
 
 pytestmark = needs_qemu
 
@@ -90,3 +91,39 @@ def test_linux_boot_cut_short_is_a_stuck_boot(tmp_path: Path) -> None:
     assert e.value.kind == "stuck_boot", repr(e.value)
     assert "guest not ready after 0.5 s under tcg" in str(e.value)
     assert ", vCPU 0 at RIP=" in str(e.value) or ", vCPU 0 at EIP=" in str(e.value)
+
+
+def test_virtio_mem_step_nudges_a_stalled_guest(tmp_path: Path) -> None:
+    """A step whose size stops changing writes requested-size again (a
+    "nudge" row) and goes on when the guest moves; one that never moves
+    fails after STALL_NUDGES nudges.  The guest is held by pausing its VM."""
+    _lab_kernel_or_skip()
+    cfg = RigConfig(guest="linux", accel="tcg", virtio_mem=VirtioMemConfig(size=256 * MiB),
+                    boot_timeout=120)
+
+    def nudges(log: WorkloadLog) -> list[dict[str, Any]]:
+        details = [json.loads(r["detail"]) for r in log.rows if r["action"] == "qom-set"]
+        return [d for d in details if "nudge" in d]
+
+    async def body() -> None:
+        async with Rig(cfg, record_dir=tmp_path) as rig:
+            qmp = rig.require_qmp()
+            with WorkloadLog(tmp_path, {"rig": rig.info()}) as log:
+                await qmp.execute("stop")
+
+                async def resume() -> None:
+                    await asyncio.sleep(3)
+                    await qmp.execute("cont")
+                task = asyncio.create_task(resume())
+                assert await virtio_mem_steps(rig, log, [128 * MiB], timeout=2) == 1
+                await task
+                got = nudges(log)
+                assert 1 <= len(got) <= STALL_NUDGES and got[0] == {"nudge": 1,
+                                                                   "stalled_at": 0}, got
+                await qmp.execute("stop")  # and never again
+                log.config.pop("params")
+                with pytest.raises(QmpTimeout, match="virtio-mem resize to 0"):
+                    await virtio_mem_steps(rig, log, [0], timeout=0.5)
+                assert len(nudges(log)) == len(got) + STALL_NUDGES
+                assert not log.rows[-1]["ok"]
+    asyncio.run(body())
