@@ -10,7 +10,7 @@ reaches only us; we shut it down in order) and, unless detached for
 Stopping removes the process, socket, TAP and private directory.
 
 The class reads top to bottom as its lifecycle (paths, start, supervision,
-QMP helpers, stop, detach/attach), hence one module of ~430 lines.  What
+QMP helpers, stop, detach/attach), hence one module of ~450 lines.  What
 it uses lives beside it: ``spawn`` (QEMU's process), ``privatedir`` (the
 private directory and the sweep of stale ones), ``vcpus`` and ``samples``
 (what QEMU's threads do), ``silence`` (why a guest stopped answering),
@@ -255,23 +255,10 @@ class Rig:
         while ready not in self.serial():
             self._check_alive("booting")
             if loop.time() > deadline:
-                raise await self._not_booted(accel, before, loop.time() - t_wait)
+                raise await silence.not_booted(self, accel, before, loop.time() - t_wait)
             await asyncio.sleep(0.01)
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
         self.vcpu_tids = vcpu_threads(self.pid)
-
-    async def _not_booted(self, accel: str, before: Progress, window_s: float) -> GuestFault:
-        """The boot timed out while QEMU ran: why, as far as the rig can tell
-        (a stopped VM, starved vCPUs), else a boot stuck although its vCPUs
-        ran.  A GuestFault either way: a bad setting makes QEMU exit instead."""
-        tail = [ln.strip() for ln in self.serial().splitlines() if ln.strip()]
-        message = (f"guest not ready after {self.config.boot_timeout:g} s under {accel} "
-                   "(serial: " + (repr(tail[-1][:60]) if tail else "no output") + ")")
-        why = await self.why_silent(before, window_s)
-        if why.kind is not None:
-            return GuestFault(f"{message}: {why}", why.kind, str(why))
-        where = await silence.where_vcpu0(self)
-        return GuestFault(message + where, "stuck_boot", (str(why) + where).lstrip(", "))
 
     def stderr_lines(self) -> list[str]:
         """What QEMU printed, warnings left out."""

@@ -5,7 +5,8 @@ snapshot first; when the wait times out, ``why_silent`` compares and names
 the causes, each with its GuestFault kind (vmrig/errors.py): the bare
 guest's exception report, a VM that QEMU stopped (reset, poweroff, pause,
 KVM internal error, guest panic), vCPU threads that got no CPU, or a bare
-guest whose loop did not advance although its vCPU ran.
+guest whose loop did not advance although its vCPU ran.  A boot that timed
+out is named the same way (``not_booted``).
 """
 
 from __future__ import annotations
@@ -104,6 +105,21 @@ async def why_silent(rig: Rig, before: Progress, window_s: float) -> Silence:
                            f"vCPU 0 ran but the guest's loop stayed at {now.loops}"
                            + await where_vcpu0(rig)))
     return Silence(tuple(causes))
+
+
+async def not_booted(rig: Rig, accel: str, before: Progress, window_s: float) -> GuestFault:
+    """A boot that timed out while QEMU ran: why, as far as the rig can tell
+    (a stopped VM, starved vCPUs), else a boot stuck although its vCPUs ran
+    (``stuck_boot``, with vCPU 0's instruction pointer).  A GuestFault either
+    way: a bad setting makes QEMU exit instead of time out."""
+    tail = [ln.strip() for ln in rig.serial().splitlines() if ln.strip()]
+    message = (f"guest not ready after {rig.config.boot_timeout:g} s under {accel} "
+               "(serial: " + (repr(tail[-1][:60]) if tail else "no output") + ")")
+    why = await why_silent(rig, before, window_s)
+    if why.kind is not None:
+        return GuestFault(f"{message}: {why}", why.kind, str(why))
+    where = await where_vcpu0(rig)
+    return GuestFault(message + where, "stuck_boot", (str(why) + where).lstrip(", "))
 
 
 async def where_vcpu0(rig: Rig) -> str:
