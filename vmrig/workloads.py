@@ -256,7 +256,9 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
     reports the new size (the guest driver plugged/unplugged the blocks).
     When no size change comes for ``timeout`` s, the same requested-size is
     written again (a "qom-set" row with ``nudge`` in its detail), at most
-    STALL_NUDGES times a step."""
+    STALL_NUDGES times a step; then a guest that ran but kept its blocks ends
+    the step where it stands (a failed size-change row) and the next begins,
+    while a stopped VM or starved vCPUs are a GuestFault (``_await_size``)."""
     vm = rig.config.virtio_mem
     if vm is None:
         raise RigError("virtio-mem workload: the rig has no virtio-mem device")
@@ -296,36 +298,8 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
                     await log.step("qom-set", vm.id, qmp.execute(
                         "qom-set", {"path": path, "property": "requested-size", "value": size}),
                         size)
-                    nudges = 0
-                    while current != size:
-                        try:
-                            ev = await qmp.wait(listener, f"virtio-mem resize to "
-                                                f"{fmt_size(size)}", timeout, match={"id": vm.id})
-                        except QmpTimeout as e:
-                            if nudges < STALL_NUDGES:
-                                # A block the guest could not offline is retried by
-                                # its driver after 50 s (VIRTIO_MEM_RETRY_TIMER_MIN_MS),
-                                # doubling; a config notification (QEMU sends one on
-                                # every requested-size write, same value or not)
-                                # makes it retry now.  1 in 6 nested runs stalled so.
-                                nudges += 1
-                                nudge = {"nudge": nudges, "stalled_at": current}
-                                await log.step("qom-set", vm.id, qmp.execute(
-                                    "qom-set", {"path": path, "property": "requested-size",
-                                                "value": size}), size,
-                                    detail=lambda _, d=nudge: d)
-                                continue
-                            log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin,
-                                    monotonic_ns(), size, ok=False, error=str(e))
-                            raise
-                        except RigError as e:
-                            log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin,
-                                    monotonic_ns(), size, ok=False, error=str(e))
-                            raise
-                        current = int(ev["data"]["size"])
-                        log.event("MEMORY_DEVICE_SIZE_CHANGE", vm.id, monotonic_ns(), current,
-                                  detail={"latency_ns": monotonic_ns() - begin,
-                                          "requested": size})
+                    await _await_size(rig, log, listener, path, size, current, begin,
+                                      timeout)
                 await memslots(size)
                 steps += 1
             if duration is None:
@@ -333,6 +307,52 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
     finally:
         log.config["result"] = {"steps": steps}
         log.flush()
+
+
+async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size: int,
+                      current: int, begin: int, timeout: float) -> int:
+    """Wait for MEMORY_DEVICE_SIZE_CHANGE events until the device reaches
+    ``size``; the size it reached.  A guest that stops changing it for
+    ``timeout`` s is nudged (requested-size written again) up to
+    STALL_NUDGES times; one whose VM or vCPUs stopped is a GuestFault; one
+    that ran and kept its blocks ends the step where it stands, recorded as
+    a failed size-change row (virtio-mem's unplug is the guest's choice)."""
+    vm = rig.config.virtio_mem
+    assert vm is not None
+    qmp = rig.require_qmp()
+    nudges, before = 0, await rig.progress()
+    while current != size:
+        try:
+            ev = await qmp.wait(listener, f"virtio-mem resize to {fmt_size(size)}", timeout,
+                                match={"id": vm.id})
+        except QmpTimeout as e:
+            if nudges < STALL_NUDGES:
+                # A block the guest could not offline is retried by its driver
+                # after 50 s (VIRTIO_MEM_RETRY_TIMER_MIN_MS), doubling; a config
+                # notification (QEMU sends one on every requested-size write,
+                # same value or not) makes it retry now.
+                nudges += 1
+                nudge = {"nudge": nudges, "stalled_at": current}
+                await log.step("qom-set", vm.id, qmp.execute(
+                    "qom-set", {"path": path, "property": "requested-size", "value": size}),
+                    size, detail=lambda _, d=nudge: d)
+                continue
+            why = await rig.why_silent(before, timeout * (STALL_NUDGES + 1))
+            stalled = (f"{e}: stalled at {fmt_size(current)} after {nudges} nudges"
+                       + (f" ({why})" if why else ""))
+            log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin, monotonic_ns(), current,
+                    ok=False, error=stalled, detail={"requested": size})
+            if why:
+                raise why.error(stalled) from None
+            return current
+        except RigError as e:
+            log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin, monotonic_ns(), size,
+                    ok=False, error=str(e))
+            raise
+        current = int(ev["data"]["size"])
+        log.event("MEMORY_DEVICE_SIZE_CHANGE", vm.id, monotonic_ns(), current,
+                  detail={"latency_ns": monotonic_ns() - begin, "requested": size})
+    return current
 
 
 async def dirty_log_toggles(rig: Rig, log: WorkloadLog, count: int | None = 1,
