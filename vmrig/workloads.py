@@ -326,7 +326,9 @@ async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size
             ev = await qmp.wait(listener, f"virtio-mem resize to {fmt_size(size)}", timeout,
                                 match={"id": vm.id})
         except QmpTimeout as e:
-            if nudges < STALL_NUDGES:
+            # A reset or paused VM, or starved vCPUs, will not move: say so now.
+            why = await rig.why_silent(before, timeout * (nudges + 1))
+            if not why and nudges < STALL_NUDGES:
                 # A block the guest could not offline is retried by its driver
                 # after 50 s (VIRTIO_MEM_RETRY_TIMER_MIN_MS), doubling; a config
                 # notification (QEMU sends one on every requested-size write,
@@ -337,7 +339,6 @@ async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size
                     "qom-set", {"path": path, "property": "requested-size", "value": size}),
                     size, detail=lambda _, d=nudge: d)
                 continue
-            why = await rig.why_silent(before, timeout * (STALL_NUDGES + 1))
             stalled = (f"{e}: stalled at {fmt_size(current)} after {nudges} nudges"
                        + (f" ({why})" if why else ""))
             log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin, monotonic_ns(), current,
