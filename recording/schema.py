@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import kvmconst
 from .errors import ColumnsMismatch
 
 # The format's versions and what each changed; a reader reads every one
@@ -39,9 +40,9 @@ ADDED_COLUMNS = {("mmio_fault", "reentered"): True, ("mmio_hist", "reentered"): 
 MANIFEST = "manifest.json"
 WORKLOAD_CONFIG = "workload.json"  # the rig's side of the manifest (manifest.py)
 
-# Kernel constants shared by writer and reader.
-GEN_IN_PROGRESS_BIT = 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-MMIO_GEN_BITS_DEFAULT = 19  # MMIO_SPTE_GEN_LOW_BITS + HIGH_BITS on x86 since 5.5
+# Kernel constants shared by writer and reader (their home: kvmconst).
+GEN_IN_PROGRESS_BIT = kvmconst.GEN_IN_PROGRESS_BIT
+MMIO_GEN_BITS_DEFAULT = kvmconst.MMIO_GEN_BITS_DEFAULT
 
 CHANGE_TYPES = ("create", "delete", "move", "flags_only", "unknown")
 ACCESS_TYPES = ("unsatisfied-read", "read", "write")

@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from recording.schema import MMIO_GEN_BITS_DEFAULT
+from recording.kvmconst import MMIO_GEN_BITS_DEFAULT
 from vmrig.microvm import kvmapi as kvm
 from vmrig.microvm.changes import CHANGES, Region, SlotState
 from vmrig.microvm.errors import BadRequest, GuestMisbehaved, MicroVMError
@@ -105,6 +105,12 @@ class WrapResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WrapResult:
+        """The WrapResult ``as_dict`` gave (the JSON ground truth read back)."""
+        return cls(**{**d, "memslot_changes": [MemslotChange(**c)
+                                                for c in d["memslot_changes"]]})
 
 
 def address_spaces(vm_fd: int) -> int:
