@@ -164,12 +164,15 @@ def _panic_l1() -> None:
 
 def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
              phases: dict[str, float]) -> None:
+    from vmrig.microvm.truth import write_run_workload
     s, t0 = r.scenario, time.monotonic()
     truth = r.dir / "microvm.json"
     work = (["--wrap", str(s.wraps)] if s.wraps else
             ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule])
+    # No --run-dir: its workload table is written here, from the truth, so
+    # that the VMM never imports pyarrow (2-4 s a run each way in a TCG L1).
     argv = [sys.executable, "-m", "vmrig.microvm", "--wait", *work, "--pages",
-            str(s.mmio_pages), "-o", str(truth), "--run-dir", str(r.dir)]
+            str(s.mmio_pages), "-o", str(truth)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
@@ -194,6 +197,7 @@ def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
             raise RigError(f"run hung: micro-VMM killed after {r.timeout:.0f} s")
         if p.wait(timeout=60):
             raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
+        write_run_workload(r.dir, json.loads(truth.read_text()))
     finally:
         if p.poll() is None:
             p.kill()

@@ -233,3 +233,31 @@ def test_native_loop_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch,
         native.library.cache_clear()
     assert r.loop == "c" and r.mmio_exits == 3000 and r.memslot_counts == {"create": 2}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_microvm_starts_without_pyarrow() -> None:
+    """Neither pyarrow nor pandas is imported to drive KVM: in the TCG L1
+    each costs seconds of every lab run (the lab writes the table itself)."""
+    code = "import sys, vmrig.microvm.cli; print('pyarrow' in sys.modules, 'pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@needs_kvm
+@pytest.mark.parametrize("work", [["-n", "600", "--schedule", "create:1,flags:1,delete:1"],
+                                  ["--wrap", "1", "--touch-every", "65536"]])
+def test_workload_from_the_truth_equals_run_dir(work: list[str], tmp_path: Path) -> None:
+    """write_run_workload (the lab's path) writes what --run-dir writes."""
+    from recording.reader import read_table
+    from vmrig.microvm.truth import write_run_workload
+    a, b = tmp_path / "a", tmp_path / "b"
+    truth = tmp_path / "truth.json"
+    subprocess.run([sys.executable, "-m", "vmrig.microvm", *work, "--pages", "2",
+                    "-o", str(truth), "--run-dir", str(a)],
+                   capture_output=True, text=True, timeout=300, check=True)
+    b.mkdir()
+    write_run_workload(b, json.loads(truth.read_text()))
+    assert (b / "workload.json").read_text() == (a / "workload.json").read_text()
+    assert read_table(b, "workload").equals(read_table(a, "workload"))
+    assert read_table(a, "workload").num_rows > 3

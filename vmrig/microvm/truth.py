@@ -95,6 +95,12 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        """The Result ``as_dict`` gave (the JSON ground truth read back)."""
+        return cls(**{**d, "memslot_changes": [MemslotChange(**c)
+                                                for c in d["memslot_changes"]]})
+
     def record_change(self, c: MemslotChange) -> None:
         self.memslot_changes.append(c)
         key = c.change if c.ret == 0 else f"{c.change}_failed"
@@ -154,3 +160,14 @@ def write_workload(run_dir: str | os.PathLike[str], r: Result) -> None:
     rows.sort(key=lambda x: x[0])
     names = ("begin_ns", "end_ns", "action", "target", "size", "ok", "error", "detail")
     write_table(run_dir, "workload", {n: [row[i] for row in rows] for i, n in enumerate(names)})
+
+
+def write_run_workload(run_dir: str | os.PathLike[str], truth: dict[str, Any]) -> None:
+    """``write_workload`` (or the wrap's) from the JSON ground truth of
+    either run: what ``--run-dir`` writes, done by a process that has
+    pyarrow loaded already (the lab's, not the micro-VMM in a TCG L1)."""
+    from vmrig.microvm.wrap import WrapResult, write_wrap_workload
+    if truth.get("workload") == WrapResult.workload:
+        write_wrap_workload(run_dir, WrapResult.from_dict(truth))
+    else:
+        write_workload(run_dir, Result.from_dict(truth))
