@@ -395,3 +395,9 @@ def test_l1_lockup_is_read_from_the_console(tmp_path: Path) -> None:
     fault = died.fault()
     assert fault is not None and fault.kind == "lockup"
     assert labvm.LabResult(1, "tcg", 1.0, False, tmp_path, lockup="x").fault() is None
+    # gone with no report at all: the last console line says where
+    gone = labvm.LabResult(255, "tcg", 1.0, False, tmp_path,
+                           console_tail=["lab-run: +79.3 s QEMU up (kvm)", ""]).fault()
+    assert gone is not None and gone.kind == "gone" and gone.console == \
+        "lab-run: +79.3 s QEMU up (kvm)"
+    assert labvm.LabResult(1, "tcg", 1.0, False, tmp_path).fault() is None

@@ -7,7 +7,7 @@
     ├── QmpTimeout            no reply, or no awaited event, in time
     ├── QemuGone              QEMU closed the QMP connection (it exited)
     ├── GuestFault            the guest, or the hypervisor under it, failed by itself
-    └── L1Fault               the nested lab VM's kernel panicked, locked up or hung
+    └── L1Fault               the nested lab VM's kernel panicked, locked up, hung or was gone
 
 Callers decide by type (``except GuestFault``), never by a message's words;
 the message stays one line for the user.  An error that crosses a process
@@ -32,7 +32,7 @@ from typing import Literal, cast, get_args
 GuestFaultKind = Literal["exception", "reset", "shutdown", "paused", "internal_error",
                          "panicked", "stalled_vcpu", "stuck_loop", "stuck_boot",
                          "qemu_exit"]
-L1FaultKind = Literal["panic", "lockup", "hang"]
+L1FaultKind = Literal["panic", "lockup", "hang", "gone"]
 QmpAwaited = Literal["reply", "event"]
 
 ERROR_FILE = "rig-error.json"  # in a record directory, when the rig ended with an error
@@ -128,9 +128,11 @@ class GuestFault(RigError):
 
 class L1Fault(RigError):
     """The nested lab VM (L1) failed under the command: its kernel panicked,
-    reported a soft lockup, or the VM did not finish before its deadline
-    (``kind``).  ``console`` is the L1's line that says so: the panic line,
-    the lockup report, or the last console line before the kill."""
+    reported a soft lockup, did not finish before its deadline, or ended
+    without returning the command's status and with no report at all (a
+    reset or poweroff of the L1) (``kind``).  ``console`` is the L1's line
+    that says so: the panic line, the lockup report, or its last console
+    line."""
 
     tag = "l1_fault"
 

@@ -61,6 +61,9 @@ HANG_REPORT_S = 45
 # deadline, by the host's clock: it fires even when the L1's clock lags
 # past HANG_REPORT_S (a livelocked TCG L1 did, by more than 45 s).
 HOST_REPORT_S = 20
+# What vng returns when the L1 never wrote the command's status (its rc file):
+# the L1 died under the command.
+NO_STATUS = 255
 STATE_DIR = "labvm"  # inside the output directory: script, logs, result
 # The project's venv: its bin/ holds vng, virtme-run and slotscope.
 VENV_BIN = Path(sys.prefix) / "bin"
@@ -95,7 +98,7 @@ class LabResult:
         deadline a soft lockup it reported, else a plain hang."""
         if self.panic:
             return L1Fault(f"L1 kernel panic: {self.panic}", "panic", self.panic)
-        if self.lockup and (self.timed_out or self.returncode == 255):
+        if self.lockup and (self.timed_out or self.returncode == NO_STATUS):
             # hung at the deadline, or died under the command (255: no rc
             # file) after reporting stopped CPUs
             return L1Fault(f"L1 soft lockup: {self.lockup}", "lockup", self.lockup)
@@ -108,6 +111,14 @@ class LabResult:
             return L1Fault(f"lab VM hung: {self.kill_reason or 'killed'}; "
                            f"last console: {last.rstrip()}"
                            + (f"; vCPUs at {where}" if where else ""), "hang", last.rstrip())
+        if self.returncode == NO_STATUS:
+            # The L1 went away under the command with no panic or lockup on
+            # its console (seen once in a nested lab CI run: an L2 virtio-mem
+            # plug, then nothing): a reset or poweroff of the TCG L1.
+            last = next((ln for ln in reversed(self.console_tail) if ln.strip()), "")
+            return L1Fault("lab VM ended without the command's status and with no panic "
+                           f"or lockup report; last console: {last.rstrip()}", "gone",
+                           last.rstrip())
         return None
 
 
