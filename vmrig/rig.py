@@ -258,7 +258,6 @@ class Rig:
                 raise await silence.not_booted(self, accel, before, loop.time() - t_wait)
             await asyncio.sleep(0.01)
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
-        self.vcpu_tids = vcpu_threads(self.pid)
 
     def stderr_lines(self) -> list[str]:
         """What QEMU printed, warnings left out."""

@@ -30,7 +30,8 @@ WORKLOADS: dict[str, str] = {
 
 DIMM_ALIGN = 2 * MiB  # QEMU: "backend memory size must be multiple of 0x200000"
 # virtio-mem: requested-size written again this many times per step when the
-# guest's size stops changing for ``timeout`` s, before the step fails.
+# guest's size stops changing for ``timeout`` s, before the step ends where
+# it stands (_await_size).
 STALL_NUDGES = 3
 
 
@@ -310,9 +311,9 @@ async def virtio_mem_steps(rig: Rig, log: WorkloadLog, sizes: list[int],
 
 
 async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size: int,
-                      current: int, begin: int, timeout: float) -> int:
+                      current: int, begin: int, timeout: float) -> None:
     """Wait for MEMORY_DEVICE_SIZE_CHANGE events until the device reaches
-    ``size``; the size it reached.  A guest that stops changing it for
+    ``size``.  A guest that stops changing it for
     ``timeout`` s is nudged (requested-size written again) up to
     STALL_NUDGES times; one whose VM or vCPUs stopped is a GuestFault; one
     that ran and kept its blocks ends the step where it stands, recorded as
@@ -345,7 +346,7 @@ async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size
                     ok=False, error=stalled, detail={"requested": size})
             if why:
                 raise why.error(stalled) from None
-            return current
+            return
         except RigError as e:
             log.add("event:MEMORY_DEVICE_SIZE_CHANGE", vm.id, begin, monotonic_ns(), size,
                     ok=False, error=str(e))
@@ -353,7 +354,6 @@ async def _await_size(rig: Rig, log: WorkloadLog, listener: Any, path: str, size
         current = int(ev["data"]["size"])
         log.event("MEMORY_DEVICE_SIZE_CHANGE", vm.id, monotonic_ns(), current,
                   detail={"latency_ns": monotonic_ns() - begin, "requested": size})
-    return current
 
 
 async def dirty_log_toggles(rig: Rig, log: WorkloadLog, count: int | None = 1,
