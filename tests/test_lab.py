@@ -377,6 +377,13 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
         assert steps["qemu_memslots"].tolist() == [1, 2, 1], steps
         assert steps["created"].tolist() == [1, 1, 0] and steps["deleted"].tolist() == [0, 0, 1]
         assert steps["ok"].all()
+    # Every boot's plan has the Linux L2 (vmem): its kernel and initramfs
+    # were staged (off the L1's 9p) while the probes compiled.
+    consoles = sorted((out / "batches").glob("*/console.log"))
+    assert len(consoles) == len(summary["phases"])
+    for con in consoles:
+        assert "lab-run: " in (text := con.read_text(errors="replace"))
+        assert "Linux guest staged" in text, con
     # Kernel against kernel, side by side, with a CI where both ran twice.
     cmp = summary["kernels"]
     assert cmp["kernels"] == [k1, k2]

@@ -1,5 +1,6 @@
 """Guest builds: the bare image is assembled from guests/bare.S into a cache
-keyed by the source, rebuilt when it changes, and patched per run."""
+keyed by the source, rebuilt when it changes, and patched per run; the
+Linux guest's kernel is copied into that cache off a shared filesystem."""
 
 from __future__ import annotations
 
@@ -70,3 +71,26 @@ def test_run_image_without_a_writable_cache(tmp_path: Path,
     assert img.read_bytes()[0x10:0x18] == b"SLOTSCOP"
     with pytest.raises(RigError, match="not writable"):
         bareguest.build()
+
+
+def test_kernel_copied_off_a_shared_filesystem_once(cache: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """fs_type reads the real mount table.  A kernel image on a local
+    filesystem boots where it is; one on a shared filesystem (the lab VM's
+    9p, taken here as the test directory's own type) is copied into the
+    guest cache once, and again only when the image changes."""
+    from vmrig import linuxguest
+    assert linuxguest.fs_type(Path("/proc/self/status")) == "proc"
+    assert linuxguest.fs_type(Path("/sys/kernel")) == "sysfs"
+    img = tmp_path / "vmlinux"
+    img.write_bytes(b"\x7fELF" + bytes(8192))
+    kind = linuxguest.fs_type(img)
+    assert kind and kind not in linuxguest.SHARED_FS
+    assert linuxguest.local_kernel(img) == img
+    monkeypatch.setattr(linuxguest, "SHARED_FS", frozenset({kind}))
+    copy = linuxguest.local_kernel(img)
+    assert copy.parent == cache and copy.read_bytes() == img.read_bytes()
+    assert linuxguest.local_kernel(img) == copy
+    img.write_bytes(b"\x7fELF" + bytes(4096))  # a rebuilt kernel
+    again = linuxguest.local_kernel(img)
+    assert again != copy and again.read_bytes() == img.read_bytes()
