@@ -18,7 +18,7 @@ from vmrig import GuestFault, RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
 from vmrig.workloadlog import WorkloadLog
-from vmrig.workloads import STALL_NUDGES, hotplug_cycles, virtio_mem_steps
+from vmrig.workloads import STALL_NUDGES, hotplug_cycles, plug_dimm, virtio_mem_steps
 
 pytestmark = needs_qemu
 
@@ -96,7 +96,8 @@ def test_virtio_mem_stalled_step(tmp_path: Path) -> None:
     """A guest that runs but does not resize (here its virtio-mem driver is
     refused by module_blacklist) is nudged STALL_NUDGES times, then the step
     ends where it stands, recorded, and the workload goes on; a VM that does
-    not run (paused) is a GuestFault at once, with no nudge."""
+    not run (paused) is a GuestFault at once, with no nudge, and so is a
+    pc-dimm plug it never acknowledges."""
     _lab_kernel_or_skip()
     cfg = RigConfig(guest="linux", accel="tcg", virtio_mem=VirtioMemConfig(size=256 * MiB),
                     boot_timeout=120, kernel_cmdline="module_blacklist=virtio_mem")
@@ -122,4 +123,9 @@ def test_virtio_mem_stalled_step(tmp_path: Path) -> None:
                 assert e.value.kind == "paused", repr(e.value)
                 assert "stalled at 0 after 0 nudges (VM paused after STOP" in str(e.value)
                 assert len(rows(log, "qom-set")) == 1 + STALL_NUDGES + 1
+                # A pc-dimm whose _OST never comes from a paused VM: the same.
+                with pytest.raises(GuestFault, match="guest _OST: no event") as e:
+                    await plug_dimm(rig, log, 128 * MiB, timeout=0.5)
+                assert e.value.kind == "paused", repr(e.value)
+                assert rows(log, "event:ACPI_DEVICE_OST")[-1]["ok"] is False
     asyncio.run(body())

@@ -88,6 +88,7 @@ async def plug_dimm(rig: Rig, log: WorkloadLog, size: int, timeout: float = 10.0
     await log.step("object-add", mem_id, qmp.execute(
         "object-add", {"qom-type": "memory-backend-ram", "id": mem_id, "size": size}), size)
     with qmp.listener("ACPI_DEVICE_OST") as listener:
+        before = await rig.progress()
         try:
             await log.step("device_add", dev_id, qmp.execute(
                 "device_add", {"driver": "pc-dimm", "id": dev_id, "memdev": mem_id}), size)
@@ -107,9 +108,15 @@ async def plug_dimm(rig: Rig, log: WorkloadLog, size: int, timeout: float = 10.0
                 ev = await qmp.wait(listener, f"device_add {dev_id}: guest _OST", timeout,
                                     match=_ost_for(dev_id, (0, 1)))
             except RigError as e:
+                error: RigError = e
+                if isinstance(e, QmpTimeout):
+                    # As for the eject: a stopped VM or starved vCPUs are a
+                    # GuestFault (rerun), not a guest that declined.
+                    why = await rig.why_silent(before, timeout)
+                    error = why.error(f"{e}" + (f" ({why})" if why else ""))
                 log.add("event:ACPI_DEVICE_OST", dev_id, begin, monotonic_ns(), size,
-                        ok=False, error=str(e))
-                raise
+                        ok=False, error=str(error))
+                raise error from None
             status = int(ev["data"]["info"].get("status", 0))
             ok = status in OST_OK
             log.add("event:ACPI_DEVICE_OST", dev_id, monotonic_ns(), monotonic_ns(), size,
