@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 
 BOOT_SAMPLES = 1000
-BOOT_CAP = 20_000  # resample at most this many points (CIs get wider, never narrower)
 # resamples where each side has a handful of values (nights, lab repetitions):
 # cheap at that size, and the CI's ends move less from seed to seed
 FEW_VALUES_SAMPLES = 4000
@@ -41,20 +40,34 @@ def median_in_place(x: np.ndarray) -> float | None:
 
 def resampled_quantiles(x: np.ndarray, q: float, samples: int,
                          rng: np.random.Generator) -> np.ndarray | None:
-    """``samples`` bootstrap replicates of the q-quantile of x (NaNs dropped;
-    at most BOOT_CAP points; vectorised in chunks of ~4M draws)."""
+    """``samples`` bootstrap replicates of the q-quantile of x (NaNs dropped),
+    drawn exactly without building the resamples.
+
+    numpy's (linear) q-quantile of a resample interpolates between its order
+    statistics k and k+1 (k = floor(q (n-1))).  A resample is n draws
+    s[floor(n U_i)] from the sorted data s with U_i uniform on (0, 1), and
+    floor is monotone, so those order statistics are s[floor(n U_(k+1))] and
+    s[floor(n U_(k+2))]: U_(k+1) ~ Beta(k+1, n-k), and the next one is
+    U_(k+1) + (1 - U_(k+1)) B with B ~ Beta(1, n-k-1), the least of the
+    n-k-1 uniforms above it.  One sort and two Beta draws per replicate
+    instead of n draws and a partition: the same distribution, at any n
+    (it once resampled a 20,000-point subsample, and took 28 s of a lab
+    report's 62)."""
     x = np.asarray(x, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    if len(x) < 2:
+    s = np.sort(x[~np.isnan(x)])
+    n = len(s)
+    if n < 2:
         return None
-    if len(x) > BOOT_CAP:
-        x = rng.choice(x, BOOT_CAP, replace=False)
-    stats = np.empty(samples)
-    chunk = max(1, 4_000_000 // len(x))
-    for lo in range(0, samples, chunk):
-        n = min(chunk, samples - lo)
-        stats[lo:lo + n] = np.quantile(x[rng.integers(0, len(x), (n, len(x)))], q, axis=1)
-    return stats
+    h = q * (n - 1)
+    k = int(np.floor(h))
+    g = h - k
+    u = rng.beta(k + 1, n - k, samples)
+    lo = s[np.minimum((u * n).astype(np.int64), n - 1)]
+    if g == 0 or k + 1 >= n:
+        return lo
+    u2 = u + (1 - u) * rng.beta(1, n - k - 1, samples)
+    hi = s[np.minimum((u2 * n).astype(np.int64), n - 1)]
+    return lo + g * (hi - lo)
 
 
 def bootstrap_ci(x: np.ndarray, q: float = 0.5, *, samples: int = BOOT_SAMPLES,
