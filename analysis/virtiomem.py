@@ -2,7 +2,7 @@
 
 With ``dynamic-memslots=on`` (QEMU >= 8.2) a virtio-mem device's region is
 split into memslots that QEMU maps only while blocks in them are plugged.
-The rig (vmrig.workloads.virtio_mem_steps) logs, before the first step and
+The rig (vmrig.virtiomem.virtio_mem_steps) logs, before the first step and
 after each, the device's mapped memslots as QEMU's ``info mtree`` lists them
 (``event:memslots`` rows of the workload table: ``size`` = how many,
 ``detail.memslots`` = which).  Between two such reports the recording must

@@ -259,6 +259,7 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 phases: dict[str, float]) -> None:
     from vmrig import workloads as wl
     from vmrig.rig import Rig
+    from vmrig.virtiomem import virtio_mem_steps
     from vmrig.workloadlog import WorkloadLog
 
     s, t0 = r.scenario, time.monotonic()
@@ -295,7 +296,7 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                     # 6.1 L2 once kept the whole first 1G after three nudges),
                     # and it costs ~15 s more per run under a TCG L1.
                     top = s.size_bytes
-                    await wl.virtio_mem_steps(rig, log, [top // 2] + [top, top // 2] * s.cycles)
+                    await virtio_mem_steps(rig, log, [top // 2] + [top, top // 2] * s.cycles)
                 else:
                     raise RigError(f"workload {s.workload} is not supported by the lab job yet")
                 await asyncio.sleep(SETTLE_S)

@@ -17,8 +17,9 @@ from recording.reader import read_table
 from vmrig import GuestFault, RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
+from vmrig.virtiomem import STALL_NUDGES, virtio_mem_steps
 from vmrig.workloadlog import WorkloadLog
-from vmrig.workloads import STALL_NUDGES, hotplug_cycles, plug_dimm, virtio_mem_steps
+from vmrig.workloads import hotplug_cycles, plug_dimm
 
 pytestmark = needs_qemu
 

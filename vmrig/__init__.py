@@ -24,7 +24,7 @@ _LAZY = {
     "BareGuestConfig": "vmrig.config", "parse_size": "vmrig.config",
     "WorkloadLog": "vmrig.workloadlog", "hotplug_cycles": "vmrig.workloads",
     "plug_dimm": "vmrig.workloads", "unplug_dimm": "vmrig.workloads",
-    "virtio_mem_steps": "vmrig.workloads", "dirty_log_toggles": "vmrig.workloads",
+    "virtio_mem_steps": "vmrig.virtiomem", "dirty_log_toggles": "vmrig.workloads",
     "qemu_checks": "vmrig.host",
 }
 

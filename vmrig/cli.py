@@ -175,6 +175,7 @@ async def _run(args: argparse.Namespace) -> int:
         return _run_microvm(args, run_dir)
     from vmrig import workloads as wl
     from vmrig.rig import Rig
+    from vmrig.virtiomem import virtio_mem_steps
     guest = "linux" if args.workload == "virtio-mem" else "bare"
     if args.workload == "virtio-mem" and args.guest == "bare":
         raise RigError("virtio-mem resizes need the guest's driver: use --guest linux")
@@ -198,8 +199,8 @@ async def _run(args: argparse.Namespace) -> int:
         elif args.workload == "virtio-mem":
             assert cfg.virtio_mem is not None
             top = cfg.virtio_mem.size
-            steps = await wl.virtio_mem_steps(rig, log, [top // 2, top, 0],
-                                              timeout=args.timeout, duration=args.duration)
+            steps = await virtio_mem_steps(rig, log, [top // 2, top, 0],
+                                           timeout=args.timeout, duration=args.duration)
             print(f"virtio-mem: {steps} resize steps")
         else:
             n = await wl.dirty_log_toggles(rig, log, count=None, duration=args.duration)
