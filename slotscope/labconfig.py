@@ -44,7 +44,10 @@ class Scenario:
     duration: float = 20.0       # seconds, for time-bound workloads
     rate: float = 1.0            # workload actions per second
     size: str = "128M"           # hotplugged memory per action
-    cycles: int = 3              # pc-dimm plug/unplug cycles
+    cycles: int = 3              # pc-dimm plug/unplug cycles; virtio-mem walks
+    # virtio-mem: the requested sizes walked per cycle; empty: half of size,
+    # then all and half again per cycle
+    steps: tuple[str, ...] = ()
     guest: GuestKind = "bare"
     schedule: str = "create:1,flags:1,flags:1,move:1,delete:1"  # microvm
     mmio_accesses: int = 20000   # microvm
@@ -54,9 +57,21 @@ class Scenario:
     run_timeout: float = 0.0     # seconds per run; 0: the [lab] table's
     aggregate: bool = False      # MMIO faults as kernel histograms (record --aggregate)
 
+    def __post_init__(self) -> None:
+        # a plan read back from JSON gives a list: keep the scenario hashable
+        object.__setattr__(self, "steps", tuple(self.steps))
+
     @property
     def size_bytes(self) -> int:
         return parse_size(self.size, "size")  # checked when the config was read
+
+    def virtio_mem_sizes(self) -> list[int]:
+        """The requested sizes a virtio-mem run walks: ``steps`` per cycle,
+        else half of ``size``, then all and half again per cycle."""
+        if self.steps:
+            return [parse_size(x, "steps") for x in self.steps] * self.cycles
+        top = self.size_bytes
+        return [top // 2] + [top, top // 2] * self.cycles
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,14 @@ def _check_scenario(where: str, s: Scenario) -> None:
     if s.workload == "virtio-mem" and s.guest != "linux":
         raise ConfigError(f"{where}: workload virtio-mem needs guest = \"linux\" (its "
                           "driver plugs the blocks)", "guest")
+    if s.steps and s.workload != "virtio-mem":
+        raise ConfigError(f"{where}: steps needs workload \"virtio-mem\"", "steps")
+    for step in s.steps:
+        try:
+            if parse_size(step, "steps") > s.size_bytes:
+                raise ConfigError(f"{where}: steps: {step} exceeds size {s.size}", "steps")
+        except RigConfigError as e:
+            raise ConfigError(f"{where}: {e}", "steps") from None
     if s.wraps and s.workload != "microvm":
         raise ConfigError(f"{where}: wraps needs workload \"microvm\"", "wraps")
     if s.wraps and s.mmio_pages > MAX_WRAP_PAGES:

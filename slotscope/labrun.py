@@ -290,13 +290,7 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 elif s.workload == "dirty-log":
                     await wl.dirty_log_toggles(rig, log, count=None, duration=s.duration)
                 elif s.workload == "virtio-mem":
-                    # half, then all and half again per cycle: memslots mapped
-                    # and unmapped. Never none: emptying the device needs every
-                    # movable page of the guest to fit in its boot memory (a
-                    # 6.1 L2 once kept the whole first 1G after three nudges),
-                    # and it costs ~15 s more per run under a TCG L1.
-                    top = s.size_bytes
-                    await virtio_mem_steps(rig, log, [top // 2] + [top, top // 2] * s.cycles)
+                    await virtio_mem_steps(rig, log, s.virtio_mem_sizes())
                 else:
                     raise RigError(f"workload {s.workload} is not supported by the lab job yet")
                 await asyncio.sleep(SETTLE_S)

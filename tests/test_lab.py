@@ -40,7 +40,8 @@ VMEM = """
 name = "vmem"
 workload = "virtio-mem"
 guest = "linux"
-size = "2G"
+size = "1152M"
+steps = ["1G", "1152M", "1G"]
 cycles = 1
 aggregate = true
 """
@@ -76,6 +77,11 @@ def _lab(*args: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedPro
     ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\n', "guest"),
     ('[lab]\nkernels = "6.1"\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
     ('[lab]\nkernels = []\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
+    ('[[scenario]]\nname = "a"\nworkload = "microvm"\nsteps = ["1G"]\n', "steps"),
+    ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\nguest = "linux"\nsize = "1G"\n'
+     'steps = ["2G"]\n', "steps"),
+    ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\nguest = "linux"\nsteps = ["x"]\n',
+     "steps"),
 ])
 def test_malformed_config_is_one_line_naming_the_key(tmp_path: Path, body: str,
                                                      key: str) -> None:
@@ -96,6 +102,8 @@ def test_default_config_parses() -> None:
     assert cfg.kernels == ("6.1", "6.12")
     # the figure scenarios repeat, for confidence intervals per kernel
     assert all(s.repetitions >= 3 for s in cfg.scenarios if not s.wraps)
+    vmem = next(s for s in cfg.scenarios if s.workload == "virtio-mem")
+    assert vmem.virtio_mem_sizes() == [1 << 30, 1152 << 20, 1 << 30]
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +377,9 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert int(h.loc[h.reentered, "count"].sum()) == s["mmio_faults"]
     assert int(h.loc[~h.reentered, "count"].sum()) == s["unfinished_faults"]
     assert h.loc[h.fast_hit, "count"].sum() > 0 and h.loc[h.stale, "count"].sum() > 0
-    # virtio-mem, dynamic memslots: half, all, half of a 2G device (two 1G
-    # memslots); each step's recorded memslot creations and deletions are
-    # exactly the memslots QEMU's own `info mtree` added and removed.
+    # virtio-mem, dynamic memslots: 1G, all, 1G of an 1152M device (memslots
+    # of 1G and 128M); each step's recorded memslot creations and deletions
+    # are exactly the memslots QEMU's own `info mtree` added and removed.
     for k in (k1, k2):
         steps = memslot_steps(out / "runs" / k / "vmem" / "1")
         assert steps["qemu_memslots"].tolist() == [1, 2, 1], steps
