@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,29 @@ def test_linux_boot_cut_short_is_a_stuck_boot(tmp_path: Path) -> None:
     assert e.value.kind == "stuck_boot", repr(e.value)
     assert "guest not ready after 0.5 s under tcg" in str(e.value)
     assert ", vCPU 0 at RIP=" in str(e.value) or ", vCPU 0 at EIP=" in str(e.value)
+
+
+def test_linux_guest_reset_in_boot_fails_at_once(tmp_path: Path) -> None:
+    """A guest that resets before its ready line (here its kernel panics for
+    want of an init; panic=-1 reboots it and the rig's QEMU turns a reboot
+    into a stop) is a GuestFault of kind 'reset' as soon as QEMU says so,
+    not at the boot deadline (600 s here)."""
+    _lab_kernel_or_skip()
+    cfg = RigConfig(guest="linux", accel="tcg", boot_timeout=600,
+                    kernel_cmdline="rdinit=/nonexistent")
+
+    async def body() -> None:
+        async with Rig(cfg, record_dir=tmp_path):
+            raise AssertionError("unreachable: the guest has no init")
+    t0 = time.monotonic()
+    with pytest.raises(GuestFault) as e:
+        asyncio.run(body())
+    waited = time.monotonic() - t0
+    assert e.value.kind == "reset", repr(e.value)
+    assert "guest stopped " in str(e.value) and " s into its boot under tcg" in str(e.value)
+    assert "SHUTDOWN (guest-reset)" in e.value.detail
+    assert waited < cfg.boot_timeout, waited
+    assert "Kernel panic" in (tmp_path / "serial.log").read_text()
 
 
 def test_virtio_mem_stalled_step(tmp_path: Path) -> None:

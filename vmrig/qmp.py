@@ -85,6 +85,12 @@ class Qmp:
         return dict(next((e for e in reversed(self.lifecycle.history) if e["event"] != "STOP"),
                          self.lifecycle.history[-1]))
 
+    def vm_stopped(self) -> bool:
+        """Whether an event said the VM stopped running: SHUTDOWN (the rig's
+        guest reset too: -action reboot=shutdown), STOP, GUEST_PANICKED...
+        (a RESET alone does not stop it).  No round trip: cheap to poll."""
+        return any(e["event"] != "RESET" for e in self.lifecycle.history)
+
     def last_lifecycle(self) -> str:
         """``last_lifecycle_event`` for a message, e.g. 'SHUTDOWN
         (guest-reset)'; '' if none."""

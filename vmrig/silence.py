@@ -6,7 +6,7 @@ the causes, each with its GuestFault kind (vmrig/errors.py): the bare
 guest's exception report, a VM that QEMU stopped (reset, poweroff, pause,
 KVM internal error, guest panic), vCPU threads that got no CPU, or a bare
 guest whose loop did not advance although its vCPU ran.  A boot that timed
-out is named the same way (``not_booted``).
+out, or whose VM stopped first, is named the same way (``not_booted``).
 """
 
 from __future__ import annotations
@@ -108,13 +108,17 @@ async def why_silent(rig: Rig, before: Progress, window_s: float) -> Silence:
 
 
 async def not_booted(rig: Rig, accel: str, before: Progress, window_s: float) -> GuestFault:
-    """A boot that timed out while QEMU ran: why, as far as the rig can tell
+    """A boot that timed out, or whose VM stopped (reset, panic, pause)
+    before its ready line, while QEMU ran: why, as far as the rig can tell
     (a stopped VM, starved vCPUs), else a boot stuck although its vCPUs ran
     (``stuck_boot``, with vCPU 0's instruction pointer).  A GuestFault either
     way: a bad setting makes QEMU exit instead of time out."""
     tail = [ln.strip() for ln in rig.serial().splitlines() if ln.strip()]
-    message = (f"guest not ready after {rig.config.boot_timeout:g} s under {accel} "
-               "(serial: " + (repr(tail[-1][:60]) if tail else "no output") + ")")
+    serial = "(serial: " + (repr(tail[-1][:60]) if tail else "no output") + ")"
+    if rig.qmp is not None and rig.qmp.vm_stopped():
+        message = f"guest stopped {window_s:.1f} s into its boot under {accel} {serial}"
+    else:
+        message = f"guest not ready after {rig.config.boot_timeout:g} s under {accel} {serial}"
     why = await why_silent(rig, before, window_s)
     if why.kind is not None:
         return GuestFault(f"{message}: {why}", why.kind, str(why))
