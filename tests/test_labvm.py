@@ -375,6 +375,25 @@ def test_labvm_cli_reports_an_l1_panic(tmp_path: Path) -> None:
     assert result["panic"].startswith("Kernel panic - not syncing: sysrq triggered crash")
 
 
+def test_l1_panic_is_the_l1_kernels_own(tmp_path: Path) -> None:
+    """Only the L1 kernel's lines say it panicked: a lab-run error quoting
+    its L2's serial (from a default lab's console.log, where it marked a
+    sound L1 as panicked) does not; a panic with or without a time stamp does."""
+    console = tmp_path / "console.log"
+    quoted = ("lab-run: +304.5 s qemu-virtio-mem/1 failed: guest stopped 0.9 s into its "
+              "boot under kvm (serial: '[    0.844640] Kernel panic - not syncing: Fatal "
+              "exception i'): VM shutdown after SHUTDOWN (guest-reset)\n")
+    console.write_text(quoted + "[  190.839093] kvm: kvm [411]: vcpu0, Unhandled WRMSR\n")
+    assert labvm._panic(console) == ""
+    assert labvm.LabResult(0, "tcg", 1.0, False, tmp_path,
+                           panic=labvm._panic(console)).fault() is None
+    for stamp in ("[  218.230961] ", ""):
+        console.write_text(quoted + f"{stamp}Kernel panic - not syncing: sysrq triggered "
+                           f"crash\n{stamp}CPU: 1 PID: 412 Comm: sh Not tainted 6.1.0\n")
+        assert labvm._panic(console) == "Kernel panic - not syncing: sysrq triggered crash " \
+            "(task sh)", stamp
+
+
 def test_l1_lockup_is_read_from_the_console(tmp_path: Path) -> None:
     """The soft-lockup report of an L1 that hung in the nested lab test
     (lines from that console.log); the last one is kept."""

@@ -425,6 +425,16 @@ def _wait(p: subprocess.Popen[str], t0: float, timeout: float,
     return f"killed after {timeout:.0f} s"
 
 
+# The L1 kernel's own console lines (printk, with or without its time
+# stamp), and what they say.  Other lines are the command's: lab-run quotes
+# an L2's serial in its errors, and an L2 "Kernel panic" quoted there once
+# marked a sound L1 as panicked.
+_PRINTK = r"^(?:\[\s*\d+\.\d+\] )?"
+_L1_PANIC = re.compile(_PRINTK + r"(Kernel panic - .*)")
+_L1_STALL = re.compile(_PRINTK + r"(?:watchdog: BUG: )?(soft lockup - .*|rcu: .*detected "
+                       r"stalls on CPUs.*)")
+
+
 def _console_lines(console: Path) -> list[str]:
     try:
         return console.read_text(errors="replace").splitlines()
@@ -437,9 +447,8 @@ def _lockup(console: Path) -> str:
     have been seen stuck at one instruction for minutes (interrupts only)."""
     # an RCU stall report is the same kind of evidence: CPUs that stopped
     # (seen in a 6.12 L1 that then died under a virtio-mem L2)
-    found = [ln.split("] ", 1)[-1].strip() for ln in _console_lines(console)
-             if "soft lockup - " in ln or "detected stalls on CPUs" in ln]
-    return found[-1].removeprefix("watchdog: BUG: ") if found else ""
+    found = [m[1].strip() for ln in _console_lines(console) if (m := _L1_STALL.match(ln))]
+    return found[-1] if found else ""
 
 
 def _panic(console: Path) -> str:
@@ -447,8 +456,8 @@ def _panic(console: Path) -> str:
     (panic=-1 makes the L1 reboot at once, and -no-reboot ends QEMU)."""
     lines = _console_lines(console)
     for i, line in enumerate(lines):
-        if "Kernel panic - " in line:
-            why = line.split("] ", 1)[-1].strip()
+        if m := _L1_PANIC.match(line):
+            why = m[1].strip()
             task = next((m[1] for ln in lines[i + 1:i + 3]
                          if (m := re.search(r"Comm: (.+?) (?:Not tainted|Tainted)", ln))), "")
             return why + (f" (task {task})" if task else "")
