@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,14 @@ def job_lock(path: Path) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class Injected:
+    """Faults made on purpose to test the lab's handling: each a run label."""
+
+    l1_panic: str | None = None   # the L1 panics as the run starts
+    l2_reset: str | None = None   # the run's first Linux L2 resets in its boot
+
+
 def _kernels(cfg: LabConfig, mode: str, requested: list[str] | None) -> list[LabKernel | None]:
     """The kernels to run on: nested mode, each of the config's (or
     --kernel's), resolved and fetched; direct mode, the host's (None)."""
@@ -150,7 +159,7 @@ def _kernels(cfg: LabConfig, mode: str, requested: list[str] | None) -> list[Lab
         raise LabError(str(e)) from None
 
 
-def _plan(cfg: LabConfig, out: Path, kernel: str, resume: bool, inject: str | None,
+def _plan(cfg: LabConfig, out: Path, kernel: str, resume: bool, inject: Injected,
           statuses: dict[str, list[RunStatus]], progress: Progress) -> list[PlannedRun]:
     """This kernel's runs still to do; --resume's finished ones go to ``statuses``."""
     todo = []
@@ -165,17 +174,23 @@ def _plan(cfg: LabConfig, out: Path, kernel: str, resume: bool, inject: str | No
                 statuses[key].append(prev)
                 progress.advance()
                 continue
+            label = f"{s.name}/{rep}"
+            if label == inject.l2_reset and s.guest != "linux":
+                raise LabError(f"--inject-l2-reset {label}: not a Linux-guest scenario")
             todo.append(PlannedRun(s, rep, run_dir, s.run_timeout or cfg.run_timeout,
-                                   panic_l1=inject == f"{s.name}/{rep}"))
+                                   panic_l1=label == inject.l1_panic,
+                                   reset_l2=label == inject.l2_reset))
     return todo
 
 
 def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
             baseline: dict[str, Any] | None, progress: Progress,
-            kernels: list[str] | None = None, inject: str | None = None) -> int:
+            kernels: list[str] | None = None, inject: Injected | None = None) -> int:
     from vmrig.host import version_text
     out.mkdir(parents=True, exist_ok=True)
     mode, why = choose_mode(mode, kernels or list(cfg.kernels))
+    if mode != "nested" and inject and (inject.l1_panic or inject.l2_reset):
+        raise LabError("injected faults need nested mode: they test the lab VM's handling")
     progress.log(f"mode: {mode} ({why})")
     progress.log(f"config: {cfg.source}; {len(cfg.scenarios)} scenarios; output {out}")
     statuses: dict[str, list[RunStatus]] = {}
@@ -183,11 +198,17 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
     t0 = time.monotonic()
     l0_qemu = version_text() if mode == "nested" else None
     specs: dict[str, str | None] = {}
-    for i, k in enumerate(_kernels(cfg, mode, kernels)):
+    chosen = _kernels(cfg, mode, kernels)
+    for i, k in enumerate(chosen):
         release = k.release if k is not None else os.uname().release
         specs[release] = k.name if k is not None else None
-        todo = _plan(cfg, out, release, resume, inject if i == 0 else None, statuses,
-                     progress)
+        # faults injected on purpose: an L1 panic on the first kernel, an L2
+        # reset on the last (both on one, when there is one)
+        todo = _plan(cfg, out, release, resume,
+                     Injected(l1_panic=inject.l1_panic if inject and i == 0 else None,
+                              l2_reset=inject.l2_reset if inject and i == len(chosen) - 1
+                              else None),
+                     statuses, progress)
         if k is not None:
             from .labbatch import run_kernel
             phases += run_kernel(k, todo, out, l0_qemu, statuses, progress)
@@ -222,7 +243,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         try:
             rc = run_lab(cfg, Path(args.output), mode=mode, resume=args.resume,
                          baseline=baseline, progress=progress, kernels=args.kernel,
-                         inject=args.inject_l1_panic)
+                         inject=Injected(args.inject_l1_panic, args.inject_l2_reset))
         finally:
             progress.close()
     if args.history:
@@ -276,6 +297,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     # The lab's fault handling, tested: the L1 panics when SCENARIO/REP starts
     # (first kernel's L1 only); the run is a lab fault, the rest go on.
     p.add_argument("--inject-l1-panic", metavar="SCENARIO/REP", help=argparse.SUPPRESS)
+    # ...and the L2 of SCENARIO/REP (a Linux guest; last kernel's L1 only)
+    # resets in its first boot: rerun in the same L1.
+    p.add_argument("--inject-l2-reset", metavar="SCENARIO/REP", help=argparse.SUPPRESS)
     p.add_argument("--lock", default=str(DEFAULT_LOCK), help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_lab)
     r = sub.add_parser("lab-run")  # internal: runs in a child or the lab VM

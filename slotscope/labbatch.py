@@ -7,7 +7,8 @@ runs one after another (slotscope.labrun).  The host watches each run's
 the L1 when a run outlives its timeout or none starts in time.  When the L1
 dies, the run in flight carries the L1's fault and the runs it never reached
 go to a fresh L1; runs lost to a TCG-nesting fault are run again, up to
-LAB_FAULT_RERUNS times, their directory kept as ``<rep>.fault<n>``.
+LAB_FAULT_RERUNS times, their directory kept as ``<rep>.fault<n>``: an L2
+fault by the inner side in the same L1, an L1 fault in a fresh one.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class _Watch:
     def __init__(self, runs: list[PlannedRun]) -> None:
         self.runs = runs
         self.t0 = time.monotonic()
-        self.seen: dict[Path, float] = {}  # host time a run was first seen started
+        # host time each attempt at a run was first seen started
+        self.seen: dict[tuple[Path, int], float] = {}
 
     def __call__(self) -> str | None:
         now = time.monotonic()
@@ -76,7 +78,8 @@ class _Watch:
             if p is None:
                 continue
             started = True
-            first = self.seen.setdefault(r.dir, now)
+            # an attempt the inner side reran starts its own clock
+            first = self.seen.setdefault((r.dir, len(p.get("retried") or [])), now)
             if p.get("state") == "started" and now - first > r.timeout + RUN_GRACE_S:
                 return (f"run {r.label} still going {now - first:.0f} s after it started "
                         f"(timeout {r.timeout:.0f} s, host clock)")
@@ -160,6 +163,8 @@ def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | N
         progress.step(f"{k.release}: L1 boot {boot}, {len(todo)} runs")
         progress.log(f"{k.release}: L1 boot {boot} for {len(todo)} runs: "
                      + ", ".join(r.label for r in todo))
+        for r in todo:
+            r.reruns_done = reruns.count(r.dir)
         try:
             b = run_batch(k, todo, out / "batches", boot, l0_qemu)
         except BaseException:  # Ctrl-C, SIGTERM: the runs this L1 finished stay done
@@ -179,7 +184,11 @@ def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | N
             if p is None:  # the L1 never reached it: a fresh L1 will
                 left.append(r)
                 continue
-            r.panic_l1 = False  # injected once
+            r.panic_l1 = r.reset_l2 = False  # injected once
+            for a in p.get("retried") or []:  # rerun in that L1 already
+                progress.log(f"{k.release}/{r.label}: lab fault ({a['kind']}), run again "
+                             f"in the same L1: {a['error']}")
+            reruns.took(r.dir, p.get("retried") or [])
             failure = run_failure(r, p, b)
             st = RunStatus(r.scenario.name, r.rep, failure is None, "nested",
                            float(p.get("elapsed_s") or 0.0), accel=b.accel,

@@ -6,9 +6,11 @@ probes are compiled and attached once, each run still lands in its own
 directory in the recording format, ``Recorder.begin_run``/``end_run``).
 
 Each run directory gets ``run-progress.json``, rewritten as the run goes:
-``{"state": "started"|"ok"|"failed", "error", "elapsed_s", "phases"}``.
-The host reads it on its own clock: a run that stays "started" past its
-timeout hangs, and when the L1 dies the run in flight is the one it lost.
+``{"state": "started"|"ok"|"failed", "error", "elapsed_s", "phases",
+"retried"}``.  The host reads it on its own clock: a run that stays
+"started" past its timeout hangs, and when the L1 dies the run in flight is
+the one it lost.  A run lost to an L2 fault of TCG nesting is run again in
+the same L1 (``_attempts``); "retried" names the attempts thrown away.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,7 @@ from vmrig import RigError
 from vmrig.errors import read_record, write_record
 
 from .labconfig import Scenario
+from .labstatus import LAB_FAULT_RERUNS, lab_fault
 
 if TYPE_CHECKING:
     from vmrig.config import RigConfig
@@ -42,6 +46,11 @@ SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come lat
 # Test hook of the lab's fault handling (slotscope lab --inject-l1-panic):
 # the L1 panics when this run starts, as a real L1 fault would take it down.
 PANIC_ON_START = "panic_l1"
+# Test hook of the in-L1 reruns (slotscope lab --inject-l2-reset): the run's
+# first Linux L2 boots with no init, so its kernel panics and the VM resets,
+# as TCG-nested L2s sometimes do by themselves.
+RESET_L2 = "reset_l2"
+NO_INIT = "rdinit=/nonexistent"
 LINUX_BOOT_TIMEOUT = 120.0  # seconds, L1 time: see rig_config
 _T0 = time.monotonic()
 _log = logging.getLogger(__name__)  # not "log": _qemu has a WorkloadLog by that name
@@ -56,15 +65,19 @@ class PlannedRun:
     dir: Path
     timeout: float                 # seconds; the inner side's own deadline
     panic_l1: bool = False         # PANIC_ON_START: the fault-handling test
+    reset_l2: bool = False         # RESET_L2: the in-L1 rerun test
+    reruns_done: int = 0           # lab-fault reruns in earlier L1 boots
 
     def to_json(self) -> dict[str, Any]:
         return {"scenario": asdict(self.scenario), "rep": self.rep, "dir": str(self.dir),
-                "timeout": self.timeout, PANIC_ON_START: self.panic_l1}
+                "timeout": self.timeout, PANIC_ON_START: self.panic_l1,
+                RESET_L2: self.reset_l2, "reruns_done": self.reruns_done}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlannedRun:
         return cls(Scenario(**d["scenario"]), int(d["rep"]), Path(d["dir"]),
-                   float(d["timeout"]), bool(d.get(PANIC_ON_START, False)))
+                   float(d["timeout"]), bool(d.get(PANIC_ON_START, False)),
+                   bool(d.get(RESET_L2, False)), int(d.get("reruns_done", 0)))
 
     @property
     def label(self) -> str:
@@ -119,7 +132,7 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
         try:
             with rec.stopped_by_signals():
                 for r in group:
-                    failed += not _one(r, rec, qemu)
+                    failed += not _attempts(r, rec, qemu)
                     if rec.stop_requested:
                         raise KeyboardInterrupt
         finally:
@@ -153,10 +166,38 @@ def _staged(staging: Future[float]) -> None:
         _phase(f"Linux guest not staged ({e}); its first run will try again")
 
 
-def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
+def _attempts(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
+    """Run ``r``, and run it again here when an L2 fault of TCG nesting
+    (labstatus.lab_fault) lost it, up to LAB_FAULT_RERUNS times: this L1 is
+    sound, and a fresh one would cost a boot and a probe compile (109 s for
+    one L2 that reset 0.8 s into its boot, measured in the default lab).
+    Each lost attempt is kept as ``<rep>.fault<n>``, numbered after the
+    host's (``reruns_done``); the progress of the next names them
+    ("retried"), and the host counts them with its own."""
+    from vmrig.labvm import ACCEL_ENV
+    accel = os.environ.get(ACCEL_ENV)
+    retried: list[dict[str, str]] = []
+    while True:
+        failure = _one(r, rec, qemu, retried, inject_reset=r.reset_l2 and not retried)
+        if (failure is None or rec.stop_requested
+                or r.reruns_done + len(retried) >= LAB_FAULT_RERUNS
+                or not lab_fault(accel, failure)):
+            return failure is None
+        retried.append({"error": str(failure), "kind": failure.kind_tag})
+        kept = r.dir.with_name(f"{r.dir.name}.fault{r.reruns_done + len(retried)}")
+        shutil.rmtree(kept, ignore_errors=True)
+        r.dir.rename(kept)
+        _phase(f"{r.label}: lab fault ({failure.kind_tag}), run again in this L1")
+
+
+def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None],
+         retried: list[dict[str, str]], inject_reset: bool = False) -> RigError | None:
+    """One attempt at ``r``: None if it went well, else its failure."""
     t0 = time.monotonic()
     phases: dict[str, float] = {}
-    progress: dict[str, Any] = {"state": "started", "label": r.label, "phases": phases}
+    failure: RigError | None = None
+    progress: dict[str, Any] = {"state": "started", "label": r.label, "phases": phases,
+                                "retried": retried}
     r.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(r.dir / PROGRESS, progress)
     _phase(f"start {r.label} ({r.scenario.workload})")
@@ -167,13 +208,15 @@ def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
         if r.scenario.workload == "microvm":
             _microvm(r, rec, final, phases)
         else:
-            asyncio.run(_qemu(r, rec, final, phases))
+            asyncio.run(_qemu(r, rec, final, phases, inject_reset))
         progress["state"] = "ok"
         if rec.stop_requested:
-            progress.update(state="failed", error="interrupted")
+            failure = RigError("interrupted")
+            progress.update(state="failed", error=str(failure))
     except (RigError, OSError) as e:
         # the typed record: GuestFault & co. keep their kind across processes
-        write_record(r.dir, e if isinstance(e, RigError) else RigError(str(e)))
+        failure = e if isinstance(e, RigError) else RigError(str(e))
+        write_record(r.dir, failure)
         progress.update(state="failed", error=str(e))
     except Exception as e:  # the tracer's or the recording's: this run is lost
         progress.update(state="failed", error=f"{type(e).__name__}: {e}")
@@ -182,7 +225,7 @@ def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
         progress["elapsed_s"] = round(time.monotonic() - t0, 3)
         atomic_write_json(r.dir / PROGRESS, progress)
         _phase(f"{r.label} {progress['state']} ({progress['elapsed_s']:.1f} s)")
-    return progress["state"] == "ok"
+    return failure
 
 
 def _panic_l1() -> None:
@@ -256,7 +299,7 @@ def rig_config(s: Scenario, timeout: float) -> RigConfig:
 
 
 async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
-                phases: dict[str, float]) -> None:
+                phases: dict[str, float], inject_reset: bool = False) -> None:
     from vmrig import workloads as wl
     from vmrig.rig import Rig
     from vmrig.virtiomem import virtio_mem_steps
@@ -264,6 +307,8 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
 
     s, t0 = r.scenario, time.monotonic()
     cfg = rig_config(s, r.timeout)
+    if inject_reset:
+        cfg = replace(cfg, kernel_cmdline=f"{cfg.kernel_cmdline} {NO_INIT}".strip())
     # Where the backend infers change types (tracepoint), QEMU is traced from
     # before it execs (on_spawn) so that its initial memslots are recorded.
     # Where KVM itself says (kprobe, kfunc), from its guest's ready line: the

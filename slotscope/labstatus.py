@@ -77,6 +77,16 @@ class Reruns:
         self.why: dict[Path, list[str]] = {}
         self.kinds: dict[Path, list[str]] = {}
 
+    def count(self, run_dir: Path) -> int:
+        """The attempts at ``run_dir`` thrown away so far."""
+        return len(self.why.get(run_dir, []))
+
+    def took(self, run_dir: Path, attempts: list[dict[str, str]]) -> None:
+        """Attempts the inner side threw away and ran again itself (an L2
+        fault in a sound L1, slotscope.labrun), each {"error", "kind"}."""
+        self.why.setdefault(run_dir, []).extend(a["error"] for a in attempts)
+        self.kinds.setdefault(run_dir, []).extend(a["kind"] for a in attempts)
+
     def again(self, st: RunStatus, run_dir: Path, log: Callable[[str], None]) -> bool:
         """True if ``st`` is a lab fault to run again (its directory kept as
         ``<rep>.fault<n>``); else ``st`` gets the reruns' history."""

@@ -318,7 +318,8 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     virtio-mem one with dynamic memslots (Linux L2), each kernel's runs in
     one L1 boot with the probes compiled once.  The first kernel's L1 panics
     when mv/2 starts (--inject-l1-panic): mv/1 is kept, mv/2 is a lab fault
-    run again, the rest go to a fresh L1."""
+    run again, the rest go to a fresh L1.  The second kernel's vmem/1 L2
+    resets in its first boot (--inject-l2-reset): run again in the same L1."""
     from analysis.virtiomem import memslot_steps
     from vmrig.host import version_text
     from vmrig.kernel import resolve_kernel
@@ -331,16 +332,17 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     out = tmp_path / "out"
     t0 = time.monotonic()
     p = _lab("--config", str(cfg), "-o", str(out), "--inject-l1-panic", "mv/2",
-             tmp=tmp_path, timeout=2400)
+             "--inject-l2-reset", "vmem/1", tmp=tmp_path, timeout=2400)
     print(f"nested lab: {time.monotonic() - t0:.0f} s\n{p.stdout}")
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.splitlines()[0].split("lab: ", 1)[1].startswith("mode: nested")
     summary = json.loads((out / "summary.json").read_text())
     names = ("mv", "pcdimm", "vmem")
     assert set(summary["scenarios"]) == {f"{k}/{n}" for k in (k1, k2) for n in names}
-    # The panic cost the first kernel one more boot, and only mv/2 a rerun.
+    # The panic cost the first kernel one more boot, and only mv/2 a rerun;
+    # the L2 reset cost the second none.
     boots = [ph["kernel"] for ph in summary["phases"]]
-    assert boots.count(k1) == 2 and boots.count(k2) >= 1, summary["phases"]
+    assert boots.count(k1) == 2 and boots.count(k2) == 1, summary["phases"]
     first = summary["phases"][0]
     assert "panic" in first["fault"]
     assert [(*Path(d).parts[-2:], r["state"]) for d, r in first["runs"].items()] == [
@@ -349,9 +351,16 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     retried = summary["scenarios"][f"{k1}/mv"]["retried_runs"]
     assert len(retried) == 1 and retried[0].startswith("2: [l1_fault:panic]"), retried
     assert (out / "runs" / k1 / "mv" / "2.fault1" / "run-progress.json").exists()
+    retried = summary["scenarios"][f"{k2}/vmem"]["retried_runs"]
+    assert len(retried) == 1 and retried[0].startswith("1: [guest_fault:reset]"), retried
+    lost = json.loads((out / "runs" / k2 / "vmem" / "1.fault1" / "run-progress.json")
+                      .read_text())
+    assert lost["state"] == "failed" and "guest stopped " in lost["error"], lost
+    assert f"{k2}/vmem/1: lab fault (guest_fault:reset), run again in the same L1" \
+        in p.stdout
     for key, s in summary["scenarios"].items():
         for r in s["retried_runs"]:  # a TCG-nesting fault, rerun by the job itself
-            if key != f"{k1}/mv":
+            if key not in (f"{k1}/mv", f"{k2}/vmem"):
                 warnings.warn(f"nested lab {key}/{r}", stacklevel=1)
         assert s["ok"] and s["backend"] == "kprobe" and s["lost_events"] == 0, (key, s)
         assert s["memslot_updates"] > 0 and s["mmio_faults"] > 0
@@ -365,9 +374,10 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
                 assert run.manifest["session"]["load_s"] > 0
         sessions = [read_run(out / "runs" / k / n / r).manifest["session"]
                     for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"), ("vmem", "1"))]
-        if k == k2:  # all four in one boot, in order
-            assert [x["run"] for x in sessions] == [1, 2, 3, 4]
-            assert len({x["attach_ns"] for x in sessions}) == 1
+        if k == k2:  # all four in one boot, in order, the lost vmem attempt 4th
+            lost = read_run(out / "runs" / k / "vmem" / "1.fault1").manifest["session"]
+            assert [x["run"] for x in sessions] == [1, 2, 3, 5] and lost["run"] == 4
+            assert len({x["attach_ns"] for x in [*sessions, lost]}) == 1
     # Aggregated: no fault rows; the histograms hold fast-path hits and the
     # stale faults each plug's generation bump causes, and the summary agrees.
     run = read_run(out / "runs" / k2 / "pcdimm" / "1")
@@ -466,6 +476,30 @@ def test_lab_fault_reruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     # Each thrown-away attempt's kind is kept beside its message.
     assert status["retried_kinds"] == ["guest_fault:reset", outcomes[1].kind_tag]
     assert status["kind"] == (None if outcomes[2] is None else "guest_fault:reset")
+
+
+def test_lab_reruns_count_the_lab_vms_own(tmp_path: Path) -> None:
+    """Attempts the lab VM threw away and ran again itself (an L2 fault in a
+    sound L1) count against LAB_FAULT_RERUNS with the host's: one more fault
+    is rerun as the second (its directory numbered after the L1's), the
+    next is final, and the status names all of them in order."""
+    from slotscope.labstatus import LAB_FAULT_RERUNS, Reruns, RunStatus
+    assert LAB_FAULT_RERUNS == 2
+    run = tmp_path / "1"
+    run.mkdir()
+    reruns = Reruns()
+    inner = {"error": "guest stopped 0.8 s into its boot", "kind": "guest_fault:reset"}
+    reruns.took(run, [inner])
+    assert reruns.count(run) == 1
+    said: list[str] = []
+    st = RunStatus("vmem", 1, False, "nested", 1.0, accel="tcg", failure=L2_RESET)
+    assert reruns.again(st, run, said.append) and len(said) == 1
+    assert (tmp_path / "1.fault2").is_dir() and not run.exists()
+    run.mkdir()
+    last = RunStatus("vmem", 1, False, "nested", 1.0, accel="tcg", failure=L2_RESET)
+    assert not reruns.again(last, run, said.append) and run.is_dir()
+    assert last.retried == f"{inner['error']} | {L2_RESET}"
+    assert last.retried_kinds == ["guest_fault:reset", "guest_fault:reset"]
 
 
 @pytest.mark.parametrize("failure", [

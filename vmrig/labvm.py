@@ -65,6 +65,9 @@ HOST_REPORT_S = 20
 # the L1 died under the command.
 NO_STATUS = 255
 STATE_DIR = "labvm"  # inside the output directory: script, logs, result
+# Inside the L1: the accelerator the L1 runs under (tcg, kvm): what the lab's
+# inner side needs to tell a fault of TCG nesting (slotscope.labrun).
+ACCEL_ENV = "SLOTSCOPE_LABVM_ACCEL"
 # The project's venv: its bin/ holds vng, virtme-run and slotscope.
 VENV_BIN = Path(sys.prefix) / "bin"
 
@@ -186,7 +189,7 @@ def labvm_check(specs: Sequence[str] = DEFAULT_KERNELS) -> Check:
     return Check(name, OK, detail)
 
 
-def _script(command: Sequence[str], outdir: Path, state: Path, cwd: Path,
+def _script(command: Sequence[str], outdir: Path, state: Path, cwd: Path, accel: str,
             timeout: float) -> str:
     """The L1's side: set up, run COMMAND as root, record its status.
 
@@ -204,7 +207,7 @@ cat /proc/uptime > {q(str(state / 'guest-start'))}
 # them; Debian's System.map is a stub).  In the background: a few seconds.
 grep ' [tTwW] ' /proc/kallsyms > {q(str(state / 'kallsyms'))} 2>/dev/null &
 export PATH={q(str(VENV_BIN))}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export SLOTSCOPE_LABVM=1 SLOTSCOPE_LABVM_OUT={q(str(outdir))}
+export SLOTSCOPE_LABVM=1 SLOTSCOPE_LABVM_OUT={q(str(outdir))} {ACCEL_ENV}={q(accel)}
 export SLOTSCOPE_LABVM_SCRATCH=/run/labvm-scratch PYTHONDONTWRITEBYTECODE=1
 {qemu_env}
 mkdir -p "$SLOTSCOPE_LABVM_SCRATCH"
@@ -327,7 +330,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
             (state / stale).unlink(missing_ok=True)
         script = state / "run.sh"
         work = Path(cwd).absolute() if cwd else out
-        script.write_text(_script(command, out, state, work, timeout))
+        script.write_text(_script(command, out, state, work, accel, timeout))
     except OSError as e:
         raise RigError(f"cannot prepare output directory {out}: {e.strerror}") from None
     # unix socket paths are short (108 bytes): not under the output directory
