@@ -31,6 +31,11 @@ class Check:
     detail: str
     fix: str = ""
 
+    @classmethod
+    def of(cls, name: str, ok: bool, detail: str, fix: str, bad: Status = WARN) -> Check:
+        """The usual row: OK when ``ok``, else ``bad`` with ``fix``."""
+        return cls(name, OK if ok else bad, detail, "" if ok else fix)
+
 
 SYS_MODULE = Path("/sys/module")
 # Modules that provide /dev/kvm, in the order a report names them.  kvm_pvm

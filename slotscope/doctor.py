@@ -42,21 +42,20 @@ def _kvm_checks(caps: Capabilities) -> list[Check]:
                          "enable virtualization in firmware; modprobe kvm_intel or kvm_amd"))
     else:
         usable = os.access(dev, os.R_OK | os.W_OK)
-        out.append(Check("/dev/kvm", OK if usable else WARN,
-                         f"provided by {caps.kvm_module or 'unknown module'}",
-                         "" if usable else "run as root or join the kvm group"))
+        out.append(Check.of("/dev/kvm", usable,
+                            f"provided by {caps.kvm_module or 'unknown module'}",
+                            "run as root or join the kvm group"))
     p = caps.kvm_params
     if "kvm.mmio_caching" in p:
         on = caps.mmio_caching
-        out.append(Check("kvm.mmio_caching", OK if on else WARN, p["kvm.mmio_caching"],
-                         "" if on else "no MMIO SPTEs on this host: use `slotscope labvm`"))
+        out.append(Check.of("kvm.mmio_caching", on, p["kvm.mmio_caching"],
+                            "no MMIO SPTEs on this host: use `slotscope labvm`"))
     if "kvm.tdp_mmu" in p:
         out.append(Check("kvm.tdp_mmu", OK, p["kvm.tdp_mmu"]))
     for key in ("kvm_intel.nested", "kvm_amd.nested", "kvm_intel.ept", "kvm_amd.npt"):
         if key in p:
-            on = param_on(p[key])
-            out.append(Check(key, OK if on else WARN, p[key],
-                             "" if on else f"modprobe {key.split('.')[0]} {key.split('.')[1]}=1"))
+            module, param = key.split(".")
+            out.append(Check.of(key, param_on(p[key]), p[key], f"modprobe {module} {param}=1"))
     return out
 
 
@@ -81,28 +80,21 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
     caps = probe()
     checks = [
         Check("kernel", OK, caps.kernel),
-        Check("BTF", OK if caps.btf else FAIL,
-              "/sys/kernel/btf/vmlinux" if caps.btf else "absent",
-              "" if caps.btf else "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
-        Check("tracefs", OK if caps.tracefs else FAIL,
-              str(caps.tracefs or "not mounted or not readable"),
-              "" if caps.tracefs else
-              "run as root; mount -t tracefs tracefs /sys/kernel/tracing"),
-        Check("kprobes", OK if caps.kprobes else WARN, caps.kprobes_why,
-              "" if caps.kprobes else "a distro kernel has them; or use `slotscope labvm`"),
-        Check("kfunc/fentry", OK if caps.kfunc else WARN, caps.kfunc_why,
-              "" if caps.kfunc else
-              "the kernel may refuse tracing programs (lockdown, a vendor patch); "
-              "kprobe or the tracepoint backend still run, or use `slotscope labvm`"),
+        Check.of("BTF", caps.btf, "/sys/kernel/btf/vmlinux" if caps.btf else "absent",
+                 "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y", FAIL),
+        Check.of("tracefs", bool(caps.tracefs), str(caps.tracefs or "not mounted or not readable"),
+                 "run as root; mount -t tracefs tracefs /sys/kernel/tracing", FAIL),
+        Check.of("kprobes", caps.kprobes, caps.kprobes_why,
+                 "a distro kernel has them; or use `slotscope labvm`"),
+        Check.of("kfunc/fentry", caps.kfunc, caps.kfunc_why,
+                 "the kernel may refuse tracing programs (lockdown, a vendor patch); "
+                 "kprobe or the tracepoint backend still run, or use `slotscope labvm`"),
         *_tracepoint_checks(caps),
-        Check("raw kvm_mmio", OK if caps.raw_mmio else WARN, caps.raw_mmio_why,
-              "" if caps.raw_mmio else
-              "kvm_mmio is traced as a classic tracepoint: same rows, more cost an access"),
-        Check("bcc", OK if caps.bcc_ok else FAIL, caps.bcc_why,
-              "" if caps.bcc_ok else "sudo ./setup.sh, and run as root"),
-        Check("kernel headers", OK if caps.header_matches else WARN, caps.header_tree,
-              "" if caps.header_matches else
-              "stand-in tree: compiles; struct offsets are read from BTF instead"),
+        Check.of("raw kvm_mmio", caps.raw_mmio, caps.raw_mmio_why,
+                 "kvm_mmio is traced as a classic tracepoint: same rows, more cost an access"),
+        Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
+        Check.of("kernel headers", caps.header_matches, caps.header_tree,
+                 "stand-in tree: compiles; struct offsets are read from BTF instead"),
         *_kvm_checks(caps),
         *_rig_checks(),
     ]
