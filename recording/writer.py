@@ -53,6 +53,22 @@ def atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """How every table of a run is written: snappy, with dictionary encoding
+    only for the dictionary columns (change, type, source...).  Pyarrow's
+    default also dictionary-encodes every integer column, which on recorded
+    runs took 1.3-2.6x as long to write (a wrap run's 262k memslot updates:
+    119 ms against 60 ms here) for files 5-20% larger or at most 10% smaller."""
+    return {"use_dictionary": [f.name for f in schema if pa.types.is_dictionary(f.type)]}
+
+
+# Per event type, the segments a SegmentWriter also keeps in memory for its
+# compaction, so that it writes them without reading them back: in the TCG
+# lab VM, whose run directories are on 9p, a wrap run's compaction read ~130
+# segments back.  Past this, compact() reads the segments from disk.
+KEEP_BYTES = 64 << 20
+
+
 class SegmentWriter:
     """One event type's rows on their way to disk: Arrow tables are added
     (no per-row Python objects on the tracer's path), each flush writes
@@ -63,12 +79,16 @@ class SegmentWriter:
             raise UnknownEvent(event)
         self.event = event
         self.schema = SCHEMAS[event]
+        self.options = parquet_options(self.schema)
         self.parts = run_dir / f"{event}.parts"
         self.final = run_dir / f"{event}.parquet"
         self._tables: list[pa.Table] = []
         self._rows = 0
         self._segment = 0
         self.rows_written = 0
+        self._parts_made = False
+        self._kept: list[pa.Table] | None = []  # the segments written, up to KEEP_BYTES
+        self._kept_bytes = 0
 
     def __len__(self) -> int:
         """Rows added and not yet taken."""
@@ -96,12 +116,23 @@ class SegmentWriter:
         n = sum(t.num_rows for t in tables)
         if not n:
             return 0
-        self.parts.mkdir(exist_ok=True)
+        if not self._parts_made:  # a syscall a segment is dear on the lab VM's 9p
+            self.parts.mkdir(exist_ok=True)
+            self._parts_made = True
         tmp = self.parts / f".{self._segment:06d}.tmp"
-        pq.write_table(pa.concat_tables(tables).combine_chunks(), tmp)
+        table = pa.concat_tables(tables).combine_chunks()
+        # an open file, not a path: no filesystem resolution a segment
+        with pa.OSFile(str(tmp), "wb") as f:
+            pq.write_table(table, f, **self.options)
         os.replace(tmp, self.parts / f"{self._segment:06d}.parquet")
         self._segment += 1
         self.rows_written += n
+        if self._kept is not None:
+            self._kept_bytes += table.nbytes
+            if self._kept_bytes <= KEEP_BYTES:
+                self._kept.append(table)
+            else:  # too big to keep: compact() reads the segments back
+                self._kept = None
         return n
 
     def flush(self) -> int:
@@ -111,11 +142,15 @@ class SegmentWriter:
         """Merge the segments into ``<event>.parquet`` (also when empty)."""
         self.flush()
         segs = sorted(self.parts.glob("*.parquet")) if self.parts.exists() else []
+        kept = self._kept if self._kept is not None and len(self._kept) == len(segs) else None
         tmp = self.final.with_suffix(".tmp")
-        with pq.ParquetWriter(tmp, self.schema) as w:
-            for seg in segs:
-                w.write_table(pq.read_table(seg, schema=self.schema))
+        with pa.OSFile(str(tmp), "wb") as f, \
+                pq.ParquetWriter(f, self.schema, **self.options) as w:
+            for i, seg in enumerate(segs):
+                w.write_table(kept[i] if kept is not None else
+                              pq.read_table(seg, schema=self.schema))
         os.replace(tmp, self.final)
+        self._kept, self._kept_bytes, self._parts_made = [], 0, False
         if self.parts.exists():
             shutil.rmtree(self.parts)
 
@@ -290,5 +325,5 @@ def write_table(run_dir: str | os.PathLike[str], event: str,
     table = columns_table(event, columns)
     path = Path(run_dir) / f"{event}.parquet"
     tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, **parquet_options(table.schema))
     os.replace(tmp, path)

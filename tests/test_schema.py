@@ -53,6 +53,39 @@ def test_round_trip_and_compaction(tmp_path: Path) -> None:
         assert not (run / f"{event}.parts").exists()
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_compaction_writes_the_segments_it_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               keep: bool) -> None:
+    """Compaction writes the segments from memory while they fit KEEP_BYTES
+    (here the files on disk are truncated first: it never reads them), and
+    reads them back once they do not; the file is the same either way."""
+    from recording import writer
+    if not keep:
+        monkeypatch.setattr(writer, "KEEP_BYTES", 0)
+    run = tmp_path / "run"
+    w = RunWriter(run, {"backend": "kprobe"})
+    for i in range(6):
+        w["memslot_update"].append(_update(i))
+        w.flush()
+    parts = sorted((run / "memslot_update.parts").glob("*.parquet"))
+    assert len(parts) == 6
+    if keep:
+        for seg in parts:
+            seg.write_bytes(b"")
+    w.close()
+    t = pq.read_table(run / "memslot_update.parquet")
+    assert t.num_rows == 6 and t.column("slot_id").to_pylist() == list(range(10, 16))
+    meta = pq.ParquetFile(run / "memslot_update.parquet").metadata
+    assert meta.num_row_groups == 6
+    assert read_run(run).complete
+    # Dictionary pages only for the dictionary columns (parquet_options).
+    group = meta.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings
+                 for i in range(group.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["change"], encodings["change"]
+    assert not {"RLE_DICTIONARY", "PLAIN_DICTIONARY"} & set(encodings["slot_id"]), encodings
+
+
 def test_refuses_unknown_schema_version(tmp_path: Path) -> None:
     RunWriter(tmp_path / "r", {}).close()
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
