@@ -164,6 +164,27 @@ def test_plots_and_report(runs, tmp_path: Path) -> None:
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
 
+def test_report_sections_drawn_in_workers_are_the_same(runs, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several cores, forked workers draw the runs' sections: the HTML,
+    figures included, is byte for byte what one process writes."""
+    import re
+
+    from analysis import report
+    if report.section_workers(3) < 2:
+        pytest.skip("one usable CPU or no fork: the sections are drawn in this process")
+    corr = analysis.correlate(analysis.load(
+        [runs["nested"][0], runs["host"][0], runs["other"][0]]))
+    forked = report.render(corr, title="three runs")
+    monkeypatch.setattr(report, "section_workers", lambda n: 1)
+    alone = report.render(corr, title="three runs")
+
+    def stamp(text: str) -> str:
+        return re.sub(r"generated [0-9: -]+ UTC", "generated", text)
+    assert stamp(forked) == stamp(alone)
+    assert forked.count("data:image/png;base64,") == 3 * 3 + 1
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()
