@@ -62,6 +62,16 @@ def parquet_options(schema: pa.Schema) -> dict[str, Any]:
     return {"use_dictionary": [f.name for f in schema if pa.types.is_dictionary(f.type)]}
 
 
+def _replace(path: Path, tmp: Path, buf: pa.BufferOutputStream) -> None:
+    """``path`` becomes the Parquet bytes encoded into ``buf``: written to
+    ``tmp`` with one call (on the lab VM's 9p each write is a round trip to
+    the host, and pyarrow writes page by page) and renamed into place, so a
+    reader sees the whole file or none."""
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
 # Per event type, the segments a SegmentWriter also keeps in memory for its
 # compaction, so that it writes them without reading them back: in the TCG
 # lab VM, whose run directories are on 9p, a wrap run's compaction read ~130
@@ -121,15 +131,12 @@ class SegmentWriter:
             self._parts_made = True
         tmp = self.parts / f".{self._segment:06d}.tmp"
         table = pa.concat_tables(tables).combine_chunks()
-        # Encoded in memory, written with one call: on the lab VM's 9p each
-        # write is a round trip to the host, and pyarrow writes page by page
-        # (profiled there: opening, writing and closing a segment's file took
-        # the flush thread longer than encoding it).
+        # Encoded in memory, then one write (profiled in the lab VM: opening,
+        # writing and closing a segment's file page by page took the flush
+        # thread longer than encoding it).
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, **self.options)
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.parts / f"{self._segment:06d}.parquet")
+        _replace(self.parts / f"{self._segment:06d}.parquet", tmp, buf)
         self._segment += 1
         self.rows_written += n
         if self._kept is not None:
@@ -149,14 +156,12 @@ class SegmentWriter:
         segs = sorted(self.parts.glob("*.parquet")) if self.parts.exists() else []
         kept = self._kept if self._kept is not None and len(self._kept) == len(segs) else None
         tmp = self.final.with_suffix(".tmp")
-        buf = pa.BufferOutputStream()  # one write, as for a segment
+        buf = pa.BufferOutputStream()
         with pq.ParquetWriter(buf, self.schema, **self.options) as w:
             for i, seg in enumerate(segs):
                 w.write_table(kept[i] if kept is not None else
                               pq.read_table(seg, schema=self.schema))
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.final)
+        _replace(self.final, tmp, buf)
         self._kept, self._kept_bytes, self._parts_made = [], 0, False
         if self.parts.exists():
             shutil.rmtree(self.parts)
@@ -331,6 +336,6 @@ def write_table(run_dir: str | os.PathLike[str], event: str,
     """Write a whole table at once (e.g. the rig's workload table)."""
     table = columns_table(event, columns)
     path = Path(run_dir) / f"{event}.parquet"
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp, **parquet_options(table.schema))
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, **parquet_options(table.schema))
+    _replace(path, path.with_suffix(".tmp"), buf)
