@@ -185,11 +185,11 @@ def _plan(cfg: LabConfig, out: Path, kernel: str, resume: bool, inject: Injected
 
 def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
             baseline: dict[str, Any] | None, progress: Progress,
-            kernels: list[str] | None = None, inject: Injected | None = None) -> int:
+            kernels: list[str] | None = None, inject: Injected = Injected()) -> int:
     from vmrig.host import version_text
     out.mkdir(parents=True, exist_ok=True)
     mode, why = choose_mode(mode, kernels or list(cfg.kernels))
-    if mode != "nested" and inject and (inject.l1_panic or inject.l2_reset):
+    if mode != "nested" and (inject.l1_panic or inject.l2_reset):
         raise LabError("injected faults need nested mode: they test the lab VM's handling")
     progress.log(f"mode: {mode} ({why})")
     progress.log(f"config: {cfg.source}; {len(cfg.scenarios)} scenarios; output {out}")
@@ -205,9 +205,8 @@ def run_lab(cfg: LabConfig, out: Path, *, mode: str, resume: bool,
         # faults injected on purpose: an L1 panic on the first kernel, an L2
         # reset on the last (both on one, when there is one)
         todo = _plan(cfg, out, release, resume,
-                     Injected(l1_panic=inject.l1_panic if inject and i == 0 else None,
-                              l2_reset=inject.l2_reset if inject and i == len(chosen) - 1
-                              else None),
+                     Injected(l1_panic=inject.l1_panic if i == 0 else None,
+                              l2_reset=inject.l2_reset if i == len(chosen) - 1 else None),
                      statuses, progress)
         if k is not None:
             from .labbatch import run_kernel

@@ -185,10 +185,11 @@ def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | N
                 left.append(r)
                 continue
             r.panic_l1 = r.reset_l2 = False  # injected once
-            for a in p.get("retried") or []:  # rerun in that L1 already
+            inner = p.get("retried") or []  # rerun in that L1 already
+            for a in inner:
                 progress.log(f"{k.release}/{r.label}: lab fault ({a['kind']}), run again "
                              f"in the same L1: {a['error']}")
-            reruns.took(r.dir, p.get("retried") or [])
+            reruns.took(r.dir, inner)
             failure = run_failure(r, p, b)
             st = RunStatus(r.scenario.name, r.rep, failure is None, "nested",
                            float(p.get("elapsed_s") or 0.0), accel=b.accel,
