@@ -263,21 +263,34 @@ static __always_inline void gen_seen(void *ctx, u64 id, struct thread *t, u32 ge
 	}
 }
 
-#ifdef HAVE_CHECK_MMIO_SPTE
-TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
+/* An MMIO SPTE met in the open exit of this thread: checked (``check``:
+ * the generations compared on a fault) or marked anew (``gfn`` of the page).
+ * Either way the VM's current generation was seen. */
+static __always_inline void spte_seen(void *ctx, bool check, u32 kvm_gen, u32 spte_gen,
+				     u64 gfn)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct thread *t = thread_of(id);
 	if (!t)
-		return TP_KEEP;
-	if (t->exit_ns) {
+		return;
+	if (t->exit_ns && check) {
 		t->bits |= F_CHECKED;
-		t->kvm_gen = args->kvm_gen;
-		t->spte_gen = args->spte_gen;
-		if (args->kvm_gen != args->spte_gen)
+		t->kvm_gen = kvm_gen;
+		t->spte_gen = spte_gen;
+		if (kvm_gen != spte_gen)
 			t->bits |= F_STALE;
+	} else if (t->exit_ns) {
+		t->bits |= F_REMARKED;
+		if (!t->gpa)
+			t->gpa = gfn << 12;
 	}
-	gen_seen(args, id, t, args->kvm_gen, GEN_SRC_CHECK);
+	gen_seen(ctx, id, t, kvm_gen, check ? GEN_SRC_CHECK : GEN_SRC_MARK);
+}
+
+#ifdef HAVE_CHECK_MMIO_SPTE
+TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
+{
+	spte_seen(args, true, args->kvm_gen, args->spte_gen, 0);
 	return TP_KEEP;
 }
 #endif
@@ -285,16 +298,7 @@ TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 #ifdef HAVE_MARK_MMIO_SPTE
 TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	struct thread *t = thread_of(id);
-	if (!t)
-		return TP_KEEP;
-	if (t->exit_ns) {
-		t->bits |= F_REMARKED;
-		if (!t->gpa)
-			t->gpa = args->gfn << 12;
-	}
-	gen_seen(args, id, t, args->gen, GEN_SRC_MARK);
+	spte_seen(args, false, args->gen, args->gen, args->gfn);
 	return TP_KEEP;
 }
 #endif

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from vmrig.microvm.guest import MMIO_GPA, PAGE
 
@@ -35,18 +35,28 @@ class MemslotChange:
     phase: str             # setup | schedule
 
 
+@dataclass(kw_only=True)
+class ExitCounts:
+    """The exits every micro-VMM loop counts: per vCPU (VcpuCounts) and per
+    run (Result, WrapResult).  Keyword-only, so a record's own fields keep
+    their positions."""
+
+    # MMIO accesses (each one kvm:kvm_mmio event); in coalesced mode the sum
+    # of mmio_user_exits (ring full) and mmio_in_kernel (ring entries)
+    mmio_exits: int = 0
+    mmio_reads: int = 0
+    mmio_writes: int = 0
+    reads_completed: int = 0  # reads KVM finished on re-entry (kvm_mmio 'read')
+    pio_exits: int = 0
+
+
 @dataclass
-class VcpuCounts:
+class VcpuCounts(ExitCounts):
     """One vCPU's loop: its MMIO exits to user space and port I/O; in
     coalesced mode the ring entries it wrote are added by ``tally``."""
 
     vcpu: int
     tid: int
-    mmio_exits: int = 0
-    mmio_reads: int = 0
-    mmio_writes: int = 0
-    reads_completed: int = 0
-    pio_exits: int = 0
     mmio_user_exits: int = 0
     mmio_in_kernel: int = 0
     by_page: list[list[int]] = field(default_factory=list)  # [page][read, write]
@@ -57,8 +67,22 @@ class VcpuCounts:
         return d
 
 
+class GroundTruth:
+    """JSON in and out for a dataclass run record holding ``memslot_changes``
+    (Result here, WrapResult in vmrig.microvm.wrap)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """The record ``as_dict`` gave (the JSON ground truth read back)."""
+        return cls(**{**d, "memslot_changes": [MemslotChange(**c)
+                                                for c in d["memslot_changes"]]})
+
+
 @dataclass
-class Result:
+class Result(GroundTruth, ExitCounts):
     pid: int
     tid: int
     vm_fd: int
@@ -67,18 +91,11 @@ class Result:
     vcpus: int = 1
     mode: str = "exit"     # exit: every access exits to user space | coalesced
     loop: str = "python"   # the exit loop's language: python | c (--native)
-    # MMIO accesses (each one kvm:kvm_mmio event); in coalesced mode the sum
-    # of mmio_user_exits (ring full) and mmio_in_kernel (ring entries)
-    mmio_exits: int = 0
     mmio_user_exits: int = 0
     mmio_in_kernel: int = 0
     in_kernel_by_page: dict[str, int] = field(default_factory=dict)
     batch: int = 0         # coalesced: most writes per guest batch request
-    mmio_reads: int = 0
-    mmio_writes: int = 0
-    reads_completed: int = 0  # reads KVM finished on re-entry (kvm_mmio 'read')
     mmio_by_page: dict[str, dict[str, int]] = field(default_factory=dict)
-    pio_exits: int = 0
     other_exits: dict[str, int] = field(default_factory=dict)
     memslot_changes: list[MemslotChange] = field(default_factory=list)
     memslot_counts: dict[str, int] = field(default_factory=dict)
@@ -91,15 +108,6 @@ class Result:
     # cost lands here (as system time of the vCPU threads)
     cpu_seconds: float = 0.0
     per_vcpu: list[dict[str, Any]] = field(default_factory=list)  # VcpuCounts.summary()
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Result:
-        """The Result ``as_dict`` gave (the JSON ground truth read back)."""
-        return cls(**{**d, "memslot_changes": [MemslotChange(**c)
-                                                for c in d["memslot_changes"]]})
 
     def record_change(self, c: MemslotChange) -> None:
         self.memslot_changes.append(c)

@@ -33,7 +33,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from recording.kvmconst import MMIO_GEN_BITS_DEFAULT
@@ -41,7 +41,7 @@ from vmrig.microvm import kvmapi as kvm
 from vmrig.microvm.changes import CHANGES, Region, SlotState
 from vmrig.microvm.errors import BadRequest, GuestMisbehaved, MicroVMError
 from vmrig.microvm.guest import MAX_PAGES, MMIO_GPA, PAGE, SIGNAL_PORT
-from vmrig.microvm.truth import MemslotChange
+from vmrig.microvm.truth import ExitCounts, GroundTruth, MemslotChange
 from vmrig.microvm.vmm import MicroVM
 
 DUMMY_SLOT = 1
@@ -57,7 +57,7 @@ def swaps_per_wrap(address_spaces: int, gen_bits: int = MMIO_GEN_BITS_DEFAULT) -
 
 
 @dataclass
-class WrapResult:
+class WrapResult(GroundTruth, ExitCounts):
     """The wrap run's ground truth (``python -m vmrig.microvm --wrap K -o``)."""
 
     pid: int
@@ -88,11 +88,6 @@ class WrapResult:
     memslot_changes: list[MemslotChange] = field(default_factory=list)  # setup only
     touches_a: int = 0
     touches_b: int = 0
-    mmio_exits: int = 0
-    mmio_reads: int = 0
-    mmio_writes: int = 0
-    reads_completed: int = 0
-    pio_exits: int = 0
     mmio_by_page: dict[str, dict[str, int]] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)  # name, begin/end ns, swaps
     start_ns: int = 0
@@ -102,15 +97,6 @@ class WrapResult:
     # user + system CPU of this process in the run: where a tracer's
     # in-kernel cost on each swap lands
     cpu_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WrapResult:
-        """The WrapResult ``as_dict`` gave (the JSON ground truth read back)."""
-        return cls(**{**d, "memslot_changes": [MemslotChange(**c)
-                                                for c in d["memslot_changes"]]})
 
 
 def address_spaces(vm_fd: int) -> int:
