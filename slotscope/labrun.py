@@ -20,8 +20,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +38,7 @@ from .labstatus import LAB_FAULT_RERUNS, lab_fault
 
 if TYPE_CHECKING:
     from vmrig.config import RigConfig
+    from vmrig.microvm.prefork import Forks
 
 PROGRESS = "run-progress.json"
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
@@ -110,50 +109,74 @@ def _phase(what: str) -> None:
     _log.info("lab-run: +%.1f s %s", time.monotonic() - _T0, what)
 
 
+@dataclass
+class _Session:
+    """What the runs of one recorder session share."""
+
+    rec: Recorder
+    l0_qemu: str | None
+    l1_qemu: Future[str | None]   # asked in the background: 3 s in a TCG L1
+    vmms: Forks | None            # micro-VMMs forked ready-imported
+
+    def final(self, r: PlannedRun) -> dict[str, Any]:
+        """The manifest keys lab-run adds to each run."""
+        return {"scenario": asdict(r.scenario),
+                "qemu": {"l0": self.l0_qemu, "l1": self.l1_qemu.result()}}
+
+
 def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
     """Every run of ``runs`` in order; the number that failed.
 
     One recorder session per aggregate setting (it is compiled into the
     probes): runs are taken grouped by it.  A run's failure is written to
     its directory and the next run goes on; Ctrl-C/SIGTERM finalize the run
-    in flight and raise KeyboardInterrupt."""
+    in flight and raise KeyboardInterrupt.
+
+    While the probes compile (one of a TCG L1's two vCPUs for 15-25 s), the
+    rest gets ready beside it: the L1's QEMU version, the Linux guest's
+    files, and the micro-VMMs' imports (vmrig.microvm.prefork)."""
     from vmrig.host import version_text
-    qemu = {"l0": l0_qemu, "l1": version_text()}
+    from vmrig.microvm.prefork import Forks
+    background = ThreadPoolExecutor(2, thread_name_prefix="lab-run")
+    l1_qemu = background.submit(version_text)
+    staging = background.submit(_stage_linux_guest) \
+        if any(r.scenario.guest == "linux" for r in runs) else None
+    background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
+    vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
     failed = 0
-    staging = _stage_linux_guest() if any(r.scenario.guest == "linux" for r in runs) else None
-    for aggregate in sorted({r.scenario.aggregate for r in runs}):
-        group = [r for r in runs if r.scenario.aggregate == aggregate]
-        rec = Recorder(None, pids=[os.getpid()], aggregate=aggregate).start()
-        _phase(f"probes compiled and attached ({rec.manifest.get('backend')}, "
-               f"{rec.load_s:.1f} s)")
-        if staging is not None:
-            _staged(staging)
-            staging = None
-        try:
-            with rec.stopped_by_signals():
-                for r in group:
-                    failed += not _attempts(r, rec, qemu)
-                    if rec.stop_requested:
-                        raise KeyboardInterrupt
-        finally:
-            rec.close()
+    try:
+        for aggregate in sorted({r.scenario.aggregate for r in runs}):
+            group = [r for r in runs if r.scenario.aggregate == aggregate]
+            rec = Recorder(None, pids=[os.getpid()], aggregate=aggregate).start()
+            _phase(f"probes compiled and attached ({rec.manifest.get('backend')}, "
+                   f"{rec.load_s:.1f} s)")
+            if staging is not None:
+                _staged(staging)
+                staging = None
+            session = _Session(rec, l0_qemu, l1_qemu, vmms)
+            try:
+                with rec.stopped_by_signals():
+                    for r in group:
+                        failed += not _attempts(r, session)
+                        if rec.stop_requested:
+                            raise KeyboardInterrupt
+            finally:
+                rec.close()
+    finally:
+        if vmms is not None:
+            vmms.close()
     return failed
 
 
-def _stage_linux_guest() -> Future[float]:
+def _stage_linux_guest() -> float:
     """Build the Linux guest's initramfs and copy its kernel off the lab VM's
-    9p (linuxguest.guest_files) while the probes compile: that compile keeps
-    one of the L1's two vCPUs busy, and in a fresh L1 the two took ~15 s of
-    the first Linux run (measured in the TCG L1).  The seconds it took."""
-    def stage() -> float:
-        from vmrig import linuxguest
-        t = time.monotonic()
-        linuxguest.guest_files()
-        return time.monotonic() - t
-    pool = ThreadPoolExecutor(1, thread_name_prefix="stage-linux-guest")
-    staging = pool.submit(stage)
-    pool.shutdown(wait=False)  # the task runs on; nothing more is submitted
-    return staging
+    9p (linuxguest.guest_files) while the probes compile: in a fresh L1 the
+    two took ~15 s of the first Linux run (measured in the TCG L1).  The
+    seconds it took."""
+    from vmrig import linuxguest
+    t = time.monotonic()
+    linuxguest.guest_files()
+    return time.monotonic() - t
 
 
 def _staged(staging: Future[float]) -> None:
@@ -166,7 +189,7 @@ def _staged(staging: Future[float]) -> None:
         _phase(f"Linux guest not staged ({e}); its first run will try again")
 
 
-def _attempts(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool:
+def _attempts(r: PlannedRun, session: _Session) -> bool:
     """Run ``r``, and run it again here when an L2 fault of TCG nesting
     (labstatus.lab_fault) lost it, up to LAB_FAULT_RERUNS times: this L1 is
     sound, and a fresh one would cost a boot and a probe compile (109 s for
@@ -178,8 +201,8 @@ def _attempts(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool
     accel = os.environ.get(ACCEL_ENV)
     retried: list[dict[str, str]] = []
     while True:
-        failure = _one(r, rec, qemu, retried, inject_reset=r.reset_l2 and not retried)
-        if (failure is None or rec.stop_requested
+        failure = _one(r, session, retried, inject_reset=r.reset_l2 and not retried)
+        if (failure is None or session.rec.stop_requested
                 or r.reruns_done + len(retried) >= LAB_FAULT_RERUNS
                 or not lab_fault(accel, failure)):
             return failure is None
@@ -190,9 +213,10 @@ def _attempts(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None]) -> bool
         _phase(f"{r.label}: lab fault ({failure.kind_tag}), run again in this L1")
 
 
-def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None],
-         retried: list[dict[str, str]], inject_reset: bool = False) -> RigError | None:
+def _one(r: PlannedRun, session: _Session, retried: list[dict[str, str]],
+         inject_reset: bool = False) -> RigError | None:
     """One attempt at ``r``: None if it went well, else its failure."""
+    rec = session.rec
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     failure: RigError | None = None
@@ -204,9 +228,10 @@ def _one(r: PlannedRun, rec: Recorder, qemu: dict[str, str | None],
     if r.panic_l1:
         _panic_l1()
     try:
-        final = {"scenario": asdict(r.scenario), "qemu": qemu}
+        final = session.final(r)
         if r.scenario.workload == "microvm":
-            _microvm(r, rec, final, phases)
+            assert session.vmms is not None  # run_plan starts it for microvm runs
+            _microvm(r, rec, session.vmms, final, phases)
         else:
             asyncio.run(_qemu(r, rec, final, phases, inject_reset))
         progress["state"] = "ok"
@@ -236,7 +261,7 @@ def _panic_l1() -> None:
         f.write("c")
 
 
-def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
+def _microvm(r: PlannedRun, rec: Recorder, vmms: Forks, final: dict[str, Any],
              phases: dict[str, float]) -> None:
     from vmrig.microvm.truth import write_run_workload
     s, t0 = r.scenario, time.monotonic()
@@ -245,37 +270,31 @@ def _microvm(r: PlannedRun, rec: Recorder, final: dict[str, Any],
             ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule])
     # No --run-dir: its workload table is written here, from the truth, so
     # that the VMM never imports pyarrow (2-4 s a run each way in a TCG L1).
-    argv = [sys.executable, "-m", "vmrig.microvm", "--wait", *work, "--pages",
-            str(s.mmio_pages), "-o", str(truth)]
-    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    vmm = vmms.spawn(["--wait", *work, "--pages", str(s.mmio_pages), "-o", str(truth)])
     deadline = t0 + r.timeout
     try:
-        ready = p.stdout.readline().split()
-        if ready[:1] != ["ready"]:
-            raise RigError(f"micro-VMM did not start: {p.stderr.read().strip()[-200:]}")
+        if not vmm.ready(timeout=r.timeout):
+            raise RigError(f"micro-VMM did not start: {vmm.stderr_tail()}")
+        assert vmm.pid is not None
         # Before the VMM creates its memslots, so every one is seen.
-        rec.begin_run(r.dir, pids=[p.pid])
+        rec.begin_run(r.dir, pids=[vmm.pid])
         phases["vmm_ready_s"] = round(time.monotonic() - t0, 3)
         try:
-            p.stdin.write("go\n")
-            p.stdin.close()
-            rec.run(until=lambda: p.poll() is not None or time.monotonic() > deadline)
+            vmm.go()
+            rec.run(until=lambda: vmm.poll() is not None or time.monotonic() > deadline)
         finally:
             rec.end_run(**final)
         phases["workload_s"] = round(time.monotonic() - t0, 3)
         if rec.stop_requested:
             return
-        if p.poll() is None:
+        if vmm.poll() is None:
             raise RigError(f"run hung: micro-VMM killed after {r.timeout:.0f} s")
-        if p.wait(timeout=60):
-            raise RigError(f"micro-VMM failed: {p.stderr.read().strip()[-200:]}")
+        if vmm.wait(timeout=60):
+            raise RigError(f"micro-VMM failed: {vmm.stderr_tail()}")
         write_run_workload(r.dir, json.loads(truth.read_text()))
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        vmm.kill()
+        vmm.stderr_tail()  # removes its file
 
 
 def rig_config(s: Scenario, timeout: float) -> RigConfig:

@@ -261,3 +261,40 @@ def test_workload_from_the_truth_equals_run_dir(work: list[str], tmp_path: Path)
     assert (b / "workload.json").read_text() == (a / "workload.json").read_text()
     assert read_table(b, "workload").equals(read_table(a, "workload"))
     assert read_table(a, "workload").num_rows > 3
+
+
+@needs_kvm
+def test_prefork_vmms_are_processes_of_their_own(tmp_path: Path) -> None:
+    """The lab's micro-VMMs, forked from one server that imported them: each
+    its own process (the pid the tracer filters on) with exact truth; a bad
+    request and a killed VMM end alone, and the server serves on."""
+    from vmrig.microvm.prefork import Forks
+    forks = Forks()
+    try:
+        pids = set()
+        for n in (300, 500):
+            out = tmp_path / f"{n}.json"
+            vmm = forks.spawn(["--wait", "-n", str(n), "--schedule", "create:1", "-o", str(out)])
+            assert vmm.ready(60) and vmm.pid != forks.proc.pid
+            vmm.go()
+            assert vmm.wait(120) == 0 and vmm.stderr_tail() == ""
+            r = json.loads(out.read_text())
+            assert r["pid"] == vmm.pid and r["mmio_exits"] == n
+            assert r["memslot_counts"] == {"create": 2}
+            pids.add(vmm.pid)
+        assert len(pids) == 2
+        bad = forks.spawn(["--wait", "--access", "sideways", "-n", "5"])
+        assert not bad.ready(60) and bad.returncode == 2
+        assert "invalid choice: 'sideways'" in bad.stderr_tail()
+        hung = forks.spawn(["--wait", "--duration", "600", "-o", str(tmp_path / "h.json")])
+        assert hung.ready(60)
+        hung.go()
+        hung.kill()
+        assert hung.returncode == -9 and not (tmp_path / "h.json").exists()
+        last = forks.spawn(["--wait", "-n", "100", "-o", str(tmp_path / "last.json")])
+        assert last.ready(60)
+        last.go()
+        assert last.wait(120) == 0
+    finally:
+        forks.close()
+    assert forks.proc.returncode == 0
