@@ -138,7 +138,9 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
     from vmrig.host import version_text
     from vmrig.microvm.prefork import Forks
     background = ThreadPoolExecutor(2, thread_name_prefix="lab-run")
-    l1_qemu = background.submit(version_text)
+    # A generous timeout: beside the compile and the guest's staging, all
+    # reading over the L1's 9p, it took over 10 s once (3 s alone).
+    l1_qemu = background.submit(version_text, None, 120.0)
     staging = background.submit(_stage_linux_guest) \
         if any(r.scenario.guest == "linux" for r in runs) else None
     background.shutdown(wait=False)  # the tasks run on; nothing more is submitted

@@ -46,11 +46,11 @@ def qemu_version(binary: str, timeout: float = 10.0) -> tuple[int, int, int] | N
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
-def version_text(binary: str | None = None) -> str | None:
+def version_text(binary: str | None = None, timeout: float = 10.0) -> str | None:
     """The QEMU version ("10.0.2") of ``binary`` (default: qemu_binary()),
     None without a QEMU: what the lab's manifests and summary record."""
     path = qemu_binary(binary)
-    v = qemu_version(path) if path else None
+    v = qemu_version(path, timeout) if path else None
     return ".".join(map(str, v)) if v else None
 
 
