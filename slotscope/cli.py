@@ -17,32 +17,41 @@ from tracer import TracerError
 from vmrig import RigError
 
 from . import __version__, logsetup
-from .errors import LabError
-from .labconfig import ConfigError
+from .errors import ConfigError, LabError
 
-# Each module has register(subparsers); its parsers set ``func(args) -> int``.
-# Handlers import their heavy dependencies (bcc, pandas) lazily so that,
-# e.g., ``slotscope analyze`` works on a laptop without bcc.
-COMMAND_MODULES = (
-    "slotscope.doctor",
-    "tracer.cli",
-    "vmrig.cli",
-    "vmrig.labvm_cli",
-    "analysis.cli",
-    "slotscope.lab",
-    "slotscope.history",
-)
+# Each command and the module whose register(subparsers) adds it; its
+# parsers set ``func(args) -> int``.  Only the module of the command given is
+# imported (all of them for --help or an unknown command): lab-run must
+# start its probe compile before pyarrow loads (slotscope.labrun), and
+# ``slotscope analyze`` works on a laptop without bcc.
+COMMANDS = {
+    "doctor": "slotscope.doctor",
+    "record": "tracer.cli",
+    "stream": "tracer.cli",
+    "live": "tracer.cli",
+    "rig": "vmrig.cli",
+    "labvm": "vmrig.labvm_cli",
+    "analyze": "analysis.cli",
+    "report": "analysis.cli",
+    "lab": "slotscope.lab",
+    "lab-run": "slotscope.labrun",
+    "history": "slotscope.history",
+}
 USER_ERRORS: tuple[type[Exception], ...] = (
     RecordingError, TracerError, RigError, LabError, ConfigError)
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: its command's module only, or every one."""
     parser = argparse.ArgumentParser(
         prog="slotscope", description="Trace what KVM memslot updates cost guest MMIO.")
     parser.add_argument("--version", action="version", version=f"slotscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    given = next((a for a in (sys.argv[1:] if argv is None else argv)
+                  if not a.startswith("-")), None)
+    wanted = [COMMANDS[given]] if given in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in wanted:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -59,7 +68,7 @@ def _sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     # kill -USR1 prints every thread's Python stack on stderr: where a stuck
     # run is (the lab VM's deadline watchdog does this before the kill).

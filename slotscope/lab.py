@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ from vmrig.errors import RigError
 
 from . import labverdict
 from .errors import LabError
-from .labconfig import ConfigError, LabConfig, Scenario, load
+from .labconfig import ConfigError, LabConfig, load
 from .labdirect import run_direct
 from .labrun import PlannedRun
 from .labstatus import RunStatus, read_status
@@ -43,7 +42,6 @@ from .labsummary import print_outcome, write_summary
 if TYPE_CHECKING:
     from vmrig.kernel import LabKernel
 
-ONE_RUN_TIMEOUT = 86400.0  # lab-run --scenario: the caller keeps the deadline
 DEFAULT_LOCK = Path("/run/lock/slotscope-lab.lock")
 log = logging.getLogger(__name__)
 
@@ -84,38 +82,6 @@ def choose_mode(requested: str, kernels: Sequence[str]) -> tuple[str, str]:
         why = "requested" if requested == "nested" else "; ".join(reasons)
         return "nested", f"{why}; {row.detail}"
     return "direct", f"host KVM {caps.kvm_module} caches MMIO, backend {backend}"
-
-
-# -- the inner run (host or L1) ------------------------------------------------
-def cmd_lab_run(args: argparse.Namespace) -> int:
-    """Runs one after another in this process, one tracer session: a plan
-    file (``--plan``, slotscope.labbatch writes them) or one scenario."""
-    from recording.nopandas import block_pandas
-
-    from . import labrun
-    block_pandas()  # this process records, never analyses: 33 s less per L1 boot
-    try:
-        if args.plan:
-            doc = json.loads(Path(args.plan).read_text())
-            runs = [labrun.PlannedRun.from_json(d) for d in doc["runs"]]
-            l0_qemu = doc.get("l0_qemu")
-        elif args.scenario and args.output:
-            runs = [labrun.PlannedRun(Scenario(**json.loads(args.scenario)), 1,
-                                      Path(args.output), ONE_RUN_TIMEOUT)]
-            l0_qemu = None
-        else:
-            raise LabError("give --plan FILE, or --scenario JSON and -o DIR")
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise LabError(f"bad lab-run plan: {e}") from None
-    try:
-        failed = labrun.run_plan(runs, l0_qemu)
-    except OSError as e:  # a run directory that cannot be written: none can
-        raise LabError(f"cannot write a run directory: {e}") from None
-    for r in runs:
-        p = labrun.read_progress(r.dir) or {}
-        if p.get("state") != "ok":
-            log.error("slotscope lab-run: error: %s: %s", r.label, p.get("error", "?"))
-    return 1 if failed else 0
 
 
 # -- the job --------------------------------------------------------------------
@@ -301,8 +267,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inject-l2-reset", metavar="SCENARIO/REP", help=argparse.SUPPRESS)
     p.add_argument("--lock", default=str(DEFAULT_LOCK), help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_lab)
-    r = sub.add_parser("lab-run")  # internal: runs in a child or the lab VM
-    r.add_argument("--plan")
-    r.add_argument("--scenario")
-    r.add_argument("-o", "--output")
-    r.set_defaults(func=cmd_lab_run)

@@ -20,18 +20,13 @@ from vmrig.kernel import DEFAULT_KERNELS
 from vmrig.microvm.wrap import MAX_WRAP_PAGES
 from vmrig.workloads import WORKLOADS
 
+from .errors import ConfigError
+
+__all__ = ["ConfigError", "LabConfig", "Scenario", "Thresholds", "load"]
+
 Mode = Literal["auto", "direct", "nested"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TABLES = ("lab", "thresholds", "scenario")
-
-
-class ConfigError(Exception):
-    """A malformed lab config.  The message is one line naming the file and
-    the key; ``key`` holds the key ('' when the fault is not one key's)."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The inner side of the lab: runs recorded one after another, one tracer session.
 
-Runs as ``slotscope lab-run`` on the host (direct mode: one run per child
-process) or inside the nested lab VM (one L1 boot runs a whole plan: the
+Runs as ``slotscope lab-run`` (registered here) on the host (direct mode:
+one run per child process) or inside the nested lab VM (one L1 boot runs a whole plan: the
 probes are compiled and attached once, each run still lands in its own
 directory in the recording format, ``Recorder.begin_run``/``end_run``).
 
@@ -11,11 +11,16 @@ Each run directory gets ``run-progress.json``, rewritten as the run goes:
 "started" past its timeout hangs, and when the L1 dies the run in flight is
 the one it lost.  A run lost to an L2 fault of TCG nesting is run again in
 the same L1 (``_attempts``); "retried" names the attempts thrown away.
+
+This module imports only what is light at its top: ``cmd_lab_run`` starts
+the probe compile in a thread first, and pyarrow, the tracer's recorder and
+the lab config load beside it (in the TCG L1 each is 10-25 s of one vCPU).
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,18 +32,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recording.writer import atomic_write_json
-from tracer.capabilities import infers_change_types
-from tracer.recorder import Recorder
 from vmrig import RigError
 from vmrig.errors import read_record, write_record
 
-from .labconfig import Scenario
+from .errors import LabError
 from .labstatus import LAB_FAULT_RERUNS, lab_fault
 
 if TYPE_CHECKING:
+    from tracer.loader import Loaded
+    from tracer.recorder import Recorder
     from vmrig.config import RigConfig
     from vmrig.microvm.prefork import Forks
+
+    from .labconfig import Scenario
 
 PROGRESS = "run-progress.json"
 SETTLE_S = 0.5  # keep recording after the last action: its MMIO faults come later
@@ -51,6 +57,7 @@ PANIC_ON_START = "panic_l1"
 RESET_L2 = "reset_l2"
 NO_INIT = "rdinit=/nonexistent"
 LINUX_BOOT_TIMEOUT = 120.0  # seconds, L1 time: see rig_config
+ONE_RUN_TIMEOUT = 86400.0  # lab-run --scenario: the caller keeps the deadline
 _T0 = time.monotonic()
 _log = logging.getLogger(__name__)  # not "log": _qemu has a WorkloadLog by that name
 
@@ -74,6 +81,7 @@ class PlannedRun:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlannedRun:
+        from .labconfig import Scenario
         return cls(Scenario(**d["scenario"]), int(d["rep"]), Path(d["dir"]),
                    float(d["timeout"]), bool(d.get(PANIC_ON_START, False)),
                    bool(d.get(RESET_L2, False)), int(d.get("reruns_done", 0)))
@@ -124,7 +132,8 @@ class _Session:
                 "qemu": {"l0": self.l0_qemu, "l1": self.l1_qemu.result()}}
 
 
-def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
+def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
+             preloaded: Future[Loaded] | None = None) -> int:
     """Every run of ``runs`` in order; the number that failed.
 
     One recorder session per aggregate setting (it is compiled into the
@@ -134,22 +143,27 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
 
     While the probes compile (one of a TCG L1's two vCPUs for 15-25 s), the
     rest gets ready beside it: the L1's QEMU version, the Linux guest's
-    files, and the micro-VMMs' imports (vmrig.microvm.prefork)."""
-    from vmrig.host import version_text
-    from vmrig.microvm.prefork import Forks
-    background = ThreadPoolExecutor(2, thread_name_prefix="lab-run")
-    # A generous timeout: beside the compile and the guest's staging, all
-    # reading over the L1's 9p, it took over 10 s once (3 s alone).
-    l1_qemu = background.submit(version_text, None, 120.0)
-    staging = background.submit(_stage_linux_guest) \
-        if any(r.scenario.guest == "linux" for r in runs) else None
-    background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
-    vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
+    files, and the micro-VMMs' imports (vmrig.microvm.prefork).
+    ``preloaded``: the first session's probes, compiling already (_preload);
+    run_plan owns them: they are detached on every way out."""
+    vmms: Forks | None = None
     failed = 0
     try:
+        from tracer.recorder import Recorder
+        from vmrig.host import version_text
+        from vmrig.microvm.prefork import Forks
+        background = ThreadPoolExecutor(2, thread_name_prefix="lab-run")
+        # A generous timeout: beside the compile and the guest's staging, all
+        # reading over the L1's 9p, it took over 10 s once (3 s alone).
+        l1_qemu = background.submit(version_text, None, 120.0)
+        staging = background.submit(_stage_linux_guest) \
+            if any(r.scenario.guest == "linux" for r in runs) else None
+        background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
+        vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
         for aggregate in sorted({r.scenario.aggregate for r in runs}):
             group = [r for r in runs if r.scenario.aggregate == aggregate]
-            rec = Recorder(None, pids=[os.getpid()], aggregate=aggregate).start()
+            loaded, preloaded = _take(preloaded, aggregate)
+            rec = Recorder(None, pids=[os.getpid()], aggregate=aggregate).start(loaded)
             _phase(f"probes compiled and attached ({rec.manifest.get('backend')}, "
                    f"{rec.load_s:.1f} s)")
             if staging is not None:
@@ -167,7 +181,80 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None) -> int:
     finally:
         if vmms is not None:
             vmms.close()
+        _take(preloaded, None)  # not taken (an error first): detached
     return failed
+
+
+def _preload(aggregate: bool) -> Future[Loaded]:
+    """The first session's probes compiled and attached in a thread, while
+    the caller imports the rest (tracer.loader.preload)."""
+    def load() -> Loaded:
+        from tracer.loader import preload
+        return preload(None, [os.getpid()], aggregate=aggregate)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lab-run-probes")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)  # the task runs on; nothing more is submitted
+    return future
+
+
+def _take(preloaded: Future[Loaded] | None, aggregate: bool | None
+          ) -> tuple[Loaded | None, Future[Loaded] | None]:
+    """The preloaded probes if they are ``aggregate``'s (None: none are
+    wanted, close them), and what is left to take."""
+    if preloaded is None:
+        return None, None
+    if aggregate is None:
+        with contextlib.suppress(Exception):  # its error was, or will be, someone else's
+            preloaded.result().probes.close()
+        return None, None
+    if preloaded.result().aggregate != aggregate:
+        return None, preloaded
+    return preloaded.result(), None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("lab-run")  # internal: runs in a child or the lab VM
+    r.add_argument("--plan")
+    r.add_argument("--scenario")
+    r.add_argument("-o", "--output")
+    r.set_defaults(func=cmd_lab_run)
+
+
+def cmd_lab_run(args: argparse.Namespace) -> int:
+    """Runs one after another in this process, one tracer session: a plan
+    file (``--plan``, slotscope.labbatch writes them) or one scenario."""
+    from recording.nopandas import block_pandas
+    block_pandas()  # this process records, never analyses: 33 s less per L1 boot
+    try:
+        if args.plan:
+            doc = json.loads(Path(args.plan).read_text())
+            docs, l0_qemu = list(doc["runs"]), doc.get("l0_qemu")
+        elif args.scenario and args.output:
+            docs = [{"scenario": json.loads(args.scenario), "rep": 1, "dir": args.output,
+                     "timeout": ONE_RUN_TIMEOUT}]
+            l0_qemu = None
+        else:
+            raise LabError("give --plan FILE, or --scenario JSON and -o DIR")
+        first = min(bool(d["scenario"].get("aggregate", False)) for d in docs)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise LabError(f"bad lab-run plan: {e}") from None
+    preloaded = _preload(first)
+    try:
+        runs = [PlannedRun.from_json(d) for d in docs]
+    except BaseException as e:
+        _take(preloaded, None)
+        if isinstance(e, (ValueError, TypeError, KeyError)):
+            raise LabError(f"bad lab-run plan: {e}") from None
+        raise
+    try:
+        failed = run_plan(runs, l0_qemu, preloaded)  # the probes are its from here
+    except OSError as e:  # a run directory that cannot be written: none can
+        raise LabError(f"cannot write a run directory: {e}") from None
+    for r in runs:
+        p = read_progress(r.dir) or {}
+        if p.get("state") != "ok":
+            _log.error("slotscope lab-run: error: %s: %s", r.label, p.get("error", "?"))
+    return 1 if failed else 0
 
 
 def _stage_linux_guest() -> float:
@@ -218,6 +305,9 @@ def _attempts(r: PlannedRun, session: _Session) -> bool:
 def _one(r: PlannedRun, session: _Session, retried: list[dict[str, str]],
          inject_reset: bool = False) -> RigError | None:
     """One attempt at ``r``: None if it went well, else its failure."""
+    import asyncio
+
+    from recording.writer import atomic_write_json
     rec = session.rec
     t0 = time.monotonic()
     phases: dict[str, float] = {}
@@ -321,6 +411,9 @@ def rig_config(s: Scenario, timeout: float) -> RigConfig:
 
 async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                 phases: dict[str, float], inject_reset: bool = False) -> None:
+    import asyncio
+
+    from tracer.capabilities import infers_change_types
     from vmrig import workloads as wl
     from vmrig.rig import Rig
     from vmrig.virtiomem import virtio_mem_steps

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,35 @@ def pick_backend(requested: str | None) -> tuple[Capabilities, BackendChoice]:
     caps = probe(try_kfunc=None if requested is None else requested == "kfunc",
                  try_bpf=False)
     return caps, choose_backend(caps, requested)
+
+
+@dataclass
+class Loaded:
+    """Programs compiled and attached ahead of their Recorder
+    (``Recorder.start(loaded=...)``), with what chose them."""
+
+    caps: Capabilities
+    choice: BackendChoice
+    pids: list[int]
+    emit_mmio: bool
+    aggregate: bool
+    probes: Probes
+    load_s: float  # compile + attach, seconds
+
+
+def preload(requested: str | None, pids: Sequence[int], emit_mmio: bool = True,
+            aggregate: bool = False) -> Loaded:
+    """What ``Recorder.start`` loads, done now (e.g. in a thread while the
+    caller imports the rest: lab-run in the TCG L1, where the compile and
+    pyarrow's import take 15-25 s and 10-15 s of CPU each).  The caller
+    owns the probes until a Recorder takes them: close them if none will."""
+    from .procfs import resolve_pids
+    resolved = resolve_pids(pids)
+    caps, choice = pick_backend(requested)
+    t = time.monotonic()
+    probes = load(choice.name, caps, resolved, emit_mmio, aggregate=aggregate)
+    return Loaded(caps, choice, resolved, emit_mmio, aggregate, probes,
+                  round(time.monotonic() - t, 3))
 
 
 def program_source(backend: str, caps: Capabilities, pids: Sequence[int] = (),

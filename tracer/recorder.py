@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -46,6 +46,9 @@ from recording.writer import RunWriter
 
 from . import TracerError
 from .decode import Decoder, exit_hist_table, hist_delta, mmio_hist_table, table
+
+if TYPE_CHECKING:
+    from .loader import Loaded
 
 # The drain interval's bounds and start, and the ring fills that move it (run()).
 POLL_MIN_MS, POLL_MS, POLL_MAX_MS = 10, 50, 250
@@ -99,17 +102,25 @@ class Recorder:
         self.manifest: Manifest = {}  # the tracer's keys: TracerFields
 
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> Recorder:
+    def start(self, loaded: Loaded | None = None) -> Recorder:
+        """Attach (or take ``loaded``, from tracer.loader.preload with this
+        recorder's pids, backend, emit_mmio and aggregate) and begin."""
         from .capabilities import choose_backend
         from .loader import load, mmio_rows, pick_backend
         from .procfs import resolve_pids
         _warm_up()
-        pids = resolve_pids(self.requested_pids)
-        self.pids = pids
-        if self.caps is not None:
-            caps, choice = self.caps, choose_backend(self.caps, self.requested_backend)
+        if loaded is not None:
+            if (loaded.aggregate, loaded.emit_mmio) != (self.aggregate, self.emit_mmio):
+                loaded.probes.close()
+                raise TracerError("preloaded probes do not match this recorder's mode")
+            pids, caps, choice = loaded.pids, loaded.caps, loaded.choice
         else:
-            caps, choice = pick_backend(self.requested_backend)
+            pids = resolve_pids(self.requested_pids)
+            if self.caps is not None:
+                caps, choice = self.caps, choose_backend(self.caps, self.requested_backend)
+            else:
+                caps, choice = pick_backend(self.requested_backend)
+        self.pids = pids
         self.manifest = {
             "backend": choice.name, "backend_reason": choice.reason,
             "missing_data": choice.missing, "filters": {"pids": pids},
@@ -124,18 +135,23 @@ class Recorder:
             try:
                 self.writer = RunWriter(self.run_dir, self.manifest, background=True)
             except RecordingError as e:
+                if loaded is not None:
+                    loaded.probes.close()
                 raise TracerError(str(e)) from None
-        t_load = time.monotonic()
-        try:
-            self.probes = load(choice.name, caps, pids, self.emit_mmio,
-                               aggregate=self.aggregate)
-        except BaseException:
-            if self.writer is not None:
-                writer, self.writer = self.writer, None
-                writer.close(error="probes failed to load")
-            raise
+        if loaded is not None:
+            self.probes, self.load_s = loaded.probes, loaded.load_s
+        else:
+            t_load = time.monotonic()
+            try:
+                self.probes = load(choice.name, caps, pids, self.emit_mmio,
+                                   aggregate=self.aggregate)
+            except BaseException:
+                if self.writer is not None:
+                    writer, self.writer = self.writer, None
+                    writer.close(error="probes failed to load")
+                raise
+            self.load_s = round(time.monotonic() - t_load, 3)
         self._cpu0 = time.process_time()  # user + system CPU, all threads
-        self.load_s = round(time.monotonic() - t_load, 3)
         from .probes import seed_vcpus
         seeded = seed_vcpus(self.probes, pids, self.decoder.sole_vm)
         self.manifest.update({
