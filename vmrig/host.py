@@ -54,14 +54,29 @@ def version_text(binary: str | None = None, timeout: float = 10.0) -> str | None
     return ".".join(map(str, v)) if v else None
 
 
-def device_properties(binary: str, driver: str, timeout: float = 10.0) -> set[str]:
+# (binary, its mtime, driver) -> properties: every virtio-mem run asks, and
+# in the TCG L1 each answer cost ~0.45 s of QEMU start-up (lab-run's runs
+# share one process).  Only answers are kept, not a failure to get one.
+_PROPERTIES: dict[tuple[str, int, str], frozenset[str]] = {}
+
+
+def device_properties(binary: str, driver: str, timeout: float = 10.0) -> frozenset[str]:
     """Property names QEMU lists for ``-device DRIVER,help`` (empty if unknown)."""
+    try:
+        key = (binary, os.stat(binary).st_mtime_ns, driver)
+    except OSError:
+        return frozenset()
+    if key in _PROPERTIES:
+        return _PROPERTIES[key]
     try:
         out = subprocess.run([binary, "-device", f"{driver},help"], capture_output=True,
                              text=True, timeout=timeout, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return {m[1] for m in re.finditer(r"^\s+([\w-]+)=", out, re.M)}
+        return frozenset()
+    props = frozenset(m[1] for m in re.finditer(r"^\s+([\w-]+)=", out, re.M))
+    if props:
+        _PROPERTIES[key] = props
+    return props
 
 
 @dataclass
