@@ -420,16 +420,18 @@ async def _qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
     from vmrig.workloadlog import WorkloadLog
 
     s, t0 = r.scenario, time.monotonic()
-    cfg = rig_config(s, r.timeout)
-    if inject_reset:
-        cfg = replace(cfg, kernel_cmdline=f"{cfg.kernel_cmdline} {NO_INIT}".strip())
     # Where the backend infers change types (tracepoint), QEMU is traced from
     # before it execs (on_spawn) so that its initial memslots are recorded.
     # Where KVM itself says (kprobe, kfunc), from its guest's ready line: the
     # boot is not the scenario, and tracing it cost a Linux L2 in the TCG L1
     # ~50 s of boot against ~31 s untraced (seed_vcpus learns the running
-    # VM's vCPUs from /proc).
+    # VM's vCPUs from /proc); and the boot may take the quicker firmware.
     from_spawn = infers_change_types(rec.manifest["backend"])
+    cfg = rig_config(s, r.timeout)
+    if not from_spawn and cfg.guest == "linux":
+        cfg = replace(cfg, firmware="qboot")
+    if inject_reset:
+        cfg = replace(cfg, kernel_cmdline=f"{cfg.kernel_cmdline} {NO_INIT}".strip())
     rec.begin_run(r.dir, pids=[os.getpid()])
     rec.start_thread()
     try:

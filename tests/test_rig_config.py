@@ -3,6 +3,7 @@ config says; sizes parse like QEMU's; bad values are one-line RigErrors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ def test_linux_tcg_nested_virtio_mem_net_argv() -> None:
     assert "tap,id=net0,ifname=sstap1,script=no,downscript=no" in opt(argv, "-netdev")
     nested_kvm = qemu_argv("qemu", cfg, "kvm", FILES, host_vendor="AuthenticAMD")
     assert opt(nested_kvm, "-cpu") == ["qemu64,-cx16,-xsave,+svm"]
+    assert opt(argv, "-bios") == []  # SeaBIOS, QEMU's default
+    qboot = qemu_argv("qemu", replace(cfg, firmware="qboot"), "tcg", FILES,
+                      dynamic_memslots_supported=False)
+    assert opt(qboot, "-bios") == ["qboot.rom"]
 
 
 def test_dynamic_memslots() -> None:
@@ -91,6 +96,8 @@ def test_bad_configs() -> None:
         (RigConfig(virtio_mem=VirtioMemConfig(size=64 * MiB, requested=128 * MiB)),
          "exceeds its size"),
         (RigConfig(virtio_mem=VirtioMemConfig(size=65 * MiB)), "multiples of the block"),
+        (RigConfig(firmware="qboot"), "only for the Linux guest"),
+        (RigConfig(guest="linux", firmware="ovmf"), "firmware"),  # type: ignore[arg-type]
     ]:
         with pytest.raises(RigError, match=msg):
             cfg.validate()
