@@ -20,7 +20,7 @@ flushed every ``flush_interval`` seconds with the tracer's manifest keys
 (recording.manifest.TracerFields: backend, probes, filters, lost counts)
 current.
 
-One class of ~420 lines on purpose: the session (attach, drain thread,
+One class of ~460 lines on purpose: the session (attach, drain thread,
 detach on every exit path) and the run being written share their state
 (pid filter, counts, lost baselines, the writer), and keeping them in one
 place is what lets every exit path detach the probes and close the run.
