@@ -601,6 +601,6 @@ def test_ebpf_prints_the_program_it_would_load() -> None:
     from bcc import BPF
     bpf = BPF(text=text.encode())  # the text is whole: it compiles and loads as printed
     try:
-        assert bpf.get_table("mmio_hist") is not None
+        assert bpf.get_table(b"mmio_hist") is not None
     finally:
         bpf.cleanup()
