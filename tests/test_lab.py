@@ -627,3 +627,26 @@ def test_commands_table_names_what_each_module_registers() -> None:
         sub = argparse.ArgumentParser().add_subparsers()
         importlib.import_module(module).register(sub)
         assert set(sub.choices) == {c for c, m in COMMANDS.items() if m == module}, module
+
+
+@needs_root
+@needs_bcc
+@pytest.mark.parametrize("plan,says", [
+    (None, "bad lab-run plan: "),  # no such file: before any probe is compiled
+    ({"runs": [{"scenario": {"name": "a", "workload": "microvm", "colour": 1}, "rep": 1,
+                "dir": "RUN", "timeout": 60}]}, "bad lab-run plan: "),  # after preload began
+])
+def test_bad_lab_run_plan_is_one_line(tmp_path: Path, plan: dict[str, Any] | None,
+                                      says: str) -> None:
+    """A plan lab-run cannot read ends in one line and exit 1, also when it is
+    found bad only after the probes began compiling in the background (the
+    thread's compile is waited for and its probes closed, quietly); no run
+    directory is made."""
+    path = tmp_path / "plan.json"
+    if plan is not None:
+        path.write_text(json.dumps(plan).replace("RUN", str(tmp_path / "run")))
+    p = subprocess.run([*SLOTSCOPE, "lab-run", "--plan", str(path)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
