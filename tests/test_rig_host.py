@@ -43,3 +43,19 @@ def test_probe_rejects_unknown_cpu() -> None:
     p = host.probe_accel(host.qemu_binary() or "", "tcg", cpu="no-such-cpu", timeout=20)
     assert not p.ok
     assert "no-such-cpu" in p.detail or "unable" in p.detail.lower()
+
+
+@needs_qemu
+def test_device_properties_asked_once_per_binary() -> None:
+    """virtio-mem-pci's properties come from QEMU the first time and from the
+    cache after (every virtio-mem run asks); a QEMU named as on PATH, which
+    cannot be stat'ed as a path, is still asked, and not kept."""
+    import os
+    binary = host.qemu_binary()
+    assert binary is not None
+    host._PROPERTIES.clear()
+    first = host.device_properties(binary, "virtio-mem-pci")
+    assert "requested-size" in first and len(host._PROPERTIES) == 1
+    assert host.device_properties(binary, "virtio-mem-pci") is first
+    by_name = host.device_properties(os.path.basename(binary), "virtio-mem-pci")
+    assert by_name == first and len(host._PROPERTIES) == 1

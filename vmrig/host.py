@@ -63,9 +63,9 @@ _PROPERTIES: dict[tuple[str, int, str], frozenset[str]] = {}
 def device_properties(binary: str, driver: str, timeout: float = 10.0) -> frozenset[str]:
     """Property names QEMU lists for ``-device DRIVER,help`` (empty if unknown)."""
     try:
-        key = (binary, os.stat(binary).st_mtime_ns, driver)
+        key: tuple[str, int, str] | None = (binary, os.stat(binary).st_mtime_ns, driver)
     except OSError:
-        return frozenset()
+        key = None  # e.g. a name on PATH: asked, not kept
     if key in _PROPERTIES:
         return _PROPERTIES[key]
     try:
@@ -74,7 +74,7 @@ def device_properties(binary: str, driver: str, timeout: float = 10.0) -> frozen
     except (OSError, subprocess.TimeoutExpired):
         return frozenset()
     props = frozenset(m[1] for m in re.finditer(r"^\s+([\w-]+)=", out, re.M))
-    if props:
+    if props and key is not None:
         _PROPERTIES[key] = props
     return props
 

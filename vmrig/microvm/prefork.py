@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -56,13 +56,13 @@ def serve() -> int:
     return 0
 
 
-def _child(main: object, argv: list[str], stderr: str) -> NoReturn:
+def _child(main: Callable[[list[str]], int], argv: list[str], stderr: str) -> NoReturn:
     code = 1
     try:
         fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
-        code = main(argv)  # type: ignore[operator]
+        code = main(argv)
     except SystemExit as e:  # argparse: it printed why
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -146,6 +146,8 @@ class Vmm:
         if line is None:  # the server is gone, and this VMM with it
             self._lines.put(None)  # for every later read too
             self.returncode = -1
+            return True
+        if not line:  # a blank line a VMM printed: no part of the conversation
             return True
         word, *rest = line.split()
         if word == "ready" and len(rest) == 1:
