@@ -1,9 +1,10 @@
 """The inner side of the lab: runs recorded one after another, one tracer session.
 
 Runs as ``slotscope lab-run`` (registered here) on the host (direct mode:
-one run per child process) or inside the nested lab VM (one L1 boot runs a whole plan: the
-probes are compiled and attached once, each run still lands in its own
-directory in the recording format, ``Recorder.begin_run``/``end_run``).
+one run per child process) or inside the nested lab VM (one L1 boot runs a
+whole plan: the probes are compiled and attached once, each run still lands
+in its own directory in the recording format, ``Recorder.begin_run``/
+``end_run``).  The workload of each run: slotscope.labworkload.
 
 Each run directory gets ``run-progress.json``, rewritten as the run goes:
 ``{"state": "started"|"ok"|"failed", "error", "elapsed_s", "phases",
@@ -55,7 +56,7 @@ PANIC_ON_START = "panic_l1"
 RESET_L2 = "reset_l2"
 ONE_RUN_TIMEOUT = 86400.0  # lab-run --scenario: the caller keeps the deadline
 _T0 = time.monotonic()
-_log = logging.getLogger(__name__)  # not "log": _qemu has a WorkloadLog by that name
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -177,7 +178,7 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
     finally:
         if vmms is not None:
             vmms.close()
-        _take(preloaded, None)  # not taken (an error first): detached
+        _discard(preloaded)  # not taken (an error first): detached
     return failed
 
 
@@ -193,19 +194,21 @@ def _preload(aggregate: bool) -> Future[Loaded]:
     return future
 
 
-def _take(preloaded: Future[Loaded] | None, aggregate: bool | None
+def _take(preloaded: Future[Loaded] | None, aggregate: bool
           ) -> tuple[Loaded | None, Future[Loaded] | None]:
-    """The preloaded probes if they are ``aggregate``'s (None: none are
-    wanted, close them), and what is left to take."""
+    """The preloaded probes if they are ``aggregate``'s, and what is left."""
     if preloaded is None:
-        return None, None
-    if aggregate is None:
-        with contextlib.suppress(Exception):  # its error was, or will be, someone else's
-            preloaded.result().probes.close()
         return None, None
     if preloaded.result().aggregate != aggregate:
         return None, preloaded
     return preloaded.result(), None
+
+
+def _discard(preloaded: Future[Loaded] | None) -> None:
+    """Detach preloaded probes no session took (after the compile ends)."""
+    if preloaded is not None:
+        with contextlib.suppress(Exception):  # its error was, or will be, someone else's
+            preloaded.result().probes.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -238,7 +241,7 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
     try:
         runs = [PlannedRun.from_json(d) for d in docs]
     except BaseException as e:
-        _take(preloaded, None)
+        _discard(preloaded)
         if isinstance(e, (ValueError, TypeError, KeyError)):
             raise LabError(f"bad lab-run plan: {e}") from None
         raise

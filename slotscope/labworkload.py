@@ -31,7 +31,7 @@ LINUX_BOOT_TIMEOUT = 120.0  # seconds, L1 time: see rig_config
 
 
 def run_microvm(r: PlannedRun, rec: Recorder, vmms: Forks, final: dict[str, Any],
-             phases: dict[str, float]) -> None:
+                phases: dict[str, float]) -> None:
     from vmrig.microvm.truth import write_run_workload
     s, t0 = r.scenario, time.monotonic()
     truth = r.dir / "microvm.json"
@@ -121,7 +121,7 @@ async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                     rec.add_pid(rig.pid)
                 phases["qemu_up_s"] = round(time.monotonic() - t0, 3)
                 say(f"QEMU up ({rig.accel}), traced from "
-                       f"{'its exec' if from_spawn else 'the guest ready line'}")
+                    f"{'its exec' if from_spawn else 'the guest ready line'}")
                 log = WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
                 if s.workload == "hotplug":
                     await wl.hotplug_cycles(rig, log, cycles=s.cycles, size=s.size_bytes,
