@@ -151,6 +151,29 @@ def run_failure(r: PlannedRun, progress: dict[str, Any],
     return RigError(batch.exit_error or "the lab VM ended before the run finished")
 
 
+def _build_guests(todo: list[PlannedRun], progress: Progress) -> None:
+    """What the runs build, built here where the cache lasts: the L1 finds
+    it in its view of this cache (labvm) and skips builds that took a TCG
+    vCPU ~11 s (the Linux L2's initramfs, beside the probe compile) and ~3 s
+    (the micro-VMM's C loop, in its first run) at every boot.  A build that
+    fails here is left to the L1: the run that needs it reports it."""
+    from vmrig import kernel, linuxguest
+    from vmrig.microvm import native
+    builds = [("the Linux guest's initramfs", any(r.scenario.guest == "linux" for r in todo),
+               lambda: linuxguest.build_initramfs(kernel.lab_kernel().release)),
+              ("the micro-VMM's C loop", any(r.scenario.native for r in todo), native.build)]
+    for what, wanted, build in builds:
+        if not wanted:
+            continue
+        t = time.monotonic()
+        try:
+            build()
+        except (RigError, OSError) as e:
+            progress.log(f"{what} was not built on the host: {e}")
+            continue
+        progress.log(f"{what} is ready ({time.monotonic() - t:.1f} s)")
+
+
 def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | None,
                statuses: dict[str, list[RunStatus]], progress: Progress) -> list[dict[str, Any]]:
     """Every run of ``todo`` on kernel ``k``, one L1 boot for all (a fresh
@@ -158,6 +181,7 @@ def run_kernel(k: LabKernel, todo: list[PlannedRun], out: Path, l0_qemu: str | N
     reruns = Reruns()
     phases = []
     boot = idle = 0
+    _build_guests(todo, progress)
     while todo:
         boot += 1
         progress.step(f"{k.release}: L1 boot {boot}, {len(todo)} runs")

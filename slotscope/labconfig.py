@@ -46,6 +46,7 @@ class Scenario:
     guest: GuestKind = "bare"
     schedule: str = "create:1,flags:1,flags:1,move:1,delete:1"  # microvm
     mmio_accesses: int = 20000   # microvm
+    native: bool = False         # microvm: the exit loop in C (vmrig/microvm/native.py)
     # microvm: instead of the schedule, the generation-wrap workload through
     # this many wraps of the masked MMIO generation (vmrig/microvm/wrap.py)
     wraps: int = 0
@@ -170,6 +171,9 @@ def _check_scenario(where: str, s: Scenario) -> None:
             raise ConfigError(f"{where}: {e}", "steps") from None
     if s.wraps and s.workload != "microvm":
         raise ConfigError(f"{where}: wraps needs workload \"microvm\"", "wraps")
+    if s.native and (s.workload != "microvm" or s.wraps):
+        raise ConfigError(f"{where}: native needs workload \"microvm\" without wraps (the "
+                          "wrap's loop is its ioctls)", "native")
     if s.wraps and s.mmio_pages > MAX_WRAP_PAGES:
         raise ConfigError(f"{where}: mmio_pages must be <= {MAX_WRAP_PAGES} with wraps "
                           "(two page sets)", "mmio_pages")

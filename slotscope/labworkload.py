@@ -36,7 +36,8 @@ def run_microvm(r: PlannedRun, rec: Recorder, vmms: Forks, final: dict[str, Any]
     s, t0 = r.scenario, time.monotonic()
     truth = r.dir / "microvm.json"
     work = (["--wrap", str(s.wraps)] if s.wraps else
-            ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule])
+            ["--mmio-accesses", str(s.mmio_accesses), "--schedule", s.schedule,
+             *(["--native"] if s.native else [])])
     # No --run-dir: its workload table is written here, from the truth, so
     # that the VMM never imports pyarrow (2-4 s a run each way in a TCG L1).
     vmm = vmms.spawn(["--wait", *work, "--pages", str(s.mmio_pages), "-o", str(truth)])

@@ -78,6 +78,8 @@ def _lab(*args: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedPro
     ('[lab]\nkernels = "6.1"\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
     ('[lab]\nkernels = []\n[[scenario]]\nname = "a"\nworkload = "microvm"\n', "kernels"),
     ('[[scenario]]\nname = "a"\nworkload = "microvm"\nsteps = ["1G"]\n', "steps"),
+    ('[[scenario]]\nname = "a"\nworkload = "microvm"\nwraps = 1\nnative = true\n', "native"),
+    ('[[scenario]]\nname = "a"\nworkload = "hotplug"\nnative = true\n', "native"),
     ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\nguest = "linux"\nsize = "1G"\n'
      'steps = ["2G"]\n', "steps"),
     ('[[scenario]]\nname = "a"\nworkload = "virtio-mem"\nguest = "linux"\nsteps = ["x"]\n',
@@ -327,7 +329,7 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     # Aggregate mode (the cheapest; MMIO SPTE evidence counted in kernel
     # histograms) for all: one recorder session, one compile per L1 boot.
     cfg = _config(tmp_path, MICROVM.format(name="mv", n=2000) + "aggregate = true\n"
-                  "repetitions = 2\n" + PCDIMM + "aggregate = true\n" + VMEM, mode="nested",
+                  "native = true\nrepetitions = 2\n" + PCDIMM + "aggregate = true\n" + VMEM, mode="nested",
                   extra='kernels = ["6.1", "6.12"]')
     out = tmp_path / "out"
     t0 = time.monotonic()

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TextIO
 
 from recording.hostfacts import FAIL, OK, Check, kvm_vendor_module, nested_vendor
-from vmrig import config, host, l1report
+from vmrig import config, guestbuild, host, l1report
 from vmrig.errors import L1Fault, RigError
 from vmrig.kernel import CACHE_ROOT, DEFAULT_KERNELS, LabKernel, lab_kernel, resolve_kernel
 
@@ -245,11 +245,15 @@ def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path
     if vng is None or busybox is None:
         missing = _missing_parts() or ("vng or busybox missing", "./setup.sh")
         raise RigError(f"{missing[0]}; fix: {missing[1]}")
+    guests = guestbuild.cache_dir()
     cmd = [vng, "--verbose", "--busybox", busybox, "--run", str(kernel), "--force-9p",
            "--user", "root", "--memory", memory, "--rwdir", str(outdir), "--cwd", str(cwd),
            # vng puts a tmpfs on /var/cache: the lab kernels (the L2's Linux
-           # guest boots one) must still be seen inside
+           # guest boots one) must still be seen inside, and the guests the
+           # host built (the L2's initramfs: a gcc -static of ~11 s on a TCG
+           # vCPU) as an overlay the L1 adds its own builds to, in its memory
            *([f"--rodir={CACHE_ROOT}"] if CACHE_ROOT.is_dir() else []),
+           *([f"--overlay-rwdir={guests}"] if guests.is_dir() else []),
            "--exec", f"sh {shlex.quote(str(script))}",
            # a monitor for the host's report of a hung L1 (l1report)
            # "=": argparse takes a separate value starting with "-" for an option

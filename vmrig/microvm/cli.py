@@ -12,6 +12,7 @@ from pathlib import Path
 from vmrig.microvm.changes import parse_schedule
 from vmrig.microvm.errors import BadRequest, MicroVMError
 from vmrig.microvm.guest import ACCESSES, MAX_PAGES
+from vmrig.microvm.native import library
 from vmrig.microvm.truth import Result, write_workload
 from vmrig.microvm.vmm import run
 from vmrig.microvm.wrap import WRAP_CHANGES, WrapResult, WrapRun, write_wrap_workload
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(args.run_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise BadRequest(f"--run-dir {args.run_dir}: {e.strerror}") from None
+        if args.native:  # built and loaded now: the run's clock starts at "go"
+            library()
         if args.wait:
             print(f"ready {os.getpid()}", flush=True)
             sys.stdin.readline()

@@ -52,9 +52,8 @@ def _compiler() -> str:
     return cc
 
 
-@cache
-def library() -> ctypes.CDLL:
-    """exitloop.c compiled (cached by source and compiler) and loaded."""
+def build() -> guestbuild.GuestImage:
+    """exitloop.c compiled, from the cache (keyed by source and compiler)."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
 
@@ -64,7 +63,13 @@ def library() -> ctypes.CDLL:
                              str(SOURCE)], _error)
         return so.read_bytes()
 
-    built = guestbuild.cached("exitloop", ".so", SOURCE.read_bytes() + version.encode(), make)
+    return guestbuild.cached("exitloop", ".so", SOURCE.read_bytes() + version.encode(), make)
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """exitloop.c built (``build``) and loaded."""
+    built = build()
     if built.path is not None:
         lib = ctypes.CDLL(str(built.path))  # CDLL: the GIL is released during the call
     else:  # no writable cache: load a private copy, removed once mapped
