@@ -329,8 +329,8 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     # Aggregate mode (the cheapest; MMIO SPTE evidence counted in kernel
     # histograms) for all: one recorder session, one compile per L1 boot.
     cfg = _config(tmp_path, MICROVM.format(name="mv", n=2000) + "aggregate = true\n"
-                  "native = true\nrepetitions = 2\n" + PCDIMM + "aggregate = true\n" + VMEM, mode="nested",
-                  extra='kernels = ["6.1", "6.12"]')
+                  "native = true\nrepetitions = 2\n" + PCDIMM + "aggregate = true\n" + VMEM,
+                  mode="nested", extra='kernels = ["6.1", "6.12"]')
     out = tmp_path / "out"
     t0 = time.monotonic()
     p = _lab("--config", str(cfg), "-o", str(out), "--inject-l1-panic", "mv/2",

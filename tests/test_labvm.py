@@ -209,11 +209,11 @@ echo > $T/kprobe_events
   cat /sys/module/kvm_amd/parameters/nested /sys/module/kvm_amd/parameters/npt \
       2>/dev/null || cat /sys/module/kvm_intel/parameters/nested;
   readlink -f /lib/modules/$(uname -r)/build; } > "$SLOTSCOPE_LABVM_OUT/facts.txt"
-# $1: a file in the host's guest cache, which the L1 sees as an overlay
-# it may write to in its own memory (labvm)
-cat "$1" > "$SLOTSCOPE_LABVM_OUT/seed.txt"
-echo l1 > "$1"
-cat "$1" > "$SLOTSCOPE_LABVM_OUT/seed-after.txt"
+# $1: a file in the host's guest cache, which the L1 sees read-only
+# (labvm); what the L1 builds goes beside it, in its own memory
+python -c 'import sys; from vmrig import guestbuild as g; d = g.cache_dir()
+d.mkdir(parents=True, exist_ok=True); (d / "l1").write_text("l1")
+print(g.find(sys.argv[1]), d)' "$(basename "$1")" > "$SLOTSCOPE_LABVM_OUT/guests.txt"
 echo written > "$SLOTSCOPE_LABVM_OUT/marker"
 exit 7
 """
@@ -226,14 +226,12 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     (out / "before.txt").write_text("host file\n")
     script = out / "check.sh"
     script.write_text(TRACEFS_CHECK)
-    seed = guestbuild.cache_dir() / f"labvm-test-seed-{os.getpid()}"
+    seed = guestbuild.shared_dir() / f"labvm-test-seed-{os.getpid()}"
     seed.parent.mkdir(parents=True, exist_ok=True)
     seed.write_text("host\n")
     try:
         res = labvm.run_in_labvm(["sh", str(script), str(seed)], timeout=L1_TIMEOUT,
                                  outdir=out, cwd=REPO, echo=False)
-        # what the host built is seen inside; what the L1 writes stays there
-        assert seed.read_text() == "host\n"
     finally:
         seed.unlink()
     print(f"L1 {res.accel}: exit {res.returncode} in {res.elapsed_s:.1f} s, "
@@ -242,8 +240,10 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     assert res.returncode == 7, (out / "labvm/console.log").read_text()[-3000:]
     assert (out / "marker").read_text() == "written\n"  # written inside, seen on host
     assert (out / "before.txt").read_text() == "host file\n"
-    assert (out / "seed.txt").read_text() == "host\n"
-    assert (out / "seed-after.txt").read_text() == "l1\n"
+    # what the host built is found inside; what the L1 builds stays there
+    found, l1_cache = (out / "guests.txt").read_text().split()
+    assert found == str(seed) and Path(l1_cache) != seed.parent
+    assert not (Path(l1_cache) / "l1").exists()
     assert res.boot_s is not None and 0 < res.boot_s < res.elapsed_s
     assert json.loads((out / "labvm/result.json").read_text())["returncode"] == 7
 

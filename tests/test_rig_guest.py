@@ -5,11 +5,13 @@ Linux guest's kernel is copied into that cache off a shared filesystem."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import needs_root
 
-from vmrig import bareguest
+from vmrig import bareguest, guestbuild
 from vmrig.config import BareGuestConfig
 
 pytestmark = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
@@ -71,6 +73,29 @@ def test_run_image_without_a_writable_cache(tmp_path: Path,
     assert img.read_bytes()[0x10:0x18] == b"SLOTSCOP"
     with pytest.raises(RigError, match="not writable"):
         bareguest.build()
+
+
+@needs_root
+def test_read_only_shared_cache_is_used_and_built_beside(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab VM's view of the host's guest cache is a read-only mount: a
+    guest built there is used as it is, and one built inside goes beside it
+    (guests.local).  The read-only mount is a real one (a bind mount)."""
+    monkeypatch.setenv("SLOTSCOPE_CACHE", str(tmp_path / "cache"))
+    shared = guestbuild.shared_dir()
+    host_built = bareguest.build()  # by "the host", while it is writable
+    assert host_built.parent == shared
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(shared)], check=True)
+        assert guestbuild.cache_dir() == tmp_path / "cache" / "guests.local"
+        assert bareguest.build() == host_built  # found, not built again
+        img = guestbuild.build(bareguest.SOURCE, "other", bareguest.LINK_BASE,
+                               lambda tool, what: RuntimeError(what))
+        assert img.path is not None and img.path.parent == tmp_path / "cache" / "guests.local"
+        assert not (shared / img.path.name).exists()
+    finally:
+        subprocess.run(["umount", str(shared)], check=True)
 
 
 def test_kernel_copied_off_a_shared_filesystem_once(cache: Path, tmp_path: Path,

@@ -4,8 +4,11 @@ products of the rig (the micro-VMM's native loop), cached.
 The bare guest (bareguest.py) and the micro-VMM's loops (microvm/guest.py)
 are both built here.  An image is cached under a key hashed from the source
 and its ``--defsym`` values, so editing the source, or asking for another
-variant, builds anew.  A cache that cannot be written (the nested lab VM's
-read-only root) only means building on every use.
+variant, builds anew.  Builds are looked for where they are written and in
+the machine's shared cache, which the nested lab VM sees read-only (the
+host's, so the L1 reuses what the host built and writes its own beside it,
+in its memory).  A cache that cannot be written only means building on
+every use.
 """
 
 from __future__ import annotations
@@ -30,13 +33,39 @@ class GuestImage:
     path: Path | None  # the cached copy; None where the cache is not writable
 
 
+def _writable(p: Path) -> bool:
+    """Whether ``p``, or the nearest of its parents that exists, may be written."""
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.access(p, os.W_OK)
+
+
+def shared_dir() -> Path:
+    """The machine's guest cache: $SLOTSCOPE_CACHE/guests, by default
+    /var/cache/slotscope/guests.  The nested lab VM sees the host's,
+    read-only (labvm): what the host built, the L1 need not build."""
+    return Path(os.environ.get("SLOTSCOPE_CACHE", "/var/cache/slotscope")) / "guests"
+
+
 def cache_dir() -> Path:
-    """Where built guests are kept: $SLOTSCOPE_CACHE, /var/cache/slotscope,
-    or the user's cache directory, whichever is writable first."""
-    root = Path(os.environ.get("SLOTSCOPE_CACHE", "/var/cache/slotscope"))
-    if not os.access(root if root.exists() else root.parent, os.W_OK):
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slotscope"
-    return root / "guests"
+    """Where built guests are written: the shared cache where it is
+    writable; else beside it (the lab VM's memory, under its read-only view
+    of the host's); else the user's cache directory."""
+    shared = shared_dir()
+    if _writable(shared):
+        return shared
+    if _writable(shared.parent):
+        return shared.with_name("guests.local")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slotscope" / "guests"
+
+
+def find(name: str) -> Path | None:
+    """The cached build ``name``: where builds are written, else in the
+    shared cache; None if neither has it."""
+    for d in dict.fromkeys((cache_dir(), shared_dir())):
+        if (d / name).exists():
+            return d / name
+    return None
 
 
 def build(source: Path, stem: str, link_base: int, error: BuildError, *,
@@ -64,9 +93,11 @@ def cached(stem: str, suffix: str, key: bytes, make: Callable[[Path], bytes], *,
            check: Callable[[bytes], None] | None = None, force: bool = False) -> GuestImage:
     """The file ``make`` builds in a scratch directory, cached under a hash
     of ``key`` (everything the build depends on)."""
-    out = cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}{suffix}"
-    if out.exists() and not force:
-        return GuestImage(out.read_bytes(), out)
+    name = f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}{suffix}"
+    found = find(name)
+    if found is not None and not force:
+        return GuestImage(found.read_bytes(), found)
+    out = cache_dir() / name
     with tempfile.TemporaryDirectory(prefix=f"slotscope-{stem}-") as tmp:
         data = make(Path(tmp))
     if check is not None:

@@ -245,15 +245,15 @@ def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path
     if vng is None or busybox is None:
         missing = _missing_parts() or ("vng or busybox missing", "./setup.sh")
         raise RigError(f"{missing[0]}; fix: {missing[1]}")
-    guests = guestbuild.cache_dir()
+    guests = guestbuild.shared_dir()
     cmd = [vng, "--verbose", "--busybox", busybox, "--run", str(kernel), "--force-9p",
            "--user", "root", "--memory", memory, "--rwdir", str(outdir), "--cwd", str(cwd),
            # vng puts a tmpfs on /var/cache: the lab kernels (the L2's Linux
            # guest boots one) must still be seen inside, and the guests the
            # host built (the L2's initramfs: a gcc -static of ~11 s on a TCG
-           # vCPU) as an overlay the L1 adds its own builds to, in its memory
+           # vCPU); the L1 builds what is missing beside them (guestbuild)
            *([f"--rodir={CACHE_ROOT}"] if CACHE_ROOT.is_dir() else []),
-           *([f"--overlay-rwdir={guests}"] if guests.is_dir() else []),
+           *([f"--rodir={guests}"] if guests.is_dir() else []),
            "--exec", f"sh {shlex.quote(str(script))}",
            # a monitor for the host's report of a hung L1 (l1report)
            # "=": argparse takes a separate value starting with "-" for an option

@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vmrig import RigError
+from vmrig import RigError, guestbuild
 from vmrig.config import LaunchFiles, RigConfig
-from vmrig.guestbuild import cache_dir
 
 GUESTS = Path(__file__).with_name("guests")
 INIT = GUESTS / "init"
@@ -77,9 +76,11 @@ def build_initramfs(release: str, force: bool = False) -> Path:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(release.encode())
-    out = cache_dir() / f"initramfs-{h.hexdigest()[:16]}.cpio"
-    if out.exists() and not force:
-        return out
+    name = f"initramfs-{h.hexdigest()[:16]}.cpio"
+    found = guestbuild.find(name)
+    if found is not None and not force:
+        return found
+    out = guestbuild.cache_dir() / name
     out.parent.mkdir(parents=True, exist_ok=True)
     with _progress("building the Linux guest initramfs (busybox, mmio, virtio modules)"), \
             tempfile.TemporaryDirectory(prefix="slotscope-initramfs-") as tmp:
@@ -135,7 +136,7 @@ def local_kernel(image: Path) -> Path:
         return image
     st = image.stat()
     key = hashlib.sha256(f"{image}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / f"{image.name}-{key}"
+    out = guestbuild.cache_dir() / f"{image.name}-{key}"
     if not out.exists():
         tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         try:
