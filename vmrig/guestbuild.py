@@ -33,11 +33,17 @@ class GuestImage:
     path: Path | None  # the cached copy; None where the cache is not writable
 
 
-def _writable(p: Path) -> bool:
-    """Whether ``p``, or the nearest of its parents that exists, may be written."""
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return os.access(p, os.W_OK)
+def _takes_files(d: Path) -> bool:
+    """Whether a file can be made in the directory ``d``: tried, since
+    access(2) calls a read-only 9p export (the lab VM's view of the host's
+    cache) writable."""
+    try:
+        fd, name = tempfile.mkstemp(dir=d, prefix=".slotscope-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 def shared_dir() -> Path:
@@ -48,15 +54,18 @@ def shared_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where built guests are written: the shared cache where it is
-    writable; else beside it (the lab VM's memory, under its read-only view
-    of the host's); else the user's cache directory."""
+    """Where built guests are written: the shared cache; beside it where it
+    is a read-only view (the lab VM's of the host's; ``guests.local`` is in
+    the L1's memory); the user's cache directory where the shared cache's
+    parent cannot be written."""
     shared = shared_dir()
-    if _writable(shared):
-        return shared
-    if _writable(shared.parent):
+    root = shared.parent
+    if not os.access(root if root.exists() else root.parent, os.W_OK):
+        user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return user / "slotscope" / "guests"
+    if shared.is_dir() and not _takes_files(shared):
         return shared.with_name("guests.local")
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slotscope" / "guests"
+    return shared
 
 
 def find(name: str) -> Path | None:
