@@ -13,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PKGS=(
   python3-bpfcc bpfcc-tools python3-venv python3-dev        # bcc from the distro
   qemu-system-x86 qemu-utils ipxe-qemu                      # rig (NIC ROMs)
-  busybox-static cpio kmod udev                             # guests, lab VM
+  busybox-static cpio kmod udev squashfs-tools              # guests, lab VM
   build-essential                                           # guests, headers
   linux-perf trace-cmd                                      # comparison tools
   linux-headers-amd64 vagrant vagrant-libvirt               # lab VM, Vagrantfile

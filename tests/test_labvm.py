@@ -214,6 +214,7 @@ echo > $T/kprobe_events
 python -c 'import sys; from vmrig import guestbuild as g; d = g.cache_dir()
 d.mkdir(parents=True, exist_ok=True); (d / "l1").write_text("l1")
 print(g.find(sys.argv[1]), d)' "$(basename "$1")" > "$SLOTSCOPE_LABVM_OUT/guests.txt"
+awk '$3 == "squashfs" {print $2}' /proc/mounts > "$SLOTSCOPE_LABVM_OUT/images.txt"
 echo written > "$SLOTSCOPE_LABVM_OUT/marker"
 exit 7
 """
@@ -245,10 +246,16 @@ def test_l1_runs_command_and_kprobes_see_l2_memslots(tmp_path: Path) -> None:
     assert found == str(seed) and Path(l1_cache) != seed.parent
     assert not (Path(l1_cache) / "l1").exists()
     assert res.boot_s is not None and 0 < res.boot_s < res.elapsed_s
-    assert json.loads((out / "labvm/result.json").read_text())["returncode"] == 7
+    result = json.loads((out / "labvm/result.json").read_text())
+    assert result["returncode"] == 7
 
     k = LAB_KERNEL
     assert k is not None
+    if shutil.which("mksquashfs"):  # the venv and the headers came from disks, not 9p
+        assert len(result["images"]) == 2, result
+        mounted = (out / "images.txt").read_text().split()
+        assert str(labvm.VENV_BIN.parent.resolve()) in mounted
+        assert str(k.headers_dir.resolve()) in mounted, mounted
     release, caching, nested, *rest = (out / "facts.txt").read_text().split()
     assert release == k.release
     assert caching == "Y"

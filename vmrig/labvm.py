@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TextIO
 
 from recording.hostfacts import FAIL, OK, Check, kvm_vendor_module, nested_vendor
-from vmrig import config, guestbuild, host, l1report
+from vmrig import config, guestbuild, host, l1report, labimage
 from vmrig.errors import L1Fault, RigError
 from vmrig.kernel import CACHE_ROOT, DEFAULT_KERNELS, LabKernel, lab_kernel, resolve_kernel
 
@@ -190,7 +190,7 @@ def labvm_check(specs: Sequence[str] = DEFAULT_KERNELS) -> Check:
 
 
 def _script(command: Sequence[str], outdir: Path, state: Path, cwd: Path, accel: str,
-            timeout: float) -> str:
+            timeout: float, images: Sequence[labimage.Image] = ()) -> str:
     """The L1's side: set up, run COMMAND as root, record its status.
 
     A watchdog reports, shortly before the host's deadline, what every task
@@ -211,6 +211,8 @@ export SLOTSCOPE_LABVM=1 SLOTSCOPE_LABVM_OUT={q(str(outdir))} {ACCEL_ENV}={q(acc
 export SLOTSCOPE_LABVM_SCRATCH=/run/labvm-scratch PYTHONDONTWRITEBYTECODE=1
 {qemu_env}
 mkdir -p "$SLOTSCOPE_LABVM_SCRATCH"
+# The trees start-up reads most, from read-only disks rather than 9p (labimage)
+{labimage.mount_script(images)}
 [ -e /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing
 # udev normally loads the vendor module; do it by hand if it did not.
 [ -e /dev/kvm ] || modprobe kvm_amd nested=1 2>/dev/null || modprobe kvm_intel nested=1
@@ -239,7 +241,8 @@ exit $rc
 
 
 def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path,
-                 memory: str, cpus: int | None, qmp: Path) -> list[str]:
+                 memory: str, cpus: int | None, qmp: Path,
+                 images: Sequence[labimage.Image] = ()) -> list[str]:
     vng = _tool("vng")
     busybox = shutil.which("busybox")
     if vng is None or busybox is None:
@@ -257,7 +260,8 @@ def _vng_command(kernel: Path, accel: str, script: Path, outdir: Path, cwd: Path
            "--exec", f"sh {shlex.quote(str(script))}",
            # a monitor for the host's report of a hung L1 (l1report)
            # "=": argparse takes a separate value starting with "-" for an option
-           f"--qemu-opts=-qmp unix:{qmp},server=on,wait=off"]
+           f"--qemu-opts=-qmp unix:{qmp},server=on,wait=off "
+           + " ".join(labimage.qemu_opts(images))]
     qemu = host.qemu_binary()  # $SLOTSCOPE_QEMU or PATH's: the L0 and, inside, the L2's
     if qemu:
         cmd += ["--qemu", qemu]
@@ -334,7 +338,8 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
             (state / stale).unlink(missing_ok=True)
         script = state / "run.sh"
         work = Path(cwd).absolute() if cwd else out
-        script.write_text(_script(command, out, state, work, accel, timeout))
+        images = labimage.images(VENV_BIN.parent, kernel_path)
+        script.write_text(_script(command, out, state, work, accel, timeout, images))
     except OSError as e:
         raise RigError(f"cannot prepare output directory {out}: {e.strerror}") from None
     # unix socket paths are short (108 bytes): not under the output directory
@@ -342,7 +347,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
                                           dir="/run" if os.access("/run", os.W_OK) else None)
     qmp = Path(sockdir.name) / "qmp.sock"
     try:
-        cmd = _vng_command(kernel_path, accel, script, out, work, memory, cpus, qmp)
+        cmd = _vng_command(kernel_path, accel, script, out, work, memory, cpus, qmp, images)
     except BaseException:
         sockdir.cleanup()
         raise
@@ -412,7 +417,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
     (state / "result.json").write_text(json.dumps(
         {"returncode": result.returncode, "accel": accel, "elapsed_s": result.elapsed_s,
          "timed_out": timed_out, "kill_reason": kill_reason, "boot_s": boot_s,
-         "kernel": str(kernel_path),
+         "kernel": str(kernel_path), "images": [str(i.path) for i in images],
          "command": list(command), "panic": result.panic, "lockup": result.lockup,
          "host_report": host_report},
         indent=2) + "\n")
