@@ -153,10 +153,11 @@ def run_failure(r: PlannedRun, progress: dict[str, Any],
 
 def _build_guests(todo: list[PlannedRun], progress: Progress) -> None:
     """What the runs build, built here where the cache lasts: the L1 finds
-    it in its view of this cache (labvm) and skips builds that took a TCG
-    vCPU ~11 s (the Linux L2's initramfs, beside the probe compile) and ~3 s
-    (the micro-VMM's C loop, in its first run) at every boot.  A build that
-    fails here is left to the L1: the run that needs it reports it."""
+    it in its view of this cache (guestbuild) and skips the builds it made
+    at every boot on a TCG vCPU: the Linux L2's initramfs (a gcc -static
+    of ~11 s beside the probe compile) and the micro-VMM's C loop (cc, in
+    the first run's start-up).  A build that fails here is left to the L1:
+    the run that needs it reports it."""
     from vmrig import kernel, linuxguest
     from vmrig.microvm import native
     builds = [("the Linux guest's initramfs", any(r.scenario.guest == "linux" for r in todo),
