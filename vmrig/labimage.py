@@ -107,7 +107,10 @@ def image(name: str, trees: Sequence[Path]) -> Image | None:
     mksquashfs = shutil.which("mksquashfs")
     if not trees or mksquashfs is None:
         return None
-    key, size = _key(trees)
+    try:
+        key, size = _key(trees)
+    except OSError:  # a file went as it was walked: this boot reads over 9p
+        return None
     if size > MAX_BYTES:  # e.g. a whole kernel build tree as its headers
         return None
     cache = guestbuild.shared_dir().with_name("labvm")

@@ -330,6 +330,7 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
         if not kernel_path.is_file():
             raise RigError(f"kernel image {kernel_path} not found")
     out = Path(outdir or "labvm-out").absolute()
+    images = labimage.images(VENV_BIN.parent, kernel_path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         state = out / state_dir
@@ -338,7 +339,6 @@ def run_in_labvm(command: Sequence[str], *, accel: str = "auto",
             (state / stale).unlink(missing_ok=True)
         script = state / "run.sh"
         work = Path(cwd).absolute() if cwd else out
-        images = labimage.images(VENV_BIN.parent, kernel_path)
         script.write_text(_script(command, out, state, work, accel, timeout, images))
     except OSError as e:
         raise RigError(f"cannot prepare output directory {out}: {e.strerror}") from None
