@@ -619,6 +619,12 @@ def test_lab_run_parses_its_arguments_before_pyarrow_loads() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.splitlines() == ["p", ""]
+    # and the compile's own path to clang leaves numpy (the ring reader's)
+    # to be imported after it, by then by pyarrow in the main thread
+    code = "import sys, tracer.loader; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["False"]
 
 
 def test_commands_table_names_what_each_module_registers() -> None:

@@ -14,11 +14,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import TracerError
 from .capabilities import BackendChoice, Capabilities, _quiet_stderr, choose_backend, probe
-from .probes import RINGBUF_PAGES, Probes
+
+if TYPE_CHECKING:  # .probes imports numpy: loaded after the compile (load)
+    from .probes import Probes
+
+RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
 
 BPF_DIR = Path(__file__).parent / "bpf"
 
@@ -284,6 +288,10 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
             os.close(link)
         bpf.cleanup()
         raise
+    # Only now: numpy, which .probes imports, is seconds of a TCG L1's vCPU,
+    # and the compile above runs without the GIL beside whatever imports it
+    # in the meantime (lab-run's main thread: pyarrow, which imports numpy).
+    from .probes import Probes
     offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
     probes = Probes(bpf, backend, buffer, attached, missing, offs, links, aggregate=aggregate)
     probes.open()

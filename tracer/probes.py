@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from .events import EVENT_DTYPE, LOST_KINDS
+from .loader import RINGBUF_PAGES
 from .procfs import kvm_fds
 from .ringbuf import RingReader
-
-RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
 
 
 def _items(table: Any) -> list[tuple[Any, Any]]:
