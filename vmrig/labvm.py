@@ -16,12 +16,13 @@ kvm_amd with nested virtualization on (checked by inspecting the module and
 by starting QEMU with it); TCG with ``-cpu max`` (emulated SVM with NPT)
 everywhere else, e.g. on hosts whose /dev/kvm is kvm_pvm.
 
-One module of ~440 lines because it reads top to bottom as one L1's course:
+One module of ~475 lines because it reads top to bottom as one L1's course:
 what it needs (``choose_accel``, ``labvm_check``), the script it runs, the
 vng command, the run with its deadline and the host's watch, and the faults
 read off its console (``LabResult.fault``).  What it uses lives beside it:
-``kernel/`` (the L1's kernels), ``l1report`` (a hung L1's vCPUs), ``host``
-(does QEMU start) and ``labvm_cli``.  The next seam, if it grows: the
+``kernel/`` (the L1's kernels), ``labimage`` (the read-only disks of the
+venv and headers), ``l1report`` (a hung L1's vCPUs), ``host`` (does QEMU
+start) and ``labvm_cli``.  The next seam, if it grows: the
 accelerator and readiness checks (~60 lines) into a module of their own.
 """
 
