@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from tracer.loader import Loaded
     from tracer.recorder import Recorder
     from vmrig.microvm.prefork import Forks
+    from vmrig.snapshot import Snapshots
 
     from .labconfig import Scenario
 
@@ -122,6 +124,7 @@ class _Session:
     l0_qemu: str | None
     l1_qemu: Future[str | None]   # asked in the background: 3 s in a TCG L1
     vmms: Forks | None            # micro-VMMs forked ready-imported
+    snapshots: Snapshots | None   # Linux guests booted once (vmrig/snapshot.py)
 
     def final(self, r: PlannedRun) -> dict[str, Any]:
         """The manifest keys lab-run adds to each run."""
@@ -144,11 +147,13 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
     ``preloaded``: the first session's probes, compiling already (_preload);
     run_plan owns them: they are detached on every way out."""
     vmms: Forks | None = None
+    snap_dir: str | None = None
     failed = 0
     try:
         from tracer.recorder import Recorder
         from vmrig.host import version_text
         from vmrig.microvm.prefork import Forks
+        from vmrig.snapshot import Snapshots
         background = ThreadPoolExecutor(2, thread_name_prefix="lab-run")
         # A generous timeout: beside the compile and the guest's staging, all
         # reading over the L1's 9p, it took over 10 s once (3 s alone).
@@ -157,6 +162,10 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
             if any(r.scenario.guest == "linux" for r in runs) else None
         background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
         vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
+        snapshots = None
+        if any(r.scenario.guest == "linux" for r in runs):
+            snap_dir = tempfile.mkdtemp(prefix="slotscope-snapshots-")
+            snapshots = Snapshots(snap_dir)
         for aggregate in sorted({r.scenario.aggregate for r in runs}):
             group = [r for r in runs if r.scenario.aggregate == aggregate]
             loaded, preloaded = _take(preloaded, aggregate)
@@ -166,7 +175,7 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
             if staging is not None:
                 _staged(staging)
                 staging = None
-            session = _Session(rec, l0_qemu, l1_qemu, vmms)
+            session = _Session(rec, l0_qemu, l1_qemu, vmms, snapshots)
             try:
                 with rec.stopped_by_signals():
                     for r in group:
@@ -178,6 +187,8 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
     finally:
         if vmms is not None:
             vmms.close()
+        if snap_dir is not None:
+            shutil.rmtree(snap_dir, ignore_errors=True)
         _discard(preloaded)  # not taken (an error first): detached
     return failed
 
@@ -326,7 +337,8 @@ def _one(r: PlannedRun, session: _Session, retried: list[dict[str, str]],
             assert session.vmms is not None  # run_plan starts it for microvm runs
             labworkload.run_microvm(r, rec, session.vmms, final, phases)
         else:
-            asyncio.run(labworkload.run_qemu(r, rec, final, phases, _phase, inject_reset))
+            asyncio.run(labworkload.run_qemu(r, rec, final, phases, _phase, inject_reset,
+                                             session.snapshots))
         progress["state"] = "ok"
         if rec.stop_requested:
             failure = RigError("interrupted")

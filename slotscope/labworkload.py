@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tracer.recorder import Recorder
     from vmrig.config import RigConfig
     from vmrig.microvm.prefork import Forks
+    from vmrig.snapshot import Snapshots
 
     from .labconfig import Scenario
     from .labrun import PlannedRun
@@ -89,7 +90,9 @@ def rig_config(s: Scenario, timeout: float) -> RigConfig:
 
 async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                    phases: dict[str, float], say: Callable[[str], None],
-                   inject_reset: bool = False) -> None:
+                   inject_reset: bool = False, snapshots: Snapshots | None = None) -> None:
+    """``snapshots``: where a Linux guest traced from its ready line is
+    restored from, boot once per configuration (vmrig/snapshot.py)."""
     import asyncio
 
     from tracer.capabilities import infers_change_types
@@ -111,17 +114,23 @@ async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
         cfg = replace(cfg, firmware="qboot")
     if inject_reset:
         cfg = replace(cfg, kernel_cmdline=f"{cfg.kernel_cmdline} {NO_INIT}".strip())
+    # A guest traced from its exec must boot: its boot's memslots are the
+    # run's.  One traced from its ready line is the same guest restored.
+    snaps = snapshots if not from_spawn and cfg.guest == "linux" and not inject_reset else None
     rec.begin_run(r.dir, pids=[os.getpid()])
     rec.start_thread()
     try:
         async with asyncio.timeout(r.timeout):
-            async with Rig(cfg, record_dir=r.dir,
+            async with Rig(cfg, record_dir=r.dir, snapshots=snaps,
                            on_spawn=rec.add_pid if from_spawn else None) as rig:
                 assert rig.pid is not None
                 if not from_spawn:
                     rec.add_pid(rig.pid)
                 phases["qemu_up_s"] = round(time.monotonic() - t0, 3)
-                say(f"QEMU up ({rig.accel}), traced from "
+                snap = rig.snapshot_info
+                how = ("booted, saved and restored" if "saved_s" in snap else
+                       "restored" if snap.get("restored") else "booted")
+                say(f"QEMU up ({rig.accel}), guest {how} in {rig.boot_s:.1f} s, traced from "
                     f"{'its exec' if from_spawn else 'the guest ready line'}")
                 log = WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
                 if s.workload == "hotplug":

@@ -6,6 +6,7 @@
     ├── QmpCommandError       QEMU answered a command with an error
     ├── QmpTimeout            no reply, or no awaited event, in time
     ├── QemuGone              QEMU closed the QMP connection (it exited)
+    ├── SnapshotError         a guest could not be saved to, or restored from, a file
     ├── GuestFault            the guest, or the hypervisor under it, failed by itself
     └── L1Fault               the nested lab VM's kernel panicked, locked up, hung or was gone
 
@@ -109,6 +110,19 @@ class QemuGone(RigError):
         super().__init__(f"{what}: QEMU closed the QMP connection"
                          + (f" ({reason})" if reason else ""))
         self.what = what
+        self.reason = reason
+
+
+class SnapshotError(RigError):
+    """Saving a guest to a snapshot file, or restoring it from one
+    (vmrig/snapshot.py), did not work: ``step`` is "save" or "restore",
+    ``reason`` what QEMU said or what did not happen in time."""
+
+    tag = "snapshot"
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"guest snapshot {step}: {reason}")
+        self.step = step
         self.reason = reason
 
 

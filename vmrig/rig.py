@@ -9,12 +9,13 @@ reaches only us; we shut it down in order) and, unless detached for
 ``rig up``, with PR_SET_PDEATHSIG so it dies even if we are SIGKILLed.
 Stopping removes the process, socket, TAP and private directory.
 
-The class reads top to bottom as its lifecycle (paths, start, supervision,
-QMP helpers, stop, detach/attach), hence one module of ~450 lines.  What
-it uses lives beside it: ``spawn`` (QEMU's process), ``privatedir`` (the
+The class reads top to bottom as its lifecycle (paths, start, snapshots,
+supervision, QMP helpers, stop, detach/attach), hence one module of ~520
+lines.  What it uses lives beside it: ``spawn`` (QEMU's process), ``privatedir`` (the
 private directory and the sweep of stale ones), ``vcpus`` and ``samples``
 (what QEMU's threads do), ``silence`` (why a guest stopped answering),
-``rigstate`` (what ``rig up`` leaves behind) and ``errors``.
+``rigstate`` (what ``rig up`` leaves behind), ``snapshot`` (a Linux guest
+booted once and restored for every run) and ``errors``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import psutil
 
 from recording.hostfacts import pvm_host
 from recording.schema import monotonic_ns
-from vmrig import bareguest, host, silence
+from vmrig import bareguest, host, silence, snapshot
 from vmrig.config import LaunchFiles, RigConfig, config_from_dict, host_cpu_vendor, qemu_argv
-from vmrig.errors import GuestFault, QemuGone, RigError, write_record
+from vmrig.errors import GuestFault, QemuGone, RigError, SnapshotError, write_record
 from vmrig.privatedir import make_private_dir, sweep_stale, write_owner
 from vmrig.qmp import Qmp
 from vmrig.rigstate import RigState, default_state_dir
@@ -59,10 +60,13 @@ class Rig:
                  private_dir: str | os.PathLike[str] | None = None,
                  binary: str | None = None, detach: bool = False,
                  sample_interval: float = 0.5,
-                 on_spawn: Callable[[int], None] | None = None) -> None:
+                 on_spawn: Callable[[int], None] | None = None,
+                 snapshots: snapshot.Snapshots | None = None) -> None:
         """``on_spawn(pid)`` runs after QEMU's process exists and before it
         execs: a tracer that adds the pid there sees every KVM ioctl QEMU
-        makes, its initial memslots included."""
+        makes, its initial memslots included.  ``snapshots``: a Linux guest
+        is restored from its configuration's snapshot there, or booted,
+        saved there and restored (vmrig/snapshot.py); QEMU >= 9.0."""
         config.validate()
         self.config = config
         self.record_dir = Path(record_dir) if record_dir is not None else None
@@ -71,6 +75,8 @@ class Rig:
         self.detach = detach
         self.sample_interval = sample_interval
         self.on_spawn = on_spawn
+        self.snapshots = snapshots
+        self.snapshot_info: dict[str, Any] = {}  # rig.json's "snapshot"
         self.private_dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
@@ -129,6 +135,10 @@ class Rig:
             await self._detach()
             return
         error = exc[1] if isinstance(exc[1], RigError) else None
+        if isinstance(error, GuestFault) and self.snapshots is not None \
+                and "file" in self.snapshot_info:
+            # Never restore a guest that faulted again: the next run boots.
+            (self.snapshots.directory / self.snapshot_info["file"]).unlink(missing_ok=True)
         if isinstance(error, QemuGone) and self.proc is not None:
             # QMP going away first is the symptom; QEMU's status and last
             # stderr line are the cause.
@@ -213,22 +223,44 @@ class Rig:
             self._sampler = asyncio.create_task(self._sample_loop())
 
     async def _launch(self, binary: str, accel: str, files: LaunchFiles) -> None:
-        for f in (files.qmp_socket, files.serial_log, files.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
         self.accel = accel
         self.argv = qemu_argv(binary, self.config, accel, files,
                               dynamic_memslots_supported=self.dynamic_memslots,
                               host_vendor=host_cpu_vendor())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.boot_timeout
+        snap = self._snapshot_path()
+        if snap is not None and snap.exists() and await self._restore(snap, files, deadline):
+            return
+        await self._spawn(self.argv, files, deadline)
+        qmp = self.require_qmp()
+        ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
+        before, t_wait = await self.progress(), loop.time()
+        while ready not in self.serial():
+            self._check_alive("booting")
+            # A guest that reset (-action reboot=shutdown), panicked or was
+            # paused never prints its line: say why now, not at the deadline
+            # (a Linux L2 that double-faulted 0.8 s into its boot used to
+            # hold a lab run for the whole boot_timeout).
+            if loop.time() > deadline or qmp.vm_stopped():
+                raise await silence.not_booted(self, accel, before, loop.time() - t_wait)
+            await asyncio.sleep(0.01)
+        self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
+        if snap is not None and snapshot.supported(qmp.version):
+            await self._save_and_restore(snap, files)
+
+    async def _spawn(self, argv: list[str], files: LaunchFiles, deadline: float) -> None:
+        """Start QEMU with ``argv`` and connect to its QMP socket."""
+        for f in (files.qmp_socket, files.serial_log, files.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
         self.spawn_ns = monotonic_ns()
         assert self.private_dir is not None
-        self.proc = spawn_qemu(self.argv, self.private_dir / "qemu.stderr",
+        self.proc = spawn_qemu(argv, self.private_dir / "qemu.stderr",
                                die_with_parent=not self.detach, on_spawn=self.on_spawn)
         self.pid = self.proc.pid
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.boot_timeout
-        # QMP first (QEMU creates the socket before the guest runs), then
-        # the guest's ready line on the serial log.
+        # QEMU creates the socket before the guest runs.
         while not files.qmp_socket.exists():
             self._check_alive("starting")
             if loop.time() > deadline:
@@ -248,20 +280,64 @@ class Rig:
                 await asyncio.sleep(0.02)
         self.qmp = qmp
         os.chmod(files.qmp_socket, 0o600)
-        ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
         # QEMU made its vCPU threads before its monitor answered.
         self.vcpu_tids = vcpu_threads(self.pid)
-        before, t_wait = await self.progress(), loop.time()
-        while ready not in self.serial():
-            self._check_alive("booting")
-            # A guest that reset (-action reboot=shutdown), panicked or was
-            # paused never prints its line: say why now, not at the deadline
-            # (a Linux L2 that double-faulted 0.8 s into its boot used to
-            # hold a lab run for the whole boot_timeout).
-            if loop.time() > deadline or qmp.vm_stopped():
-                raise await silence.not_booted(self, accel, before, loop.time() - t_wait)
-            await asyncio.sleep(0.01)
+
+    # -- snapshots (vmrig/snapshot.py) ---------------------------------------
+    def _snapshot_path(self) -> Path | None:
+        """Where this configuration's snapshot is kept; None where the rig
+        takes none: no store, a bare guest (it boots in a moment), or a
+        configuration whose save failed before."""
+        if self.snapshots is None or self.config.guest != "linux":
+            return None
+        assert self.private_dir is not None
+        path = self.snapshots.path_for(self.argv, self.private_dir)
+        return None if path in self.snapshots.failed else path
+
+    async def _restore(self, snap: Path, files: LaunchFiles, deadline: float) -> bool:
+        """Run the guest from ``snap``.  False, with the file removed and
+        QEMU gone, where that did not work: the caller boots instead."""
+        t0 = monotonic_ns()
+        try:
+            self.snapshot_info["restored"] = True  # what running_argv() gives
+            await self._spawn(self.running_argv(), files, deadline)
+            await snapshot.restore(self.require_qmp(), snap,
+                                   max(1.0, deadline - asyncio.get_running_loop().time()))
+        except RigError as e:
+            _log.warning("rig: %s; booting the guest instead", e)
+            self.snapshot_info.pop("restored")
+            await self._kill()
+            snap.unlink(missing_ok=True)
+            return False
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
+        self.snapshot_info.update(file=snap.name, restored=True,
+                                  restore_s=round((monotonic_ns() - t0) / 1e9, 3))
+        return True
+
+    async def _save_and_restore(self, snap: Path, files: LaunchFiles) -> None:
+        """Save the guest just booted to ``snap`` and run it from there, as
+        every later run of this configuration will (the same guest state in
+        each).  A failed save leaves the booted guest running, and the
+        configuration is not saved again in this store."""
+        assert self.snapshots is not None
+        t0, qmp = monotonic_ns(), self.require_qmp()
+        try:
+            await snapshot.save(qmp, snap, self.config.boot_timeout)
+        except RigError as e:
+            _log.warning("rig: %s; this configuration boots every run", e)
+            self.snapshots.failed.add(snap)
+            if not isinstance(e, QemuGone):
+                with contextlib.suppress(RigError):
+                    await qmp.execute("cont")
+            self.snapshot_info.update(save_error=str(e))
+            return
+        self.snapshot_info.update(saved_s=round((monotonic_ns() - t0) / 1e9, 3),
+                                  boot_s=round(self.boot_s, 4))
+        await self._kill()
+        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+        if not await self._restore(snap, files, deadline):
+            self.snapshots.failed.add(snap)  # later runs boot
+            raise SnapshotError("restore", "the snapshot just saved did not load")
 
     def stderr_lines(self) -> list[str]:
         """What QEMU printed, warnings left out."""
@@ -320,10 +396,18 @@ class Rig:
 
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "accel": self.accel, "guest": self.config.guest,
-                "argv": self.argv, "boot_s": round(self.boot_s, 4), "spawn_ns": self.spawn_ns,
+                "argv": self.running_argv(), "boot_s": round(self.boot_s, 4),
+                "spawn_ns": self.spawn_ns,
                 "vcpu_tids": self.vcpu_tids, "qemu_version": self.qmp.version if self.qmp else {},
                 "dynamic_memslots": self.dynamic_memslots,
+                "snapshot": self.snapshot_info or None,
                 "config": asdict(self.config)}
+
+    def running_argv(self) -> list[str]:
+        """The command line of the QEMU that runs the guest: a restored one
+        was started to wait for its snapshot."""
+        return [*self.argv, "-incoming", "defer"] if self.snapshot_info.get("restored") \
+            else self.argv
 
     def _write_rig_json(self) -> None:
         target = self.record_dir or self.private_dir
@@ -414,7 +498,7 @@ class Rig:
         state = RigState(pid=self.pid, create_time=psutil.Process(self.pid).create_time(),
                          accel=self.accel, guest=self.config.guest,
                          qmp_socket=str(self.qmp_socket), private_dir=str(self.private_dir),
-                         tap=self.tap_created, argv=self.argv, boot_s=self.boot_s,
+                         tap=self.tap_created, argv=self.running_argv(), boot_s=self.boot_s,
                          vcpu_tids=self.vcpu_tids, config=asdict(self.config))
         state.write(self.private_dir)
         if self.qmp is not None:
