@@ -38,8 +38,18 @@ class _Type:
     vlen: int = 0                        # e.g. a FUNC_PROTO's parameter count
 
 
+_HEADER = struct.Struct("<III")  # btf_type: name_off, info, size/type
+
+
 class BTF:
-    """One BTF blob; ``base`` is vmlinux for split (module) BTF."""
+    """One BTF blob; ``base`` is vmlinux for split (module) BTF.
+
+    Types are decoded when asked for.  At load only each type's position is
+    found (a walk over the 12-byte headers): a module's ids start after the
+    last vmlinux id, and a full decode of vmlinux's ~126k types took 14 s in
+    a TCG-nested L1, on the probe thread before the compile (0.45 s against
+    0.05 s for the walk on this host).  Names are found by their string
+    offsets, so a search compares integers, not decoded strings."""
 
     def __init__(self, data: bytes, base: BTF | None = None) -> None:
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
@@ -48,28 +58,70 @@ class BTF:
             raise TracerError("not a BTF blob (bad magic)")
         self.base = base
         self.module: str | None = None  # set by load() for module BTF
-        self.first_id = (base.first_id + len(base.types)) if base else 1
+        self.data = data
+        self.first_id = (base.first_id + base.count) if base else 1
         self.str_base = (base.str_base + len(base.strings)) if base else 0
         self.strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.types: list[_Type] = []
+        self._pos: list[int] = []   # type id - first_id -> offset of its header
+        self._kinds = bytearray()   # and its kind
+        self._decoded: dict[int, _Type] = {}
+        self._by_name: dict[int, dict[int, list[int]]] = {}  # kind -> name_off -> ids
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack, extra, add_pos, add_kind = _HEADER.unpack_from, _EXTRA, self._pos.append, \
+            self._kinds.append
         while pos < end:
-            name_off, info, size = struct.unpack_from("<III", data, pos)
-            pos += 12
-            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            fixed, per = _EXTRA.get(kind, (0, 0))
-            members = []
-            if kind in (KIND_STRUCT, KIND_UNION):
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
-                    members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
-            elif kind == KIND_FUNC_PROTO:
-                for i in range(vlen):
-                    p_name, p_type = struct.unpack_from("<II", data, pos + 8 * i)
-                    members.append((p_name, p_type, 0))
-            nelems = struct.unpack_from("<I", data, pos + 8)[0] if kind == KIND_ARRAY else 0
-            pos += fixed + per * vlen
-            self.types.append(_Type(kind, name_off, size, members, nelems, vlen))
+            _, info, _ = unpack(data, pos)
+            kind = (info >> 24) & 0x1F
+            add_pos(pos)
+            add_kind(kind)
+            fixed, per = extra.get(kind, (0, 0))
+            pos += 12 + fixed + per * (info & 0xFFFF)
+
+    @property
+    def count(self) -> int:
+        """How many types this blob holds (not its base's)."""
+        return len(self._pos)
+
+    def _decode(self, index: int) -> _Type:
+        data, pos = self.data, self._pos[index]
+        name_off, info, size = _HEADER.unpack_from(data, pos)
+        pos += 12
+        kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+        members = []
+        if kind in (KIND_STRUCT, KIND_UNION):
+            for i in range(vlen):
+                m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
+                members.append((m_name, m_type, m_off & 0xFFFFFF if kflag else m_off))
+        elif kind == KIND_FUNC_PROTO:
+            for i in range(vlen):
+                p_name, p_type = struct.unpack_from("<II", data, pos + 8 * i)
+                members.append((p_name, p_type, 0))
+        nelems = struct.unpack_from("<I", data, pos + 8)[0] if kind == KIND_ARRAY else 0
+        return _Type(kind, name_off, size, members, nelems, vlen)
+
+    def _name_offsets(self, name: str) -> set[int]:
+        """The string offsets (base's included) that hold ``name``."""
+        needle, out = b"\0" + name.encode() + b"\0", set()
+        blob: BTF | None = self
+        while blob is not None:
+            at = blob.strings.find(needle)
+            while at >= 0:
+                out.add(blob.str_base + at + 1)
+                at = blob.strings.find(needle, at + 1)
+            blob = blob.base
+        return out
+
+    def _find(self, kind: int, name: str) -> list[int]:
+        """Ids of this blob's own types of ``kind`` named ``name``."""
+        index = self._by_name.get(kind)
+        if index is None:  # one pass per kind asked for, then lookups
+            index = self._by_name[kind] = {}
+            data, kinds, mark, at = self.data, self._kinds, bytes([kind]), 0
+            while (at := kinds.find(mark, at)) >= 0:
+                index.setdefault(_HEADER.unpack_from(data, self._pos[at])[0], []).append(
+                    self.first_id + at)
+                at += 1
+        return [tid for off in self._name_offsets(name) for tid in index.get(off, ())]
 
     def name(self, off: int) -> str:
         if off < self.str_base:
@@ -83,11 +135,15 @@ class BTF:
         if tid < self.first_id:
             assert self.base is not None
             return self.base.type(tid)
-        return self.types[tid - self.first_id]
+        t = self._decoded.get(tid)
+        if t is None:
+            t = self._decoded[tid] = self._decode(tid - self.first_id)
+        return t
 
     def find_struct(self, name: str) -> _Type | None:
-        for t in self.types:
-            if t.kind == KIND_STRUCT and t.size and self.name(t.name_off) == name:
+        for tid in self._find(KIND_STRUCT, name):
+            t = self.type(tid)
+            if t.size:  # not a forward declaration
                 return t
         return self.base.find_struct(name) if self.base else None
 
@@ -117,15 +173,13 @@ class BTF:
         """(BTF id, parameter count) of function ``name`` among this blob's own
         types: a module's function is attached through the module's BTF
         object, so the base is not searched."""
-        for i, t in enumerate(self.types):
-            if t.kind == KIND_FUNC and self.name(t.name_off) == name:
-                return self.first_id + i, self.type(t.size).vlen  # size slot: proto id
+        for tid in self._find(KIND_FUNC, name):
+            return tid, self.type(self.type(tid).size).vlen  # size slot: proto id
         return None
 
     def find_typedef(self, name: str) -> _Type | None:
-        for t in self.types:
-            if t.kind == KIND_TYPEDEF and self.name(t.name_off) == name:
-                return t
+        for tid in self._find(KIND_TYPEDEF, name):
+            return self.type(tid)
         return self.base.find_typedef(name) if self.base else None
 
     def param_kinds(self, proto: _Type) -> list[str]:
@@ -161,8 +215,8 @@ class BTF:
 def load(module: str | None = None) -> BTF:
     """vmlinux BTF, or ``module``'s split BTF on top of it when it has one.
 
-    Parsed once per process: 14 s each time in a TCG-nested L1, and the
-    tracer asks twice (struct offsets, the address-space count)."""
+    Read once per process: the tracer asks three times (the raw tracepoint's
+    prototype, struct offsets, the address-space count)."""
     try:
         base = BTF((BTF_DIR / "vmlinux").read_bytes())
     except FileNotFoundError:
