@@ -128,9 +128,10 @@ async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                     rec.add_pid(rig.pid)
                 phases["qemu_up_s"] = round(time.monotonic() - t0, 3)
                 snap = rig.snapshot_info
-                how = ("booted, saved and restored" if "saved_s" in snap else
-                       "restored" if snap.get("restored") else "booted")
-                say(f"QEMU up ({rig.accel}), guest {how} in {rig.boot_s:.1f} s, traced from "
+                how = (f"booted in {snap['boot_s']:.1f} s, saved in {snap['saved_s']:.1f} s, "
+                       f"restored in {rig.boot_s:.1f} s" if "saved_s" in snap else
+                       f"{'restored' if snap.get('restored') else 'booted'} in {rig.boot_s:.1f} s")
+                say(f"QEMU up ({rig.accel}), guest {how}, traced from "
                     f"{'its exec' if from_spawn else 'the guest ready line'}")
                 log = WorkloadLog(r.dir, {"rig": rig.info(), "scenario": asdict(s)})
                 if s.workload == "hotplug":
