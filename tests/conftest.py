@@ -27,3 +27,12 @@ needs_kvm = pytest.mark.skipif(not HAS_KVM, reason="needs read/write access to /
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (./setup.sh)")
 needs_bcc = pytest.mark.skipif(
     not HAS_BCC, reason="needs bcc (apt python3-bpfcc, a venv with system site packages)")
+
+
+def lab_kernel_or_skip() -> None:
+    """Skip unless the Linux guest's kernel (vmrig.kernel) is on this host."""
+    from vmrig import RigError, kernel
+    try:
+        kernel.lab_kernel()
+    except RigError as e:
+        pytest.skip(f"Linux guest kernel not available: {e}")

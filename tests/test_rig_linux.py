@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_qemu
+from conftest import lab_kernel_or_skip, needs_qemu
 
 from recording.hostfacts import pvm_host
 from recording.reader import read_table
-from vmrig import GuestFault, RigError
+from vmrig import GuestFault
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.rig import Rig
 from vmrig.virtiomem import STALL_NUDGES, virtio_mem_steps
@@ -25,16 +25,8 @@ from vmrig.workloads import hotplug_cycles, plug_dimm
 pytestmark = needs_qemu
 
 
-def _lab_kernel_or_skip() -> None:
-    from vmrig import kernel
-    try:
-        kernel.lab_kernel()
-    except RigError as e:
-        pytest.skip(f"Linux guest kernel not available: {e}")
-
-
 def test_linux_guest_hotplug_and_virtio_mem(tmp_path: Path) -> None:
-    _lab_kernel_or_skip()
+    lab_kernel_or_skip()
     cfg = RigConfig(guest="linux", accel="auto", virtio_mem=VirtioMemConfig(size=256 * MiB),
                     boot_timeout=120)
 
@@ -81,7 +73,7 @@ def test_linux_boot_cut_short_is_a_stuck_boot(tmp_path: Path) -> None:
     """A Linux boot that does not reach its ready line in time although its
     vCPU ran (here: 0.5 s, a fraction of any boot) is a GuestFault that says
     where vCPU 0 was; a single accelerator's error keeps its type."""
-    _lab_kernel_or_skip()
+    lab_kernel_or_skip()
     cfg = RigConfig(guest="linux", accel="tcg", boot_timeout=0.5)
 
     async def body() -> None:
@@ -99,7 +91,7 @@ def test_linux_guest_reset_in_boot_fails_at_once(tmp_path: Path) -> None:
     want of an init; panic=-1 reboots it and the rig's QEMU turns a reboot
     into a stop) is a GuestFault of kind 'reset' as soon as QEMU says so,
     not at the boot deadline (600 s here)."""
-    _lab_kernel_or_skip()
+    lab_kernel_or_skip()
     cfg = RigConfig(guest="linux", accel="tcg", boot_timeout=600,
                     kernel_cmdline="rdinit=/nonexistent")
 
@@ -123,7 +115,7 @@ def test_virtio_mem_stalled_step(tmp_path: Path) -> None:
     ends where it stands, recorded, and the workload goes on; a VM that does
     not run (paused) is a GuestFault at once, with no nudge, and so is a
     pc-dimm plug it never acknowledges."""
-    _lab_kernel_or_skip()
+    lab_kernel_or_skip()
     cfg = RigConfig(guest="linux", accel="tcg", virtio_mem=VirtioMemConfig(size=256 * MiB),
                     boot_timeout=120, kernel_cmdline="module_blacklist=virtio_mem")
 

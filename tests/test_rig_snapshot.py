@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_qemu
+from conftest import lab_kernel_or_skip, needs_qemu
 
-from vmrig import RigError
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.host import qemu_binary, qemu_version
 from vmrig.linuxguest import READY_LINE
@@ -27,11 +26,7 @@ pytestmark = needs_qemu
 
 
 def _needs_snapshot_qemu() -> None:
-    from vmrig import kernel
-    try:
-        kernel.lab_kernel()
-    except RigError as e:
-        pytest.skip(f"Linux guest kernel not available: {e}")
+    lab_kernel_or_skip()
     binary = qemu_binary()
     v = qemu_version(binary) if binary else None
     if v is None or v[:2] < MIN_QEMU:
