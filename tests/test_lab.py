@@ -354,7 +354,13 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     assert len(retried) == 1 and retried[0].startswith("2: [l1_fault:panic]"), retried
     assert (out / "runs" / k1 / "mv" / "2.fault1" / "run-progress.json").exists()
     retried = summary["scenarios"][f"{k2}/vmem"]["retried_runs"]
-    assert len(retried) == 1 and retried[0].startswith("1: [guest_fault:reset]"), retried
+    assert len(retried) == 1 and retried[0].startswith("1: [guest_fault:reset"), retried
+    # A TCG-nesting fault of the attempt after the injected one (an L2 that
+    # reset 3 s into its next boot, once in two runs on 2026-12-03) is rerun
+    # too: warned about, as for the other scenarios below.
+    extra = retried[0].split("]", 1)[0].count(",")
+    if extra:
+        warnings.warn(f"nested lab {k2}/vmem {retried[0]}", stacklevel=1)
     lost = json.loads((out / "runs" / k2 / "vmem" / "1.fault1" / "run-progress.json")
                       .read_text())
     assert lost["state"] == "failed" and "guest stopped " in lost["error"], lost
@@ -378,7 +384,7 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
                     for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"), ("vmem", "1"))]
         if k == k2:  # all four in one boot, in order, the lost vmem attempt 4th
             lost = read_run(out / "runs" / k / "vmem" / "1.fault1").manifest["session"]
-            assert [x["run"] for x in sessions] == [1, 2, 3, 5] and lost["run"] == 4
+            assert [x["run"] for x in sessions] == [1, 2, 3, 5 + extra] and lost["run"] == 4
             assert len({x["attach_ns"] for x in [*sessions, lost]}) == 1
     # Aggregated: no fault rows; the histograms hold fast-path hits and the
     # stale faults each plug's generation bump causes, and the summary agrees.
