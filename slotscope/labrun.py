@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,6 @@ from .labstatus import LAB_FAULT_RERUNS, lab_fault
 if TYPE_CHECKING:
     from tracer.loader import Loaded
     from tracer.recorder import Recorder
-    from vmrig.config import RigConfig
     from vmrig.microvm.prefork import Forks
     from vmrig.snapshot import Snapshots
 
@@ -159,13 +158,14 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
         # A generous timeout: beside the compile and the guest's staging, all
         # reading over the L1's 9p, it took over 10 s once (3 s alone).
         l1_qemu = background.submit(version_text, None, 120.0)
-        snapshots = staging = None
+        staging = background.submit(_stage_linux_guest) \
+            if any(r.scenario.guest == "linux" for r in runs) else None
+        background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
+        vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
+        snapshots = None
         if any(r.scenario.guest == "linux" for r in runs):
             snap_dir = tempfile.mkdtemp(prefix="slotscope-snapshots-")
             snapshots = Snapshots(snap_dir)
-            staging = background.submit(_stage_linux_guest, runs, snapshots)
-        background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
-        vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
         for aggregate in sorted({r.scenario.aggregate for r in runs}):
             group = [r for r in runs if r.scenario.aggregate == aggregate]
             loaded, preloaded = _take(preloaded, aggregate)
@@ -267,50 +267,23 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _stage_linux_guest(runs: Sequence[PlannedRun], snapshots: Snapshots) -> str:
+def _stage_linux_guest() -> float:
     """Build the Linux guest's initramfs and copy its kernel off the lab VM's
-    9p (linuxguest.guest_files), then boot each Linux configuration of
-    ``runs`` once and save its snapshot (vmrig/snapshot.py), all while the
-    probes compile: in a fresh L1 the staging took ~15 s of the first Linux
-    run, and each configuration's boot and save 11-21 s of its first run,
-    while one of the L1's two vCPUs idled beside the compile.  Every run
-    waits for this (``_staged``), so no run is measured beside it.  What
-    was done, for the log; a failed save is left to the configuration's
-    first run, which boots."""
-    import asyncio
-
+    9p (linuxguest.guest_files) while the probes compile: in a fresh L1 the
+    two took ~15 s of the first Linux run (measured in the TCG L1).  The
+    seconds it took."""
     from vmrig import linuxguest
-    from vmrig.rig import save_snapshot
-
-    from .labworkload import run_rig_config
     t = time.monotonic()
     linuxguest.guest_files()
-    done = [f"staged in {time.monotonic() - t:.1f} s"]
-    configs: dict[str, RigConfig] = {}
-    for r in runs:
-        if r.scenario.guest == "linux":
-            # as a run traced from its ready line starts it (kprobe, kfunc)
-            cfg = run_rig_config(r.scenario, r.timeout, from_spawn=False)
-            configs.setdefault(repr(replace(cfg, boot_timeout=0.0)), cfg)
-    for cfg in configs.values():
-        t = time.monotonic()
-        try:
-            info = asyncio.run(save_snapshot(cfg, snapshots))
-        except RigError as e:
-            done.append(f"a snapshot not saved ({e})")
-            continue
-        done.append(f"a snapshot saved in {time.monotonic() - t:.1f} s "
-                    f"(boot {info.get('boot_s', 0):.1f} s)" if "saved_s" in info
-                    else "a snapshot not saved (no snapshot for this QEMU)")
-    return "Linux guest " + "; ".join(done)
+    return time.monotonic() - t
 
 
-def _staged(staging: Future[str]) -> None:
-    """Wait for the staging and log how it went, once the probes are in (the
-    loader silences stderr while it compiles).  A failure is left to the run
-    that needs the files: it reports it as that run's error."""
+def _staged(staging: Future[float]) -> None:
+    """Log how the staging went, once the probes are in (the loader silences
+    stderr while it compiles).  A failure is left to the run that needs the
+    files: it reports it as that run's error."""
     try:
-        _phase(staging.result())
+        _phase(f"Linux guest staged ({staging.result():.1f} s)")
     except (RigError, OSError) as e:
         _phase(f"Linux guest not staged ({e}); its first run will try again")
 

@@ -88,13 +88,6 @@ def rig_config(s: Scenario, timeout: float) -> RigConfig:
                      virtio_mem=vm, memory=memory, boot_timeout=boot)
 
 
-def run_rig_config(s: Scenario, timeout: float, from_spawn: bool) -> RigConfig:
-    """The rig a QEMU run starts: ``rig_config``, and a Linux guest traced
-    from its ready line (not ``from_spawn``) boots with qboot."""
-    cfg = rig_config(s, timeout)
-    return replace(cfg, firmware="qboot") if not from_spawn and cfg.guest == "linux" else cfg
-
-
 async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
                    phases: dict[str, float], say: Callable[[str], None],
                    inject_reset: bool = False, snapshots: Snapshots | None = None) -> None:
@@ -116,7 +109,9 @@ async def run_qemu(r: PlannedRun, rec: Recorder, final: dict[str, Any],
     # ~50 s of boot against ~31 s untraced (seed_vcpus learns the running
     # VM's vCPUs from /proc); and the boot may take the quicker firmware.
     from_spawn = infers_change_types(rec.manifest["backend"])
-    cfg = run_rig_config(s, r.timeout, from_spawn)
+    cfg = rig_config(s, r.timeout)
+    if not from_spawn and cfg.guest == "linux":
+        cfg = replace(cfg, firmware="qboot")
     if inject_reset:
         cfg = replace(cfg, kernel_cmdline=f"{cfg.kernel_cmdline} {NO_INIT}".strip())
     # A guest traced from its exec must boot: its boot's memslots are the

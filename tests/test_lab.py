@@ -404,20 +404,19 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
         assert steps["created"].tolist() == [1, 1, 0] and steps["deleted"].tolist() == [0, 0, 1]
         assert steps["ok"].all()
         # traced from the ready line (kprobe): the L2 boots with qboot, once,
-        # while the probes compile, and the run's guest is restored from the
-        # snapshot taken after its ready line (vmrig/snapshot.py)
+        # and the run's guest is restored from the snapshot taken after its
+        # ready line (vmrig/snapshot.py)
         rig = json.loads((out / "runs" / k / "vmem" / "1" / "rig.json").read_text())
         assert rig["config"]["firmware"] == "qboot" and "qboot.rom" in rig["argv"]
-        assert rig["snapshot"]["restored"] and "saved_s" not in rig["snapshot"], rig["snapshot"]
+        assert rig["snapshot"]["restored"] and rig["snapshot"]["saved_s"] > 0, rig["snapshot"]
         assert rig["argv"][-2:] == ["-incoming", "defer"]
     # Every boot's plan has the Linux L2 (vmem): its kernel and initramfs
-    # were staged (off the L1's 9p) and its snapshot saved while the probes
-    # compiled.
+    # were staged (off the L1's 9p) while the probes compiled.
     consoles = sorted((out / "batches").glob("*/console.log"))
     assert len(consoles) == len(summary["phases"])
     for con in consoles:
         assert "lab-run: " in (text := con.read_text(errors="replace"))
-        assert "Linux guest staged in " in text and "; a snapshot saved in " in text, con
+        assert "Linux guest staged" in text, con
     # Kernel against kernel, side by side, with a CI where both ran twice.
     cmp = summary["kernels"]
     assert cmp["kernels"] == [k1, k2]

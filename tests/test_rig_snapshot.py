@@ -16,7 +16,7 @@ from conftest import lab_kernel_or_skip, needs_qemu
 from vmrig.config import MiB, RigConfig, VirtioMemConfig
 from vmrig.host import qemu_binary, qemu_version
 from vmrig.linuxguest import READY_LINE
-from vmrig.rig import Rig, save_snapshot
+from vmrig.rig import Rig
 from vmrig.snapshot import MIN_QEMU, Snapshots, supported
 from vmrig.virtiomem import virtio_mem_steps
 from vmrig.workloadlog import WorkloadLog
@@ -95,22 +95,3 @@ def test_linux_guest_saved_restored_and_restored_again(tmp_path: Path,
     assert "booting the guest instead" in caplog.text
     assert "saved_s" in third["snapshot"]  # booted, saved afresh and restored
     assert files[0].stat().st_size > 4096
-
-
-def test_save_snapshot_boots_once_and_a_rig_restores_it(tmp_path: Path) -> None:
-    """What lab-run does while its probes compile: the snapshot is made
-    once; a second call finds it and starts nothing; a rig restores it."""
-    _needs_snapshot_qemu()
-    cfg = RigConfig(guest="linux", accel="tcg", boot_timeout=180)
-    snaps = Snapshots(tmp_path)
-    made = asyncio.run(save_snapshot(cfg, snaps))
-    assert made["saved_s"] > 0 and made["boot_s"] > 0 and "restored" not in made
-    assert asyncio.run(save_snapshot(cfg, snaps)) == {}
-    assert len(list(tmp_path.glob("*.mig"))) == 1
-
-    async def run() -> dict[str, Any]:
-        async with Rig(cfg, snapshots=snaps) as rig:
-            assert (await rig.require_qmp().execute("query-status"))["status"] == "running"
-            return rig.info()["snapshot"]
-    snap = asyncio.run(run())
-    assert snap["restored"] and "saved_s" not in snap

@@ -61,16 +61,12 @@ class Rig:
                  binary: str | None = None, detach: bool = False,
                  sample_interval: float = 0.5,
                  on_spawn: Callable[[int], None] | None = None,
-                 snapshots: snapshot.Snapshots | None = None,
-                 snapshot_only: bool = False) -> None:
+                 snapshots: snapshot.Snapshots | None = None) -> None:
         """``on_spawn(pid)`` runs after QEMU's process exists and before it
         execs: a tracer that adds the pid there sees every KVM ioctl QEMU
         makes, its initial memslots included.  ``snapshots``: a Linux guest
         is restored from its configuration's snapshot there, or booted,
-        saved there and restored (vmrig/snapshot.py); QEMU >= 9.0.
-        ``snapshot_only``: only make sure the snapshot is there (booted and
-        saved, the guest left paused; nothing started where it was): what
-        ``save_snapshot`` does."""
+        saved there and restored (vmrig/snapshot.py); QEMU >= 9.0."""
         config.validate()
         self.config = config
         self.record_dir = Path(record_dir) if record_dir is not None else None
@@ -80,7 +76,6 @@ class Rig:
         self.sample_interval = sample_interval
         self.on_spawn = on_spawn
         self.snapshots = snapshots
-        self.snapshot_only = snapshot_only
         self.snapshot_info: dict[str, Any] = {}  # rig.json's "snapshot"
         self.private_dir: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -235,9 +230,8 @@ class Rig:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.boot_timeout
         snap = self._snapshot_path()
-        if snap is not None and snap.exists() and (self.snapshot_only or
-                                                   await self._restore(snap, files, deadline)):
-            return  # snapshot_only: there is one already, no QEMU needed
+        if snap is not None and snap.exists() and await self._restore(snap, files, deadline):
+            return
         await self._spawn(self.argv, files, deadline)
         qmp = self.require_qmp()
         ready = bareguest.READY_LINE if self.config.guest == "bare" else "slotscope-linux ready"
@@ -339,8 +333,6 @@ class Rig:
             return
         self.snapshot_info.update(saved_s=round((monotonic_ns() - t0) / 1e9, 3),
                                   boot_s=round(self.boot_s, 4))
-        if self.snapshot_only:
-            return  # the guest stays paused until the rig stops
         await self._kill()
         deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
         if not await self._restore(snap, files, deadline):
@@ -539,11 +531,3 @@ class Rig:
             rig.qmp = None
         return rig
 
-
-async def save_snapshot(config: RigConfig, snapshots: snapshot.Snapshots) -> dict[str, Any]:
-    """Boot ``config``'s Linux guest and save it into ``snapshots`` unless
-    its snapshot is there already, for later rigs of that configuration to
-    restore (lab-run does it while its probes compile).  The rig's
-    ``snapshot`` facts: empty where nothing had to be done."""
-    async with Rig(config, snapshots=snapshots, snapshot_only=True) as rig:
-        return dict(rig.snapshot_info)
