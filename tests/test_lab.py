@@ -342,9 +342,17 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     names = ("mv", "pcdimm", "vmem")
     assert set(summary["scenarios"]) == {f"{k}/{n}" for k in (k1, k2) for n in names}
     # The panic cost the first kernel one more boot, and only mv/2 a rerun;
-    # the L2 reset cost the second none.
+    # the L2 reset cost the second none.  An L1 fault of TCG nesting besides
+    # the injected one (an L1 panic, "stack guard page was hit" in CPU 0/KVM,
+    # once in five runs on 2026-12-03) costs a boot more: the job gives the
+    # runs left to a fresh L1, as it should, and the test warns.
     boots = [ph["kernel"] for ph in summary["phases"]]
-    assert boots.count(k1) == 2 and boots.count(k2) == 1, summary["phases"]
+    assert boots.count(k1) >= 2 and boots.count(k2) >= 1, summary["phases"]
+    unplanned = [ph["fault"] for ph in summary["phases"][1:] if ph.get("fault")]
+    assert len(boots) == 3 + len(unplanned), summary["phases"]
+    if unplanned:
+        warnings.warn(f"nested lab: an L1 fault besides the injected one: {unplanned}",
+                      stacklevel=1)
     first = summary["phases"][0]
     assert "panic" in first["fault"]
     assert [(*Path(d).parts[-2:], r["state"]) for d, r in first["runs"].items()] == [
@@ -382,7 +390,8 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
                 assert run.manifest["session"]["load_s"] > 0
         sessions = [read_run(out / "runs" / k / n / r).manifest["session"]
                     for n, r in (("mv", "1"), ("mv", "2"), ("pcdimm", "1"), ("vmem", "1"))]
-        if k == k2:  # all four in one boot, in order, the lost vmem attempt 4th
+        if k == k2 and boots.count(k2) == 1:  # all four in one boot, in order, the
+            # lost vmem attempt 4th
             lost = read_run(out / "runs" / k / "vmem" / "1.fault1").manifest["session"]
             assert [x["run"] for x in sessions] == [1, 2, 3, 5 + extra] and lost["run"] == 4
             assert len({x["attach_ns"] for x in [*sessions, lost]}) == 1
