@@ -158,14 +158,13 @@ def run_plan(runs: Sequence[PlannedRun], l0_qemu: str | None = None,
         # A generous timeout: beside the compile and the guest's staging, all
         # reading over the L1's 9p, it took over 10 s once (3 s alone).
         l1_qemu = background.submit(version_text, None, 120.0)
-        staging = background.submit(_stage_linux_guest) \
-            if any(r.scenario.guest == "linux" for r in runs) else None
-        background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
-        vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
-        snapshots = None
+        staging = snapshots = None
         if any(r.scenario.guest == "linux" for r in runs):
+            staging = background.submit(_stage_linux_guest)
             snap_dir = tempfile.mkdtemp(prefix="slotscope-snapshots-")
             snapshots = Snapshots(snap_dir)
+        background.shutdown(wait=False)  # the tasks run on; nothing more is submitted
+        vmms = Forks() if any(r.scenario.workload == "microvm" for r in runs) else None
         for aggregate in sorted({r.scenario.aggregate for r in runs}):
             group = [r for r in runs if r.scenario.aggregate == aggregate]
             loaded, preloaded = _take(preloaded, aggregate)

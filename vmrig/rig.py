@@ -310,7 +310,7 @@ class Rig:
             snap.unlink(missing_ok=True)
             return False
         self.boot_s = (monotonic_ns() - self.spawn_ns) / 1e9
-        self.snapshot_info.update(file=snap.name, restored=True,
+        self.snapshot_info.update(file=snap.name,
                                   restore_s=round((monotonic_ns() - t0) / 1e9, 3))
         return True
 

@@ -92,15 +92,10 @@ async def restore(qmp: Qmp, path: Path, timeout: float) -> None:
     The guest was paused when saved, so QEMU leaves it paused once loaded."""
     await qmp.execute("migrate-set-capabilities", _CAPS)
     await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = (await qmp.execute("query-status"))["status"]
-        if status != "inmigrate":
-            break
-        if loop.time() > deadline:
-            raise SnapshotError("restore", f"still loading after {timeout:g} s")
-        await asyncio.sleep(_POLL_S)
+    info = await _migration_status(qmp, "restore", timeout)
+    if info.get("status") != "completed":
+        raise SnapshotError("restore", str(info.get("error-desc") or info.get("status")))
+    status = (await qmp.execute("query-status"))["status"]
     if status != "paused":
         raise SnapshotError("restore", f"the guest is {status!r} after the load, not paused")
     await qmp.execute("cont")
