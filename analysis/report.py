@@ -156,7 +156,8 @@ def _run_section(corr: Correlation, run: str, s: dict[str, Any],
     started = manifest.start_wall(m)
     parts.append(_kv([
         ("path", s["path"]), ("host", host.get("hostname")), ("kernel", host.get("kernel")),
-        ("machine", host.get("machine")), ("backend", manifest.backend(m)),
+        ("machine", host.get("machine")), ("clocksource", host.get("clocksource")),
+        ("backend", manifest.backend(m)),
         ("started", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
          if started is not None else None),
         ("duration s", s["duration_s"]), ("complete", s["complete"]),

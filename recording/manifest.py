@@ -17,7 +17,7 @@ alternative key names.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from .schema import MMIO_GEN_BITS_DEFAULT
 
@@ -26,6 +26,7 @@ class HostInfo(TypedDict):
     hostname: str
     kernel: str
     machine: str
+    clocksource: NotRequired[str | None]  # absent before 2026-12-03
 
 
 class WriterFields(TypedDict, total=False):

@@ -37,10 +37,19 @@ from .schema import (
     monotonic_ns,
 )
 
+CLOCKSOURCE = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+
 
 def host_info() -> HostInfo:
+    """The recording host; ``clocksource`` is the clock behind every
+    timestamp (tsc, kvm-clock, hpet: an emulated HPET read costs
+    microseconds), None where sysfs does not say."""
+    try:
+        clocksource: str | None = CLOCKSOURCE.read_text().strip()
+    except OSError:
+        clocksource = None
     return {"hostname": socket.gethostname(), "kernel": platform.release(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "clocksource": clocksource}
 
 
 def atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:

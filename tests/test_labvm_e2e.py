@@ -417,6 +417,11 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     step, truth, run = complete_recording(out / "truth.json", out / "run")
     pid = truth["pid"]
     assert run.manifest["backend"] == "kprobe"
+    # The clock behind every timestamp: a TCG L1 is told to trust its TSC
+    # (labvm.TCG_CMDLINE) rather than fall back to the emulated HPET.
+    accel = json.loads((out / "labvm/result.json").read_text())["accel"]
+    if accel == "tcg":
+        assert run.manifest["host"]["clocksource"] == "tsc"
 
     # Every memslot update the L2 made, with slot, address space and change type.
     changes = truth["memslot_changes"]

@@ -42,6 +42,9 @@ def test_round_trip_and_compaction(tmp_path: Path) -> None:
     done = read_run(run)
     assert done.complete and done.manifest["backend"] == "tracepoint"
     assert done.manifest["rows"]["memslot_update"] == 4
+    # the clock every timestamp came from, as this host's sysfs names it
+    assert done.manifest["host"]["clocksource"] == Path(
+        "/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text().strip()
     t = done.tables["memslot_update"].to_pandas()
     assert list(t["slot_id"]) == [10, 11, 12, 13]
     assert list(t["change"].astype(str)) == ["create", "delete", "move", "flags_only"]
