@@ -90,8 +90,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
                  "the kernel may refuse tracing programs (lockdown, a vendor patch); "
                  "kprobe or the tracepoint backend still run, or use `slotscope labvm`"),
         *_tracepoint_checks(caps),
-        Check.of("raw kvm_mmio", caps.raw_mmio, caps.raw_mmio_why,
-                 "kvm_mmio is traced as a classic tracepoint: same rows, more cost an access"),
+        *(Check.of(f"raw {tp.split(':')[1]}", r.ok, r.why,
+                   "traced as a classic tracepoint: same rows, more cost an event")
+          for tp, r in caps.raw.items()),
         Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
         Check.of("kernel headers", caps.header_matches, caps.header_tree,
                  "stand-in tree: compiles; struct offsets are read from BTF instead"),

@@ -34,9 +34,8 @@ def _attached_tracepoints() -> list[str]:
     """Every tracepoint the tracer attaches on this kernel, as perf names it
     (kvm_mmio attached raw is still the kvm:kvm_mmio tracepoint)."""
     from tracer.capabilities import probe
-    from tracer.loader import MMIO_RAW_PROBE, program_text
-    return ["kvm:kvm_mmio" if p == MMIO_RAW_PROBE else p
-            for p in program_text("tracepoint", probe(try_kfunc=False))[2]]
+    from tracer.loader import program_text, tracepoint_of
+    return [tracepoint_of(p) for p in program_text("tracepoint", probe(try_kfunc=False))[2]]
 
 
 def _perf_stat(events: list[str], truth: Path) -> dict[str, int]:

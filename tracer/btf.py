@@ -299,6 +299,48 @@ def kvm_offsets(btf: BTF | None = None) -> dict[str, int]:
     return out
 
 
+def _struct(btf: BTF, name: str) -> _Type:
+    t = btf.find_struct(name)
+    if t is None:
+        raise TracerError(f"BTF has no struct {name}")
+    return t
+
+
+def _member(btf: BTF, t: _Type, sname: str, member: str) -> int:
+    off = btf.member_offset(t, member)
+    if off is None:
+        raise TracerError(f"BTF struct {sname} has no member {member}")
+    return off
+
+
+def exit_offsets(vendor: str, btf: BTF | None = None) -> dict[str, int]:
+    """The OFF_* defines a raw kvm_exit program reads to rebuild the classic
+    record's fields from its ``struct kvm_vcpu *``: the vCPU id, and the exit
+    reason where the vendor's get_exit_info reads it (SVM: the current VMCB's
+    exit_code, and exit_info_2, the nested page fault's address; VMX:
+    vcpu_vmx.exit_reason).  ``vendor``: kvm_amd or kvm_intel, whose BTF has
+    its vCPU struct; TracerError naming what is missing."""
+    btf = btf or load(vendor)
+    out = {"OFF_VCPU_ID": _member(btf, _struct(btf, "kvm_vcpu"), "kvm_vcpu", "vcpu_id")}
+    if vendor == "kvm_amd":
+        svm = _struct(btf, "vcpu_svm")
+        out["OFF_VENDOR_VCPU"] = _member(btf, svm, "vcpu_svm", "vcpu")
+        out["OFF_SVM_VMCB"] = _member(btf, svm, "vcpu_svm", "vmcb")
+        control = _member(btf, _struct(btf, "vmcb"), "vmcb", "control")
+        area = _struct(btf, "vmcb_control_area")
+        out["OFF_VMCB_EXIT_CODE"] = control + _member(btf, area, "vmcb_control_area",
+                                                      "exit_code")
+        out["OFF_VMCB_EXIT_INFO2"] = control + _member(btf, area, "vmcb_control_area",
+                                                       "exit_info_2")
+    elif vendor == "kvm_intel":
+        vmx = _struct(btf, "vcpu_vmx")
+        out["OFF_VENDOR_VCPU"] = _member(btf, vmx, "vcpu_vmx", "vcpu")
+        out["OFF_VMX_EXIT_REASON"] = _member(btf, vmx, "vcpu_vmx", "exit_reason")
+    else:
+        raise TracerError(f"where {vendor} keeps a vCPU's exit reason is not known")
+    return out
+
+
 def address_spaces(btf: BTF | None = None) -> int | None:
     """KVM_ADDRESS_SPACE_NUM: the length of ``struct kvm.memslots[]`` (one
     generation step per memslot swap), or None when BTF has no struct kvm."""

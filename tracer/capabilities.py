@@ -13,7 +13,7 @@ import errno
 import os
 import platform
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recording.hostfacts import kvm_params, kvm_vendor_module
@@ -36,6 +36,14 @@ TRACEPOINTS = (
 KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")
 
 
+@dataclass(frozen=True)
+class Raw:
+    """Whether one tracepoint is attached raw, and why (or why not)."""
+
+    ok: bool
+    why: str
+
+
 @dataclass
 class Capabilities:
     kernel: str
@@ -54,13 +62,23 @@ class Capabilities:
     kvm_module: str | None
     kvm_params: dict[str, str]
     functions: dict[str, bool] = field(default_factory=dict)
-    # kvm_mmio as a raw tracepoint (cheaper per access, see kvm_events.bpf.c)
-    raw_mmio: bool = False
-    raw_mmio_why: str = "not tried"
+    # The hot tracepoints that attach raw here (RAW_PROTOS), each with why
+    # or why not; absent: not tried.
+    raw: dict[str, Raw] = field(default_factory=dict)
 
     @property
     def mmio_caching(self) -> bool:
         return self.kvm_params.get("kvm.mmio_caching", "Y").upper().startswith("Y")
+
+    def is_raw(self, name: str) -> bool:
+        """Whether tracepoint ``name`` (e.g. "kvm:kvm_exit") is attached raw."""
+        r = self.raw.get(name)
+        return bool(r and r.ok)
+
+    def classic(self) -> Capabilities:
+        """The same host with every tracepoint attached classic (tests and
+        benches compare the two)."""
+        return replace(self, raw={n: Raw(False, "classic requested") for n in self.raw})
 
 
 @dataclass
@@ -189,33 +207,58 @@ def _kfunc() -> tuple[bool, str]:
     return True, f"fentry on {fn} loads and attaches (BTF of {module or 'vmlinux'})"
 
 
-# kvm_mmio's TP_PROTO (type, len, gpa, val) as kvm_events.bpf.c reads it raw:
-# val a pointer to the data (older kernels passed the value, u64).
-MMIO_PROTO = ["int4", "int4", "int8", "ptr"]
+# The tracepoints the programs take raw where they can, with the prototype
+# (BTF.param_kinds of btf_trace_<name>) each program reads its arguments as.
+# A raw program runs from the tracepoint's call with those arguments, without
+# the perf record a classic tracepoint builds (and fills through the vendor's
+# callbacks: kvm_exit's get_exit_info) before its program runs.
+RAW_PROTOS: dict[str, list[str] | None] = {
+    # (int type, int len, u64 gpa, void *val); older kernels passed the value
+    "kvm:kvm_mmio": ["int4", "int4", "int8", "ptr"],
+    # (struct kvm_vcpu *vcpu, u32 isa): the reason is read from the vendor's
+    # vCPU struct at offsets from its BTF (btf.exit_offsets)
+    "kvm:kvm_exit": ["ptr", "int4"],
+    # reads no argument: it closes the thread's open exit
+    "kvm:kvm_entry": None,
+    # (u64 spte, unsigned int kvm_gen, unsigned int spte_gen)
+    "kvmmmu:check_mmio_spte": ["int8", "int4", "int4"],
+}
+RAW_ENV = "SLOTSCOPE_RAW_TRACEPOINTS"  # "0": attach every tracepoint classic
 
 
-def _raw_mmio(tracepoints: dict[str, bool]) -> tuple[bool, str]:
-    """Whether kvm_mmio can be traced as a raw tracepoint: its prototype in
-    BTF is the one the program reads, and a trivial raw tracepoint program
-    loads and attaches to it (bpf(2), no bcc compile).  A raw tracepoint
-    skips the perf record the classic one builds before its program runs."""
+def _raw(tp: str, tracepoints: dict[str, bool]) -> Raw:
+    """Whether tracepoint ``tp`` can be traced raw: its prototype in BTF is
+    the one the program reads, what else the program reads is found, and a
+    trivial raw tracepoint program loads and attaches (bpf(2), no compile)."""
     from .bpfsys import RETURN_ZERO, raw_tracepoint
-    from .btf import tracepoint_params
-    if not tracepoints.get("kvm:kvm_mmio"):
-        return False, "kvm:kvm_mmio absent"
-    params = tracepoint_params("kvm_mmio")
+    from .btf import exit_offsets, tracepoint_params
+    if not tracepoints.get(tp):
+        return Raw(False, f"{tp} absent")
+    if os.environ.get(RAW_ENV) == "0":
+        return Raw(False, f"classic: {RAW_ENV}=0")
+    want = RAW_PROTOS[tp]
+    name = tp.split(":")[1]
+    params = tracepoint_params(name)
     if params is None:
-        return False, "no btf_trace_kvm_mmio in the kernel's BTF: prototype unknown"
-    if params != MMIO_PROTO:
-        return False, f"kvm_mmio's prototype in BTF is ({', '.join(params)}), not " \
-            f"({', '.join(MMIO_PROTO)})"
+        return Raw(False, f"no btf_trace_{name} in the kernel's BTF: prototype unknown")
+    if want is not None and params != want:
+        return Raw(False, f"{name}'s prototype in BTF is ({', '.join(params)}), not "
+                   f"({', '.join(want)})")
+    why = f"prototype ({', '.join(params)}) from BTF"
+    if name == "kvm_exit":
+        vendor = kvm_vendor_module()
+        try:
+            exit_offsets(vendor or "no KVM vendor module")
+        except TracerError as e:
+            return Raw(False, f"exit reason unreadable: {e}")
+        why += f", exit reason from {vendor}'s BTF"
     try:
-        prog, link = raw_tracepoint(RETURN_ZERO, "kvm_mmio", "slotscope_probe")
+        prog, link = raw_tracepoint(RETURN_ZERO, name, "slotscope_probe")
     except OSError as e:
-        return False, f"raw tracepoint on kvm_mmio refused: {e.strerror}"
+        return Raw(False, f"raw tracepoint on {name} refused: {e.strerror}")
     os.close(link)
     os.close(prog)
-    return True, "raw tracepoint attaches; prototype (int, int, u64, void *val) from BTF"
+    return Raw(True, why)
 
 
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
@@ -239,7 +282,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         try_kfunc = not kprobes
     kfunc, kfunc_why = _kfunc() if try_kfunc else (False, "not tried")
     header, matches = _header_tree()
-    raw_mmio, raw_mmio_why = _raw_mmio(tps)
+    raw = {tp: _raw(tp, tps) for tp in RAW_PROTOS}
     return Capabilities(
         kernel=platform.release(), tracefs=tracefs, btf=BTF_VMLINUX.exists(),
         # A loadable kvm has its own BTF object; a built-in one is in vmlinux.
@@ -249,7 +292,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
         header_matches=matches, kvm_module=kvm_vendor_module(), kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
-        raw_mmio=raw_mmio, raw_mmio_why=raw_mmio_why,
+        raw=raw,
     )
 
 

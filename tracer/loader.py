@@ -37,7 +37,23 @@ OPTIONAL_TPS = {
 }
 REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
                 "sched:sched_process_exit")
-MMIO_RAW_PROBE = "raw_tracepoint:kvm_mmio"  # kvm:kvm_mmio attached raw
+# Define set where a tracepoint is attached raw (capabilities.RAW_PROTOS).
+RAW_DEFINES = {"kvm:kvm_mmio": "MMIO_RAW", "kvm:kvm_exit": "RAW_KVM_EXIT",
+               "kvm:kvm_entry": "RAW_KVM_ENTRY", "kvmmmu:check_mmio_spte": "RAW_CHECK_MMIO_SPTE"}
+
+
+def attached_name(tp: str, caps: Capabilities) -> str:
+    """How probes_attached names tracepoint ``tp``: raw_tracepoint:<name>
+    where it is attached raw."""
+    return f"raw_tracepoint:{tp.split(':')[1]}" if caps.is_raw(tp) else tp
+
+
+def tracepoint_of(probe: str) -> str:
+    """The tracepoint (as perf names it) behind a probes_attached entry."""
+    if probe.startswith("raw_tracepoint:"):
+        name = probe.split(":")[1]
+        return next(tp for tp in RAW_DEFINES if tp.endswith(":" + name))
+    return probe
 
 
 def _source() -> str:
@@ -81,17 +97,21 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
         "AGGREGATE": int(aggregate),
-        "MMIO_RAW": int(caps.raw_mmio),
     }
-    # kvm_mmio raw where capabilities found it attachable with the expected
-    # prototype (the manifest's probes_attached says which), else classic.
-    attached = [MMIO_RAW_PROBE if tp == "kvm:kvm_mmio" and caps.raw_mmio else tp
-                for tp in REQUIRED_TPS]
+    # Raw where capabilities found the tracepoint attachable with the
+    # prototype its program reads (the manifest's probes_attached says
+    # which), else classic.
+    for tp, define in RAW_DEFINES.items():
+        flags[define] = int(caps.is_raw(tp))
+    if caps.is_raw("kvm:kvm_exit"):
+        from .btf import exit_offsets
+        flags.update(exit_offsets(caps.kvm_module or ""))
+    attached = [attached_name(tp, caps) for tp in REQUIRED_TPS]
     missing = []
     for tp, define in OPTIONAL_TPS.items():
         if caps.tracepoints.get(tp):
             flags[define] = 1
-            attached.append(tp)
+            attached.append(attached_name(tp, caps))
         else:
             missing.append(tp)
     text = _source()

@@ -218,7 +218,41 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
 }
 #endif
 
-#ifdef HAVE_KVM_EXIT
+/* kvm_exit opens an exit on the vCPU's thread with its reason, vCPU id and,
+ * for SVM's nested page fault, the faulting GPA (exit_info_2). */
+#if RAW_KVM_EXIT
+/* Raw: TP_PROTO(struct kvm_vcpu *vcpu, u32 isa).  The classic record's
+ * fields come from the vendor's get_exit_info; here the same fields are read
+ * where it reads them, at offsets from the vendor module's BTF
+ * (btf.exit_offsets): the thread is looked up first, so an untraced VM pays
+ * for no read. */
+RAW_TRACEPOINT_PROBE(kvm_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct thread *t = thread_of(id);
+	if (!t)
+		return TP_KEEP;
+	char *vcpu = (char *)ctx->args[0];
+	u32 isa = (u32)ctx->args[1];
+	s32 vcpu_id = -1;
+	u32 reason = 0;
+	u64 gpa = 0;
+	bpf_probe_read_kernel(&vcpu_id, sizeof(vcpu_id), vcpu + OFF_VCPU_ID);
+#ifdef OFF_SVM_VMCB
+	char *vmcb = NULL;
+	bpf_probe_read_kernel(&vmcb, sizeof(vmcb), vcpu - OFF_VENDOR_VCPU + OFF_SVM_VMCB);
+	if (vmcb) {
+		bpf_probe_read_kernel(&reason, sizeof(reason), vmcb + OFF_VMCB_EXIT_CODE);
+		if (isa == 2 && reason == 0x400)
+			bpf_probe_read_kernel(&gpa, sizeof(gpa), vmcb + OFF_VMCB_EXIT_INFO2);
+	}
+#else
+	bpf_probe_read_kernel(&reason, sizeof(reason), vcpu - OFF_VENDOR_VCPU + OFF_VMX_EXIT_REASON);
+#endif
+	begin_exit(t, bpf_ktime_get_ns(), reason, 0, vcpu_id, gpa, 0);
+	return TP_KEEP;
+}
+#elif defined(HAVE_KVM_EXIT)
 TRACEPOINT_PROBE(kvm, kvm_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -233,13 +267,26 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 }
 #endif
 
-#ifdef HAVE_KVM_ENTRY
-TRACEPOINT_PROBE(kvm, kvm_entry)
+static __always_inline void on_entry(void *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct thread *t = open_exit(id);
 	if (t)
-		close_exit(args, id, t, bpf_ktime_get_ns());
+		close_exit(ctx, id, t, bpf_ktime_get_ns());
+}
+
+#if RAW_KVM_ENTRY
+/* Raw: the arguments (the vCPU, and since 6.9 force_immediate_exit) are not
+ * read; the thread's open exit closes. */
+RAW_TRACEPOINT_PROBE(kvm_entry)
+{
+	on_entry(ctx);
+	return TP_KEEP;
+}
+#elif defined(HAVE_KVM_ENTRY)
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+	on_entry(args);
 	return TP_KEEP;
 }
 #endif
@@ -287,7 +334,14 @@ static __always_inline void spte_seen(void *ctx, bool check, u32 kvm_gen, u32 sp
 	gen_seen(ctx, id, t, kvm_gen, check ? GEN_SRC_CHECK : GEN_SRC_MARK);
 }
 
-#ifdef HAVE_CHECK_MMIO_SPTE
+#if RAW_CHECK_MMIO_SPTE
+/* Raw: TP_PROTO(u64 spte, unsigned int kvm_gen, unsigned int spte_gen). */
+RAW_TRACEPOINT_PROBE(check_mmio_spte)
+{
+	spte_seen(ctx, true, (u32)ctx->args[1], (u32)ctx->args[2], 0);
+	return TP_KEEP;
+}
+#elif defined(HAVE_CHECK_MMIO_SPTE)
 TRACEPOINT_PROBE(kvmmmu, check_mmio_spte)
 {
 	spte_seen(args, true, args->kvm_gen, args->spte_gen, 0);
