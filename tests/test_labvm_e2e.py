@@ -184,9 +184,11 @@ def _go_beside_perf(vm: subprocess.Popen[str], scratch: Path, out: Path) -> int:
     return rc
 
 
-def _recorder(*args: str) -> subprocess.Popen[str]:
+def _recorder(*args: str, classic: bool = False) -> subprocess.Popen[str]:
+    """``classic``: every tracepoint attached classic, none raw."""
+    env = {**os.environ, "SLOTSCOPE_RAW_TRACEPOINTS": "0"} if classic else None
     return subprocess.Popen([sys.executable, "-m", "slotscope", "record", *args],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
 
 def _attached(rec: subprocess.Popen[str]) -> str | None:
@@ -209,7 +211,8 @@ def _still_loaded(manifest: Path, timeout: float = 10.0) -> list[int]:
 
 def inner(out: Path) -> int:
     """In the L1: two L2s traced by one ``slotscope record --backend kprobe``,
-    and a third (a short micro-VMM) by it and a ``--backend kfunc`` recorder.
+    and a third (a short micro-VMM) by it and a ``--backend kfunc`` recorder
+    with every tracepoint classic (the kprobe one attaches them raw).
 
     Both recorders start together, so their bcc compiles (a minute or more
     each under TCG) overlap.  The first micro-VMM runs first, also captured
@@ -237,7 +240,8 @@ def inner(out: Path) -> int:
     # No -p: one recorder (one BPF compile, minutes under TCG) for all L2s.
     rec = _recorder("--backend", "kprobe", "-o", str(run))
     if vm2 is not None:
-        kfunc_rec = _recorder("--backend", "kfunc", "-p", str(vm2.pid), "-o", str(kfunc_run))
+        kfunc_rec = _recorder("--backend", "kfunc", "-p", str(vm2.pid), "-o", str(kfunc_run),
+                              classic=True)
     line = _attached(rec)
     times["record_attach_s"] = time.monotonic() - t0
     if line is None:
@@ -331,6 +335,10 @@ from recording.reader import read_run  # noqa: E402
 from vmrig import labvm  # noqa: E402
 
 pytestmark = BOOTS_L1
+
+
+EXIT_NPF = 0x400  # SVM's nested page fault: every MMIO exit under kvm_amd
+EXITS_EPT = {48, 49}  # VMX: EPT violation (first touch), misconfig (MMIO SPTE)
 
 
 def memslot_rows_follow_truth(run: Any, pid: int, changes: list[dict], step: int
@@ -443,6 +451,17 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     # kvm_gen = spte_gen + step, re-marked on the slow path.
     faults = [r for r in run.tables["mmio_fault"].to_pylist() if r["pid"] == pid]
     assert faults and all(r["latency_ns"] > 0 for r in faults)
+    # The per-exit tracepoints ran raw on the lab kernels, their fields read
+    # from the vendor's structs (btf.exit_offsets): every MMIO exit is the
+    # vendor's MMIO exit, on the L2's one vCPU, at one of its pages.
+    assert {f"raw_tracepoint:{n}" for n in ("kvm_mmio", "kvm_exit", "kvm_entry",
+                                            "check_mmio_spte")} \
+        <= set(run.manifest["probes_attached"])
+    reasons = {r["exit_reason"] for r in faults}
+    assert reasons == {EXIT_NPF} if run.manifest["kvm_module"] == "kvm_amd" \
+        else reasons <= EXITS_EPT, reasons
+    assert {r["vcpu"] for r in faults} == {0}
+    assert {f"{r['gpa']:#x}" for r in faults} == set(truth["mmio_by_page"])
     stale = [r for r in faults if r["stale"]]
     assert len(stale) == rules["stale"]
     assert all(r["kvm_gen"] - r["spte_gen"] == step and r["remarked"] for r in stale)
@@ -587,6 +606,16 @@ def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     kp = memslot_rows_follow_truth(both, pid, truth["memslot_changes"], step)
     assert [[r[c] for c in cols] for r in mu] == [[r[c] for c in cols] for r in kp]
     assert invalidate_gens(both, pid) == gens
+    # Its tracepoints were classic, the kprobe recorder's raw: the same MMIO
+    # exits, reasons, vCPUs, addresses and SPTE evidence, timestamps aside.
+    assert not any(p.startswith("raw_tracepoint:") for p in m["probes_attached"])
+
+    def exits(r: Any) -> list[tuple]:
+        rows = sorted((x for x in r.tables["mmio_fault"].to_pylist() if x["pid"] == pid),
+                      key=lambda x: x["exit_ns"])
+        return [tuple(v for k, v in x.items() if not k.endswith("ns") and k != "tid")
+                for x in rows]
+    assert exits(run) == exits(both) and len(exits(run)) == truth["mmio_exits"]
 
 
 def test_qemu_pcdimm_recording_in_l1(l1: Path) -> None:
