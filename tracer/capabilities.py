@@ -247,6 +247,8 @@ def _raw(tp: str, tracepoints: dict[str, bool]) -> Raw:
     why = f"prototype ({', '.join(params)}) from BTF"
     if name == "kvm_exit":
         vendor = kvm_vendor_module()
+        if vendor == "kvm_pvm":  # emulates its guests: no VM exits to trace
+            return Raw(False, "kvm_pvm never fires kvm_exit: left classic, unused")
         try:
             exit_offsets(vendor or "no KVM vendor module")
         except TracerError as e:
