@@ -38,10 +38,13 @@ KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")
 
 @dataclass(frozen=True)
 class Raw:
-    """Whether one tracepoint is attached raw, and why (or why not)."""
+    """Whether one tracepoint is attached raw, and why (or why not);
+    ``defines``: what else its raw program reads (kvm_exit's struct offsets,
+    btf.exit_offsets), found once here."""
 
     ok: bool
     why: str
+    defines: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -226,7 +229,13 @@ RAW_PROTOS: dict[str, list[str] | None] = {
 RAW_ENV = "SLOTSCOPE_RAW_TRACEPOINTS"  # "0": attach every tracepoint classic
 
 
-def _raw(tp: str, tracepoints: dict[str, bool]) -> Raw:
+def raw_define(tp: str) -> str:
+    """The define kvm_events.bpf.c tests for tracepoint ``tp`` attached raw:
+    RAW_<NAME>."""
+    return "RAW_" + tp.split(":")[1].upper()
+
+
+def _raw(tp: str, tracepoints: dict[str, bool], vendor: str | None) -> Raw:
     """Whether tracepoint ``tp`` can be traced raw: its prototype in BTF is
     the one the program reads, what else the program reads is found, and a
     trivial raw tracepoint program loads and attaches (bpf(2), no compile)."""
@@ -245,12 +254,12 @@ def _raw(tp: str, tracepoints: dict[str, bool]) -> Raw:
         return Raw(False, f"{name}'s prototype in BTF is ({', '.join(params)}), not "
                    f"({', '.join(want)})")
     why = f"prototype ({', '.join(params)}) from BTF"
+    defines: dict[str, int] = {}
     if name == "kvm_exit":
-        vendor = kvm_vendor_module()
         if vendor == "kvm_pvm":  # emulates its guests: no VM exits to trace
             return Raw(False, "kvm_pvm never fires kvm_exit: left classic, unused")
         try:
-            exit_offsets(vendor or "no KVM vendor module")
+            defines = exit_offsets(vendor or "no KVM vendor module")
         except TracerError as e:
             return Raw(False, f"exit reason unreadable: {e}")
         why += f", exit reason from {vendor}'s BTF"
@@ -260,7 +269,7 @@ def _raw(tp: str, tracepoints: dict[str, bool]) -> Raw:
         return Raw(False, f"raw tracepoint on {name} refused: {e.strerror}")
     os.close(link)
     os.close(prog)
-    return Raw(True, why)
+    return Raw(True, why, defines)
 
 
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
@@ -284,7 +293,8 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         try_kfunc = not kprobes
     kfunc, kfunc_why = _kfunc() if try_kfunc else (False, "not tried")
     header, matches = _header_tree()
-    raw = {tp: _raw(tp, tps) for tp in RAW_PROTOS}
+    vendor = kvm_vendor_module()
+    raw = {tp: _raw(tp, tps, vendor) for tp in RAW_PROTOS}
     return Capabilities(
         kernel=platform.release(), tracefs=tracefs, btf=BTF_VMLINUX.exists(),
         # A loadable kvm has its own BTF object; a built-in one is in vmlinux.
@@ -292,7 +302,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         or (BTF_VMLINUX.exists() and not Path("/sys/module/kvm/initstate").exists()),
         kprobes=kprobes, kprobes_why=kprobes_why, kfunc=kfunc, kfunc_why=kfunc_why,
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
-        header_matches=matches, kvm_module=kvm_vendor_module(), kvm_params=kvm_params(),
+        header_matches=matches, kvm_module=vendor, kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
         raw=raw,
     )

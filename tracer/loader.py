@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import TracerError
-from .capabilities import BackendChoice, Capabilities, _quiet_stderr, choose_backend, probe
+from .capabilities import (
+    RAW_PROTOS,
+    BackendChoice,
+    Capabilities,
+    _quiet_stderr,
+    choose_backend,
+    probe,
+    raw_define,
+)
 
 if TYPE_CHECKING:  # .probes imports numpy: loaded after the compile (load)
     from .probes import Probes
@@ -37,11 +45,6 @@ OPTIONAL_TPS = {
 }
 REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
                 "sched:sched_process_exit")
-# Define set where a tracepoint is attached raw (capabilities.RAW_PROTOS).
-RAW_DEFINES = {"kvm:kvm_mmio": "MMIO_RAW", "kvm:kvm_exit": "RAW_KVM_EXIT",
-               "kvm:kvm_entry": "RAW_KVM_ENTRY", "kvmmmu:check_mmio_spte": "RAW_CHECK_MMIO_SPTE"}
-
-
 def attached_name(tp: str, caps: Capabilities) -> str:
     """How probes_attached names tracepoint ``tp``: raw_tracepoint:<name>
     where it is attached raw."""
@@ -52,7 +55,7 @@ def tracepoint_of(probe: str) -> str:
     """The tracepoint (as perf names it) behind a probes_attached entry."""
     if probe.startswith("raw_tracepoint:"):
         name = probe.split(":")[1]
-        return next(tp for tp in RAW_DEFINES if tp.endswith(":" + name))
+        return next(tp for tp in RAW_PROTOS if tp.endswith(":" + name))
     return probe
 
 
@@ -101,11 +104,10 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     # Raw where capabilities found the tracepoint attachable with the
     # prototype its program reads (the manifest's probes_attached says
     # which), else classic.
-    for tp, define in RAW_DEFINES.items():
-        flags[define] = int(caps.is_raw(tp))
-    if caps.is_raw("kvm:kvm_exit"):
-        from .btf import exit_offsets
-        flags.update(exit_offsets(caps.kvm_module or ""))
+    for tp in RAW_PROTOS:
+        flags[raw_define(tp)] = int(caps.is_raw(tp))
+        if caps.is_raw(tp):
+            flags.update(caps.raw[tp].defines)
     attached = [attached_name(tp, caps) for tp in REQUIRED_TPS]
     missing = []
     for tp, define in OPTIONAL_TPS.items():

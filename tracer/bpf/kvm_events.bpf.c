@@ -136,11 +136,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 }
 
 /* One MMIO access KVM emulates (every access on kvm_pvm, coalesced or not).
- * ``val`` is the classic record's value field, or under MMIO_RAW the
+ * ``val`` is the classic record's value field, or under RAW_KVM_MMIO the
  * tracepoint's pointer to the data (mmio_val reads it). */
 static __always_inline u64 mmio_val(u32 len, u64 val)
 {
-#if MMIO_RAW
+#if RAW_KVM_MMIO
 	/* What the classic record holds (TP_fast_assign of kvm_mmio): min(len, 8)
 	 * bytes of the data, zero-extended; 0 where KVM passed no data (an
 	 * unsatisfied read). */
@@ -200,7 +200,7 @@ static __always_inline int on_mmio(void *ctx, u32 type, u32 len, u64 gpa, u64 va
 	return TP_KEEP;
 }
 
-#if MMIO_RAW
+#if RAW_KVM_MMIO
 /* Raw: the program runs from the tracepoint's call with its arguments,
  * before (and without) the perf record a classic tracepoint builds for its
  * program: TP_PROTO(int type, int len, u64 gpa, void *val), checked against
