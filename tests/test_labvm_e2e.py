@@ -455,7 +455,7 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     # from the vendor's structs (btf.exit_offsets): every MMIO exit is the
     # vendor's MMIO exit, on the L2's one vCPU, at one of its pages.
     assert {f"raw_tracepoint:{n}" for n in ("kvm_mmio", "kvm_exit", "kvm_entry",
-                                            "check_mmio_spte")} \
+                                            "check_mmio_spte", "handle_mmio_page_fault")} \
         <= set(run.manifest["probes_attached"])
     reasons = {r["exit_reason"] for r in faults}
     assert reasons == {EXIT_NPF} if run.manifest["kvm_module"] == "kvm_amd" \

@@ -225,6 +225,8 @@ RAW_PROTOS: dict[str, list[str] | None] = {
     "kvm:kvm_entry": None,
     # (u64 spte, unsigned int kvm_gen, unsigned int spte_gen)
     "kvmmmu:check_mmio_spte": ["int8", "int4", "int4"],
+    # (u64 addr, gfn_t gfn, unsigned int access): every MMIO page fault
+    "kvmmmu:handle_mmio_page_fault": ["int8", "int8", "int4"],
 }
 RAW_ENV = "SLOTSCOPE_RAW_TRACEPOINTS"  # "0": attach every tracepoint classic
 

@@ -357,14 +357,27 @@ TRACEPOINT_PROBE(kvmmmu, mark_mmio_spte)
 }
 #endif
 
-#ifdef HAVE_HANDLE_MMIO_PAGE_FAULT
-TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
+/* An MMIO page fault at guest address ``addr`` (handle_mmio_page_fault). */
+static __always_inline void mmio_pf(u64 addr)
 {
 	struct thread *t = open_exit(bpf_get_current_pid_tgid());
 	if (t) {
 		t->bits |= F_FAST_HIT;
-		t->gpa = args->addr;
+		t->gpa = addr;
 	}
+}
+
+#if RAW_HANDLE_MMIO_PAGE_FAULT
+/* Raw: TP_PROTO(u64 addr, gfn_t gfn, unsigned int access). */
+RAW_TRACEPOINT_PROBE(handle_mmio_page_fault)
+{
+	mmio_pf(ctx->args[0]);
+	return TP_KEEP;
+}
+#elif defined(HAVE_HANDLE_MMIO_PAGE_FAULT)
+TRACEPOINT_PROBE(kvmmmu, handle_mmio_page_fault)
+{
+	mmio_pf(args->addr);
 	return TP_KEEP;
 }
 #endif
