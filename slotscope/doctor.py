@@ -93,6 +93,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
         *(Check.of(f"raw {tp.split(':')[1]}", r.ok, r.why,
                    "traced as a classic tracepoint: same rows, more cost an event")
           for tp, r in caps.raw.items()),
+        Check.of("ioctl fentry", caps.ioctl_fentry.ok, caps.ioctl_fentry.why,
+                 "KVM ioctls seen through the syscall tracepoints: same rows, every "
+                 "syscall on the host pays a little"),
         Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
         Check.of("kernel headers", caps.header_matches, caps.header_tree,
                  "stand-in tree: compiles; struct offsets are read from BTF instead"),

@@ -73,14 +73,14 @@ def test_kfunc_programs_compile_without_autoload() -> None:
     (tracepoint) ones: the three are left for the raw bpf(2) load."""
     from bcc.libbcc import lib
 
-    from tracer.loader import KFUNCS, _compile, _kfunc_targets, program_text
+    from tracer.loader import KFUNCS, _compile, _fentry_targets, program_text
     caps = probe(try_kfunc=False, try_bpf=False)
     try:
-        targets, offsets = _kfunc_targets(None)
+        targets = _fentry_targets(KFUNCS)
     except TracerError as e:
         pytest.skip(str(e))
     assert [t[:3] for t in targets] == [k[:3] for k in KFUNCS]
-    text, flags, attached, _ = program_text("kfunc", caps, [1], offsets=offsets)
+    text, flags, attached, _ = program_text("kfunc", caps, [1])
     assert attached[-3:] == ["fentry:kvm_set_memslot", "fexit:kvm_set_memslot",
                              "fentry:kvm_mmu_invalidate_mmio_sptes"]
     bpf, _ = _compile(text, flags)
@@ -91,6 +91,37 @@ def test_kfunc_programs_compile_without_autoload() -> None:
             assert name not in bpf.funcs
         # bcc's own: tracepoints, and kvm_mmio raw where this kernel allows it
         assert all(n.startswith((b"tracepoint__", b"raw_tracepoint__")) for n in bpf.funcs)
+    finally:
+        bpf.cleanup()
+
+
+@needs_bcc
+def test_ioctl_fentry_programs_replace_the_syscall_tracepoints() -> None:
+    """Where the kernel takes fentry on the ioctl syscall, the KVM ioctls are
+    seen there: the programs compile, are left for the bpf(2) load (not
+    bcc's), and no syscall tracepoint program is built."""
+    from bcc.libbcc import lib
+
+    from tracer.capabilities import IOCTL_SYSCALL, Raw
+    from tracer.loader import IOCTL_FUNCS, _compile, _fentry_targets, program_text
+    try:
+        targets = _fentry_targets(IOCTL_FUNCS)
+    except TracerError as e:
+        pytest.skip(str(e))
+    # in vmlinux's BTF, with the one (pt_regs *) parameter the programs read
+    assert [(t[0], t[1], t[4]) for t in targets] == [("fentry", IOCTL_SYSCALL, None),
+                                                       ("fexit", IOCTL_SYSCALL, None)]
+    caps = probe(try_kfunc=False, try_bpf=False)
+    caps.ioctl_fentry = Raw(True, "forced: compiled only")
+    text, flags, attached, _ = program_text("kprobe", caps, [1])
+    assert attached[:2] == [f"fentry:{IOCTL_SYSCALL}", f"fexit:{IOCTL_SYSCALL}"]
+    assert not any(a.startswith("syscalls:") for a in attached)
+    bpf, _ = _compile(text, flags)
+    try:
+        for _, _, prog, _ in IOCTL_FUNCS:
+            assert lib.bpf_function_size(bpf.module, prog.encode()) > 0
+            assert prog.encode() not in bpf.funcs
+        assert not any(b"sys_enter_ioctl" in n or b"sys_exit_ioctl" in n for n in bpf.funcs)
     finally:
         bpf.cleanup()
 
@@ -134,10 +165,13 @@ def _loaded_names() -> set[str]:
 
 
 @needs_root
-def test_doctor_reports_the_same_kfunc_verdict() -> None:
+def test_doctor_reports_the_same_fentry_verdicts() -> None:
     caps = probe(try_bpf=False)
     p = subprocess.run([*SLOTSCOPE, "doctor", "--json"], capture_output=True, text=True,
                        timeout=120, cwd=REPO)
     row = next(c for c in json.loads(p.stdout)["checks"] if c["name"] == "kfunc/fentry")
     assert (row["status"] == "OK") == caps.kfunc
     assert row["detail"] == caps.kfunc_why
+    row = next(c for c in json.loads(p.stdout)["checks"] if c["name"] == "ioctl fentry")
+    assert (row["status"] == "OK") == caps.ioctl_fentry.ok
+    assert row["detail"] == caps.ioctl_fentry.why and "\n" not in row["detail"]

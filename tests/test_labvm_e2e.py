@@ -457,6 +457,12 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     assert {f"raw_tracepoint:{n}" for n in ("kvm_mmio", "kvm_exit", "kvm_entry",
                                             "check_mmio_spte", "handle_mmio_page_fault")} \
         <= set(run.manifest["probes_attached"])
+    # The KVM ioctls through fentry/fexit on the syscall, not the syscall
+    # tracepoints (capabilities._ioctl_fentry): the kfunc recorder, classic,
+    # uses those, and both record the same rows (test_kfunc_recording...).
+    assert {"fentry:__x64_sys_ioctl", "fexit:__x64_sys_ioctl"} \
+        <= set(run.manifest["probes_attached"])
+    assert not any(p.startswith("syscalls:") for p in run.manifest["probes_attached"])
     reasons = {r["exit_reason"] for r in faults}
     assert reasons == {EXIT_NPF} if run.manifest["kvm_module"] == "kvm_amd" \
         else reasons <= EXITS_EPT, reasons
@@ -606,9 +612,12 @@ def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     kp = memslot_rows_follow_truth(both, pid, truth["memslot_changes"], step)
     assert [[r[c] for c in cols] for r in mu] == [[r[c] for c in cols] for r in kp]
     assert invalidate_gens(both, pid) == gens
-    # Its tracepoints were classic, the kprobe recorder's raw: the same MMIO
-    # exits, reasons, vCPUs, addresses and SPTE evidence, timestamps aside.
+    # Its tracepoints were classic and its ioctls the syscall tracepoints',
+    # the kprobe recorder's raw and fentry: the same VM ids above, and the
+    # same MMIO exits, reasons, vCPUs, addresses and SPTE evidence,
+    # timestamps aside.
     assert not any(p.startswith("raw_tracepoint:") for p in m["probes_attached"])
+    assert {"syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"} <= set(m["probes_attached"])
 
     def exits(r: Any) -> list[tuple]:
         rows = sorted((x for x in r.tables["mmio_fault"].to_pylist() if x["pid"] == pid),

@@ -32,6 +32,9 @@ TRACEPOINTS = (
     "kvmmmu:handle_mmio_page_fault", "kvmmmu:kvm_mmu_zap_all_fast",
     "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "sched:sched_process_exit",
 )
+# The ioctl syscall's entry point (x86-64), taken by fentry/fexit where the
+# kernel allows: ``_ioctl_fentry``.
+IOCTL_SYSCALL = "__x64_sys_ioctl"
 # Functions the kprobe/kfunc backends attach to.
 KERNEL_FUNCTIONS = ("kvm_set_memslot", "kvm_mmu_invalidate_mmio_sptes")
 
@@ -68,6 +71,9 @@ class Capabilities:
     # The hot tracepoints that attach raw here (RAW_PROTOS), each with why
     # or why not; absent: not tried.
     raw: dict[str, Raw] = field(default_factory=dict)
+    # The KVM ioctls hooked by fentry/fexit on the ioctl syscall
+    # (IOCTL_SYSCALL) instead of the syscalls:sys_{enter,exit}_ioctl pair.
+    ioctl_fentry: Raw = field(default_factory=lambda: Raw(False, "not tried"))
 
     @property
     def mmio_caching(self) -> bool:
@@ -81,7 +87,14 @@ class Capabilities:
     def classic(self) -> Capabilities:
         """The same host with every tracepoint attached classic (tests and
         benches compare the two)."""
-        return replace(self, raw={n: Raw(False, "classic requested") for n in self.raw})
+        return replace(self, raw={n: Raw(False, "classic requested") for n in self.raw},
+                       ioctl_fentry=Raw(False, "classic requested"))
+
+    def ioctl_probes(self) -> tuple[str, str]:
+        """The probes that see the KVM ioctls, as probes_attached names them."""
+        if self.ioctl_fentry.ok:
+            return f"fentry:{IOCTL_SYSCALL}", f"fexit:{IOCTL_SYSCALL}"
+        return "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"
 
 
 @dataclass
@@ -274,6 +287,39 @@ def _raw(tp: str, tracepoints: dict[str, bool], vendor: str | None) -> Raw:
     return Raw(True, why, defines)
 
 
+def _ioctl_fentry() -> Raw:
+    """Whether the KVM ioctls can be seen by fentry/fexit on the ioctl
+    syscall (IOCTL_SYSCALL) rather than by the syscalls:sys_{enter,exit}_ioctl
+    tracepoints.  Any syscall tracepoint sends every syscall of every process
+    through the kernel's traced slow path (+40 ns a syscall on this host);
+    a trampoline on the one syscall costs only ioctl callers, and about a
+    third less per KVM_RUN in the TCG L1 (tracer/README.md).  Tried as the
+    recorder attaches it: fentry and fexit of a trivial program (bpf(2))."""
+    from .bpfsys import RETURN_ZERO, fentry
+    from .btf import find_func
+    from .btf import load as load_btf
+    if os.environ.get(RAW_ENV) == "0":
+        return Raw(False, f"classic: {RAW_ENV}=0")
+    if platform.machine() != "x86_64":  # the programs read x86-64 pt_regs
+        return Raw(False, f"{platform.machine()}: the fentry programs read x86-64 registers")
+    if not BTF_VMLINUX.exists():
+        return Raw(False, "no /sys/kernel/btf/vmlinux")
+    try:
+        btf_id, nargs, _ = find_func(IOCTL_SYSCALL, load_btf())
+    except TracerError as e:
+        return Raw(False, str(e))
+    if nargs != 1:
+        return Raw(False, f"{IOCTL_SYSCALL} has {nargs} parameters in BTF, not (pt_regs *)")
+    for kind in ("fentry", "fexit"):
+        try:
+            prog, link = fentry(RETURN_ZERO, kind, btf_id, 0, "slotscope_probe")
+        except OSError as e:
+            return Raw(False, f"{kind} on {IOCTL_SYSCALL} refused: {e.strerror}")
+        os.close(link)
+        os.close(prog)
+    return Raw(True, f"fentry and fexit on {IOCTL_SYSCALL} load and attach")
+
+
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
     """``try_kfunc``: load a trial fentry program (None: only where kprobes are
     missing, since kprobe is preferred anyway).  ``try_bpf=False`` skips the
@@ -306,7 +352,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
         header_matches=matches, kvm_module=vendor, kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
-        raw=raw,
+        raw=raw, ioctl_fentry=_ioctl_fentry(),
     )
 
 

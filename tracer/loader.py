@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import TracerError
 from .capabilities import (
+    IOCTL_SYSCALL,
     RAW_PROTOS,
     BackendChoice,
     Capabilities,
@@ -45,6 +46,7 @@ OPTIONAL_TPS = {
 }
 REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
                 "sched:sched_process_exit")
+IOCTL_TPS = REQUIRED_TPS[:2]  # not needed where fentry takes the ioctls
 def attached_name(tp: str, caps: Capabilities) -> str:
     """How probes_attached names tracepoint ``tp``: raw_tracepoint:<name>
     where it is attached raw."""
@@ -75,6 +77,9 @@ KPROBES = (("kprobe", "kvm_set_memslot", "on_set_memslot"),
 KFUNCS = (("fentry", "kvm_set_memslot", "fentry_set_memslot", 4),
           ("fexit", "kvm_set_memslot", "fexit_set_memslot", 4),
           ("fentry", "kvm_mmu_invalidate_mmio_sptes", "fentry_invalidate_mmio", 2))
+# The ioctl syscall's, where caps.ioctl_fentry (any backend).
+IOCTL_FUNCS = (("fentry", IOCTL_SYSCALL, "fentry_ioctl", 1),
+               ("fexit", IOCTL_SYSCALL, "fexit_ioctl", 1))
 KfuncTarget = tuple[str, str, str, int, str | None]  # kind, fn, program, BTF id, module
 
 
@@ -92,14 +97,15 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
 
     ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer
     (and no mmio_access rows: ``mmio_rows``)."""
+    ioctl_fentry = caps.ioctl_fentry.ok
     for tp in REQUIRED_TPS:
-        if not caps.tracepoints.get(tp):
+        if not caps.tracepoints.get(tp) and not (ioctl_fentry and tp in IOCTL_TPS):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
-        "AGGREGATE": int(aggregate),
+        "AGGREGATE": int(aggregate), "IOCTL_FENTRY": int(ioctl_fentry),
     }
     # Raw where capabilities found the tracepoint attachable with the
     # prototype its program reads (the manifest's probes_attached says
@@ -108,7 +114,8 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         flags[raw_define(tp)] = int(caps.is_raw(tp))
         if caps.is_raw(tp):
             flags.update(caps.raw[tp].defines)
-    attached = [attached_name(tp, caps) for tp in REQUIRED_TPS]
+    attached = [*caps.ioctl_probes(),
+                *(attached_name(tp, caps) for tp in REQUIRED_TPS if tp not in IOCTL_TPS)]
     missing = []
     for tp, define in OPTIONAL_TPS.items():
         if caps.tracepoints.get(tp):
@@ -177,8 +184,7 @@ def preload(requested: str | None, pids: Sequence[int], emit_mmio: bool = True,
 def program_source(backend: str, caps: Capabilities, pids: Sequence[int] = (),
                    emit_mmio: bool = True, aggregate: bool = False) -> str:
     """The C program ``load`` would compile with the ring buffer (``--ebpf``)."""
-    offsets = _kfunc_targets(None)[1] if backend == "kfunc" else None
-    text, flags, _, _ = program_text(backend, caps, pids, emit_mmio, offsets, aggregate)
+    text, flags, _, _ = program_text(backend, caps, pids, emit_mmio, None, aggregate)
     return _with_buffer(text, flags, "ringbuf")
 
 
@@ -197,20 +203,19 @@ def _compile(text: str, flags: dict[str, int | str],
     raise TracerError("cannot load the BPF programs: " + "; ".join(errors))
 
 
-def _kfunc_targets(offsets: dict[str, int] | None
-                   ) -> tuple[list[KfuncTarget], dict[str, int]]:
-    """BTF ids of the kfunc backend's functions (found before a long compile)
-    and the struct offsets, from one parse of the kvm BTF."""
-    from .btf import find_func, kvm_offsets
+def _fentry_targets(funcs: Sequence[tuple[str, str, str, int]]) -> list[KfuncTarget]:
+    """BTF ids of ``funcs``' functions (found before a long compile), in the
+    kvm module's BTF or vmlinux."""
+    from .btf import find_func
     from .btf import load as load_btf
     btf = load_btf("kvm")
     targets: list[KfuncTarget] = []
-    for kind, fn, prog, nargs in KFUNCS:
+    for kind, fn, prog, nargs in funcs:
         btf_id, n, module = find_func(fn, btf)
         if n != nargs:  # the program would read the wrong ctx slots
             raise TracerError(f"{fn} has {n} parameters in BTF; {prog} expects {nargs}")
         targets.append((kind, fn, prog, btf_id, module))
-    return targets, offsets or kvm_offsets(btf)
+    return targets
 
 
 def _attach_kfuncs(bpf: Any, targets: Sequence[KfuncTarget]) -> list[int]:
@@ -281,9 +286,9 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     except ImportError:
         raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
                           "with system site packages)") from None
-    kfuncs: list[KfuncTarget] = []
-    if backend == "kfunc":
-        kfuncs, offsets = _kfunc_targets(offsets)
+    funcs = ((KFUNCS if backend == "kfunc" else ())
+             + (IOCTL_FUNCS if caps.ioctl_fentry.ok else ()))
+    kfuncs = _fentry_targets(funcs) if funcs else []
     text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets,
                                                   aggregate)
     bpf, buffer = _compile(text, flags, buffers)

@@ -1,5 +1,6 @@
-/* Tracepoints every backend uses: KVM ioctls (vCPU identity, returns to user
- * space and, for the tracepoint-only backend, memslot updates), kvm_mmio,
+/* What every backend attaches: KVM ioctls (vCPU identity, returns to user
+ * space and, for the tracepoint-only backend, memslot updates; syscall
+ * tracepoints, or fentry/fexit on the syscall where allowed), kvm_mmio,
  * the kvm_exit -> kvm_entry interval with its kvmmmu MMIO SPTE state, and
  * zap-all.  Python prepends the defines and common.bpf.c.
  */
@@ -35,22 +36,23 @@ BPF_TABLE("lru_hash", u32, struct pending_ioctl, pending, 4096);
  * only when it changes (check_mmio_spte fires on every MMIO fault). */
 BPF_HASH(last_gen, u64, u32, 1024);
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+/* A KVM ioctl's start and end: the vCPU's identity at KVM_RUN, the fds
+ * KVM_CREATE_VM and KVM_CREATE_VCPU return, memslot ioctls (for the
+ * tracepoint backend, its memslot rows), KVM_RUN returning mid-exit. */
+static __always_inline void ioctl_enter(void *ctx, u32 fd, u32 cmd, u64 arg)
 {
 	/* Every ioctl on the machine lands here: the command decides before any
 	 * map is touched. */
-	u32 cmd = (u32)args->cmd;
 	if (cmd != KVM_RUN && cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
 	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
-		return TP_KEEP;
+		return;
 	u64 id = bpf_get_current_pid_tgid();
 	struct thread *t = thread_of(id);
 	if (!t)
-		return TP_KEEP;
-	u32 fd = (u32)args->fd;
+		return;
 	if (cmd == KVM_RUN) {
 		if (t->exit_ns && (t->bits & F_SYNTH))
-			close_exit(args, id, t, bpf_ktime_get_ns());
+			close_exit(ctx, id, t, bpf_ktime_get_ns());
 		if (!t->vm) {
 			struct vcpu_key k = {.pid = id >> 32, .fd = fd};
 			struct vcpu_info *vi = vcpu_fds.lookup(&k);
@@ -59,28 +61,27 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 				t->vcpu = vi->vcpu;
 			}
 		}
-		return TP_KEEP;
+		return;
 	}
 	struct pending_ioctl p = {};
 	p.begin_ns = bpf_ktime_get_ns();
 	p.cmd = cmd;
 	p.fd = fd;
-	p.arg = args->arg;
+	p.arg = arg;
 	if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
-		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)args->arg);
+		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)arg);
 	u32 tid = (u32)id;
 	pending.update(&tid, &p);
 	t->pending = 1;
-	return TP_KEEP;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+static __always_inline void ioctl_exit(void *ctx, long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	u32 pid = id >> 32, tid = (u32)id;
 	struct thread *t = thread_find(id);
 	if (!t)
-		return TP_KEEP;
+		return;
 	if (t->exit_ns && !(t->bits & F_TO_USER)) {
 		t->bits |= F_TO_USER;  /* KVM_RUN returns to the VMM mid-exit */
 		/* A clock read costs ~9 us a run in the TCG L1 (bpf_prog_cost), so
@@ -90,12 +91,11 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 			t->end_ns = bpf_ktime_get_ns();
 	}
 	if (!t->pending)
-		return TP_KEEP;
+		return;
 	t->pending = 0;
 	struct pending_ioctl *p = pending.lookup(&tid);
 	if (!p)
-		return TP_KEEP;
-	long ret = args->ret;
+		return;
 	u64 ns = bpf_ktime_get_ns();
 	if (p->cmd == KVM_CREATE_VCPU) {
 		if (ret >= 0) {
@@ -108,16 +108,16 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 	} else if (p->cmd == KVM_CREATE_VM) {
 		if (ret >= 0) {
 			struct event buf;
-			struct event *e = ev_reserve(args, &buf, LOST_VM);
+			struct event *e = ev_reserve(ctx, &buf, LOST_VM);
 			if (e) {
 				ev_init(e, EV_VM, id, ns);
 				e->d = ((u64)pid << 32) | (u32)ret;
-				ev_submit(args, e);
+				ev_submit(ctx, e);
 			}
 		}
 	} else if (MEMSLOT_FROM_IOCTL) {
 		struct event buf;
-		struct event *e = ev_reserve(args, &buf, LOST_MEMSLOT);
+		struct event *e = ev_reserve(ctx, &buf, LOST_MEMSLOT);
 		if (e) {
 			ev_init(e, EV_MEMSLOT, id, p->begin_ns);
 			e->ns2 = ns;
@@ -128,12 +128,49 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 			e->e = p->r.slot;
 			e->f = p->r.flags;
 			e->x = (s32)ret;
-			ev_submit(args, e);
+			ev_submit(ctx, e);
 		}
 	}
 	pending.delete(&tid);
+}
+
+#if IOCTL_FENTRY
+/* fentry/fexit on the ioctl syscall, long __x64_sys_ioctl(const struct
+ * pt_regs *regs), loaded and attached from Python with bpf(2): unlike a
+ * syscall tracepoint, which sends every syscall of every process through
+ * the traced slow path, these run on ioctls only (capabilities._ioctl_fentry).
+ * The arguments are the user's registers: fd in di, cmd in si, arg in dx.
+ * A tracing program must return 0. */
+_Static_assert(offsetof(struct pt_regs, si) == offsetof(struct pt_regs, dx) + 8 &&
+	       offsetof(struct pt_regs, di) == offsetof(struct pt_regs, dx) + 16,
+	       "x86-64 pt_regs: dx, si, di adjacent");
+
+int fentry_ioctl(u64 *ctx)
+{
+	u64 r[3] = {};  /* dx, si, di */
+	bpf_probe_read_kernel(r, sizeof(r), (void *)(ctx[0] + offsetof(struct pt_regs, dx)));
+	ioctl_enter(ctx, (u32)r[2], (u32)r[1], r[0]);
+	return 0;
+}
+
+int fexit_ioctl(u64 *ctx)
+{
+	ioctl_exit(ctx, (long)ctx[1]);
+	return 0;
+}
+#else
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	ioctl_enter(args, (u32)args->fd, (u32)args->cmd, args->arg);
 	return TP_KEEP;
 }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	ioctl_exit(args, args->ret);
+	return TP_KEEP;
+}
+#endif
 
 /* One MMIO access KVM emulates (every access on kvm_pvm, coalesced or not).
  * ``val`` is the classic record's value field, or under RAW_KVM_MMIO the
