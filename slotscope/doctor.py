@@ -96,6 +96,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
         Check.of("ioctl fentry", caps.ioctl_fentry.ok, caps.ioctl_fentry.why,
                  "KVM ioctls seen through the syscall tracepoints: same rows, every "
                  "syscall on the host pays a little"),
+        Check.of("syscall regs", caps.task_regs.ok, caps.task_regs.why,
+                 "the KVM ioctls are hooked on every KVM_RUN (fentry or syscall "
+                 "tracepoints): same rows, more cost an exit"),
         Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
         Check.of("kernel headers", caps.header_matches, caps.header_tree,
                  "stand-in tree: compiles; struct offsets are read from BTF instead"),

@@ -127,6 +127,49 @@ def test_ioctl_fentry_programs_replace_the_syscall_tracepoints() -> None:
 
 
 @needs_root
+@needs_bcc
+def test_ioctl_free_programs_load() -> None:
+    """Where kvm_exit and kvm_userspace_exit attach raw and programs may read
+    the syscall's registers, the kprobe/kfunc backends hook no ioctl: the
+    raw kvm_exit finds the thread's VM from its vCPU, kvm_userspace_exit
+    marks KVM_RUN's return, and the memslot and zap-all programs read the
+    ioctl's fd from bpf_task_pt_regs.  Here (kvm_pvm: no vendor BTF) the
+    vendor offsets are stand-ins, so the programs are compiled and loaded
+    through the verifier (bcc attaches its own), not run on exits."""
+    from dataclasses import replace
+
+    from tracer.capabilities import Raw
+    from tracer.loader import KPROBES, _compile, program_text
+    caps = probe(try_kfunc=False, try_bpf=False)
+    if not caps.task_regs.ok:
+        pytest.skip(caps.task_regs.why)
+    if not all(caps.tracepoints.get(f"kvm:{n}") for n in ("kvm_exit", "kvm_userspace_exit")):
+        pytest.skip("no kvm_exit / kvm_userspace_exit tracepoint")
+    fake = {"OFF_VCPU_ID": 0, "OFF_VCPU_KVM": 8, "OFF_VENDOR_VCPU": 0, "OFF_SVM_VMCB": 16,
+            "OFF_VMCB_EXIT_CODE": 0, "OFF_VMCB_EXIT_INFO2": 8}
+    caps = replace(caps, raw={**caps.raw,
+                              "kvm:kvm_exit": Raw(True, "stand-in offsets", fake),
+                              "kvm:kvm_userspace_exit": Raw(True, "forced")})
+    assert caps.ioctl_free("kprobe") and caps.ioctl_free("kfunc")
+    assert not caps.ioctl_free("tracepoint")
+    text, flags, attached, _ = program_text("kprobe", caps, [1],
+                                            offsets={k: 8 for k in btf.NEEDED})
+    assert flags["IOCTL_FREE"] == 1 and flags["IOCTL_FENTRY"] == 0
+    assert attached[0] == "raw_tracepoint:kvm_userspace_exit"
+    assert not any(a.startswith("syscalls:") or "sys_ioctl" in a for a in attached)
+    from bcc import BPF
+    bpf, _ = _compile(text, flags)  # bcc loads and attaches its own: verified
+    try:
+        names = set(bpf.funcs)
+        assert {b"raw_tracepoint__kvm_userspace_exit", b"raw_tracepoint__kvm_exit"} <= names
+        assert not any(b"ioctl" in n for n in names)
+        for _, _, prog in KPROBES:  # the memslot programs, through the verifier
+            bpf.load_func(prog.encode(), BPF.KPROBE)
+    finally:
+        bpf.cleanup()
+
+
+@needs_root
 def test_verifier_refusal_is_one_line() -> None:
     if not probe(try_bpf=False).kfunc:
         pytest.skip("this kernel loads no fentry program (the lab VM e2e test runs this)")

@@ -457,16 +457,18 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     assert {f"raw_tracepoint:{n}" for n in ("kvm_mmio", "kvm_exit", "kvm_entry",
                                             "check_mmio_spte", "handle_mmio_page_fault")} \
         <= set(run.manifest["probes_attached"])
-    # The KVM ioctls through fentry/fexit on the syscall, not the syscall
-    # tracepoints (capabilities._ioctl_fentry): the kfunc recorder, classic,
-    # uses those, and both record the same rows (test_kfunc_recording...).
-    assert {"fentry:__x64_sys_ioctl", "fexit:__x64_sys_ioctl"} \
-        <= set(run.manifest["probes_attached"])
-    assert not any(p.startswith("syscalls:") for p in run.manifest["probes_attached"])
+    # No hook on the ioctl syscall (Capabilities.ioctl_free): the vCPU's VM
+    # and id from the raw kvm_exit, KVM_RUN's return from kvm_userspace_exit.
+    # The kfunc recorder beside it (classic) hooks the ioctls by fentry, and
+    # both record the same rows (test_kfunc_recording_in_l1_follows_kernel_rules).
+    assert "raw_tracepoint:kvm_userspace_exit" in run.manifest["probes_attached"]
+    assert not any(p.startswith("syscalls:") or "sys_ioctl" in p
+                   for p in run.manifest["probes_attached"])
     reasons = {r["exit_reason"] for r in faults}
     assert reasons == {EXIT_NPF} if run.manifest["kvm_module"] == "kvm_amd" \
         else reasons <= EXITS_EPT, reasons
     assert {r["vcpu"] for r in faults} == {0}
+    assert {r["vm"] for r in faults} == {pid << 32 | truth["vm_fd"]}
     assert {f"{r['gpa']:#x}" for r in faults} == set(truth["mmio_by_page"])
     stale = [r for r in faults if r["stale"]]
     assert len(stale) == rules["stale"]
@@ -612,12 +614,12 @@ def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     kp = memslot_rows_follow_truth(both, pid, truth["memslot_changes"], step)
     assert [[r[c] for c in cols] for r in mu] == [[r[c] for c in cols] for r in kp]
     assert invalidate_gens(both, pid) == gens
-    # Its tracepoints were classic and its ioctls the syscall tracepoints',
-    # the kprobe recorder's raw and fentry: the same VM ids above, and the
-    # same MMIO exits, reasons, vCPUs, addresses and SPTE evidence,
+    # Its tracepoints were classic and it hooked the ioctls by fentry; the
+    # kprobe recorder's were raw and it hooked none: the same VM ids above,
+    # and the same MMIO exits, reasons, vCPUs, addresses and SPTE evidence,
     # timestamps aside.
     assert not any(p.startswith("raw_tracepoint:") for p in m["probes_attached"])
-    assert {"syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"} <= set(m["probes_attached"])
+    assert {"fentry:__x64_sys_ioctl", "fexit:__x64_sys_ioctl"} <= set(m["probes_attached"])
 
     def exits(r: Any) -> list[tuple]:
         rows = sorted((x for x in r.tables["mmio_fault"].to_pylist() if x["pid"] == pid),

@@ -199,11 +199,13 @@ def test_manifest_and_lost(recording: tuple[Any, dict[str, Any], str]) -> None:
     m = run.manifest
     assert m["backend"] == "tracepoint" and m["complete"]
     assert m["filters"]["pids"] == [truth["pid"]]
-    assert "syscalls:sys_enter_ioctl" in m["probes_attached"]
-    # raw where this kernel's BTF shows kvm_mmio's prototype (tracer.capabilities)
+    # raw where this kernel's BTF shows kvm_mmio's prototype, the ioctls by
+    # fentry where it allows (tracer.capabilities)
     from tracer.capabilities import probe
-    assert ("raw_tracepoint:kvm_mmio" if probe(try_kfunc=False, try_bpf=False)
-            .is_raw("kvm:kvm_mmio") else "kvm:kvm_mmio") in m["probes_attached"]
+    caps = probe(try_kfunc=False, try_bpf=False)
+    assert set(caps.ioctl_probes(m["backend"])) <= set(m["probes_attached"])
+    assert ("raw_tracepoint:kvm_mmio" if caps.is_raw("kvm:kvm_mmio") else "kvm:kvm_mmio") \
+        in m["probes_attached"]
     assert m["stop_reason"] == "targets exited"
     assert set(m["lost"].values()) == {0}
     assert run.tables["lost"].num_rows == 0

@@ -321,7 +321,10 @@ def exit_offsets(vendor: str, btf: BTF | None = None) -> dict[str, int]:
     vcpu_vmx.exit_reason).  ``vendor``: kvm_amd or kvm_intel, whose BTF has
     its vCPU struct; TracerError naming what is missing."""
     btf = btf or load(vendor)
-    out = {"OFF_VCPU_ID": _member(btf, _struct(btf, "kvm_vcpu"), "kvm_vcpu", "vcpu_id")}
+    vcpu = _struct(btf, "kvm_vcpu")
+    # and the vCPU's struct kvm, which a thread's VM is found by (IOCTL_FREE)
+    out = {"OFF_VCPU_ID": _member(btf, vcpu, "kvm_vcpu", "vcpu_id"),
+           "OFF_VCPU_KVM": _member(btf, vcpu, "kvm_vcpu", "kvm")}
     if vendor == "kvm_amd":
         svm = _struct(btf, "vcpu_svm")
         out["OFF_VENDOR_VCPU"] = _member(btf, svm, "vcpu_svm", "vcpu")

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import platform
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ BACKENDS = ("kprobe", "kfunc", "tracepoint")
 # The tracepoints slotscope uses; syscalls:* carry the tracepoint-only
 # backend's memslot updates, sched_process_exit ends a vCPU thread's last exit.
 TRACEPOINTS = (
-    "kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_mmio",
+    "kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_mmio", "kvm:kvm_userspace_exit",
     "kvmmmu:check_mmio_spte", "kvmmmu:mark_mmio_spte",
     "kvmmmu:handle_mmio_page_fault", "kvmmmu:kvm_mmu_zap_all_fast",
     "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "sched:sched_process_exit",
@@ -74,6 +75,9 @@ class Capabilities:
     # The KVM ioctls hooked by fentry/fexit on the ioctl syscall
     # (IOCTL_SYSCALL) instead of the syscalls:sys_{enter,exit}_ioctl pair.
     ioctl_fentry: Raw = field(default_factory=lambda: Raw(False, "not tried"))
+    # bpf_task_pt_regs usable: a program can read the current syscall's
+    # arguments (ioctl_free)
+    task_regs: Raw = field(default_factory=lambda: Raw(False, "not tried"))
 
     @property
     def mmio_caching(self) -> bool:
@@ -87,11 +91,22 @@ class Capabilities:
     def classic(self) -> Capabilities:
         """The same host with every tracepoint attached classic (tests and
         benches compare the two)."""
-        return replace(self, raw={n: Raw(False, "classic requested") for n in self.raw},
-                       ioctl_fentry=Raw(False, "classic requested"))
+        return replace(self, raw={n: Raw(False, "classic requested") for n in self.raw})
 
-    def ioctl_probes(self) -> tuple[str, str]:
+    def ioctl_free(self, backend: str) -> bool:
+        """Whether ``backend`` traces exits with no hook on the ioctl syscall:
+        a vCPU thread's identity from the raw kvm_exit's vCPU (its id, and
+        its struct kvm, learnt as a VM at the memslot ioctl, whose fd the
+        kprobe/kfunc programs read from the syscall's saved registers), and
+        KVM_RUN's return from the raw kvm_userspace_exit.  The hook ran on
+        every KVM_RUN, twice."""
+        return (backend in ("kprobe", "kfunc") and self.task_regs.ok
+                and self.is_raw("kvm:kvm_exit") and self.is_raw("kvm:kvm_userspace_exit"))
+
+    def ioctl_probes(self, backend: str) -> tuple[str, ...]:
         """The probes that see the KVM ioctls, as probes_attached names them."""
+        if self.ioctl_free(backend):
+            return ("raw_tracepoint:kvm_userspace_exit",)
         if self.ioctl_fentry.ok:
             return f"fentry:{IOCTL_SYSCALL}", f"fexit:{IOCTL_SYSCALL}"
         return "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"
@@ -236,6 +251,8 @@ RAW_PROTOS: dict[str, list[str] | None] = {
     "kvm:kvm_exit": ["ptr", "int4"],
     # reads no argument: it closes the thread's open exit
     "kvm:kvm_entry": None,
+    # (u32 reason, int errno), read by nothing: KVM_RUN returns (ioctl_free)
+    "kvm:kvm_userspace_exit": None,
     # (u64 spte, unsigned int kvm_gen, unsigned int spte_gen)
     "kvmmmu:check_mmio_spte": ["int8", "int4", "int4"],
     # (u64 addr, gfn_t gfn, unsigned int access): every MMIO page fault
@@ -298,8 +315,6 @@ def _ioctl_fentry() -> Raw:
     from .bpfsys import RETURN_ZERO, fentry
     from .btf import find_func
     from .btf import load as load_btf
-    if os.environ.get(RAW_ENV) == "0":
-        return Raw(False, f"classic: {RAW_ENV}=0")
     if platform.machine() != "x86_64":  # the programs read x86-64 pt_regs
         return Raw(False, f"{platform.machine()}: the fentry programs read x86-64 registers")
     if not BTF_VMLINUX.exists():
@@ -318,6 +333,24 @@ def _ioctl_fentry() -> Raw:
         os.close(link)
         os.close(prog)
     return Raw(True, f"fentry and fexit on {IOCTL_SYSCALL} load and attach")
+
+
+def _task_regs() -> Raw:
+    """Whether programs may call bpf_task_pt_regs (5.15) on the current task
+    (bpf_get_current_task_btf): a trial load, not attached."""
+    from .bpfsys import RETURN_ZERO, load_tracing
+    if platform.machine() != "x86_64":  # the programs read x86-64 pt_regs
+        return Raw(False, f"{platform.machine()}: the programs read x86-64 registers")
+    # r0 = bpf_get_current_task_btf(); r1 = r0; r0 = bpf_task_pt_regs(r1);
+    # r0 = 0; exit
+    insns = b"".join(struct.pack("<BBhi", *i) for i in (
+        (0x85, 0, 0, 158), (0xBF, 0x01, 0, 0), (0x85, 0, 0, 175))) + RETURN_ZERO
+    try:
+        fd = load_tracing(insns, "raw_tracepoint", 0, 0, "slotscope_probe")
+    except OSError as e:
+        return Raw(False, f"bpf_task_pt_regs refused: {e.strerror.splitlines()[-1]}")
+    os.close(fd)
+    return Raw(True, "bpf_task_pt_regs loads")
 
 
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
@@ -352,7 +385,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
         header_matches=matches, kvm_module=vendor, kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
-        raw=raw, ioctl_fentry=_ioctl_fentry(),
+        raw=raw, ioctl_fentry=_ioctl_fentry(), task_regs=_task_regs(),
     )
 
 

@@ -97,15 +97,18 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
 
     ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer
     (and no mmio_access rows: ``mmio_rows``)."""
-    ioctl_fentry = caps.ioctl_fentry.ok
+    ioctl_free = caps.ioctl_free(backend)
+    ioctl_fentry = caps.ioctl_fentry.ok and not ioctl_free
     for tp in REQUIRED_TPS:
-        if not caps.tracepoints.get(tp) and not (ioctl_fentry and tp in IOCTL_TPS):
+        if not caps.tracepoints.get(tp) and not (
+                (ioctl_free or ioctl_fentry) and tp in IOCTL_TPS):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
         "AGGREGATE": int(aggregate), "IOCTL_FENTRY": int(ioctl_fentry),
+        "IOCTL_FREE": int(ioctl_free),
     }
     # Raw where capabilities found the tracepoint attachable with the
     # prototype its program reads (the manifest's probes_attached says
@@ -114,7 +117,7 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
         flags[raw_define(tp)] = int(caps.is_raw(tp))
         if caps.is_raw(tp):
             flags.update(caps.raw[tp].defines)
-    attached = [*caps.ioctl_probes(),
+    attached = [*caps.ioctl_probes(backend),
                 *(attached_name(tp, caps) for tp in REQUIRED_TPS if tp not in IOCTL_TPS)]
     missing = []
     for tp, define in OPTIONAL_TPS.items():
@@ -286,11 +289,11 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     except ImportError:
         raise TracerError("bcc is not importable (apt install python3-bpfcc; use a venv "
                           "with system site packages)") from None
-    funcs = ((KFUNCS if backend == "kfunc" else ())
-             + (IOCTL_FUNCS if caps.ioctl_fentry.ok else ()))
-    kfuncs = _fentry_targets(funcs) if funcs else []
     text, flags, attached, missing = program_text(backend, caps, pids, emit_mmio, offsets,
                                                   aggregate)
+    funcs = ((KFUNCS if backend == "kfunc" else ())
+             + (IOCTL_FUNCS if flags["IOCTL_FENTRY"] else ()))
+    kfuncs = _fentry_targets(funcs) if funcs else []  # before the long compile
     bpf, buffer = _compile(text, flags, buffers)
     links: list[int] = []
     try:

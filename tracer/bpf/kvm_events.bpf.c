@@ -32,6 +32,35 @@ struct pending_ioctl {
 };
 BPF_TABLE("lru_hash", u32, struct pending_ioctl, pending, 4096);
 
+/* struct kvm * -> slotscope vm id (pid << 32 | vm fd), learnt when
+ * kvm_set_memslot runs inside a memslot ioctl on the VM's fd (kprobe/kfunc
+ * backends); under IOCTL_FREE also how a vCPU thread finds its VM. */
+BPF_HASH(kvm_vm, u64, u64, 1024);
+
+#if IOCTL_FREE
+/* No hook on the ioctl syscall (capabilities.Capabilities.ioctl_free): the
+ * syscall's own arguments are read where they are needed, from the user
+ * registers the syscall saved (bpf_task_pt_regs).  The VM id of the
+ * memslot ioctl the current thread is in (pid << 32 | fd), or 0 when it is
+ * not in one (KVM's internal memslots are set from other ioctls). */
+#define NR_IOCTL 16  /* x86-64 */
+static __always_inline u64 memslot_ioctl_vm(u64 id)
+{
+	u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+	u64 r[4] = {};  /* dx, si, di, orig_ax */
+	_Static_assert(offsetof(struct pt_regs, orig_ax) == offsetof(struct pt_regs, dx) + 24,
+		       "x86-64 pt_regs: dx, si, di, orig_ax adjacent");
+	if (!regs)
+		return 0;
+	bpf_probe_read_kernel(r, sizeof(r), (void *)(regs + offsetof(struct pt_regs, dx)));
+	u32 cmd = (u32)r[1];
+	if (r[3] != NR_IOCTL ||
+	    (cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2))
+		return 0;
+	return ((id >> 32) << 32) | (u32)r[2];
+}
+#endif
+
 /* Last masked MMIO generation seen per VM, so generation rows are emitted
  * only when it changes (check_mmio_spte fires on every MMIO fault). */
 BPF_HASH(last_gen, u64, u32, 1024);
@@ -134,7 +163,18 @@ static __always_inline void ioctl_exit(void *ctx, long ret)
 	pending.delete(&tid);
 }
 
-#if IOCTL_FENTRY
+#if IOCTL_FREE
+/* KVM_RUN's return to the VMM, without a hook on every ioctl: raw
+ * kvm_userspace_exit(u32 reason, int errno) fires as kvm_vcpu_ioctl's
+ * KVM_RUN ends.  An exit still open here is finished by the VMM. */
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+	struct thread *t = open_exit(bpf_get_current_pid_tgid());
+	if (t)
+		t->bits |= F_TO_USER;
+	return TP_KEEP;
+}
+#elif IOCTL_FENTRY
 /* fentry/fexit on the ioctl syscall, long __x64_sys_ioctl(const struct
  * pt_regs *regs), loaded and attached from Python with bpf(2): unlike a
  * syscall tracepoint, which sends every syscall of every process through
@@ -286,6 +326,20 @@ RAW_TRACEPOINT_PROBE(kvm_exit)
 #else
 	bpf_probe_read_kernel(&reason, sizeof(reason), vcpu - OFF_VENDOR_VCPU + OFF_VMX_EXIT_REASON);
 #endif
+#if IOCTL_FREE
+	/* The thread's identity, once: the vCPU id, and the VM its struct kvm
+	 * was learnt as (at a memslot update; a VM none was seen for stays
+	 * unknown and is asked again at the next exit). */
+	if (t->vcpu < 0)
+		t->vcpu = vcpu_id;
+	if (!t->vm) {
+		u64 kvm = 0;
+		bpf_probe_read_kernel(&kvm, sizeof(kvm), vcpu + OFF_VCPU_KVM);
+		u64 *vm = kvm_vm.lookup(&kvm);
+		if (vm)
+			t->vm = *vm;
+	}
+#endif
 	begin_exit(t, bpf_ktime_get_ns(), reason, 0, vcpu_id, gpa, 0);
 	return TP_KEEP;
 }
@@ -432,9 +486,14 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 		ev_init(e, EV_ZAP, id, bpf_ktime_get_ns());
 		e->a = args->mmu_valid_gen;
 		/* zap-all runs inside the memslot ioctl on the VM's fd */
+#if IOCTL_FREE
+		u64 vm = memslot_ioctl_vm(id);
+		e->d = vm ? vm : (u64)pid << 32;
+#else
 		u32 tid = (u32)id;
 		struct pending_ioctl *p = pending.lookup(&tid);
 		e->d = ((u64)pid << 32) | (p ? p->fd : 0);
+#endif
 		ev_submit(args, e);
 	}
 	return TP_KEEP;

@@ -23,9 +23,6 @@ struct setmem_state {
 	u32 change;
 };
 BPF_TABLE("lru_hash", u32, struct setmem_state, setmem, 1024);
-/* struct kvm * -> slotscope vm id (pid << 32 | vm fd), learnt when
- * kvm_set_memslot runs inside a memslot ioctl on the VM's fd. */
-BPF_HASH(kvm_vm, u64, u64, 1024);
 
 static __always_inline u64 vm_of_kvm(u64 kvm, u32 pid)
 {
@@ -57,11 +54,17 @@ static __always_inline int setmem_enter(u64 kvm, u64 old, u64 new, u32 change)
 	u32 tid = (u32)id;
 	if (!traced(id >> 32))
 		return 0;
+#if IOCTL_FREE
+	u64 vm = memslot_ioctl_vm(id);
+	if (vm)
+		kvm_vm.update(&kvm, &vm);
+#else
 	struct pending_ioctl *p = pending.lookup(&tid);
 	if (p && (p->cmd == KVM_SET_USER_MEMORY_REGION || p->cmd == KVM_SET_USER_MEMORY_REGION2)) {
 		u64 vm = ((id >> 32) << 32) | p->fd;
 		kvm_vm.update(&kvm, &vm);
 	}
+#endif
 	u64 s = new ? new : old;  /* DELETE has no new slot, CREATE no old */
 	struct setmem_state st = {};
 	st.begin_ns = bpf_ktime_get_ns();
