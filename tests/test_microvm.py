@@ -88,6 +88,24 @@ def test_coalesced_vcpus_and_odd_counts() -> None:
 
 
 @needs_kvm
+def test_guest_spin_keeps_the_counts_exact() -> None:
+    """--guest-spin puts a busy loop after every access: in the coalesced
+    round (entered part way for odd shares, so each write and its loop must
+    stay one length) and in the exit loop; every count is still exact."""
+    r = microvm.run(30001, pages=3, schedule="create:1,delete:1", every=777, vcpus=2,
+                    coalesced=True, spin=3)
+    assert r.guest_spin == 3
+    assert [(v["vcpu"], v["mmio_exits"]) for v in r.per_vcpu] == [(0, 15001), (1, 15000)]
+    assert sum(c["write"] for c in r.mmio_by_page.values()) == r.mmio_exits == 30001
+    assert [c.after_mmio for c in r.memslot_changes[1:]] == [777, 1554]
+    r = microvm.run(600, pages=2, spin=5)
+    assert (r.mmio_exits, r.mmio_reads, r.mmio_writes, r.guest_spin) == (600, 300, 300, 5)
+    plain = guest.coalesced_program(3)
+    spun = guest.coalesced_program(3, spin=3)
+    assert spun.write_len > plain.write_len and spun.round == plain.round
+
+
+@needs_kvm
 def test_coalesced_duration() -> None:
     r = microvm.run(pages=2, duration=0.3, coalesced=True)
     assert r.mmio_exits == r.mmio_user_exits + r.mmio_in_kernel > 10000
@@ -102,6 +120,7 @@ def test_coalesced_duration() -> None:
     ({"schedule": "create:1,create:1"}, "create of slot 1, which exists"),
     ({"schedule": "grow:1"}, "change must be one of"),
     ({"schedule": "create:0"}, "extra slot ids are 1..64"),
+    ({"spin": 65536}, "guest spin must be 0..65535"),
 ])
 def test_bad_input(kwargs: dict, msg: str) -> None:
     with pytest.raises(RigError, match=msg):

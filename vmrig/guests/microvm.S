@@ -15,6 +15,9 @@
  *   COALESCED    0: the exit loop, 1: the coalesced batch loop
  *   READS        exit loop: read one byte of each page
  *   WRITES       exit loop: write one byte of each page
+ *   SPIN         iterations of a busy loop after each access (0: none):
+ *                a guest that computes between device accesses, which
+ *                sets the access rate without the VMM's help
  *
  * Header (16 bytes at the image start, little endian): magic "SLSMICRO",
  * u16 version, u16 entry, u16 round, u16 round_end, offsets in the image.
@@ -36,6 +39,16 @@ header:
 	.word	0, 0
 .endif
 
+/* SPIN iterations in DX (free in both loops); the same bytes every time,
+ * so the coalesced round's writes stay equal in length. */
+.macro	spin
+.if SPIN
+	movw	$SPIN, %dx
+9:	decw	%dx
+	jnz	9b
+.endif
+.endm
+
 entry:
 .if COALESCED
 /*
@@ -53,6 +66,7 @@ round:
 	page = 0
 	.rept	PAGES
 	movb	%bl, %es:(page * PAGE)
+	spin
 	page = page + 1
 	.endr
 round_end:
@@ -73,6 +87,7 @@ round_end:
 .if WRITES
 	movb	%al, %es:(%bx)
 .endif
+	spin
 	addw	$PAGE, %bx
 	loop	1b
 	outb	%al, $SIGNAL_PORT

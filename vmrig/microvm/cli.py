@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="store_true",
                    help="run the exit loop in C (vmrig/microvm/exitloop.c, built with cc): "
                    "the highest exit rate the host allows, the same ground truth")
+    p.add_argument("--guest-spin", type=int, default=0, metavar="N",
+                   help="the guest busy-loops N iterations after each access (0..65535): "
+                   "a guest that computes between accesses, at a lower access rate")
     p.add_argument("--schedule", default="",
                    help="e.g. create:1,flags_only:1,move:1,delete:1 ('flags' = flags_only)")
     p.add_argument("--every", type=int, default=0, help="MMIO exits between changes")
@@ -81,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = wrap.run()
         else:
             r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
-                    args.duration, args.slot_size, args.vcpus, args.coalesced, args.native)
+                    args.duration, args.slot_size, args.vcpus, args.coalesced, args.native,
+                    args.guest_spin)
     except MicroVMError as e:
         # print, not logging: a separate entry point (run as a child by the
         # tests and the lab, which read this one line) with no status lines;

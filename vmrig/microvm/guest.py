@@ -25,6 +25,7 @@ MMIO_GPA = 0x20000
 MAX_PAGES = 16           # one 64 KiB real-mode segment (ES)
 SIGNAL_PORT = 0x10       # the guest's "round done" / "next batch" port
 ACCESSES = ("read", "write", "rw")
+MAX_SPIN = 0xFFFF        # the guest's busy loop counts in DX
 
 SOURCE = Path(__file__).resolve().parent.parent / "guests" / "microvm.S"
 HEADER = struct.Struct("<8sHHHH")  # magic, version, entry, round, round_end
@@ -48,16 +49,17 @@ class GuestCode:
         return self.round + (self.pages - part) * self.write_len if part else self.round
 
 
-def exit_program(pages: int, access: str) -> GuestCode:
-    """Each round reads and/or writes one byte of each page, then ``out``."""
+def exit_program(pages: int, access: str, spin: int = 0) -> GuestCode:
+    """Each round reads and/or writes one byte of each page, then ``out``;
+    ``spin``: busy-loop iterations after each access."""
     return _load(pages, COALESCED=0, READS=int(access in ("read", "rw")),
-                 WRITES=int(access in ("write", "rw")))
+                 WRITES=int(access in ("write", "rw")), SPIN=spin)
 
 
-def coalesced_program(pages: int) -> GuestCode:
+def coalesced_program(pages: int, spin: int = 0) -> GuestCode:
     """Batches of one-byte writes (the byte: BL, the vCPU index) the VMM
     asks for through ``in eax``; see microvm.S."""
-    return _load(pages, COALESCED=1, READS=0, WRITES=1)
+    return _load(pages, COALESCED=1, READS=0, WRITES=1, SPIN=spin)
 
 
 def _load(pages: int, **symbols: int) -> GuestCode:

@@ -91,6 +91,7 @@ class Result(GroundTruth, ExitCounts):
     vcpus: int = 1
     mode: str = "exit"     # exit: every access exits to user space | coalesced
     loop: str = "python"   # the exit loop's language: python | c (--native)
+    guest_spin: int = 0    # the guest's busy-loop iterations after each access
     mmio_user_exits: int = 0
     mmio_in_kernel: int = 0
     in_kernel_by_page: dict[str, int] = field(default_factory=dict)

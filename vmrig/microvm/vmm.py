@@ -30,6 +30,7 @@ from vmrig.microvm.guest import (
     ACCESSES,
     CODE_GPA,
     MAX_PAGES,
+    MAX_SPIN,
     MMIO_GPA,
     PAGE,
     RAM_SIZE,
@@ -47,7 +48,8 @@ class MicroVM:
     """One VM with ``vcpus`` vCPUs; use as a context manager to release its fds."""
 
     def __init__(self, pages: int = 2, access: str | None = None, slot_size: int = 0x100000,
-                 vcpus: int = 1, coalesced: bool = False, native: bool = False) -> None:
+                 vcpus: int = 1, coalesced: bool = False, native: bool = False,
+                 spin: int = 0) -> None:
         access = access or ("write" if coalesced else "rw")
         if coalesced and access != "write":
             raise BadRequest("coalesced MMIO needs access 'write' (reads always exit)")
@@ -61,11 +63,13 @@ class MicroVM:
             raise BadRequest("access must be read, write or rw")
         if slot_size <= 0 or slot_size % PAGE:
             raise BadRequest("slot size must be a positive multiple of 4096")
+        if not 0 <= spin <= MAX_SPIN:
+            raise BadRequest(f"guest spin must be 0..{MAX_SPIN} iterations")
         self.pages, self.access, self.slot_size = pages, access, slot_size
         self.slots: dict[int, SlotState] = {}
         self._slot_mem: dict[int, tuple[mmap.mmap, int]] = {}  # sid: (buffer, its address)
-        self.guest: GuestCode = (coalesced_program(pages) if coalesced
-                                 else exit_program(pages, access))
+        self.guest: GuestCode = (coalesced_program(pages, spin) if coalesced
+                                 else exit_program(pages, access, spin))
         try:
             self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -79,7 +83,7 @@ class MicroVM:
         self.result = Result(pid=os.getpid(), tid=0, vm_fd=-1, pages=pages, access=access,
                              vcpus=vcpus, mode="coalesced" if coalesced else "exit",
                              batch=COALESCED_BATCH if coalesced else 0,
-                             loop="c" if native else "python")
+                             loop="c" if native else "python", guest_spin=spin)
 
     # -- setup -----------------------------------------------------------
     def start(self) -> None:
@@ -259,10 +263,11 @@ def _set_thread_name(name: bytes) -> None:
 def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),
         every: int = 0, access: str | None = None, duration: float = 0.0,
         slot_size: int = 0x100000, vcpus: int = 1, coalesced: bool = False,
-        native: bool = False) -> Result:
+        native: bool = False, spin: int = 0) -> Result:
     """Create a VM, run the workload, close it; returns the ground truth.
-    ``access`` defaults to 'rw', or 'write' (the only choice) when ``coalesced``."""
+    ``access`` defaults to 'rw', or 'write' (the only choice) when ``coalesced``;
+    ``spin``: the guest's busy-loop iterations after each access."""
     sched = parse_schedule(schedule) if isinstance(schedule, str) else schedule
-    with MicroVM(pages, access, slot_size, vcpus, coalesced, native) as vm:
+    with MicroVM(pages, access, slot_size, vcpus, coalesced, native, spin) as vm:
         vm.start()
         return vm.run(mmio_accesses, sched, every, duration)
