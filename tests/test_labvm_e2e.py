@@ -49,6 +49,7 @@ EVERY = 500
 SCHEDULE = "create:1,flags:1,flags:1,move:1,delete:1"
 DIMM_CYCLES = 2  # pc-dimm plug/unplug cycles of 128 MiB in the QEMU L2
 KFUNC_ACCESSES = 1500  # the kfunc recorder's micro-VMM: same schedule, shorter
+OLD_ACCESSES = 1000  # a micro-VMM whose VM is older than its recorder
 TRACEFS = Path("/sys/kernel/tracing")
 KPROBES = ("p:ss_memslot kvm_set_memslot change=%cx:u32",
            "p:ss_invmmio kvm_mmu_invalidate_mmio_sptes gen=%si:u64",
@@ -130,11 +131,15 @@ def _run_rig(out: Path, scratch: Path, times: dict[str, float],
     return rc
 
 
-def _microvm(n: int, truth: Path) -> subprocess.Popen[str] | None:
-    """A micro-VMM L2 held at its start line (None if it did not get ready)."""
+def _microvm(n: int, truth: Path, created: bool = False) -> subprocess.Popen[str] | None:
+    """A micro-VMM L2 held at its start line (None if it did not get ready).
+    ``created``: held once its VM exists, with no memslot change to come (a
+    VM older than the recorder, which no memslot update will name)."""
+    work = (["--wait-created"] if created else
+            ["--every", str(EVERY), "--schedule", SCHEDULE, "--wait"])
     vm = subprocess.Popen(
-        [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", "2",
-         "--every", str(EVERY), "--schedule", SCHEDULE, "--wait", "-o", str(truth)],
+        [sys.executable, "-m", "vmrig.microvm", "-n", str(n), "--pages", "2", *work,
+         "-o", str(truth)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert vm.stdout is not None
     ready = vm.stdout.readline().split()
@@ -222,14 +227,20 @@ def inner(out: Path) -> int:
     """
     scratch = Path(os.environ.get("SLOTSCOPE_LABVM_SCRATCH", "/run/labvm-scratch"))
     scratch.mkdir(parents=True, exist_ok=True)
-    run, kfunc_run = scratch / "run", scratch / "run-kfunc"
+    run, kfunc_run, old_run = scratch / "run", scratch / "run-kfunc", scratch / "run-old"
     times: dict[str, float] = {}
     status: dict[str, object] = {"microvm": None, "record": None, "rig": None,
-                                 "microvm_kfunc": None, "kfunc": None}
+                                 "microvm_kfunc": None, "kfunc": None,
+                                 "microvm_old": None, "old_record": None}
     t0 = time.monotonic()
     vm = _microvm(MMIO_ACCESSES, scratch / "truth.json")
     if vm is None:
         return 2
+    # A VM made before any recorder, recorded in aggregate mode by its own
+    # (-p): its identity must come from /proc (probes.seed_vcpus).
+    vm3 = _microvm(OLD_ACCESSES, scratch / "truth-old.json", created=True)
+    old_rec = None if vm3 is None else _recorder(
+        "--backend", "kprobe", "--aggregate", "-p", str(vm3.pid), "-o", str(old_run))
     vm2 = kfunc_rec = None
     if os.environ.get("SLOTSCOPE_E2E_KFUNC", "1") == "1":
         vm2 = _microvm(KFUNC_ACCESSES, scratch / "truth-kfunc.json")
@@ -286,6 +297,18 @@ def inner(out: Path) -> int:
         status["kfunc_verifier"] = bad_fentry_error()
     elif vm2 is not None:
         vm2.kill()
+    if vm3 is not None and old_rec is not None:
+        if _attached(old_rec) is None:
+            vm3.kill()
+        else:
+            status["microvm_old"] = _go(vm3)
+        try:  # with -p it stops by itself once the micro-VMM is gone
+            err = old_rec.communicate(timeout=300)[1]
+        except subprocess.TimeoutExpired:
+            old_rec.kill()
+            err = old_rec.communicate()[1]
+        (out / "old.log").write_text(err)
+        status["old_record"] = old_rec.returncode
     if os.environ.get("SLOTSCOPE_E2E_QEMU", "1") == "1":
         status["rig"] = _run_rig(out, scratch, times, status)
     rec.send_signal(signal.SIGINT)
@@ -300,7 +323,7 @@ def inner(out: Path) -> int:
     (out / "times.json").write_text(json.dumps(times, indent=1))
     (out / "inner.json").write_text(json.dumps(status, indent=1))
     # Copy from the tmpfs out to the shared directory in one go.
-    for name in ("truth.json", "trace.txt", "truth-kfunc.json"):
+    for name in ("truth.json", "trace.txt", "truth-kfunc.json", "truth-old.json"):
         if (scratch / name).exists():
             shutil.copyfile(scratch / name, out / name)
     if run.exists():
@@ -310,6 +333,8 @@ def inner(out: Path) -> int:
         shutil.copytree(run, out / "run", dirs_exist_ok=True)
     if kfunc_run.exists():
         shutil.copytree(kfunc_run, out / "run-kfunc", dirs_exist_ok=True)
+    if old_run.exists():
+        shutil.copytree(old_run, out / "run-old", dirs_exist_ok=True)
     return 0 if status["microvm"] == 0 and status["record"] == 0 else 4
 
 
@@ -576,6 +601,29 @@ def test_generation_wrap_in_l1(l1: Path) -> None:
           f"burst {x.burst_faults} faults, first fault p50 {x.first_fault_p50_ns / 1e3:.0f} us, "
           f"forecast "
           f"off by {x.forecast_error_s:.1f} s; analysed in {analysed_s:.1f} s")
+
+
+def test_vm_older_than_its_recorder_in_l1(l1: Path) -> None:
+    """A micro-VMM whose VM, memslot and vCPU existed before ``record
+    --aggregate -p`` attached, and which changes no memslot while recorded:
+    with no ioctl hooked (Capabilities.ioctl_free) no memslot update names
+    its struct kvm, so the raw kvm_exit takes the VM the tracer read from
+    /proc for the process.  Every MMIO exit is in the histograms under it."""
+    status = json.loads((l1 / "inner.json").read_text())
+    log = (l1 / "old.log").read_text() if (l1 / "old.log").exists() else ""
+    assert status["microvm_old"] == 0 and status["old_record"] == 0, log
+    truth = json.loads((l1 / "truth-old.json").read_text())
+    pid = truth["pid"]
+    run = read_run(l1 / "run-old")
+    m = run.manifest
+    assert "raw_tracepoint:kvm_userspace_exit" in m["probes_attached"]
+    assert not any("ioctl" in p for p in m["probes_attached"])
+    assert m["vcpu_fds_seeded"] >= 1 and m["filters"]["pids"] == [pid]
+    assert "memslot_update" not in run.tables or not any(
+        r["pid"] == pid for r in run.tables["memslot_update"].to_pylist())
+    hist = [r for r in run.tables["mmio_hist"].to_pylist() if r["pid"] == pid]
+    assert {(r["vm"], r["vcpu"]) for r in hist} == {(pid << 32 | truth["vm_fd"], 0)}
+    assert sum(r["count"] for r in hist) == truth["mmio_exits"] == OLD_ACCESSES
 
 
 def test_kfunc_recording_in_l1_follows_kernel_rules(l1: Path) -> None:

@@ -106,6 +106,32 @@ def test_guest_spin_keeps_the_counts_exact() -> None:
 
 
 @needs_kvm
+def test_wait_created_holds_a_made_vm(tmp_path: Path) -> None:
+    """--wait-created: "ready" once the VM and its vCPUs exist (what /proc
+    shows a tracer that attaches then), the loop only after the go line."""
+    from tracer.procfs import kvm_fds
+    p = subprocess.Popen([sys.executable, "-m", "vmrig.microvm", "-n", "300", "--vcpus", "2",
+                          "--wait-created", "-o", str(tmp_path / "t.json")],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline().split() == ["ready", str(p.pid)]
+        vms, vcpus = kvm_fds(p.pid)
+        assert len(vms) == 1 and set(vcpus.values()) == {0, 1}
+        p.stdin.write("go\n")
+        p.stdin.close()
+        assert p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert (t["mmio_exits"], t["vm_fd"]) == (300, vms[0])
+    bad = subprocess.run([sys.executable, "-m", "vmrig.microvm", "--wrap", "1",
+                          "--wait-created"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "microvm: error: --wait-created is for the MMIO loop, not --wrap")
+
+
+@needs_kvm
 def test_coalesced_duration() -> None:
     r = microvm.run(pages=2, duration=0.3, coalesced=True)
     assert r.mmio_exits == r.mmio_user_exits + r.mmio_in_kernel > 10000

@@ -133,18 +133,22 @@ class Probes:
 def seed_vcpus(probes: Probes, pids: Sequence[int],
                sole_vm: dict[int, int] | None = None) -> int:
     """Teach the programs the vCPUs of VMs created before they attached
-    (e.g. a running QEMU): (pid, vCPU fd) -> VM id and vCPU id.  A process
-    with several VMs gets only the vCPU ids (which VM a vCPU fd belongs to
-    is not visible in /proc).  ``sole_vm`` collects pid -> VM id for
-    processes with exactly one VM."""
+    (e.g. a running QEMU): (pid, vCPU fd) -> VM id and vCPU id, and pid ->
+    VM id where the process has one VM.  A process with several VMs gets
+    only the vCPU ids (which VM a vCPU fd belongs to is not visible in
+    /proc).  ``sole_vm`` collects pid -> VM id for processes with exactly
+    one VM."""
     table = probes.bpf[b"vcpu_fds"]
+    pid_vm = probes.bpf[b"pid_vm"]
     if not pids:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     n = 0
     for pid in pids:
         vms, vcpus = kvm_fds(pid)
-        if len(vms) == 1 and sole_vm is not None:
-            sole_vm[pid] = pid << 32 | vms[0]
+        if len(vms) == 1:
+            pid_vm[ctypes.c_uint(pid)] = ctypes.c_ulonglong(pid << 32 | vms[0])
+            if sole_vm is not None:
+                sole_vm[pid] = pid << 32 | vms[0]
         for fd, vcpu in vcpus.items():
             k = table.Key()
             k.pid, k.fd = pid, fd

@@ -36,6 +36,11 @@ BPF_TABLE("lru_hash", u32, struct pending_ioctl, pending, 4096);
  * kvm_set_memslot runs inside a memslot ioctl on the VM's fd (kprobe/kfunc
  * backends); under IOCTL_FREE also how a vCPU thread finds its VM. */
 BPF_HASH(kvm_vm, u64, u64, 1024);
+/* pid -> the VM id of a process's only VM, seeded from /proc for VMs that
+ * existed before the programs attached (probes.seed_vcpus): under
+ * IOCTL_FREE, a VM whose memslots do not change while recording is never
+ * seen in kvm_set_memslot, so its struct kvm stays unknown. */
+BPF_HASH(pid_vm, u32, u64, 1024);
 
 #if IOCTL_FREE
 /* No hook on the ioctl syscall (capabilities.Capabilities.ioctl_free): the
@@ -336,6 +341,10 @@ RAW_TRACEPOINT_PROBE(kvm_exit)
 		u64 kvm = 0;
 		bpf_probe_read_kernel(&kvm, sizeof(kvm), vcpu + OFF_VCPU_KVM);
 		u64 *vm = kvm_vm.lookup(&kvm);
+		if (!vm) {  /* a VM older than the programs: its process's only one */
+			u32 pid = id >> 32;
+			vm = pid_vm.lookup(&pid);
+		}
 		if (vm)
 			t->vm = *vm;
 	}

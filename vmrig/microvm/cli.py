@@ -52,16 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--wrap: touch page set B every SWAPS swaps")
     p.add_argument("--wait", action="store_true",
                    help="print 'ready PID' and wait for a line on stdin before starting")
+    p.add_argument("--wait-created", action="store_true",
+                   help="as --wait, but once the VM, its memslot and vCPUs exist: a VM "
+                   "that was running before a tracer attached")
     p.add_argument("-o", "--output", help="write the JSON ground truth here (default stdout)")
     p.add_argument("--run-dir", help="also write workload.json + workload.parquet into this "
                    "run directory (e.g. the one `slotscope record` writes)")
     return p
 
 
+def _ready() -> None:
+    """--wait: say so, then wait for a line on stdin."""
+    print(f"ready {os.getpid()}", flush=True)
+    sys.stdin.readline()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sched = parse_schedule(args.schedule)
+        if args.wrap and args.wait_created:
+            raise BadRequest("--wait-created is for the MMIO loop, not --wrap")
         if args.wrap:
             wrap: WrapRun | None = WrapRun(args.wrap, args.pages, args.wrap_change,
                                            args.touch_every)
@@ -77,15 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.native:  # built and loaded now: the run's clock starts at "go"
             library()
         if args.wait:
-            print(f"ready {os.getpid()}", flush=True)
-            sys.stdin.readline()
+            _ready()
         r: Result | WrapResult
         if wrap is not None:
             r = wrap.run()
         else:
             r = run(args.mmio_accesses, args.pages, sched, args.every, args.access,
                     args.duration, args.slot_size, args.vcpus, args.coalesced, args.native,
-                    args.guest_spin)
+                    args.guest_spin, _ready if args.wait_created else None)
     except MicroVMError as e:
         # print, not logging: a separate entry point (run as a child by the
         # tests and the lab, which read this one line) with no status lines;

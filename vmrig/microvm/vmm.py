@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vmrig.microvm import kvmapi as kvm
 from vmrig.microvm.changes import SlotState, kind, new_slot, normalise, parse_schedule
@@ -263,11 +263,15 @@ def _set_thread_name(name: bytes) -> None:
 def run(mmio_accesses: int = 0, pages: int = 2, schedule: str | Sequence[tuple[str, int]] = (),
         every: int = 0, access: str | None = None, duration: float = 0.0,
         slot_size: int = 0x100000, vcpus: int = 1, coalesced: bool = False,
-        native: bool = False, spin: int = 0) -> Result:
+        native: bool = False, spin: int = 0, hold: Callable[[], None] | None = None
+        ) -> Result:
     """Create a VM, run the workload, close it; returns the ground truth.
     ``access`` defaults to 'rw', or 'write' (the only choice) when ``coalesced``;
-    ``spin``: the guest's busy-loop iterations after each access."""
+    ``spin``: the guest's busy-loop iterations after each access; ``hold``:
+    called once the VM, its memslot and vCPUs exist, before the first KVM_RUN."""
     sched = parse_schedule(schedule) if isinstance(schedule, str) else schedule
     with MicroVM(pages, access, slot_size, vcpus, coalesced, native, spin) as vm:
         vm.start()
+        if hold is not None:
+            hold()
         return vm.run(mmio_accesses, sched, every, duration)
