@@ -348,7 +348,8 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     # runs left to a fresh L1, as it should, and the test warns.
     boots = [ph["kernel"] for ph in summary["phases"]]
     assert boots.count(k1) >= 2 and boots.count(k2) >= 1, summary["phases"]
-    unplanned = [ph["fault"] for ph in summary["phases"][1:] if ph.get("fault")]
+    unplanned_phases = [ph for ph in summary["phases"][1:] if ph.get("fault")]
+    unplanned = [ph["fault"] for ph in unplanned_phases]
     assert len(boots) == 3 + len(unplanned), summary["phases"]
     if unplanned:
         warnings.warn(f"nested lab: an L1 fault besides the injected one: {unplanned}",
@@ -423,8 +424,18 @@ def test_nested_lab_short_config(tmp_path: Path) -> None:
     # were staged (off the L1's 9p) while the probes compiled.
     consoles = sorted((out / "batches").glob("*/console.log"))
     assert len(consoles) == len(summary["phases"])
-    for con in consoles:
-        assert "lab-run: " in (text := con.read_text(errors="replace"))
+    boot_of: dict[str, int] = {}
+    for ph in summary["phases"]:
+        boot_of[ph["kernel"]] = boot_of.get(ph["kernel"], 0) + 1
+        con = out / "batches" / f"{ph['kernel']}-{boot_of[ph['kernel']]}" / "console.log"
+        text = con.read_text(errors="replace")
+        if ph["boot_s"] is None and ph in unplanned_phases:
+            # The L1 died before lab-run began (on 2026-12-04, the L0's own
+            # TCG: "iotlb_to_section: Assertion ... failed" 2 s into the boot
+            # after the injected panic): nothing was staged; warned above.
+            assert all(r["state"] == "not started" for r in ph["runs"].values()), ph
+            continue
+        assert "lab-run: " in text, con
         assert "Linux guest staged" in text, con
     # Kernel against kernel, side by side, with a CI where both ran twice.
     cmp = summary["kernels"]

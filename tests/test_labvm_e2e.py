@@ -204,6 +204,18 @@ def _attached(rec: subprocess.Popen[str]) -> str | None:
     return line if "backend" in line else None
 
 
+def _ended(rec: subprocess.Popen[str], log: Path) -> int:
+    """A ``-p`` recorder's exit status once its micro-VMM is gone (it stops by
+    itself then; killed after 300 s), its stderr kept in ``log``."""
+    try:
+        err = rec.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        err = rec.communicate()[1]
+    log.write_text(err)
+    return rec.returncode
+
+
 def _still_loaded(manifest: Path, timeout: float = 10.0) -> list[int]:
     """The recorder's BPF programs still loaded after it exited (freeing is deferred)."""
     from tracer.bpfsys import prog_loaded
@@ -283,13 +295,7 @@ def inner(out: Path) -> int:
     if vm2 is not None and kfunc_rec is not None:
         t1 = time.monotonic()
         status["microvm_kfunc"] = _go(vm2)
-        try:  # with -p it stops by itself once the micro-VMM is gone
-            err = kfunc_rec.communicate(timeout=300)[1]
-        except subprocess.TimeoutExpired:
-            kfunc_rec.kill()
-            err = kfunc_rec.communicate()[1]
-        (out / "kfunc.log").write_text(err)
-        status["kfunc"] = kfunc_rec.returncode
+        status["kfunc"] = _ended(kfunc_rec, out / "kfunc.log")
         times["microvm_kfunc_s"] = time.monotonic() - t1
         if kfunc_run.exists():
             status["kfunc_left_loaded"] = _still_loaded(kfunc_run / "manifest.json")
@@ -302,13 +308,7 @@ def inner(out: Path) -> int:
             vm3.kill()
         else:
             status["microvm_old"] = _go(vm3)
-        try:  # with -p it stops by itself once the micro-VMM is gone
-            err = old_rec.communicate(timeout=300)[1]
-        except subprocess.TimeoutExpired:
-            old_rec.kill()
-            err = old_rec.communicate()[1]
-        (out / "old.log").write_text(err)
-        status["old_record"] = old_rec.returncode
+        status["old_record"] = _ended(old_rec, out / "old.log")
     if os.environ.get("SLOTSCOPE_E2E_QEMU", "1") == "1":
         status["rig"] = _run_rig(out, scratch, times, status)
     rec.send_signal(signal.SIGINT)
