@@ -150,8 +150,8 @@ def test_ioctl_free_programs_load() -> None:
     caps = replace(caps, raw={**caps.raw,
                               "kvm:kvm_exit": Raw(True, "stand-in offsets", fake),
                               "kvm:kvm_userspace_exit": Raw(True, "forced")})
-    assert caps.ioctl_free("kprobe") and caps.ioctl_free("kfunc")
-    assert not caps.ioctl_free("tracepoint")
+    assert caps.ioctl_hook("kprobe") == caps.ioctl_hook("kfunc") == "none"
+    assert caps.ioctl_hook("tracepoint") != "none"
     text, flags, attached, _ = program_text("kprobe", caps, [1],
                                             offsets={k: 8 for k in btf.NEEDED})
     assert flags["IOCTL_FREE"] == 1 and flags["IOCTL_FENTRY"] == 0

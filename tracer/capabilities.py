@@ -103,13 +103,19 @@ class Capabilities:
         return (backend in ("kprobe", "kfunc") and self.task_regs.ok
                 and self.is_raw("kvm:kvm_exit") and self.is_raw("kvm:kvm_userspace_exit"))
 
+    def ioctl_hook(self, backend: str) -> str:
+        """How ``backend`` sees the KVM ioctls here, the first that works:
+        "none" (``ioctl_free``), "fentry" (``ioctl_fentry``), "tracepoint"."""
+        if self.ioctl_free(backend):
+            return "none"
+        return "fentry" if self.ioctl_fentry.ok else "tracepoint"
+
     def ioctl_probes(self, backend: str) -> tuple[str, ...]:
         """The probes that see the KVM ioctls, as probes_attached names them."""
-        if self.ioctl_free(backend):
-            return ("raw_tracepoint:kvm_userspace_exit",)
-        if self.ioctl_fentry.ok:
-            return f"fentry:{IOCTL_SYSCALL}", f"fexit:{IOCTL_SYSCALL}"
-        return "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"
+        return {"none": ("raw_tracepoint:kvm_userspace_exit",),
+                "fentry": (f"fentry:{IOCTL_SYSCALL}", f"fexit:{IOCTL_SYSCALL}"),
+                "tracepoint": ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"),
+                }[self.ioctl_hook(backend)]
 
 
 @dataclass
@@ -309,9 +315,10 @@ def _ioctl_fentry() -> Raw:
     syscall (IOCTL_SYSCALL) rather than by the syscalls:sys_{enter,exit}_ioctl
     tracepoints.  Any syscall tracepoint sends every syscall of every process
     through the kernel's traced slow path (+40 ns a syscall on this host);
-    a trampoline on the one syscall costs only ioctl callers, and about a
-    third less per KVM_RUN in the TCG L1 (tracer/README.md).  Tried as the
-    recorder attaches it: fentry and fexit of a trivial program (bpf(2))."""
+    a trampoline on the one syscall costs only ioctl callers.  Per KVM_RUN
+    in the TCG L1 the empty pair cost a third less, the recorder's programs
+    on it about the same (tracer/README.md).  Tried as the recorder attaches
+    it: fentry and fexit of a trivial program (bpf(2))."""
     from .bpfsys import RETURN_ZERO, fentry
     from .btf import find_func
     from .btf import load as load_btf

@@ -44,9 +44,12 @@ OPTIONAL_TPS = {
     "kvmmmu:handle_mmio_page_fault": "HAVE_HANDLE_MMIO_PAGE_FAULT",
     "kvmmmu:kvm_mmu_zap_all_fast": "HAVE_KVM_MMU_ZAP_ALL_FAST",
 }
-REQUIRED_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "kvm:kvm_mmio",
-                "sched:sched_process_exit")
-IOCTL_TPS = REQUIRED_TPS[:2]  # not needed where fentry takes the ioctls
+# The KVM ioctls' tracepoints: not needed where they are hooked otherwise
+# (Capabilities.ioctl_hook).
+IOCTL_TPS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+REQUIRED_TPS = (*IOCTL_TPS, "kvm:kvm_mmio", "sched:sched_process_exit")
+
+
 def attached_name(tp: str, caps: Capabilities) -> str:
     """How probes_attached names tracepoint ``tp``: raw_tracepoint:<name>
     where it is attached raw."""
@@ -77,7 +80,7 @@ KPROBES = (("kprobe", "kvm_set_memslot", "on_set_memslot"),
 KFUNCS = (("fentry", "kvm_set_memslot", "fentry_set_memslot", 4),
           ("fexit", "kvm_set_memslot", "fexit_set_memslot", 4),
           ("fentry", "kvm_mmu_invalidate_mmio_sptes", "fentry_invalidate_mmio", 2))
-# The ioctl syscall's, where caps.ioctl_fentry (any backend).
+# The ioctl syscall's, where Capabilities.ioctl_hook is "fentry" (any backend).
 IOCTL_FUNCS = (("fentry", IOCTL_SYSCALL, "fentry_ioctl", 1),
                ("fexit", IOCTL_SYSCALL, "fexit_ioctl", 1))
 KfuncTarget = tuple[str, str, str, int, str | None]  # kind, fn, program, BTF id, module
@@ -97,18 +100,16 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
 
     ``aggregate``: MMIO intervals go to in-kernel histograms, not the buffer
     (and no mmio_access rows: ``mmio_rows``)."""
-    ioctl_free = caps.ioctl_free(backend)
-    ioctl_fentry = caps.ioctl_fentry.ok and not ioctl_free
+    hook = caps.ioctl_hook(backend)
     for tp in REQUIRED_TPS:
-        if not caps.tracepoints.get(tp) and not (
-                (ioctl_free or ioctl_fentry) and tp in IOCTL_TPS):
+        if not caps.tracepoints.get(tp) and not (hook != "tracepoint" and tp in IOCTL_TPS):
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
-        "AGGREGATE": int(aggregate), "IOCTL_FENTRY": int(ioctl_fentry),
-        "IOCTL_FREE": int(ioctl_free),
+        "AGGREGATE": int(aggregate), "IOCTL_FENTRY": int(hook == "fentry"),
+        "IOCTL_FREE": int(hook == "none"),
     }
     # Raw where capabilities found the tracepoint attachable with the
     # prototype its program reads (the manifest's probes_attached says

@@ -1,6 +1,7 @@
 /* What every backend attaches: KVM ioctls (vCPU identity, returns to user
- * space and, for the tracepoint-only backend, memslot updates; syscall
- * tracepoints, or fentry/fexit on the syscall where allowed), kvm_mmio,
+ * space and, for the tracepoint-only backend, memslot updates; no hook,
+ * fentry/fexit on the syscall, or the syscall tracepoints, the first the
+ * kernel allows: Capabilities.ioctl_hook), kvm_mmio,
  * the kvm_exit -> kvm_entry interval with its kvmmmu MMIO SPTE state, and
  * zap-all.  Python prepends the defines and common.bpf.c.
  */
@@ -42,6 +43,30 @@ BPF_HASH(kvm_vm, u64, u64, 1024);
  * seen in kvm_set_memslot, so its struct kvm stays unknown. */
 BPF_HASH(pid_vm, u32, u64, 1024);
 
+static __always_inline bool memslot_cmd(u32 cmd)
+{
+	return cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2;
+}
+
+#if IOCTL_FREE || IOCTL_FENTRY
+/* An ioctl's arguments as the syscall saved the user's registers (x86-64
+ * pt_regs at ``regs``: arg in dx, cmd in si, fd in di, the syscall number in
+ * orig_ax, adjacent), in one read. */
+struct ioctl_regs { u64 arg, cmd, fd, nr; };
+_Static_assert(offsetof(struct pt_regs, si) == offsetof(struct pt_regs, dx) + 8 &&
+	       offsetof(struct pt_regs, di) == offsetof(struct pt_regs, dx) + 16 &&
+	       offsetof(struct pt_regs, orig_ax) == offsetof(struct pt_regs, dx) + 24,
+	       "x86-64 pt_regs: dx, si, di, orig_ax adjacent");
+
+static __always_inline struct ioctl_regs ioctl_regs(u64 regs)
+{
+	struct ioctl_regs r = {};
+	if (regs)
+		bpf_probe_read_kernel(&r, sizeof(r), (void *)(regs + offsetof(struct pt_regs, dx)));
+	return r;
+}
+#endif
+
 #if IOCTL_FREE
 /* No hook on the ioctl syscall (capabilities.Capabilities.ioctl_free): the
  * syscall's own arguments are read where they are needed, from the user
@@ -51,18 +76,10 @@ BPF_HASH(pid_vm, u32, u64, 1024);
 #define NR_IOCTL 16  /* x86-64 */
 static __always_inline u64 memslot_ioctl_vm(u64 id)
 {
-	u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
-	u64 r[4] = {};  /* dx, si, di, orig_ax */
-	_Static_assert(offsetof(struct pt_regs, orig_ax) == offsetof(struct pt_regs, dx) + 24,
-		       "x86-64 pt_regs: dx, si, di, orig_ax adjacent");
-	if (!regs)
+	struct ioctl_regs r = ioctl_regs((u64)bpf_task_pt_regs(bpf_get_current_task_btf()));
+	if (r.nr != NR_IOCTL || !memslot_cmd((u32)r.cmd))
 		return 0;
-	bpf_probe_read_kernel(r, sizeof(r), (void *)(regs + offsetof(struct pt_regs, dx)));
-	u32 cmd = (u32)r[1];
-	if (r[3] != NR_IOCTL ||
-	    (cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2))
-		return 0;
-	return ((id >> 32) << 32) | (u32)r[2];
+	return ((id >> 32) << 32) | (u32)r.fd;
 }
 #endif
 
@@ -77,8 +94,7 @@ static __always_inline void ioctl_enter(void *ctx, u32 fd, u32 cmd, u64 arg)
 {
 	/* Every ioctl on the machine lands here: the command decides before any
 	 * map is touched. */
-	if (cmd != KVM_RUN && cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU
-	    && cmd != KVM_SET_USER_MEMORY_REGION && cmd != KVM_SET_USER_MEMORY_REGION2)
+	if (cmd != KVM_RUN && cmd != KVM_CREATE_VM && cmd != KVM_CREATE_VCPU && !memslot_cmd(cmd))
 		return;
 	u64 id = bpf_get_current_pid_tgid();
 	struct thread *t = thread_of(id);
@@ -102,7 +118,7 @@ static __always_inline void ioctl_enter(void *ctx, u32 fd, u32 cmd, u64 arg)
 	p.cmd = cmd;
 	p.fd = fd;
 	p.arg = arg;
-	if (cmd == KVM_SET_USER_MEMORY_REGION || cmd == KVM_SET_USER_MEMORY_REGION2)
+	if (memslot_cmd(cmd))
 		bpf_probe_read_user(&p.r, sizeof(p.r), (void *)arg);
 	u32 tid = (u32)id;
 	pending.update(&tid, &p);
@@ -184,17 +200,12 @@ RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
  * pt_regs *regs), loaded and attached from Python with bpf(2): unlike a
  * syscall tracepoint, which sends every syscall of every process through
  * the traced slow path, these run on ioctls only (capabilities._ioctl_fentry).
- * The arguments are the user's registers: fd in di, cmd in si, arg in dx.
- * A tracing program must return 0. */
-_Static_assert(offsetof(struct pt_regs, si) == offsetof(struct pt_regs, dx) + 8 &&
-	       offsetof(struct pt_regs, di) == offsetof(struct pt_regs, dx) + 16,
-	       "x86-64 pt_regs: dx, si, di adjacent");
-
+ * The arguments are the user's registers (ioctl_regs).  A tracing program
+ * must return 0. */
 int fentry_ioctl(u64 *ctx)
 {
-	u64 r[3] = {};  /* dx, si, di */
-	bpf_probe_read_kernel(r, sizeof(r), (void *)(ctx[0] + offsetof(struct pt_regs, dx)));
-	ioctl_enter(ctx, (u32)r[2], (u32)r[1], r[0]);
+	struct ioctl_regs r = ioctl_regs(ctx[0]);
+	ioctl_enter(ctx, (u32)r.fd, (u32)r.cmd, r.arg);
 	return 0;
 }
 

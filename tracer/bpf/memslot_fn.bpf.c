@@ -60,7 +60,7 @@ static __always_inline int setmem_enter(u64 kvm, u64 old, u64 new, u32 change)
 		kvm_vm.update(&kvm, &vm);
 #else
 	struct pending_ioctl *p = pending.lookup(&tid);
-	if (p && (p->cmd == KVM_SET_USER_MEMORY_REGION || p->cmd == KVM_SET_USER_MEMORY_REGION2)) {
+	if (p && memslot_cmd(p->cmd)) {
 		u64 vm = ((id >> 32) << 32) | p->fd;
 		kvm_vm.update(&kvm, &vm);
 	}
