@@ -10,6 +10,7 @@ own (test_tracer_decode/_sample/_coexist).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -541,6 +542,41 @@ def test_per_vcpu_attribution(tmp_path: Path) -> None:
     got = {vcpu: (int(g.tid.iloc[0]), len(g)) for vcpu, g in exits.groupby("vcpu")}
     assert got == want == {0: (want[0][0], 1000), 1: (want[1][0], 1000)}
     assert set(run.manifest["lost"].values()) == {0}
+
+
+@pytest.mark.parametrize("slots_full", [False, True], ids=["slots", "hash"])
+def test_thread_entries_in_slots_or_hash(tmp_path: Path, slots_full: bool) -> None:
+    """A traced thread's entry lives in the tid-indexed slot array or, where
+    its slot is taken, in the LRU hash (common.bpf.c): with every slot taken
+    by a tid no thread can have (tags above pid_max), both vCPUs' exits are
+    still recorded exactly.  Either way a thread that exits frees its entry,
+    and nothing else is touched."""
+    from tracer.recorder import Recorder
+    wl = Workload(2000, "create:1,flags:1", pages=2, truth=tmp_path / "t.json", vcpus=2)
+    rec = Recorder(tmp_path / "run", pids=[wl.pid])
+    rec.start_thread()
+    try:
+        slots, threads = rec.probes.bpf[b"thread_slots"], rec.probes.bpf[b"threads"]
+        fake = {}
+        if slots_full:
+            for i in range(len(slots)):
+                v = slots.Leaf()
+                v.tid = fake[i] = (1 << 31) | i  # pid_max is at most 2**22
+                slots[ctypes.c_int(i)] = v
+        truth = wl.go()
+        time.sleep(0.3)  # the drain thread takes the last rows
+        tids = {v["tid"] for v in truth["per_vcpu"]} | {truth["pid"]}
+        tags = {i: int(v.tid) for i, v in enumerate(slots.values()) if v.tid}
+        assert tags == fake  # the VMM's threads freed theirs; the fakes stand
+        assert not [k.value for k in threads if k.value in tids]
+    finally:
+        rec.stop()
+    run = read_run(tmp_path / "run")
+    assert set(run.manifest["lost"].values()) == {0}
+    df = run.tables["mmio_access"].to_pandas()
+    got = Counter(df.loc[df["type"] != "read", "vcpu"])
+    assert got == {v["vcpu"]: v["mmio_exits"] for v in truth["per_vcpu"]} == {0: 1000, 1: 1000}
+    assert len(run.tables["mmio_fault"]) == truth["mmio_exits"]
 
 
 def test_perf_buffer_fallback() -> None:

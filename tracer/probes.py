@@ -119,6 +119,16 @@ class Probes:
                 sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
         return out
 
+    def forget_threads(self) -> None:
+        """Drop every thread's entry: with the pid filter emptied, no thread
+        passes it again (a thread's entry is its pass, common.bpf.c).  Slots
+        in the array are freed by their tag; the LRU hash is cleared."""
+        self.bpf[b"threads"].clear()
+        slots = self.bpf[b"thread_slots"]
+        for k, v in _items(slots):
+            if v.tid:
+                slots[k] = slots.Leaf()  # zeroed: tag 0 is a free slot
+
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()

@@ -309,8 +309,7 @@ class Recorder:
     def _drain_targets(self) -> None:
         if self.pids:  # stop new events, then take what is buffered
             self.probes.bpf[b"pids"].clear()
-            # a thread's entry is its pass through the filter (common.bpf.c)
-            self.probes.bpf[b"threads"].clear()
+            self.probes.forget_threads()
         self._dispatch(self.probes.drain())
         self.flush()
 

@@ -109,11 +109,33 @@ struct thread {
 	s32 vcpu;      /* -1 until then */
 	u32 pending;   /* a KVM ioctl in flight: its arguments are in `pending` */
 };
+/* Where a traced thread's entry lives.  Most are in a direct-mapped array,
+ * at tid % THREAD_SLOTS, tagged with the tid (0: free): an array lookup is
+ * inlined by the JIT and touches one page, where a hash lookup hashes the key
+ * and touches its bucket, its element and the map.  kvm_exit runs first after
+ * the guest exits, when in a TCG L1 every page is cold again: there the hash
+ * took 1.78 us a run against 1.31 us (bench/bpf_prog_cost, the variants in
+ * tracer/README.md).  Threads whose slot is taken go to the LRU hash. */
+#define THREAD_SLOTS 1024
+struct thread_slot {
+	u64 tid;  /* 64 bits: the BPF ISA before v3 has 64-bit cmpxchg only */
+	struct thread t;
+};
+BPF_ARRAY(thread_slots, struct thread_slot, THREAD_SLOTS);
 BPF_TABLE("lru_hash", u32, struct thread, threads, 4096);
+
+static __always_inline struct thread_slot *slot_of(u32 tid)
+{
+	u32 i = tid & (THREAD_SLOTS - 1);
+	return thread_slots.lookup(&i);
+}
 
 static __always_inline struct thread *thread_find(u64 id)
 {
 	u32 tid = (u32)id;
+	struct thread_slot *s = slot_of(tid);
+	if (s && s->tid == tid)
+		return &s->t;
 	return threads.lookup(&tid);
 }
 
@@ -122,14 +144,35 @@ static __always_inline struct thread *thread_find(u64 id)
 static __always_inline struct thread *thread_of(u64 id)
 {
 	u32 tid = (u32)id;
+	struct thread_slot *s = slot_of(tid);
+	if (s && s->tid == tid)
+		return &s->t;
 	struct thread *t = threads.lookup(&tid);
 	if (t || !traced(id >> 32))
 		return t;
 	struct thread n = {};
 	n.exit_vcpu = -1;
 	n.vcpu = -1;
+	/* Only this thread claims a slot for its tid, but two threads may race
+	 * for one slot: the compare-and-swap picks one, the other hashes. */
+	if (s && s->tid == 0 && __sync_val_compare_and_swap(&s->tid, 0, (u64)tid) == 0) {
+		s->t = n;
+		return &s->t;
+	}
 	threads.update(&tid, &n);
 	return threads.lookup(&tid);
+}
+
+/* Forget the thread (it exited: its tid may come back in a process that is
+ * not traced). */
+static __always_inline void thread_forget(u64 id)
+{
+	u32 tid = (u32)id;
+	struct thread_slot *s = slot_of(tid);
+	if (s && s->tid == tid)
+		s->tid = 0;
+	else
+		threads.delete(&tid);
 }
 
 /* The open exit of a thread, or NULL. */

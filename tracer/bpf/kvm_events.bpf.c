@@ -529,7 +529,6 @@ TRACEPOINT_PROBE(kvmmmu, kvm_mmu_zap_all_fast)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	u32 tid = (u32)id;
 	struct thread *t = thread_find(id);
 	if (!t)
 		return TP_KEEP;
@@ -538,7 +537,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		t->bits |= F_UNFINISHED;
 		close_exit(args, id, t, t->end_ns ? t->end_ns : bpf_ktime_get_ns());
 	}
-	/* the tid may come back as a thread of a process that is not traced */
-	threads.delete(&tid);
+	thread_forget(id);
 	return TP_KEEP;
 }
