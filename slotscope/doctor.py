@@ -99,6 +99,9 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
         Check.of("syscall regs", caps.task_regs.ok, caps.task_regs.why,
                  "the KVM ioctls are hooked on every KVM_RUN (fentry or syscall "
                  "tracepoints): same rows, more cost an exit"),
+        Check.of("bpf atomics", caps.atomics.ok, caps.atomics.why,
+                 "threads and aggregate counters in hash maps (Linux < 5.12): same "
+                 "rows, more cost an exit"),
         Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
         Check.of("kernel headers", caps.header_matches, caps.header_tree,
                  "stand-in tree: compiles; struct offsets are read from BTF instead"),

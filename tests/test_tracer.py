@@ -252,6 +252,49 @@ def test_aggregate_mode_counts_every_interval(tmp_path: Path) -> None:
     assert any("aggregate mode" in x for x in s["missing"])
 
 
+@pytest.mark.parametrize("layout", ["array", "hash", "keys-full"])
+def test_aggregate_layouts_count_every_interval(tmp_path: Path, layout: str) -> None:
+    """Aggregate mode's two kernel layouts (common.bpf.c): counters in one
+    array, a run per key (BPF atomics), or a per-CPU hash (without them,
+    forced here), give the same exact histogram.  With every key of the
+    array taken, each interval is counted lost, never dropped silently."""
+    from dataclasses import replace
+
+    from tracer.capabilities import Raw, probe
+    from tracer.recorder import Recorder
+    caps = probe(try_kfunc=False, try_bpf=False)
+    if layout == "hash":
+        caps = replace(caps, atomics=Raw(False, "forced by the test"))
+    elif not caps.atomics.ok:
+        pytest.skip(caps.atomics.why)
+    n = 3000
+    wl = Workload(n, "create:1,flags:1", pages=2, truth=tmp_path / "t.json", vcpus=2)
+    rec = Recorder(tmp_path / "run", pids=[wl.pid], emit_mmio=False, aggregate=True,
+                   caps=caps, stop_when_pids_exit=True)
+    rec.start_thread()
+    try:
+        assert rec.probes.atomics == (layout != "hash")
+        if layout == "keys-full":
+            nkeys = rec.probes.bpf[b"mmio_nkeys"]
+            nkeys[ctypes.c_int(0)] = ctypes.c_ulonglong(1 << 20)
+        truth = wl.go()
+        time.sleep(0.2)
+    finally:
+        rec.stop()
+    run = read_run(tmp_path / "run")
+    h = run.tables["mmio_hist"].to_pandas()
+    lost = run.manifest["lost"]
+    if layout == "keys-full":
+        assert h.empty and lost["mmio_fault"] == truth["mmio_exits"] == n
+        return
+    assert set(lost.values()) == {0}
+    got = h.groupby("vcpu")["count"].sum().to_dict()
+    assert got == {v["vcpu"]: v["mmio_exits"] for v in truth["per_vcpu"]}
+    assert sum(got.values()) == n
+    mean = h.sum_ns / h["count"]
+    assert ((mean >= 2.0 ** h.log2_ns) & (mean < 2.0 ** (h.log2_ns + 1))).all()
+
+
 def test_recorder_api_in_process(tmp_path: Path) -> None:
     from tracer.recorder import Recorder
     from vmrig import microvm

@@ -8,7 +8,8 @@
   to vmlinux functions only; kvm_set_memslot lives in kvm.ko, whose BTF is
   a separate kernel object (attach_btf_obj_fd);
 - a trial raw tracepoint (capabilities: whether kvm_mmio can be attached
-  raw here) without a bcc compile.
+  raw here) without a bcc compile;
+- a run of an array map's values in one call (aggregate mode's counters).
 
 Struct layouts are union bpf_attr / struct bpf_btf_info of
 include/uapi/linux/bpf.h; offsets checked with offsetof() on 6.1's header.
@@ -26,7 +27,7 @@ _libc.syscall.restype = ctypes.c_long
 SYS_BPF = 321  # x86-64
 BPF_PROG_LOAD, BPF_PROG_GET_NEXT_ID, BPF_PROG_GET_FD_BY_ID = 5, 11, 13
 BPF_OBJ_GET_INFO_BY_FD, BPF_RAW_TRACEPOINT_OPEN = 15, 17
-BPF_BTF_GET_FD_BY_ID, BPF_BTF_GET_NEXT_ID = 19, 23
+BPF_BTF_GET_FD_BY_ID, BPF_BTF_GET_NEXT_ID, BPF_MAP_LOOKUP_BATCH = 19, 23, 24
 BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING = 17, 26
 ATTACH_TYPES = {"fentry": 24, "fexit": 25}  # BPF_TRACE_FENTRY, BPF_TRACE_FEXIT
 INFO_SIZE = 80  # struct bpf_prog_info through name[16]
@@ -85,6 +86,30 @@ def prog_stats(prog_id: int) -> tuple[str, int, int] | None:
     name = bytes(info[64:80]).split(b"\0")[0].decode(errors="replace")
     run_ns, runs = struct.unpack_from("<QQ", info, 192)
     return name, runs, run_ns
+
+
+def array_values(map_fd: int, first: int, count: int, value_size: int) -> bytes:
+    """Values ``first`` .. ``first + count - 1`` of an array map, in one
+    BPF_MAP_LOOKUP_BATCH (5.6), packed.  The batch starts after the key in
+    in_batch, so ``first`` 0 passes none."""
+    keys = ctypes.create_string_buffer(4 * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    in_batch = ctypes.c_uint32(first - 1)
+    out_batch = ctypes.c_uint32()
+    # union bpf_attr.batch: in_batch, out_batch, keys, values, count, map_fd,
+    # elem_flags, flags
+    attr = bytearray(struct.pack(
+        "<QQQQIIQQ", ctypes.addressof(in_batch) if first else 0, ctypes.addressof(out_batch),
+        ctypes.addressof(keys), ctypes.addressof(values), count, map_fd, 0, 0))
+    try:
+        _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the map's end reached
+            raise
+    got = struct.unpack_from("<I", attr, 32)[0]
+    if got != count:
+        raise OSError(errno.ERANGE, f"array batch: {got} of {count} values from {first}")
+    return values.raw
 
 
 def prog_ids() -> list[int]:

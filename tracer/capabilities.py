@@ -78,6 +78,10 @@ class Capabilities:
     # bpf_task_pt_regs usable: a program can read the current syscall's
     # arguments (ioctl_free)
     task_regs: Raw = field(default_factory=lambda: Raw(False, "not tried"))
+    # BPF atomics that return the old value (compare-and-swap, fetch-add):
+    # traced threads' entries in a tid-indexed array, and aggregate mode's
+    # counters in one array (common.bpf.c); without, both in hash maps.
+    atomics: Raw = field(default_factory=lambda: Raw(False, "not tried"))
 
     @property
     def mmio_caching(self) -> bool:
@@ -360,6 +364,23 @@ def _task_regs() -> Raw:
     return Raw(True, "bpf_task_pt_regs loads")
 
 
+def _atomics() -> Raw:
+    """Whether programs may use BPF atomics with fetch (5.12): a trial load of
+    a compare-and-swap on the stack, not attached."""
+    from .bpfsys import RETURN_ZERO, load_tracing
+    # *(u64 *)(r10 - 8) = 0; r0 = 0; r1 = 1;
+    # r0 = cmpxchg((u64 *)(r10 - 8), r0, r1); then return 0
+    insns = b"".join(struct.pack("<BBhi", *i) for i in (
+        (0x7A, 0x0A, -8, 0), (0xB7, 0, 0, 0), (0xB7, 0x01, 0, 1),
+        (0xDB, 0x1A, -8, 0xF1))) + RETURN_ZERO
+    try:
+        fd = load_tracing(insns, "raw_tracepoint", 0, 0, "slotscope_probe")
+    except OSError as e:
+        return Raw(False, f"BPF atomics refused: {e.strerror.splitlines()[-1]}")
+    os.close(fd)
+    return Raw(True, "compare-and-swap loads")
+
+
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
     """``try_kfunc``: load a trial fentry program (None: only where kprobes are
     missing, since kprobe is preferred anyway).  ``try_bpf=False`` skips the
@@ -392,7 +413,7 @@ def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:
         tracepoints=tps, bcc_ok=bcc_ok, bcc_why=bcc_why, header_tree=header,
         header_matches=matches, kvm_module=vendor, kvm_params=kvm_params(),
         functions={f: f in funcs for f in KERNEL_FUNCTIONS},
-        raw=raw, ioctl_fentry=_ioctl_fentry(), task_regs=_task_regs(),
+        raw=raw, ioctl_fentry=_ioctl_fentry(), task_regs=_task_regs(), atomics=_atomics(),
     )
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # .probes imports numpy: loaded after the compile (load)
     from .probes import Probes
 
 RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
+HIST_SLOTS = 64  # aggregate mode: log2 ns latency buckets a key (ATOMICS layout)
 
 BPF_DIR = Path(__file__).parent / "bpf"
 
@@ -106,10 +107,11 @@ def program_text(backend: str, caps: Capabilities, pids: Sequence[int] = (),
             raise TracerError(f"tracepoint {tp} is missing on this kernel")
     flags: dict[str, int | str] = {
         "FILTER_PIDS": int(bool(pids)), "RINGBUF_PAGES": RINGBUF_PAGES,
+        "HIST_SLOTS": HIST_SLOTS,
         "EMIT_MMIO": int(mmio_rows(emit_mmio, aggregate)),
         "MEMSLOT_FROM_IOCTL": int(backend == "tracepoint"),
         "AGGREGATE": int(aggregate), "IOCTL_FENTRY": int(hook == "fentry"),
-        "IOCTL_FREE": int(hook == "none"),
+        "IOCTL_FREE": int(hook == "none"), "ATOMICS": int(caps.atomics.ok),
     }
     # Raw where capabilities found the tracepoint attachable with the
     # prototype its program reads (the manifest's probes_attached says
@@ -324,7 +326,8 @@ def load(backend: str, caps: Capabilities, pids: Sequence[int] = (),
     # in the meantime (lab-run's main thread: pyarrow, which imports numpy).
     from .probes import Probes
     offs = {k: int(v) for k, v in flags.items() if k.startswith("OFF_")}
-    probes = Probes(bpf, backend, buffer, attached, missing, offs, links, aggregate=aggregate)
+    probes = Probes(bpf, backend, buffer, attached, missing, offs, links, aggregate=aggregate,
+                    atomics=bool(flags["ATOMICS"]))
     probes.open()
     return probes
 

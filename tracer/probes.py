@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from .bpfsys import array_values
 from .events import EVENT_DTYPE, LOST_KINDS
-from .loader import RINGBUF_PAGES
+from .loader import HIST_SLOTS, RINGBUF_PAGES
 from .procfs import kvm_fds
 from .ringbuf import RingReader
 
@@ -44,7 +45,8 @@ class Probes:
     missing: list[str]
     offsets: dict[str, int] = field(default_factory=dict)
     links: list[int] = field(default_factory=list)  # fentry/fexit link fds
-    aggregate: bool = False           # MMIO intervals in the mmio_hist map
+    aggregate: bool = False           # MMIO intervals in kernel histograms
+    atomics: bool = False             # ATOMICS: the histograms' array layout
     perf_lost: int = 0
     _chunks: list[bytes] = field(default_factory=list)
     _ring: RingReader | None = None
@@ -109,14 +111,26 @@ class Probes:
                 for k, v in _items(self.bpf[b"exit_hist"])}
 
     def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
-        """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns),
-        summed over CPUs; empty unless loaded with ``aggregate``."""
-        if not self.aggregate:  # the programs have no such map
+        """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns);
+        empty unless loaded with ``aggregate``.  With ATOMICS each key's
+        counters are a run of HIST_SLOTS in one array (common.bpf.c), read in
+        one call a key; else a per-CPU hash, summed over CPUs."""
+        if not self.aggregate:  # the programs have no such maps
             return {}
         out = {}
-        for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
-            out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
-                sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
+        if not self.atomics:
+            for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
+                out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
+                    sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
+            return out
+        fd = self.bpf[b"mmio_counts"].map_fd
+        for k, base in _items(self.bpf[b"mmio_keys"]):
+            first = (base if isinstance(base, int) else base.value) - 1  # batch: ints
+            vals = np.frombuffer(array_values(fd, first, HIST_SLOTS, 16), "<u8")
+            counts, sums = vals[0::2], vals[1::2]
+            for slot in np.flatnonzero(counts).tolist():
+                out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot)] = (
+                    int(counts[slot]), int(sums[slot]))
         return out
 
     def forget_threads(self) -> None:

@@ -2,8 +2,8 @@
  * per-thread MMIO exit state and the in-kernel exit histograms.
  *
  * Python defines before this file: FILTER_PIDS (0/1), USE_RINGBUF (0/1),
- * RINGBUF_PAGES, AGGREGATE (0/1), HAVE_<TRACEPOINT> for each optional
- * tracepoint.
+ * RINGBUF_PAGES, AGGREGATE (0/1), HIST_SLOTS, ATOMICS (0/1: BPF atomics with fetch,
+ * capabilities._atomics), HAVE_<TRACEPOINT> for each optional tracepoint.
  */
 
 #include <uapi/linux/ptrace.h>
@@ -108,6 +108,13 @@ struct thread {
 	u64 vm;        /* pid << 32 | VM fd; 0 until KVM_RUN on a known vCPU fd */
 	s32 vcpu;      /* -1 until then */
 	u32 pending;   /* a KVM ioctl in flight: its arguments are in `pending` */
+#if AGGREGATE && ATOMICS
+	u64 hist_vm;   /* the key of the thread's last MMIO interval (pid aside) */
+	s32 hist_vcpu;
+	u32 hist_reason;
+	u32 hist_bits;
+	u32 hist_base; /* its mmio_hist_key's first counter + 1; 0: none yet */
+#endif
 };
 /* Where a traced thread's entry lives.  Most are in a direct-mapped array,
  * at tid % THREAD_SLOTS, tagged with the tid (0: free): an array lookup is
@@ -115,8 +122,9 @@ struct thread {
  * and touches its bucket, its element and the map.  kvm_exit runs first after
  * the guest exits, when in a TCG L1 every page is cold again: there the hash
  * took 1.78 us a run against 1.31 us (bench/bpf_prog_cost, the variants in
- * tracer/README.md).  Threads whose slot is taken go to the LRU hash. */
-#define THREAD_SLOTS 1024
+ * tracer/README.md).  Threads whose slot is taken go to the LRU hash, and
+ * all of them where a slot cannot be claimed atomically (no ATOMICS). */
+#define THREAD_SLOTS (ATOMICS ? 1024 : 1)
 struct thread_slot {
 	u64 tid;  /* 64 bits: the BPF ISA before v3 has 64-bit cmpxchg only */
 	struct thread t;
@@ -155,10 +163,12 @@ static __always_inline struct thread *thread_of(u64 id)
 	n.vcpu = -1;
 	/* Only this thread claims a slot for its tid, but two threads may race
 	 * for one slot: the compare-and-swap picks one, the other hashes. */
+#if ATOMICS
 	if (s && s->tid == 0 && __sync_val_compare_and_swap(&s->tid, 0, (u64)tid) == 0) {
 		s->t = n;
 		return &s->t;
 	}
+#endif
 	threads.update(&tid, &n);
 	return threads.lookup(&tid);
 }
@@ -216,10 +226,47 @@ BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
 
 #if AGGREGATE
 /* Aggregation mode: MMIO intervals are counted here instead of streamed, per
- * (VM, vCPU, exit reason, SPTE evidence bits, log2 latency).  Per-CPU, so a
- * vCPU's hot path takes no shared cache line; user space sums the CPUs. */
+ * (VM, vCPU, exit reason, SPTE evidence bits) and log2 latency. */
 struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot; };
+#if ATOMICS
+/* Each key owns HIST_SLOTS counters in the array mmio_counts, from the index
+ * mmio_keys gives it (allocated by the key's first interval, never moved or
+ * freed, so user space sums nothing twice).  A thread keeps its last key and
+ * index: an exit like the one before touches one array element and no hash.
+ * In the TCG L1 a per-CPU hash lookup-or-insert on every exit cost 1.25-1.84
+ * us a run, an array element 0.88 us (bench/bpf_prog_cost variants).  The
+ * counters are shared by CPUs: atomic adds; a key's vCPU runs on one CPU at a
+ * time, so they seldom contend. */
+#define HIST_KEYS 256  /* HIST_SLOTS (a power of 2) from loader.py */
+BPF_HASH(mmio_keys, struct mmio_hist_key, u32, HIST_KEYS);  /* slot 0 */
+BPF_ARRAY(mmio_counts, struct hist_val, HIST_KEYS * HIST_SLOTS);
+BPF_ARRAY(mmio_nkeys, u64, 1);  /* keys allocated so far */
+
+/* The first counter index + 1 of key ``k`` (slot 0), allocating it on first
+ * use; 0 when all HIST_KEYS are taken. */
+static __always_inline u32 hist_base(struct mmio_hist_key *k)
+{
+	u32 *b = mmio_keys.lookup(k);
+	if (b)
+		return *b;
+	u32 zero = 0;
+	u64 *nkeys = mmio_nkeys.lookup(&zero);
+	if (!nkeys)
+		return 0;
+	u64 n = __sync_fetch_and_add(nkeys, 1);
+	if (n >= HIST_KEYS)
+		return 0;
+	u32 base = n * HIST_SLOTS + 1;
+	if (mmio_keys.insert(k, &base) == 0)
+		return base;
+	/* another CPU inserted the key first: its counters; index n stays unused */
+	b = mmio_keys.lookup(k);
+	return b ? *b : 0;
+}
+#else
+/* Without atomics with fetch: per-CPU, lookup-or-insert on every exit. */
 BPF_PERCPU_HASH(mmio_hist, struct mmio_hist_key, struct hist_val, 16384);
+#endif
 #endif
 
 static __always_inline void count_lost(int kind)
@@ -285,21 +332,51 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 {
 	if (t->bits & F_MMIO) {
 #if AGGREGATE
+		u64 vm = vm_of(t, id);
+		s32 vcpu = vcpu_of(t);
+		u32 bits = t->bits & 0x1ff;
+		u64 lat = ns - t->exit_ns;
+		u32 slot = log2_u64(lat);
+#if ATOMICS
+		if (!t->hist_base || t->hist_vm != vm || t->hist_vcpu != vcpu ||
+		    t->hist_reason != t->reason || t->hist_bits != bits) {
+			struct mmio_hist_key k = {};
+			k.vm = vm;
+			k.vcpu = vcpu;
+			k.pid = id >> 32;
+			k.reason = t->reason;
+			k.bits = bits;
+			t->hist_base = hist_base(&k);
+			t->hist_vm = vm;
+			t->hist_vcpu = vcpu;
+			t->hist_reason = t->reason;
+			t->hist_bits = bits;
+		}
+		u32 i = t->hist_base - 1 + (slot & (HIST_SLOTS - 1));
+		struct hist_val *v = t->hist_base ? mmio_counts.lookup(&i) : NULL;
+		if (v) {
+			__sync_fetch_and_add(&v->count, 1);
+			__sync_fetch_and_add(&v->sum_ns, lat);
+		} else {
+			count_lost(LOST_FAULT);  /* all keys taken: counted, never silent */
+		}
+#else
 		struct mmio_hist_key k = {};
-		k.vm = vm_of(t, id);
-		k.vcpu = vcpu_of(t);
+		k.vm = vm;
+		k.vcpu = vcpu;
 		k.pid = id >> 32;
 		k.reason = t->reason;
-		k.bits = t->bits & 0x1ff;
-		k.slot = log2_u64(ns - t->exit_ns);
+		k.bits = bits;
+		k.slot = slot;
 		struct hist_val zero = {};
 		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);
 		if (v) {
 			v->count++;
-			v->sum_ns += ns - t->exit_ns;
+			v->sum_ns += lat;
 		} else {
 			count_lost(LOST_FAULT);  /* map full: counted, never silent */
 		}
+#endif
 #else
 		struct event buf;
 		struct event *e = ev_reserve(ctx, &buf, LOST_FAULT);
