@@ -84,6 +84,8 @@ struct vcpu_info { u64 vm; s32 vcpu; u32 pad; };
 /* LRU: fds of processes that died must not fill the map up. */
 BPF_TABLE("lru_hash", struct vcpu_key, struct vcpu_info, vcpu_fds, 4096);
 
+#define HIST_WAYS 4  /* aggregate mode: MMIO interval keys a thread keeps */
+
 /* Everything the hot path needs about one traced thread, in one entry: the
  * exit being handled (kvm_exit or kvm_mmio -> kvm_entry or KVM_RUN), the
  * thread's vCPU identity and whether a KVM ioctl of interest is in flight.
@@ -109,11 +111,15 @@ struct thread {
 	s32 vcpu;      /* -1 until then */
 	u32 pending;   /* a KVM ioctl in flight: its arguments are in `pending` */
 #if AGGREGATE && ATOMICS
-	u64 hist_vm;   /* the key of the thread's last MMIO interval (pid aside) */
+	/* The keys of the thread's last MMIO intervals (HIST_WAYS of them: one
+	 * vCPU's exits alternate between a few, reads and writes, checked or
+	 * not), each as (reason << 32 | bits) and its counters' first index + 1
+	 * in mmio_counts; for the VM and vCPU in hist_vm and hist_vcpu. */
+	u64 hist_vm;
 	s32 hist_vcpu;
-	u32 hist_reason;
-	u32 hist_bits;
-	u32 hist_base; /* its mmio_hist_key's first counter + 1; 0: none yet */
+	u32 hist_next;  /* the way the next new key replaces */
+	u64 hist_tag[HIST_WAYS];
+	u32 hist_base[HIST_WAYS];  /* 0: none */
 #endif
 };
 /* Where a traced thread's entry lives.  Most are in a direct-mapped array,
@@ -231,8 +237,9 @@ struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot
 #if ATOMICS
 /* Each key owns HIST_SLOTS counters in the array mmio_counts, from the index
  * mmio_keys gives it (allocated by the key's first interval, never moved or
- * freed, so user space sums nothing twice).  A thread keeps its last key and
- * index: an exit like the one before touches one array element and no hash.
+ * freed, so user space sums nothing twice).  A thread keeps its last keys and
+ * their indexes: an exit like a recent one touches one array element and no
+ * hash.
  * In the TCG L1 a per-CPU hash lookup-or-insert on every exit cost 1.25-1.84
  * us a run, an array element 0.88 us (bench/bpf_prog_cost variants).  The
  * counters are shared by CPUs: atomic adds; a key's vCPU runs on one CPU at a
@@ -338,22 +345,34 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 		u64 lat = ns - t->exit_ns;
 		u32 slot = log2_u64(lat);
 #if ATOMICS
-		if (!t->hist_base || t->hist_vm != vm || t->hist_vcpu != vcpu ||
-		    t->hist_reason != t->reason || t->hist_bits != bits) {
+		u64 tag = (u64)t->reason << 32 | bits;
+		u32 base = 0;
+		if (t->hist_vm != vm || t->hist_vcpu != vcpu) {  /* a new identity */
+			__builtin_memset(t->hist_base, 0, sizeof(t->hist_base));
+			t->hist_vm = vm;
+			t->hist_vcpu = vcpu;
+		}
+#pragma unroll
+		for (int w = 0; w < HIST_WAYS; w++) {
+			if (t->hist_base[w] && t->hist_tag[w] == tag)
+				base = t->hist_base[w];
+		}
+		if (!base) {
 			struct mmio_hist_key k = {};
 			k.vm = vm;
 			k.vcpu = vcpu;
 			k.pid = id >> 32;
 			k.reason = t->reason;
 			k.bits = bits;
-			t->hist_base = hist_base(&k);
-			t->hist_vm = vm;
-			t->hist_vcpu = vcpu;
-			t->hist_reason = t->reason;
-			t->hist_bits = bits;
+			base = hist_base(&k);
+			u32 w = t->hist_next++ % HIST_WAYS;
+			if (w < HIST_WAYS) {  /* for the verifier */
+				t->hist_tag[w] = tag;
+				t->hist_base[w] = base;
+			}
 		}
-		u32 i = t->hist_base - 1 + (slot & (HIST_SLOTS - 1));
-		struct hist_val *v = t->hist_base ? mmio_counts.lookup(&i) : NULL;
+		u32 i = base - 1 + (slot & (HIST_SLOTS - 1));
+		struct hist_val *v = base ? mmio_counts.lookup(&i) : NULL;
 		if (v) {
 			__sync_fetch_and_add(&v->count, 1);
 			__sync_fetch_and_add(&v->sum_ns, lat);
