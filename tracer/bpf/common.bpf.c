@@ -244,7 +244,9 @@ struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot
  * us a run, an array element 0.88 us (bench/bpf_prog_cost variants).  The
  * counters are shared by CPUs: atomic adds; a key's vCPU runs on one CPU at a
  * time, so they seldom contend. */
-#define HIST_KEYS 256  /* HIST_SLOTS (a power of 2) from loader.py */
+/* Keys a session can make (runs of a lab batch add theirs): 4 MiB of counters.
+ * HIST_SLOTS (a power of 2) comes from loader.py. */
+#define HIST_KEYS 4096
 BPF_HASH(mmio_keys, struct mmio_hist_key, u32, HIST_KEYS);  /* slot 0 */
 BPF_ARRAY(mmio_counts, struct hist_val, HIST_KEYS * HIST_SLOTS);
 BPF_ARRAY(mmio_nkeys, u64, 1);  /* keys allocated so far */
