@@ -346,39 +346,36 @@ def _ioctl_fentry() -> Raw:
     return Raw(True, f"fentry and fexit on {IOCTL_SYSCALL} load and attach")
 
 
+def _trial(insns: tuple[tuple[int, int, int, int], ...], what: str) -> Raw:
+    """Load ``insns`` (opcode, regs, off, imm each), then r0 = 0 and exit, as
+    a raw tracepoint program, not attached: whether the kernel allows
+    ``what``."""
+    from .bpfsys import RETURN_ZERO, load_tracing
+    code = b"".join(struct.pack("<BBhi", *i) for i in insns) + RETURN_ZERO
+    try:
+        fd = load_tracing(code, "raw_tracepoint", 0, 0, "slotscope_probe")
+    except OSError as e:
+        return Raw(False, f"{what} refused: {e.strerror.splitlines()[-1]}")
+    os.close(fd)
+    return Raw(True, f"{what} loads")
+
+
 def _task_regs() -> Raw:
     """Whether programs may call bpf_task_pt_regs (5.15) on the current task
-    (bpf_get_current_task_btf): a trial load, not attached."""
-    from .bpfsys import RETURN_ZERO, load_tracing
+    (bpf_get_current_task_btf)."""
     if platform.machine() != "x86_64":  # the programs read x86-64 pt_regs
         return Raw(False, f"{platform.machine()}: the programs read x86-64 registers")
-    # r0 = bpf_get_current_task_btf(); r1 = r0; r0 = bpf_task_pt_regs(r1);
-    # r0 = 0; exit
-    insns = b"".join(struct.pack("<BBhi", *i) for i in (
-        (0x85, 0, 0, 158), (0xBF, 0x01, 0, 0), (0x85, 0, 0, 175))) + RETURN_ZERO
-    try:
-        fd = load_tracing(insns, "raw_tracepoint", 0, 0, "slotscope_probe")
-    except OSError as e:
-        return Raw(False, f"bpf_task_pt_regs refused: {e.strerror.splitlines()[-1]}")
-    os.close(fd)
-    return Raw(True, "bpf_task_pt_regs loads")
+    # r0 = bpf_get_current_task_btf(); r1 = r0; r0 = bpf_task_pt_regs(r1)
+    return _trial(((0x85, 0, 0, 158), (0xBF, 0x01, 0, 0), (0x85, 0, 0, 175)),
+                  "bpf_task_pt_regs")
 
 
 def _atomics() -> Raw:
-    """Whether programs may use BPF atomics with fetch (5.12): a trial load of
-    a compare-and-swap on the stack, not attached."""
-    from .bpfsys import RETURN_ZERO, load_tracing
-    # *(u64 *)(r10 - 8) = 0; r0 = 0; r1 = 1;
-    # r0 = cmpxchg((u64 *)(r10 - 8), r0, r1); then return 0
-    insns = b"".join(struct.pack("<BBhi", *i) for i in (
-        (0x7A, 0x0A, -8, 0), (0xB7, 0, 0, 0), (0xB7, 0x01, 0, 1),
-        (0xDB, 0x1A, -8, 0xF1))) + RETURN_ZERO
-    try:
-        fd = load_tracing(insns, "raw_tracepoint", 0, 0, "slotscope_probe")
-    except OSError as e:
-        return Raw(False, f"BPF atomics refused: {e.strerror.splitlines()[-1]}")
-    os.close(fd)
-    return Raw(True, "compare-and-swap loads")
+    """Whether programs may use BPF atomics with fetch (5.12): a
+    compare-and-swap on the stack."""
+    # *(u64 *)(r10 - 8) = 0; r0 = 0; r1 = 1; r0 = cmpxchg((u64 *)(r10 - 8), r0, r1)
+    return _trial(((0x7A, 0x0A, -8, 0), (0xB7, 0, 0, 0), (0xB7, 0x01, 0, 1),
+                   (0xDB, 0x1A, -8, 0xF1)), "BPF compare-and-swap")
 
 
 def probe(try_kfunc: bool | None = True, try_bpf: bool = True) -> Capabilities:

@@ -157,19 +157,17 @@ static __always_inline struct thread *thread_find(u64 id)
  * NULL for threads that are not. */
 static __always_inline struct thread *thread_of(u64 id)
 {
-	u32 tid = (u32)id;
-	struct thread_slot *s = slot_of(tid);
-	if (s && s->tid == tid)
-		return &s->t;
-	struct thread *t = threads.lookup(&tid);
+	struct thread *t = thread_find(id);
 	if (t || !traced(id >> 32))
 		return t;
+	u32 tid = (u32)id;
 	struct thread n = {};
 	n.exit_vcpu = -1;
 	n.vcpu = -1;
 	/* Only this thread claims a slot for its tid, but two threads may race
 	 * for one slot: the compare-and-swap picks one, the other hashes. */
 #if ATOMICS
+	struct thread_slot *s = slot_of(tid);
 	if (s && s->tid == 0 && __sync_val_compare_and_swap(&s->tid, 0, (u64)tid) == 0) {
 		s->t = n;
 		return &s->t;
