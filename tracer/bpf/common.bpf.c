@@ -339,18 +339,21 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 {
 	if (t->bits & F_MMIO) {
 #if AGGREGATE
-		u64 vm = vm_of(t, id);
-		s32 vcpu = vcpu_of(t);
-		u32 bits = t->bits & 0x1ff;
+		struct mmio_hist_key k = {};
+		k.vm = vm_of(t, id);
+		k.vcpu = vcpu_of(t);
+		k.pid = id >> 32;
+		k.reason = t->reason;
+		k.bits = t->bits & 0x1ff;
 		u64 lat = ns - t->exit_ns;
 		u32 slot = log2_u64(lat);
 #if ATOMICS
-		u64 tag = (u64)t->reason << 32 | bits;
+		u64 tag = (u64)k.reason << 32 | k.bits;
 		u32 base = 0;
-		if (t->hist_vm != vm || t->hist_vcpu != vcpu) {  /* a new identity */
+		if (t->hist_vm != k.vm || t->hist_vcpu != k.vcpu) {  /* a new identity */
 			__builtin_memset(t->hist_base, 0, sizeof(t->hist_base));
-			t->hist_vm = vm;
-			t->hist_vcpu = vcpu;
+			t->hist_vm = k.vm;
+			t->hist_vcpu = k.vcpu;
 		}
 #pragma unroll
 		for (int w = 0; w < HIST_WAYS; w++) {
@@ -358,12 +361,6 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 				base = t->hist_base[w];
 		}
 		if (!base) {
-			struct mmio_hist_key k = {};
-			k.vm = vm;
-			k.vcpu = vcpu;
-			k.pid = id >> 32;
-			k.reason = t->reason;
-			k.bits = bits;
 			base = hist_base(&k);
 			u32 w = t->hist_next++ % HIST_WAYS;
 			if (w < HIST_WAYS) {  /* for the verifier */
@@ -380,12 +377,6 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 			count_lost(LOST_FAULT);  /* all keys taken: counted, never silent */
 		}
 #else
-		struct mmio_hist_key k = {};
-		k.vm = vm;
-		k.vcpu = vcpu;
-		k.pid = id >> 32;
-		k.reason = t->reason;
-		k.bits = bits;
 		k.slot = slot;
 		struct hist_val zero = {};
 		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);
