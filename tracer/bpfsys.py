@@ -9,7 +9,7 @@
   a separate kernel object (attach_btf_obj_fd);
 - a trial raw tracepoint (capabilities: whether kvm_mmio can be attached
   raw here) without a bcc compile;
-- a run of an array map's values in one call (aggregate mode's counters).
+- the first values of an array map in one call (aggregate mode's counters).
 
 Struct layouts are union bpf_attr / struct bpf_btf_info of
 include/uapi/linux/bpf.h; offsets checked with offsetof() on 6.1's header.
@@ -88,19 +88,17 @@ def prog_stats(prog_id: int) -> tuple[str, int, int] | None:
     return name, runs, run_ns
 
 
-def array_values(map_fd: int, first: int, count: int, value_size: int) -> bytes:
-    """Values ``first`` .. ``first + count - 1`` of an array map, in one
-    BPF_MAP_LOOKUP_BATCH (5.6), packed.  The batch starts after the key in
-    in_batch, so ``first`` 0 passes none."""
+def array_values(map_fd: int, count: int, value_size: int) -> bytes:
+    """The first ``count`` values of an array map, packed, in one
+    BPF_MAP_LOOKUP_BATCH (5.6)."""
     keys = ctypes.create_string_buffer(4 * count)
     values = ctypes.create_string_buffer(value_size * count)
-    in_batch = ctypes.c_uint32(first - 1)
     out_batch = ctypes.c_uint32()
-    # union bpf_attr.batch: in_batch, out_batch, keys, values, count, map_fd,
-    # elem_flags, flags
+    # union bpf_attr.batch: in_batch (none: from key 0), out_batch, keys,
+    # values, count, map_fd, elem_flags, flags
     attr = bytearray(struct.pack(
-        "<QQQQIIQQ", ctypes.addressof(in_batch) if first else 0, ctypes.addressof(out_batch),
-        ctypes.addressof(keys), ctypes.addressof(values), count, map_fd, 0, 0))
+        "<QQQQIIQQ", 0, ctypes.addressof(out_batch), ctypes.addressof(keys),
+        ctypes.addressof(values), count, map_fd, 0, 0))
     try:
         _bpf(BPF_MAP_LOOKUP_BATCH, attr)
     except OSError as e:
@@ -108,7 +106,7 @@ def array_values(map_fd: int, first: int, count: int, value_size: int) -> bytes:
             raise
     got = struct.unpack_from("<I", attr, 32)[0]
     if got != count:
-        raise OSError(errno.ERANGE, f"array batch: {got} of {count} values from {first}")
+        raise OSError(errno.ERANGE, f"array batch: {got} of {count} values")
     return values.raw
 
 

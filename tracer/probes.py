@@ -113,8 +113,8 @@ class Probes:
     def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
         """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns);
         empty unless loaded with ``aggregate``.  With ATOMICS each key's
-        counters are a run of HIST_SLOTS in one array (common.bpf.c), read in
-        one call a key; else a per-CPU hash, summed over CPUs."""
+        counters are a run of HIST_SLOTS in one array (common.bpf.c), all read
+        in one call; else a per-CPU hash, summed over CPUs."""
         if not self.aggregate:  # the programs have no such maps
             return {}
         out = {}
@@ -123,14 +123,20 @@ class Probes:
                 out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
                     sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
             return out
-        fd = self.bpf[b"mmio_counts"].map_fd
-        for k, base in _items(self.bpf[b"mmio_keys"]):
-            first = (base if isinstance(base, int) else base.value) - 1  # batch: ints
-            vals = np.frombuffer(array_values(fd, first, HIST_SLOTS, 16), "<u8")
-            counts, sums = vals[0::2], vals[1::2]
-            for slot in np.flatnonzero(counts).tolist():
+        # Keys are allocated from index 0 up: one read covers every key's run.
+        firsts = [(k, int(getattr(base, "value", base)) - 1)  # batch reads give ints
+                  for k, base in _items(self.bpf[b"mmio_keys"])]
+        if not firsts:
+            return out
+        counters = self.bpf[b"mmio_counts"]
+        end = max(first for _, first in firsts) + HIST_SLOTS
+        vals = np.frombuffer(array_values(counters.map_fd, end, ctypes.sizeof(counters.Leaf)),
+                             "<u8").reshape(end, 2)  # struct hist_val: count, sum_ns
+        for k, first in firsts:
+            run = vals[first:first + HIST_SLOTS]
+            for slot in np.flatnonzero(run[:, 0]).tolist():
                 out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot)] = (
-                    int(counts[slot]), int(sums[slot]))
+                    int(run[slot, 0]), int(run[slot, 1]))
         return out
 
     def forget_threads(self) -> None:
