@@ -52,7 +52,7 @@ def test_tracepoints_match_tracefs(doctor: tuple[int, dict]) -> None:
     _, report = doctor
     for system, names in (("kvm", ("kvm_exit", "kvm_entry", "kvm_mmio")),
                           ("kvmmmu", ("check_mmio_spte", "mark_mmio_spte",
-                                      "handle_mmio_page_fault", "kvm_mmu_zap_all_fast"))):
+                                      "kvm_mmu_zap_all_fast"))):
         c = _check(report, f"tracepoints {system}:*")
         present = [n for n in names if (TRACEFS / "events" / system / n).is_dir()]
         assert (c["status"] == "OK") == (len(present) == len(names))

@@ -29,8 +29,7 @@ BACKENDS = ("kprobe", "kfunc", "tracepoint")
 # backend's memslot updates, sched_process_exit ends a vCPU thread's last exit.
 TRACEPOINTS = (
     "kvm:kvm_exit", "kvm:kvm_entry", "kvm:kvm_mmio", "kvm:kvm_userspace_exit",
-    "kvmmmu:check_mmio_spte", "kvmmmu:mark_mmio_spte",
-    "kvmmmu:handle_mmio_page_fault", "kvmmmu:kvm_mmu_zap_all_fast",
+    "kvmmmu:check_mmio_spte", "kvmmmu:mark_mmio_spte", "kvmmmu:kvm_mmu_zap_all_fast",
     "syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl", "sched:sched_process_exit",
 )
 # The ioctl syscall's entry point (x86-64), taken by fentry/fexit where the
@@ -265,8 +264,6 @@ RAW_PROTOS: dict[str, list[str] | None] = {
     "kvm:kvm_userspace_exit": None,
     # (u64 spte, unsigned int kvm_gen, unsigned int spte_gen)
     "kvmmmu:check_mmio_spte": ["int8", "int4", "int4"],
-    # (u64 addr, gfn_t gfn, unsigned int access): every MMIO page fault
-    "kvmmmu:handle_mmio_page_fault": ["int8", "int8", "int4"],
 }
 RAW_ENV = "SLOTSCOPE_RAW_TRACEPOINTS"  # "0": attach every tracepoint classic
 
@@ -458,7 +455,7 @@ def missing_data(caps: Capabilities, backend: str) -> list[str]:
     if caps.kvm_module is None:
         out.append("everything KVM: no KVM module loaded")
     if not caps.mmio_caching:
-        out.append("MMIO SPTE events (kvm.mmio_caching=N: check/mark/handle_mmio never fire)")
+        out.append("MMIO SPTE events (kvm.mmio_caching=N: check/mark_mmio_spte never fire)")
     for tp in TRACEPOINTS:
         if not caps.tracepoints[tp] and not tp.startswith("syscalls"):
             out.append(f"{tp} (tracepoint absent)")

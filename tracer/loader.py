@@ -42,7 +42,6 @@ OPTIONAL_TPS = {
     "kvm:kvm_entry": "HAVE_KVM_ENTRY",
     "kvmmmu:check_mmio_spte": "HAVE_CHECK_MMIO_SPTE",
     "kvmmmu:mark_mmio_spte": "HAVE_MARK_MMIO_SPTE",
-    "kvmmmu:handle_mmio_page_fault": "HAVE_HANDLE_MMIO_PAGE_FAULT",
     "kvmmmu:kvm_mmu_zap_all_fast": "HAVE_KVM_MMU_ZAP_ALL_FAST",
 }
 # The KVM ioctls' tracepoints: not needed where they are hooked otherwise
