@@ -110,6 +110,9 @@ struct thread {
 	u64 vm;        /* pid << 32 | VM fd; 0 until KVM_RUN on a known vCPU fd */
 	s32 vcpu;      /* -1 until then */
 	u32 pending;   /* a KVM ioctl in flight: its arguments are in `pending` */
+	u64 gen_vm;    /* the VM whose MMIO generation this thread saw last, */
+	u32 gen_seen;  /* and that generation + 1 (0: none; kvm_events.bpf.c gen_seen) */
+	u32 gen_pad;
 #if AGGREGATE && ATOMICS
 	/* The keys of the thread's last MMIO intervals (HIST_WAYS of them: one
 	 * vCPU's exits alternate between a few, reads and writes, checked or
