@@ -275,7 +275,7 @@ def test_aggregate_layouts_count_every_interval(tmp_path: Path, layout: str) -> 
     try:
         assert rec.probes.atomics == (layout != "hash")
         if layout == "keys-full":
-            nkeys = rec.probes.bpf[b"mmio_nkeys"]
+            nkeys = rec.probes.bpf[b"hist_nkeys"]
             nkeys[ctypes.c_int(0)] = ctypes.c_ulonglong(1 << 20)
         truth = wl.go()
         time.sleep(0.2)
@@ -684,6 +684,6 @@ def test_ebpf_prints_the_program_it_would_load() -> None:
     try:
         # aggregate mode's counters: one array where BPF atomics load, else a hash
         atomics = "#define ATOMICS 1\n" in text
-        assert bpf.get_table(b"mmio_counts" if atomics else b"mmio_hist") is not None
+        assert bpf.get_table(b"hist_counts" if atomics else b"mmio_hist") is not None
     finally:
         bpf.cleanup()

@@ -46,7 +46,7 @@ class Probes:
     offsets: dict[str, int] = field(default_factory=dict)
     links: list[int] = field(default_factory=list)  # fentry/fexit link fds
     aggregate: bool = False           # MMIO intervals in kernel histograms
-    atomics: bool = False             # ATOMICS: the histograms' array layout
+    atomics: bool = False             # ATOMICS: the histograms in one array
     perf_lost: int = 0
     _chunks: list[bytes] = field(default_factory=list)
     _ring: RingReader | None = None
@@ -106,37 +106,47 @@ class Probes:
                 "max_drain_gap_s": round(self._ring.max_gap_s, 3)}
 
     def exit_hist(self) -> dict[tuple[int, int, int], tuple[int, int]]:
-        """Cumulative (pid, reason, log2 ns) -> (count, sum ns)."""
-        return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
-                for k, v in _items(self.bpf[b"exit_hist"])}
+        """Cumulative (pid, reason, log2 ns) -> (count, sum ns) of the exits
+        that are not MMIO intervals."""
+        if not self.atomics:
+            return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
+                    for k, v in _items(self.bpf[b"exit_hist"])}
+        return {(k.pid, k.reason, slot): cs for k, slot, cs in self._hist_counts() if not k.bits}
 
     def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
         """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns);
-        empty unless loaded with ``aggregate``.  With ATOMICS each key's
-        counters are a run of HIST_SLOTS in one array (common.bpf.c), all read
-        in one call; else a per-CPU hash, summed over CPUs."""
-        if not self.aggregate:  # the programs have no such maps
+        empty unless loaded with ``aggregate``.  With ATOMICS, from the keys'
+        counters in one array (common.bpf.c); else a per-CPU hash, summed
+        over CPUs."""
+        if not self.aggregate:  # the programs count no MMIO interval
             return {}
+        if self.atomics:
+            return {(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot): cs
+                    for k, slot, cs in self._hist_counts() if k.bits}
         out = {}
-        if not self.atomics:
-            for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
-                out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
-                    sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
-            return out
-        # Keys are allocated from index 0 up: one read covers every key's run.
+        for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
+            out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
+                sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
+        return out
+
+    def _hist_counts(self) -> list[tuple[Any, int, tuple[int, int]]]:
+        """(key, log2 ns slot, (count, sum ns)) of every nonzero counter in
+        hist_counts (ATOMICS): each key's run of HIST_SLOTS, from the index
+        hist_keys gives it.  Keys are allocated from index 0 up, so one batch
+        read covers every run."""
         firsts = [(k, int(getattr(base, "value", base)) - 1)  # batch reads give ints
-                  for k, base in _items(self.bpf[b"mmio_keys"])]
+                  for k, base in _items(self.bpf[b"hist_keys"])]
         if not firsts:
-            return out
-        counters = self.bpf[b"mmio_counts"]
+            return []
+        counters = self.bpf[b"hist_counts"]
         end = max(first for _, first in firsts) + HIST_SLOTS
         vals = np.frombuffer(array_values(counters.map_fd, end, ctypes.sizeof(counters.Leaf)),
                              "<u8").reshape(end, 2)  # struct hist_val: count, sum_ns
+        out = []
         for k, first in firsts:
             run = vals[first:first + HIST_SLOTS]
-            for slot in np.flatnonzero(run[:, 0]).tolist():
-                out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot)] = (
-                    int(run[slot, 0]), int(run[slot, 1]))
+            out.extend((k, slot, (int(run[slot, 0]), int(run[slot, 1])))
+                       for slot in np.flatnonzero(run[:, 0]).tolist())
         return out
 
     def forget_threads(self) -> None:

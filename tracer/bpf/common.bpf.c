@@ -84,7 +84,7 @@ struct vcpu_info { u64 vm; s32 vcpu; u32 pad; };
 /* LRU: fds of processes that died must not fill the map up. */
 BPF_TABLE("lru_hash", struct vcpu_key, struct vcpu_info, vcpu_fds, 4096);
 
-#define HIST_WAYS 4  /* aggregate mode: MMIO interval keys a thread keeps */
+#define HIST_WAYS 4  /* histogram keys a thread keeps (ATOMICS) */
 
 /* Everything the hot path needs about one traced thread, in one entry: the
  * exit being handled (kvm_exit or kvm_mmio -> kvm_entry or KVM_RUN), the
@@ -113,11 +113,12 @@ struct thread {
 	u64 gen_vm;    /* the VM whose MMIO generation this thread saw last, */
 	u32 gen_seen;  /* and that generation + 1 (0: none; kvm_events.bpf.c gen_seen) */
 	u32 gen_pad;
-#if AGGREGATE && ATOMICS
-	/* The keys of the thread's last MMIO intervals (HIST_WAYS of them: one
-	 * vCPU's exits alternate between a few, reads and writes, checked or
-	 * not), each as (reason << 32 | bits) and its counters' first index + 1
-	 * in mmio_counts; for the VM and vCPU in hist_vm and hist_vcpu. */
+#if ATOMICS
+	/* The histogram keys of the thread's last exits (HIST_WAYS of them: one
+	 * vCPU's exits alternate between a few, MMIO reads and writes, checked
+	 * or not, and other reasons), each as (reason << 32 | bits) and its
+	 * counters' first index + 1 in hist_counts; cached for the thread's VM
+	 * and vCPU in hist_vm and hist_vcpu. */
 	u64 hist_vm;
 	s32 hist_vcpu;
 	u32 hist_next;  /* the way the next new key replaces */
@@ -226,55 +227,55 @@ static __always_inline s32 vcpu_of(struct thread *t)
 	return t->exit_vcpu >= 0 ? t->exit_vcpu : t->vcpu;
 }
 
-/* Non-MMIO exits: count and total ns per (pid, reason, log2 latency). */
-struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };
 struct hist_val { u64 count; u64 sum_ns; };
-BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
-
-#if AGGREGATE
-/* Aggregation mode: MMIO intervals are counted here instead of streamed, per
- * (VM, vCPU, exit reason, SPTE evidence bits) and log2 latency. */
+/* A histogram's key: MMIO intervals per (VM, vCPU, exit reason, SPTE
+ * evidence bits), every other exit per (process, reason), bits 0 (an MMIO
+ * interval has at least one of F_MMIO), VM 0 and vCPU -1; and log2 latency. */
 struct mmio_hist_key { u64 vm; u32 pid; s32 vcpu; u32 reason; u16 bits; u16 slot; };
 #if ATOMICS
-/* Each key owns HIST_SLOTS counters in the array mmio_counts, from the index
- * mmio_keys gives it (allocated by the key's first interval, never moved or
+/* Each key owns HIST_SLOTS counters in the array hist_counts, from the index
+ * hist_keys gives it (allocated by the key's first interval, never moved or
  * freed, so user space sums nothing twice).  A thread keeps its last keys and
  * their indexes: an exit like a recent one touches one array element and no
  * hash.
- * In the TCG L1 a per-CPU hash lookup-or-insert on every exit cost 1.25-1.84
- * us a run, an array element 0.88 us (bench/bpf_prog_cost variants).  The
- * counters are shared by CPUs: atomic adds; a key's vCPU runs on one CPU at a
- * time, so they seldom contend. */
+ * In the TCG L1 a hash lookup or lookup-or-insert on every exit cost 0.85-1.84
+ * us a run, an array element 0.88 us (bench/bpf_prog_cost, tracer/README.md).
+ * The counters are shared by CPUs: atomic adds; a key's vCPU runs on one CPU
+ * at a time, so they seldom contend. */
 /* Keys a session can make (runs of a lab batch add theirs): 4 MiB of counters.
  * HIST_SLOTS (a power of 2) comes from loader.py. */
 #define HIST_KEYS 4096
-BPF_HASH(mmio_keys, struct mmio_hist_key, u32, HIST_KEYS);  /* slot 0 */
-BPF_ARRAY(mmio_counts, struct hist_val, HIST_KEYS * HIST_SLOTS);
-BPF_ARRAY(mmio_nkeys, u64, 1);  /* keys allocated so far */
+BPF_HASH(hist_keys, struct mmio_hist_key, u32, HIST_KEYS);  /* slot 0 */
+BPF_ARRAY(hist_counts, struct hist_val, HIST_KEYS * HIST_SLOTS);
+BPF_ARRAY(hist_nkeys, u64, 1);  /* keys allocated so far */
 
 /* The first counter index + 1 of key ``k`` (slot 0), allocating it on first
  * use; 0 when all HIST_KEYS are taken. */
 static __always_inline u32 hist_base(struct mmio_hist_key *k)
 {
-	u32 *b = mmio_keys.lookup(k);
+	u32 *b = hist_keys.lookup(k);
 	if (b)
 		return *b;
 	u32 zero = 0;
-	u64 *nkeys = mmio_nkeys.lookup(&zero);
+	u64 *nkeys = hist_nkeys.lookup(&zero);
 	if (!nkeys)
 		return 0;
 	u64 n = __sync_fetch_and_add(nkeys, 1);
 	if (n >= HIST_KEYS)
 		return 0;
 	u32 base = n * HIST_SLOTS + 1;
-	if (mmio_keys.insert(k, &base) == 0)
+	if (hist_keys.insert(k, &base) == 0)
 		return base;
 	/* another CPU inserted the key first: its counters; index n stays unused */
-	b = mmio_keys.lookup(k);
+	b = hist_keys.lookup(k);
 	return b ? *b : 0;
 }
 #else
-/* Without atomics with fetch: per-CPU, lookup-or-insert on every exit. */
+/* Without atomics with fetch: hashes, looked up (or inserted) on every exit;
+ * the MMIO one per CPU. */
+struct hist_key { u32 pid; u32 reason; u32 slot; u32 pad; };
+BPF_HASH(exit_hist, struct hist_key, struct hist_val, 8192);
+#if AGGREGATE
 BPF_PERCPU_HASH(mmio_hist, struct mmio_hist_key, struct hist_val, 16384);
 #endif
 #endif
@@ -336,65 +337,57 @@ static __always_inline u32 log2_u64(u64 v)
 	return r;
 }
 
+#if ATOMICS
+/* Count ``lat`` into key ``k``'s counters, found through the keys cached in
+ * thread ``t`` (for its VM ``vm`` and vCPU ``vcpu``); false when all keys are
+ * taken. */
+static __always_inline bool hist_add(struct thread *t, u64 vm, s32 vcpu,
+				     struct mmio_hist_key *k, u64 lat)
+{
+	u64 tag = (u64)k->reason << 32 | k->bits;
+	u32 base = 0;
+	if (t->hist_vm != vm || t->hist_vcpu != vcpu) {  /* a new identity */
+		__builtin_memset(t->hist_base, 0, sizeof(t->hist_base));
+		t->hist_vm = vm;
+		t->hist_vcpu = vcpu;
+	}
+#pragma unroll
+	for (int w = 0; w < HIST_WAYS; w++) {
+		if (t->hist_base[w] && t->hist_tag[w] == tag)
+			base = t->hist_base[w];
+	}
+	if (!base) {
+		base = hist_base(k);
+		u32 w = t->hist_next++ % HIST_WAYS;
+		if (w < HIST_WAYS) {  /* for the verifier */
+			t->hist_tag[w] = tag;
+			t->hist_base[w] = base;
+		}
+	}
+	u32 i = base - 1 + (log2_u64(lat) & (HIST_SLOTS - 1));
+	struct hist_val *v = base ? hist_counts.lookup(&i) : NULL;
+	if (!v)
+		return false;
+	__sync_fetch_and_add(&v->count, 1);
+	__sync_fetch_and_add(&v->sum_ns, lat);
+	return true;
+}
+#endif
+
 /* Close the open exit of thread ``t`` at ``ns``: an MMIO interval becomes an
- * event, anything else goes into the exit histogram. */
+ * event (or, in aggregate mode, a count in its histogram), any other exit a
+ * count in the exit histogram. */
 static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 ns)
 {
-	if (t->bits & F_MMIO) {
-#if AGGREGATE
-		struct mmio_hist_key k = {};
-		k.vm = vm_of(t, id);
-		k.vcpu = vcpu_of(t);
-		k.pid = id >> 32;
-		k.reason = t->reason;
-		k.bits = t->bits & 0x1ff;
-		u64 lat = ns - t->exit_ns;
-		u32 slot = log2_u64(lat);
-#if ATOMICS
-		u64 tag = (u64)k.reason << 32 | k.bits;
-		u32 base = 0;
-		if (t->hist_vm != k.vm || t->hist_vcpu != k.vcpu) {  /* a new identity */
-			__builtin_memset(t->hist_base, 0, sizeof(t->hist_base));
-			t->hist_vm = k.vm;
-			t->hist_vcpu = k.vcpu;
-		}
-#pragma unroll
-		for (int w = 0; w < HIST_WAYS; w++) {
-			if (t->hist_base[w] && t->hist_tag[w] == tag)
-				base = t->hist_base[w];
-		}
-		if (!base) {
-			base = hist_base(&k);
-			u32 w = t->hist_next++ % HIST_WAYS;
-			if (w < HIST_WAYS) {  /* for the verifier */
-				t->hist_tag[w] = tag;
-				t->hist_base[w] = base;
-			}
-		}
-		u32 i = base - 1 + (slot & (HIST_SLOTS - 1));
-		struct hist_val *v = base ? mmio_counts.lookup(&i) : NULL;
-		if (v) {
-			__sync_fetch_and_add(&v->count, 1);
-			__sync_fetch_and_add(&v->sum_ns, lat);
-		} else {
-			count_lost(LOST_FAULT);  /* all keys taken: counted, never silent */
-		}
-#else
-		k.slot = slot;
-		struct hist_val zero = {};
-		struct hist_val *v = mmio_hist.lookup_or_try_init(&k, &zero);
-		if (v) {
-			v->count++;
-			v->sum_ns += lat;
-		} else {
-			count_lost(LOST_FAULT);  /* map full: counted, never silent */
-		}
-#endif
-#else
+	bool mmio = t->bits & F_MMIO;
+	u64 lat = ns - t->exit_ns;
+	t->exit_ns = 0;  /* closed: the entry is reused by the next exit */
+#if !AGGREGATE
+	if (mmio) {
 		struct event buf;
 		struct event *e = ev_reserve(ctx, &buf, LOST_FAULT);
 		if (e) {
-			ev_init(e, EV_FAULT, id, t->exit_ns);
+			ev_init(e, EV_FAULT, id, ns - lat);
 			e->ns2 = ns;
 			e->a = t->gpa;
 			e->b = ((u64)t->kvm_gen << 32) | t->spte_gen;
@@ -405,18 +398,44 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 			e->f = t->len;
 			ev_submit(ctx, e);
 		}
-#endif
-	} else if (t->reason != EXIT_REASON_NONE) {
-		struct hist_key k = {};
-		k.pid = id >> 32;
-		k.reason = t->reason;
-		k.slot = log2_u64(ns - t->exit_ns);
-		struct hist_val zero = {};
-		struct hist_val *v = exit_hist.lookup_or_try_init(&k, &zero);
-		if (v) {
-			__sync_fetch_and_add(&v->count, 1);
-			__sync_fetch_and_add(&v->sum_ns, ns - t->exit_ns);
-		}
+		return;
 	}
-	t->exit_ns = 0;  /* closed: the entry is reused by the next exit */
+#endif
+	if (!mmio && t->reason == EXIT_REASON_NONE)
+		return;  /* no kvm_exit, no access: nothing to count */
+	struct mmio_hist_key k = {};
+	k.pid = id >> 32;
+	k.reason = t->reason;
+	k.vcpu = -1;
+	if (mmio) {
+		k.vm = vm_of(t, id);
+		k.vcpu = vcpu_of(t);
+		k.bits = t->bits & 0x1ff;
+	}
+#if ATOMICS
+	if (!hist_add(t, vm_of(t, id), vcpu_of(t), &k, lat) && mmio)
+		count_lost(LOST_FAULT);  /* all keys taken: counted, never silent */
+#else
+	struct hist_val zero = {};
+	struct hist_val *v;
+	if (mmio) {
+#if AGGREGATE
+		k.slot = log2_u64(lat);
+		v = mmio_hist.lookup_or_try_init(&k, &zero);
+		if (v) {
+			v->count++;
+			v->sum_ns += lat;
+		} else {
+			count_lost(LOST_FAULT);  /* map full: counted, never silent */
+		}
+#endif
+		return;
+	}
+	struct hist_key hk = {.pid = k.pid, .reason = k.reason, .slot = log2_u64(lat)};
+	v = exit_hist.lookup_or_try_init(&hk, &zero);
+	if (v) {
+		__sync_fetch_and_add(&v->count, 1);
+		__sync_fetch_and_add(&v->sum_ns, lat);
+	}
+#endif
 }
