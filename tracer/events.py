@@ -16,7 +16,8 @@ EVENT_DTYPE = np.dtype([
     ("e", "<u4"), ("f", "<u4"), ("g", "<u8"), ("h", "<u8"),
 ])
 EV_MEMSLOT, EV_MMIO, EV_FAULT, EV_GEN, EV_ZAP, EV_VM, EV_SETMEM = range(1, 8)
-LOST_KINDS = ("memslot_update", "mmio_access", "mmio_fault", "generation", "zap_all", "vm")
+LOST_KINDS = ("memslot_update", "mmio_access", "mmio_fault", "generation", "zap_all", "vm",
+              "exit_hist")
 # mmio_fault bits (struct event's c; F_* in common.bpf.c)
 F_CHECKED, F_STALE, F_REMARKED, F_FAST_HIT, F_WRITE, F_TO_USER = (1 << i for i in range(6))
 F_UNFINISHED = 1 << 8

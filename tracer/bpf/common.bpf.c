@@ -23,7 +23,8 @@ enum ev_type {
 };
 
 /* Lost-event kinds: index into the per-cpu `lost` array. */
-enum lost_kind { LOST_MEMSLOT, LOST_MMIO, LOST_FAULT, LOST_GEN, LOST_ZAP, LOST_VM, LOST_MAX };
+enum lost_kind { LOST_MEMSLOT, LOST_MMIO, LOST_FAULT, LOST_GEN, LOST_ZAP, LOST_VM, LOST_EXIT,
+		 LOST_MAX };
 
 struct event {
 	u32 type;
@@ -413,8 +414,8 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 		k.bits = t->bits & 0x1ff;
 	}
 #if ATOMICS
-	if (!hist_add(t, vm_of(t, id), vcpu_of(t), &k, lat) && mmio)
-		count_lost(LOST_FAULT);  /* all keys taken: counted, never silent */
+	if (!hist_add(t, vm_of(t, id), vcpu_of(t), &k, lat))  /* all keys taken */
+		count_lost(mmio ? LOST_FAULT : LOST_EXIT);  /* counted, never silent */
 #else
 	struct hist_val zero = {};
 	struct hist_val *v;
@@ -436,6 +437,8 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 	if (v) {
 		__sync_fetch_and_add(&v->count, 1);
 		__sync_fetch_and_add(&v->sum_ns, lat);
+	} else {
+		count_lost(LOST_EXIT);  /* map full: counted, never silent */
 	}
 #endif
 }
