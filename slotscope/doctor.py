@@ -100,7 +100,7 @@ def run_checks() -> tuple[list[Check], dict[str, object]]:
                  "the KVM ioctls are hooked on every KVM_RUN (fentry or syscall "
                  "tracepoints): same rows, more cost an exit"),
         Check.of("bpf atomics", caps.atomics.ok, caps.atomics.why,
-                 "threads and aggregate counters in hash maps (Linux < 5.12): same "
+                 "threads and histograms in hash maps (Linux < 5.12): same "
                  "rows, more cost an exit"),
         Check.of("bcc", caps.bcc_ok, caps.bcc_why, "sudo ./setup.sh, and run as root", FAIL),
         Check.of("kernel headers", caps.header_matches, caps.header_tree,

@@ -78,8 +78,9 @@ class Capabilities:
     # arguments (ioctl_free)
     task_regs: Raw = field(default_factory=lambda: Raw(False, "not tried"))
     # BPF atomics that return the old value (compare-and-swap, fetch-add):
-    # traced threads' entries in a tid-indexed array, and aggregate mode's
-    # counters in one array (common.bpf.c); without, both in hash maps.
+    # traced threads' entries in a tid-indexed array, and the exit and
+    # aggregate mode's MMIO histograms in one array (common.bpf.c); without,
+    # all in hash maps.
     atomics: Raw = field(default_factory=lambda: Raw(False, "not tried"))
 
     @property

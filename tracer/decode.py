@@ -252,13 +252,13 @@ def _hist_columns(rows: HistRows, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def exit_hist_table(now: int, rows: HistRows) -> pa.Table:
-    """Probes.exit_hist() keys: (pid, reason, log2 ns)."""
+    """Probes.histograms() exit keys: (pid, reason, log2 ns)."""
     c = _hist_columns(rows, ("pid", "exit_reason", "log2_ns"))
     return table("exit_hist", {**c, "ns": [now] * len(rows)})
 
 
 def mmio_hist_table(now: int, rows: HistRows) -> pa.Table:
-    """Probes.mmio_hist() keys: (pid, vm, vcpu, reason, bits, log2 ns)."""
+    """Probes.histograms() MMIO keys: (pid, vm, vcpu, reason, bits, log2 ns)."""
     c = _hist_columns(rows, ("pid", "vm", "vcpu", "exit_reason", "bits", "log2_ns"))
     bits = np.array(c.pop("bits"), dtype=np.uint32)
     reason = np.array(c["exit_reason"], dtype=np.uint32)

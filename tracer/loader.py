@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # .probes imports numpy: loaded after the compile (load)
     from .probes import Probes
 
 RINGBUF_PAGES = 8192  # 32 MiB: ~350k records, ~2 s of headroom at 175k/s
-HIST_SLOTS = 64  # aggregate mode: log2 ns latency buckets a key (ATOMICS layout)
+HIST_SLOTS = 64  # log2 ns latency buckets a histogram key (ATOMICS layout)
 
 BPF_DIR = Path(__file__).parent / "bpf"
 

@@ -105,29 +105,31 @@ class Probes:
         return {"max_ring_fill": round(self._ring.max_fill, 4),
                 "max_drain_gap_s": round(self._ring.max_gap_s, 3)}
 
-    def exit_hist(self) -> dict[tuple[int, int, int], tuple[int, int]]:
-        """Cumulative (pid, reason, log2 ns) -> (count, sum ns) of the exits
-        that are not MMIO intervals."""
-        if not self.atomics:
-            return {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
-                    for k, v in _items(self.bpf[b"exit_hist"])}
-        return {(k.pid, k.reason, slot): cs for k, slot, cs in self._hist_counts() if not k.bits}
-
-    def mmio_hist(self) -> dict[tuple[int, ...], tuple[int, int]]:
-        """Cumulative (pid, vm, vcpu, reason, bits, log2 ns) -> (count, sum ns);
-        empty unless loaded with ``aggregate``.  With ATOMICS, from the keys'
-        counters in one array (common.bpf.c); else a per-CPU hash, summed
+    def histograms(self) -> tuple[dict[tuple[int, int, int], tuple[int, int]],
+                                  dict[tuple[int, ...], tuple[int, int]]]:
+        """The cumulative histograms, each key -> (count, sum ns): the exits
+        that are not MMIO intervals by (pid, reason, log2 ns), and (empty
+        unless loaded with ``aggregate``) the MMIO intervals by (pid, vm,
+        vcpu, reason, bits, log2 ns).  With ATOMICS both come from one read
+        of the keys' counters in one array (common.bpf.c), split by bits;
+        else from the exit_hist hash and the per-CPU mmio_hist hash, summed
         over CPUs."""
-        if not self.aggregate:  # the programs count no MMIO interval
-            return {}
+        exits: dict[tuple[int, int, int], tuple[int, int]] = {}
+        mmio: dict[tuple[int, ...], tuple[int, int]] = {}
         if self.atomics:
-            return {(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot): cs
-                    for k, slot, cs in self._hist_counts() if k.bits}
-        out = {}
-        for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
-            out[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
-                sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
-        return out
+            for k, slot, cs in self._hist_counts():
+                if k.bits:  # an MMIO interval has at least one evidence bit
+                    mmio[(k.pid, k.vm, k.vcpu, k.reason, k.bits, slot)] = cs
+                else:
+                    exits[(k.pid, k.reason, slot)] = cs
+            return exits, mmio
+        exits = {(k.pid, k.reason, k.slot): (v.count, v.sum_ns)
+                 for k, v in _items(self.bpf[b"exit_hist"])}
+        if self.aggregate:  # otherwise the programs have no mmio_hist map
+            for k, per_cpu in _items(self.bpf[b"mmio_hist"]):
+                mmio[(k.pid, k.vm, k.vcpu, k.reason, k.bits, k.slot)] = (
+                    sum(v.count for v in per_cpu), sum(v.sum_ns for v in per_cpu))
+        return exits, mmio
 
     def _hist_counts(self) -> list[tuple[Any, int, tuple[int, int]]]:
         """(key, log2 ns slot, (count, sum ns)) of every nonzero counter in

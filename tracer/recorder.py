@@ -222,9 +222,10 @@ class Recorder:
             self._emit("lost", pa.table({"ns": [now] * len(rows), "event": list(rows),
                                          "count": list(rows.values())},
                                         schema=SCHEMAS["lost"]))
+        exits, mmio = self.probes.histograms()
         for event, cur, prev, build in (
-                ("exit_hist", self.probes.exit_hist(), self._hist, exit_hist_table),
-                ("mmio_hist", self.probes.mmio_hist(), self._mmio_hist, mmio_hist_table)):
+                ("exit_hist", exits, self._hist, exit_hist_table),
+                ("mmio_hist", mmio, self._mmio_hist, mmio_hist_table)):
             rows = hist_delta(cur, prev)
             if rows:
                 self._emit(event, build(now, rows))

@@ -404,23 +404,25 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 #endif
 	if (!mmio && t->reason == EXIT_REASON_NONE)
 		return;  /* no kvm_exit, no access: nothing to count */
+	u64 vm = vm_of(t, id);
+	s32 vcpu = vcpu_of(t);
 	struct mmio_hist_key k = {};
 	k.pid = id >> 32;
 	k.reason = t->reason;
 	k.vcpu = -1;
 	if (mmio) {
-		k.vm = vm_of(t, id);
-		k.vcpu = vcpu_of(t);
+		k.vm = vm;
+		k.vcpu = vcpu;
 		k.bits = t->bits & 0x1ff;
 	}
 #if ATOMICS
-	if (!hist_add(t, vm_of(t, id), vcpu_of(t), &k, lat))  /* all keys taken */
+	if (!hist_add(t, vm, vcpu, &k, lat))  /* all keys taken */
 		count_lost(mmio ? LOST_FAULT : LOST_EXIT);  /* counted, never silent */
 #else
 	struct hist_val zero = {};
 	struct hist_val *v;
-	if (mmio) {
 #if AGGREGATE
+	if (mmio) {
 		k.slot = log2_u64(lat);
 		v = mmio_hist.lookup_or_try_init(&k, &zero);
 		if (v) {
@@ -429,9 +431,9 @@ static __always_inline void close_exit(void *ctx, u64 id, struct thread *t, u64 
 		} else {
 			count_lost(LOST_FAULT);  /* map full: counted, never silent */
 		}
-#endif
 		return;
 	}
+#endif
 	struct hist_key hk = {.pid = k.pid, .reason = k.reason, .slot = log2_u64(lat)};
 	v = exit_hist.lookup_or_try_init(&hk, &zero);
 	if (v) {
