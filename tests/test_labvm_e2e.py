@@ -508,6 +508,16 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     fs_fast = sum(1 for e, _ in events if e == "handle_mmio_page_fault")
     assert fs_fast > 0 and sum(1 for r in faults if r["fast_hit"]) == fs_fast
     assert "raw_tracepoint:handle_mmio_page_fault" not in run.manifest["probes_attached"]
+    # A generation row each time the generation the VM's faults see changes
+    # (gen_seen: checked against the thread's last one, then the VM's): the
+    # runs of tracefs's check/mark generations (hex), in order.
+    seen = [int(f["kvm_gen"] if e == "check_mmio_spte" else f["gen"], 16)
+            for e, f in events if e in ("check_mmio_spte", "mark_mmio_spte")]
+    fs_runs = [g for i, g in enumerate(seen) if i == 0 or g != seen[i - 1]]
+    gen_rows = sorted((r for r in run.tables["generation"].to_pylist()
+                       if r["source"] in ("check", "mark") and r["pid"] == pid),
+                      key=lambda r: r["ns"])
+    assert len(fs_runs) > 1 and [r["gen"] for r in gen_rows] == fs_runs
     # The micro-VMM stops after its last MMIO exit: that interval, closed
     # when the vCPU thread exited, is the one row not re-entered.
     last = max(faults, key=lambda r: r["exit_ns"])
