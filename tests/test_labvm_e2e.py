@@ -517,7 +517,7 @@ def test_microvm_recording_in_l1_follows_kernel_rules(l1: Path) -> None:
     gen_rows = sorted((r for r in run.tables["generation"].to_pylist()
                        if r["source"] in ("check", "mark") and r["pid"] == pid),
                       key=lambda r: r["ns"])
-    assert len(fs_runs) > 1 and [r["gen"] for r in gen_rows] == fs_runs
+    assert len(fs_runs) > 1 and [r["mmio_gen"] for r in gen_rows] == fs_runs
     # The micro-VMM stops after its last MMIO exit: that interval, closed
     # when the vCPU thread exited, is the one row not re-entered.
     last = max(faults, key=lambda r: r["exit_ns"])
